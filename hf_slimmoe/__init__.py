@@ -1,0 +1,21 @@
+"""hf_slimmoe: SlimMoE compression of Mixture-of-Experts language models on the Hugging Face stack.
+
+Importing the package registers `model_type: "slimmoe"` with `AutoConfig` and `AutoModelForCausalLM`, and the
+per-expert checkpoint layout of Phi-3.5-MoE for it, so `save_pretrained` writes keys stock PhiMoE reads.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+from .configuration_slimmoe import SlimMoeConfig
+from .modeling_slimmoe import SlimMoeForCausalLM
+
+__version__ = "0.1.0"
+
+AutoConfig.register(SlimMoeConfig.model_type, SlimMoeConfig, exist_ok=True)
+AutoModelForCausalLM.register(SlimMoeConfig, SlimMoeForCausalLM, exist_ok=True)
+register_checkpoint_conversion_mapping(
+    SlimMoeConfig.model_type, get_checkpoint_conversion_mapping("phimoe"), overwrite=True
+)
+
+__all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "__version__"]

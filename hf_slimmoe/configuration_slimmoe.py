@@ -1,0 +1,158 @@
+"""SlimMoE configuration: a PhiMoE configuration whose sizes may have been slimmed.
+
+A SlimMoE model is architecturally a Phi-3.5-MoE model (LayerNorm with bias, sparsemixer top-2 routing, fused experts)
+whose expert width (`intermediate_size`) and number of GQA groups (`num_key_value_heads`, with the query heads of each
+group) were reduced. Because pruning never touches `head_dim`, it is always stored explicitly: after pruning,
+`head_dim != hidden_size // num_attention_heads`.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PhimoeConfig
+
+
+@strict
+class SlimMoeConfig(PhimoeConfig):
+    r"""
+    Configuration of a [`SlimMoeForCausalLM`]. Every field of [`~transformers.PhimoeConfig`] is accepted with the same
+    meaning and default (the defaults describe Phi-3.5-MoE: hidden 4096, 32 layers, 16 experts, top-2, expert width
+    6400, 32 query / 8 key-value heads), plus:
+
+    head_dim (`int`, *optional*):
+        Width of one attention head. Defaults to `hidden_size // num_attention_heads` of the configuration it is first
+        created with and is then kept fixed, so that pruning attention heads never changes it.
+
+    Parameter accounting is analytic and instant even for a 42B configuration:
+
+    ```python
+    >>> from hf_slimmoe import SlimMoeConfig
+    >>> cfg = SlimMoeConfig(attention_bias=True, lm_head_bias=True)  # Phi-3.5-MoE sizes
+    >>> round(cfg.num_parameters() / 1e9, 1), round(cfg.num_active_parameters() / 1e9, 1)
+    (41.9, 6.6)
+    >>> tiny = cfg.slimmed(intermediate_size=448, num_key_value_heads=4)  # Phi-tiny-MoE sizes, 16/4 heads
+    >>> round(tiny.num_parameters() / 1e9, 1)
+    3.8
+    ```"""
+
+    model_type = "slimmoe"
+
+    head_dim: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self._check_sizes()
+
+    def _check_sizes(self):
+        """Refuse sizes no model can be built with, with a `ValueError` naming the field."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SlimMoeConfig.{name} must be a positive integer, got {value!r}.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"SlimMoeConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}): every GQA group has the same number of query heads."
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(
+                f"SlimMoeConfig.num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_local_experts "
+                f"({self.num_local_experts})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"SlimMoeConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+    # ------------------------------------------------------------------ stock interop
+    @classmethod
+    def from_phimoe(cls, config: PhimoeConfig) -> "SlimMoeConfig":
+        """Build a SlimMoeConfig from a stock `PhimoeConfig` (for example Phi-3.5-MoE's), fixing `head_dim`."""
+        if config.model_type not in ("phimoe", "slimmoe"):
+            raise ValueError(
+                f"Cannot build a SlimMoeConfig from a configuration of model_type {config.model_type!r}; "
+                "supported: 'phimoe' (Phi-3.5-MoE, Phi-mini-MoE, Phi-tiny-MoE) and 'slimmoe'."
+            )
+        values = config.to_dict()
+        values.pop("model_type", None)
+        values.pop("transformers_version", None)
+        values.pop("architectures", None)
+        if values.get("head_dim") is None:
+            values["head_dim"] = config.hidden_size // config.num_attention_heads
+        return cls(**values)
+
+    def to_phimoe(self) -> PhimoeConfig:
+        """A stock `PhimoeConfig` with the same sizes; `head_dim` travels as an attribute stock PhiMoE reads."""
+        values = self.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+            values.pop(key, None)
+        config = PhimoeConfig(**values)
+        config.architectures = ["PhimoeForCausalLM"]
+        return config
+
+    # ------------------------------------------------------------------ slimming
+    def slimmed(self, intermediate_size: int | None = None, num_key_value_heads: int | None = None) -> "SlimMoeConfig":
+        """A copy with a narrower expert width and/or fewer GQA groups.
+
+        The number of query heads per KV group and `head_dim` are kept, so `num_key_value_heads=4` on a 32/8 model
+        gives 16/4 heads. Raises `ValueError` naming the field for a size that is not a positive integer no larger
+        than the current one.
+        """
+        heads_per_group = self.num_attention_heads // self.num_key_value_heads
+        for name, value, current in (("intermediate_size", intermediate_size, self.intermediate_size),
+                                     ("num_key_value_heads", num_key_value_heads, self.num_key_value_heads)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"slimmed(): {name} must be a positive integer, got {value!r}.")
+            if value > current:
+                raise ValueError(
+                    f"slimmed(): {name}={value} is larger than the current {name}={current}; slimming only removes "
+                    "neurons and heads."
+                )
+        values = self.to_dict()
+        for key in ("model_type", "transformers_version"):
+            values.pop(key, None)
+        if intermediate_size is not None:
+            values["intermediate_size"] = intermediate_size
+        if num_key_value_heads is not None:
+            values["num_key_value_heads"] = num_key_value_heads
+            values["num_attention_heads"] = num_key_value_heads * heads_per_group
+        values["head_dim"] = self.head_dim
+        return type(self)(**values)
+
+    # ------------------------------------------------------------------ parameter accounting
+    def _parameter_groups(self) -> dict[str, int]:
+        """Exact parameter counts per component, matching the tensors `SlimMoeForCausalLM` materializes."""
+        h, v, layers = self.hidden_size, self.vocab_size, self.num_hidden_layers
+        q_width = self.num_attention_heads * self.head_dim
+        kv_width = self.num_key_value_heads * self.head_dim
+        bias = 1 if self.attention_bias else 0
+        attention = (h * q_width + q_width * bias  # q_proj
+                     + 2 * (h * kv_width + kv_width * bias)  # k_proj, v_proj
+                     + q_width * h + h * bias)  # o_proj
+        one_expert = 3 * h * self.intermediate_size  # gate and up [I, H] each, down [H, I]
+        return {
+            "embeddings": v * h,
+            "lm_head": 0 if self.tie_word_embeddings else v * h + (v if self.lm_head_bias else 0),
+            "attention": layers * attention,
+            "norms": layers * 2 * 2 * h + 2 * h,  # two LayerNorms (weight + bias) per layer, one final
+            "router": layers * self.num_local_experts * h,
+            "experts": layers * self.num_local_experts * one_expert,
+            "active_experts": layers * self.num_experts_per_tok * one_expert,
+        }
+
+    def num_parameters(self) -> int:
+        """Total parameters of a model with this configuration (embeddings, lm_head with bias, attention, norms,
+        routers, all experts)."""
+        groups = self._parameter_groups()
+        return sum(n for name, n in groups.items() if name != "active_experts")
+
+    def num_active_parameters(self) -> int:
+        """Parameters used per token: as `num_parameters()`, counting only `num_experts_per_tok` experts per layer."""
+        groups = self._parameter_groups()
+        return sum(n for name, n in groups.items() if name != "experts")
+
+
+__all__ = ["SlimMoeConfig"]

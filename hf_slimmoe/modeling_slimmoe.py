@@ -1,0 +1,79 @@
+"""SlimMoeForCausalLM: Phi-3.5-MoE's causal LM whose experts and attention can be slimmed in place.
+
+The forward pass is stock `PhimoeForCausalLM` (logits are identical on the same weights); what this class adds is
+loading of stock PhiMoE checkpoints as SlimMoE, export back to a stock `model_type: phimoe` checkpoint, and
+`prune_to` (see `hf_slimmoe.pruning`). Weights live in transformers' fused layout:
+
+    mlp.experts.gate_up_proj  [num_experts, 2 * intermediate_size, hidden_size]   (gate half first)
+    mlp.experts.down_proj     [num_experts, hidden_size, intermediate_size]
+
+and are saved in the original per-expert layout of Phi-3.5-MoE (`block_sparse_moe.experts.{e}.w1/w2/w3.weight`,
+`block_sparse_moe.gate.weight`), so stock transformers and vLLM-style servers read them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from transformers import PhimoeForCausalLM, PretrainedConfig
+
+from .configuration_slimmoe import SlimMoeConfig
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("phimoe", "slimmoe")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def _read_model_type(pretrained_model_name_or_path, **hub_kwargs) -> tuple[str | None, dict]:
+    config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+    return config_dict.get("model_type"), config_dict
+
+
+class SlimMoeForCausalLM(PhimoeForCausalLM):
+    """A PhiMoE causal LM with a `SlimMoeConfig`; loads stock Phi-3.5-MoE / Phi-mini-MoE / Phi-tiny-MoE checkpoints."""
+
+    config_class = SlimMoeConfig
+    config: SlimMoeConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a SlimMoE checkpoint, or a stock PhiMoE one (converted to `SlimMoeConfig` with an explicit `head_dim`).
+
+        Any other `model_type` (Llama, Mixtral, ...) raises a `ValueError` naming what was found and what is supported.
+        """
+        config = kwargs.pop("config", None)
+        if config is None or isinstance(config, (str, os.PathLike)):
+            source = pretrained_model_name_or_path if config is None else config
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            model_type, config_dict = _read_model_type(source, **hub_kwargs)
+            if model_type not in SUPPORTED_MODEL_TYPES:
+                raise ValueError(
+                    f"{source} holds a checkpoint of model_type {model_type!r} "
+                    f"(architectures {config_dict.get('architectures')}); SlimMoeForCausalLM loads only "
+                    f"{' and '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)} checkpoints (Phi-3.5-MoE, Phi-mini-MoE, "
+                    "Phi-tiny-MoE and models compressed by hf_slimmoe)."
+                )
+            config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version",
+                                                                            "architectures", "auto_map")}
+            if config_dict.get("head_dim") is None:
+                config_dict["head_dim"] = config_dict.get("hidden_size", 4096) // config_dict.get(
+                    "num_attention_heads", 32)
+            config = SlimMoeConfig(**config_dict)
+        elif not isinstance(config, SlimMoeConfig):
+            config = SlimMoeConfig.from_phimoe(config)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
+    def export_phimoe(self, save_directory: str | os.PathLike, **save_kwargs) -> None:
+        """Save a stock `model_type: phimoe` checkpoint that plain transformers loads, with no plugin and no remote code.
+
+        The weights are the same safetensors `save_pretrained` writes (original per-expert key layout); only
+        `config.json` differs: `model_type: phimoe`, `architectures: [PhimoeForCausalLM]` and an explicit `head_dim`.
+        """
+        self.save_pretrained(save_directory, **save_kwargs)
+        self.config.to_phimoe().save_pretrained(save_directory)  # overwrites config.json only
+        logger.info("Exported a stock PhiMoE checkpoint to %s", save_directory)
+
+
+__all__ = ["SlimMoeForCausalLM", "SUPPORTED_MODEL_TYPES"]
