@@ -9,6 +9,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 
 from .configuration_slimmoe import SlimMoeConfig
 from .modeling_slimmoe import SlimMoeForCausalLM
+from .distillation import teacher_topk, topk_kl_loss
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,4 @@ register_checkpoint_conversion_mapping(
     SlimMoeConfig.model_type, get_checkpoint_conversion_mapping("phimoe"), overwrite=True
 )
 
-__all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "__version__"]
+__all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "__version__", "teacher_topk", "topk_kl_loss"]
