@@ -75,5 +75,20 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         self.config.to_phimoe().save_pretrained(save_directory)  # overwrites config.json only
         logger.info("Exported a stock PhiMoE checkpoint to %s", save_directory)
 
+    def prune_to(self, target_config: PretrainedConfig, scores) -> "SlimMoeForCausalLM":
+        """Prune in place to the sizes of `target_config` (e.g. `model.config.slimmed(...)`) and return the model.
+
+        Every expert keeps its `target_config.intermediate_size` highest-scoring neurons (gate, up and down slices
+        together, original order kept); every layer keeps its `target_config.num_key_value_heads` highest-scoring
+        GQA groups (each KV head with its query heads, biases included). `scores` is a
+        [`~hf_slimmoe.SensitivityScores`] from [`~hf_slimmoe.compute_sensitivity`]. The config is updated
+        (`head_dim` kept). A target that is wider, changes a fixed size (hidden, vocabulary, layers, experts, top-k,
+        head_dim) or the query heads per group, or scores of the wrong shape raise a `ValueError` naming the field
+        before any weight changes. See `hf_slimmoe.pruning.surgery`.
+        """
+        from .pruning.surgery import prune_model
+
+        return prune_model(self, target_config, scores)
+
 
 __all__ = ["SlimMoeForCausalLM", "SUPPORTED_MODEL_TYPES"]

@@ -1,0 +1,341 @@
+"""Sensitivity scores for expert slimming and GQA-group pruning (SlimMoE Eq. 2-4).
+
+For a weight `W_ij`, `s_ij = |dL/dW_ij * W_ij|` (first-order Taylor estimate of the loss change when `W_ij` is set to
+0), with `L` the loss over the whole calibration set:
+
+- `criterion="kd"` (the paper's choice, Eq. 3): `L = mean_n KL(p_teacher_top-k^n || p_student^n) + c * Aux`, the
+  top-k KD loss against the teacher plus the MoE load-balancing loss;
+- `criterion="clm"` (the ablation of Table 3): next-token cross-entropy `+ c * Aux`.
+
+Only two weights per layer are scored, so only they keep gradients: the expert down projections
+(`mlp.experts.down_proj`, `[E, H, I]`; neuron `i` of expert `e` is column `i` of `down_proj[e]`) and the attention
+output projection (`self_attn.o_proj.weight`, `[H, num_heads * head_dim]`; its columns are the attention neurons).
+A neuron's score is the l2 norm of its entries' scores (Eq. 4); a GQA group's score is the mean of the neuron scores
+of all its query heads' `o_proj` columns.
+
+Stage 1 subtlety: when the student *is* the teacher, the full-vocabulary KL is at its minimum and has zero gradient,
+so it carries no information. The *top-k truncated* teacher distribution keeps only the top-k probabilities (their
+sum is below 1) and the gradient `q * sum_k p_k - p_topk` of the student logits is not zero: the scores measure how
+much each neuron contributes to the model's confident predictions. This is why `teacher=None` works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
+
+from ..distillation.losses import chunked_cross_entropy, teacher_topk, topk_kl_loss
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("kd", "clm")
+
+
+@dataclass
+class SensitivityScores:
+    """
+    Neuron-level sensitivity scores of a SlimMoE/PhiMoE model, one float32 tensor per decoder layer.
+
+    Attributes:
+        experts (`list[torch.Tensor]`):
+            `experts[layer]` has shape `[num_experts, intermediate_size]`: the l2 norm of the scores of neuron `i`'s
+            entries in expert `e`'s down projection.
+        kv_groups (`list[torch.Tensor]`):
+            `kv_groups[layer]` has shape `[num_key_value_heads]`: the mean neuron score of the `o_proj` input columns
+            of all query heads in the GQA group.
+        metadata (`dict[str, str]`):
+            How the scores were computed (criterion, top_k, number of tokens and batches); saved with them.
+    """
+
+    experts: list[torch.Tensor]
+    kv_groups: list[torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.experts) != len(self.kv_groups):
+            raise ValueError(
+                f"SensitivityScores: experts has {len(self.experts)} layers but kv_groups has {len(self.kv_groups)}; "
+                "both need one tensor per decoder layer."
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.experts)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to a safetensors file (keys `experts.{layer}` and `kv_groups.{layer}`, metadata in the header)."""
+        tensors = {}
+        for layer, (experts, groups) in enumerate(zip(self.experts, self.kv_groups)):
+            tensors[f"experts.{layer}"] = experts.detach().float().cpu().contiguous()
+            tensors[f"kv_groups.{layer}"] = groups.detach().float().cpu().contiguous()
+        metadata = {str(k): str(v) for k, v in self.metadata.items()}
+        metadata["format"] = "hf_slimmoe.SensitivityScores"
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SensitivityScores":
+        """Load scores written by [`SensitivityScores.save`]."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No sensitivity scores file at {path}; write one with `slimmoe score`.")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+        num_layers = sum(1 for key in tensors if key.startswith("experts."))
+        missing = [key for layer in range(num_layers) for key in (f"experts.{layer}", f"kv_groups.{layer}")
+                   if key not in tensors]
+        if metadata.pop("format", None) != "hf_slimmoe.SensitivityScores" or missing or num_layers == 0:
+            raise ValueError(
+                f"{path} is not a SensitivityScores file (expected keys experts.<layer> and kv_groups.<layer>"
+                f"{', missing ' + ', '.join(missing[:4]) if missing else ''})."
+            )
+        return cls(
+            experts=[tensors[f"experts.{layer}"] for layer in range(num_layers)],
+            kv_groups=[tensors[f"kv_groups.{layer}"] for layer in range(num_layers)],
+            metadata=metadata,
+        )
+
+
+def _scored_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The expert down projections and attention output projection weights, one per decoder layer."""
+    layers = model.model.layers
+    return [layer.mlp.experts.down_proj for layer in layers], [layer.self_attn.o_proj.weight for layer in layers]
+
+
+def _as_batch(batch: Mapping, device: torch.device) -> dict[str, torch.Tensor]:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError(
+            "compute_sensitivity: each calibration batch must be a mapping with `input_ids` of shape [batch, seq] "
+            f"(optionally attention_mask, labels, teacher_topk_ids, teacher_topk_logprobs); got {type(batch).__name__}"
+            f"{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}."
+        )
+    out = {}
+    for key in ("input_ids", "attention_mask", "labels", "teacher_topk_ids", "teacher_topk_logprobs"):
+        if batch.get(key) is not None:
+            value = torch.as_tensor(batch[key])
+            if key in ("input_ids", "labels") and value.dim() == 1 or key.startswith("teacher") and value.dim() == 2:
+                value = value.unsqueeze(0)  # a single example
+            out[key] = value.to(device)
+    return out
+
+
+@torch.no_grad()
+def _topk_from_hidden(hidden: torch.Tensor, lm_head: nn.Linear, top_k: int, chunk_size: int):
+    """Teacher top-k ids/log-probs from final hidden states `[B, T, H]`, projected `chunk_size` tokens at a time."""
+    flat = hidden.reshape(-1, hidden.size(-1))  # [N, H]
+    ids, logprobs = [], []
+    for start in range(0, flat.size(0), chunk_size):
+        chunk_ids, chunk_logprobs = teacher_topk(lm_head(flat[start:start + chunk_size]), top_k)  # [C, k]
+        ids.append(chunk_ids)
+        logprobs.append(chunk_logprobs)
+    shape = (*hidden.shape[:-1], top_k)
+    return torch.cat(ids).reshape(shape), torch.cat(logprobs).reshape(shape)
+
+
+def _cached_topk(batch: dict[str, torch.Tensor], top_k: int):
+    ids, logprobs = batch["teacher_topk_ids"].long(), batch["teacher_topk_logprobs"].float()
+    if ids.shape != logprobs.shape or ids.shape[:2] != batch["input_ids"].shape:
+        raise ValueError(
+            f"compute_sensitivity: cached teacher_topk_ids {list(ids.shape)} / teacher_topk_logprobs "
+            f"{list(logprobs.shape)} do not match input_ids {list(batch['input_ids'].shape)}: the teacher cache was "
+            "built for a different dataset or padding; rebuild it with `cache_teacher_topk`."
+        )
+    cached_k = ids.size(-1)
+    if cached_k < top_k:
+        raise ValueError(
+            f"compute_sensitivity: the teacher cache holds top-{cached_k} entries, fewer than top_k={top_k}; pass "
+            f"top_k={cached_k} or rebuild the cache with top_k={top_k}."
+        )
+    if cached_k > top_k:  # keep the top_k most probable of the cached entries
+        logprobs, order = logprobs.topk(top_k, dim=-1)
+        ids = ids.gather(-1, order)
+    return ids, logprobs
+
+
+def compute_sensitivity(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    teacher: nn.Module | None = None,
+    criterion: str = "kd",
+    top_k: int = 8,
+    aux_loss_coef: float | None = None,
+    chunk_size: int = 1024,
+    show_progress: bool = True,
+) -> SensitivityScores:
+    """
+    Score every expert neuron and every GQA group of `model` by `|dL/dW * W|` over a calibration set.
+
+    The gradient of the loss over the *whole* set is accumulated (in float32) before `|grad * W|` is taken, as in
+    Eq. 2 with `L` the mean loss over all counted tokens. The model runs in `eval()` mode (deterministic routing, no
+    dropout): two runs give the same scores. Memory-lean: only the scored weights (`mlp.experts.down_proj`,
+    `self_attn.o_proj.weight`) require gradients while scoring, the student's logits are never materialized for all
+    tokens (the loss is chunked over the vocabulary) and the model's `requires_grad` flags, `.grad` and train/eval
+    mode are restored afterwards.
+
+    Args:
+        model (`SlimMoeForCausalLM` or `PhimoeForCausalLM`):
+            The model to score (the student).
+        batches (`Iterable[Mapping]`):
+            Calibration batches: mappings with `input_ids` `[B, T]`, optionally `attention_mask` `[B, T]`,
+            `labels` `[B, T]` (for `"clm"`; default: `input_ids`, padding ignored; shifted here) and cached teacher
+            columns `teacher_topk_ids` / `teacher_topk_logprobs` `[B, T, k]` (from `cache_teacher_topk`); a batch
+            with the cached columns needs no teacher forward.
+        teacher (`nn.Module`, *optional*):
+            For `"kd"`: `None` or `model` itself (stage 1: the teacher distribution is the model's own, taken from
+            the same forward and detached), or a separate causal LM with the same vocabulary, run online in eval
+            mode under `no_grad`. Ignored for `"clm"` and for batches that carry cached teacher columns.
+        criterion (`str`, *optional*, defaults to `"kd"`):
+            `"kd"` (top-k KL to the teacher + aux, Eq. 3) or `"clm"` (next-token cross-entropy + aux).
+        top_k (`int`, *optional*, defaults to `8`):
+            Number of teacher probabilities kept; the rest are 0 (not renormalized).
+        aux_loss_coef (`float`, *optional*):
+            Weight of the load-balancing loss; defaults to the model's `config.router_aux_loss_coef`, the weight it
+            is trained with. `0` scores with the KD/CLM term alone.
+        chunk_size (`int`, *optional*, defaults to `1024`):
+            Tokens projected to the vocabulary at a time.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a tqdm bar over the calibration batches.
+
+    Returns:
+        [`SensitivityScores`] on the CPU, float32.
+
+    Raises:
+        `ValueError`: for an unknown criterion, a bad `top_k`, a teacher with another vocabulary, a malformed batch,
+            a teacher cache that does not match its batch, or an empty calibration set.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"compute_sensitivity: criterion={criterion!r} is not supported; use one of {CRITERIA}.")
+    config = model.config
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
+        raise ValueError(f"compute_sensitivity: top_k={top_k!r} must be an integer in [1, {config.vocab_size}].")
+    self_teacher = teacher is None or teacher is model
+    if criterion == "kd" and not self_teacher:
+        teacher_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
+        if teacher_vocab != config.vocab_size:
+            raise ValueError(
+                f"compute_sensitivity: the teacher's vocab_size ({teacher_vocab}) differs from the model's "
+                f"({config.vocab_size}); top-k KD needs the same tokenizer and vocabulary."
+            )
+    coef = config.router_aux_loss_coef if aux_loss_coef is None else float(aux_loss_coef)
+    device = next(model.parameters()).device
+    base, lm_head = model.model, model.lm_head
+    down_projs, o_projs = _scored_parameters(model)
+    scored = down_projs + o_projs
+    scored_ids = {id(p) for p in scored}
+
+    # Only the scored weights require gradients; their gradients are summed over batches into float32 buffers.
+    was_training = model.training
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_grads = [(p, p.grad) for p in scored]
+    teacher_was_training = None if self_teacher else teacher.training
+    buffers = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in scored]
+    hooks = []
+
+    def _accumulate(buffer):
+        def hook(param):
+            buffer.add_(param.grad)
+            param.grad = None
+        return hook
+
+    total_tokens, num_batches = 0, 0
+    try:
+        model.eval()
+        if teacher is not None and not self_teacher:
+            teacher.eval()
+        for p in model.parameters():
+            p.requires_grad_(id(p) in scored_ids)
+        for p, buffer in zip(scored, buffers):
+            p.grad = None
+            hooks.append(p.register_post_accumulate_grad_hook(_accumulate(buffer)))
+
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for raw in tqdm(batches, total=total, desc=f"Sensitivity ({criterion})", unit="batch",
+                        disable=not show_progress):
+            batch = _as_batch(raw, device)
+            input_ids = batch["input_ids"]  # [B, T]
+            attention_mask = batch.get("attention_mask")
+            mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            outputs = base(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True,
+                           use_cache=False)
+            hidden = outputs.last_hidden_state  # [B, T, H]
+            if criterion == "kd":
+                num_tokens = int(mask.sum())
+                if "teacher_topk_ids" in batch and "teacher_topk_logprobs" in batch:
+                    ids, logprobs = _cached_topk(batch, top_k)
+                elif self_teacher:
+                    ids, logprobs = _topk_from_hidden(hidden.detach(), lm_head, top_k, chunk_size)
+                else:
+                    teacher_device = next(teacher.parameters()).device
+                    with torch.no_grad():
+                        teacher_logits = teacher(
+                            input_ids=input_ids.to(teacher_device),
+                            attention_mask=None if attention_mask is None else attention_mask.to(teacher_device),
+                            use_cache=False,
+                        ).logits  # [B, T, V]
+                        ids, logprobs = teacher_topk(teacher_logits, top_k)  # [B, T, k]
+                        del teacher_logits
+                    ids, logprobs = ids.to(device), logprobs.to(device)
+                loss = topk_kl_loss(hidden, lm_head.weight, lm_head.bias, ids, logprobs, mask,
+                                    chunk_size=chunk_size, reduction="sum")
+            else:
+                labels = batch.get("labels", input_ids).masked_fill(~mask, -100)
+                labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # next token
+                num_tokens = int((labels != -100).sum())
+                loss = chunked_cross_entropy(hidden, lm_head.weight, lm_head.bias, labels,
+                                             chunk_size=chunk_size, reduction="sum")
+            if coef:
+                aux = load_balancing_loss_func(outputs.router_logits, config.num_local_experts,
+                                               config.num_experts_per_tok, attention_mask)
+                loss = loss + coef * num_tokens * aux  # the per-token mean aux, weighted like the summed KD term
+            if loss.requires_grad:
+                loss.backward()
+            total_tokens += num_tokens
+            num_batches += 1
+            del outputs, hidden, loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        for p, grad in saved_grads:
+            p.grad = grad
+        model.train(was_training)
+        if teacher_was_training is not None:
+            teacher.train(teacher_was_training)
+
+    if num_batches == 0 or total_tokens == 0:
+        raise ValueError("compute_sensitivity: the calibration set is empty (no batches or no counted tokens).")
+
+    experts_scores, group_scores = [], []
+    with torch.no_grad():
+        for down, down_grad, o_proj, o_grad in zip(down_projs, buffers[:len(down_projs)], o_projs,
+                                                   buffers[len(down_projs):]):
+            # Eq. 2 on the gradient of the mean loss over the set, then Eq. 4 (l2 over a neuron's entries)
+            s = (down_grad / total_tokens * down.float()).abs_()  # [E, H, I]
+            experts_scores.append(torch.linalg.vector_norm(s, dim=1).cpu())  # [E, I]
+            s = (o_grad / total_tokens * o_proj.float()).abs_()  # [H, num_heads * head_dim]
+            neurons = torch.linalg.vector_norm(s, dim=0)  # [num_heads * head_dim]
+            group_scores.append(neurons.reshape(config.num_key_value_heads, -1).mean(dim=1).cpu())  # [num_kv]
+            del s
+    logger.info("Scored %d layers on %d tokens in %d batches (criterion=%s, top_k=%d, aux coef=%g)",
+                len(down_projs), total_tokens, num_batches, criterion, top_k, coef)
+    return SensitivityScores(
+        experts=experts_scores,
+        kv_groups=group_scores,
+        metadata={"criterion": criterion, "top_k": str(top_k), "aux_loss_coef": str(coef),
+                  "num_tokens": str(total_tokens), "num_batches": str(num_batches)},
+    )
+
+
+__all__ = ["SensitivityScores", "compute_sensitivity", "CRITERIA"]
