@@ -63,3 +63,16 @@ def test_info_errors_name_the_problem(tmp_path, capsys):
     LlamaConfig(num_hidden_layers=1).save_pretrained(tmp_path)
     assert main(["info", str(tmp_path)]) == 2
     assert "model_type 'llama'" in capsys.readouterr().err
+
+
+def test_export_command_writes_a_stock_checkpoint(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, PhimoeForCausalLM
+
+    config = SlimMoeConfig(vocab_size=80, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, head_dim=12)
+    model = SlimMoeForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "slim")
+    assert main(["export", str(tmp_path / "slim"), str(tmp_path / "stock")]) == 0
+    assert json.loads((tmp_path / "stock" / "config.json").read_text())["model_type"] == "phimoe"
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock")
+    assert type(stock) is PhimoeForCausalLM and stock.config.head_dim == 12
