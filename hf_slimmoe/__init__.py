@@ -9,7 +9,14 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 
 from .configuration_slimmoe import SlimMoeConfig
 from .modeling_slimmoe import SlimMoeForCausalLM
-from .distillation import teacher_topk, topk_kl_loss
+from .schedule import plan_stages
+from .distillation import (
+    DistillationConfig,
+    DistillationTrainer,
+    cache_teacher_topk,
+    teacher_topk,
+    topk_kl_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -19,4 +26,5 @@ register_checkpoint_conversion_mapping(
     SlimMoeConfig.model_type, get_checkpoint_conversion_mapping("phimoe"), overwrite=True
 )
 
-__all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "__version__", "teacher_topk", "topk_kl_loss"]
+__all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "__version__", "teacher_topk", "topk_kl_loss",
+           "DistillationConfig", "DistillationTrainer", "cache_teacher_topk", "plan_stages"]
