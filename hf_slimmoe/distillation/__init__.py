@@ -1,5 +1,19 @@
 """Distillation for SlimMoE: the chunked top-k KD loss, the distillation trainer and the teacher top-k cache."""
 
+from .config import DistillationConfig
 from .losses import chunked_cross_entropy, teacher_topk, topk_kl_loss
+from .teacher_cache import cache_teacher_topk, check_teacher_cache, input_ids_fingerprint, teacher_topk_from_model
+from .trainer import DistillationCollator, DistillationTrainer
 
-__all__ = ["chunked_cross_entropy", "teacher_topk", "topk_kl_loss"]
+__all__ = [
+    "DistillationCollator",
+    "DistillationConfig",
+    "DistillationTrainer",
+    "cache_teacher_topk",
+    "check_teacher_cache",
+    "chunked_cross_entropy",
+    "input_ids_fingerprint",
+    "teacher_topk",
+    "teacher_topk_from_model",
+    "topk_kl_loss",
+]

@@ -57,10 +57,11 @@ class _WeightedTokenCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, coef, const, token_weight, temperature, chunk_size):
+    def forward(ctx, hidden, weight, bias, ids, coef, const, token_weight, temperature, chunk_size, compute_grad):
         # hidden (N, H); weight (V, H); bias (V,) | None; ids (N, k) int64; coef (N, k) float32;
         # const (N,) float32 = sum_k coef * a; token_weight (N,) float32
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        # forward() always runs under no_grad: `compute_grad` says whether the caller's graph needs the gradients
+        need_h, need_w, need_b = (compute_grad and needs for needs in ctx.needs_input_grad[:3])
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_bias = (
@@ -101,12 +102,12 @@ class _WeightedTokenCrossEntropy(torch.autograd.Function):
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_output).to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _weighted_token_cross_entropy(hidden, weight, bias, ids, coef, const, token_weight, temperature, chunk_size):
     return _WeightedTokenCrossEntropy.apply(
-        hidden, weight, bias, ids, coef, const, token_weight, temperature, chunk_size
+        hidden, weight, bias, ids, coef, const, token_weight, temperature, chunk_size, torch.is_grad_enabled()
     )
 
 
