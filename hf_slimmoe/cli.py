@@ -159,10 +159,123 @@ def _run_export(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- score
+def _add_score(subparsers) -> None:
+    p = subparsers.add_parser(
+        "score",
+        help="compute KD (or CLM) sensitivity scores of every expert neuron and GQA group; write a safetensors file",
+        description="Compute SlimMoE sensitivity scores (|grad * W|, Eq. 2-4) of a checkpoint on calibration data "
+        "and save them (safetensors) for `slimmoe prune`. The KD criterion uses the teacher's top-k distribution; "
+        "without --teacher the model is its own teacher (stage 1). Calibration data: a `save_to_disk` dataset "
+        "directory with input_ids (cached teacher_topk_* columns are used instead of a teacher forward), or a "
+        ".txt/.jsonl file tokenized with the model directory's tokenizer.",
+    )
+    p.add_argument("model", help="SlimMoE or PhiMoE checkpoint directory to score")
+    p.add_argument("--data", required=True, help="dataset directory (input_ids) or .txt/.jsonl calibration file")
+    p.add_argument("--output", required=True, help="scores file to write, e.g. scores.safetensors")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the model itself)")
+    p.add_argument("--criterion", choices=("kd", "clm"), default="kd", help="kd (paper, default) or clm (ablation)")
+    p.add_argument("--top-k", type=int, default=8, help="teacher probabilities kept by the KD loss (default 8)")
+    p.add_argument("--aux-loss-coef", type=float, default=None,
+                   help="weight of the load-balancing loss (default: the model's router_aux_loss_coef)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per calibration example (default 512)")
+    p.add_argument("--num-examples", type=int, default=None, help="use the first N examples (default: all)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per forward/backward (default 4)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for text data (default: the model directory)")
+    p.add_argument("--text-column", default="text", help="jsonl field holding the text (default: text)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype to load the model(s) in (default: as stored)")
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+
+
+def _run_score(args) -> int:
+    import torch
+
+    from .modeling_slimmoe import SlimMoeForCausalLM
+    from .pruning import compute_sensitivity
+    from .pruning.calibration import load_calibration_batches
+
+    batches = load_calibration_batches(args.data, args.tokenizer or args.model, max_length=args.max_length,
+                                       num_examples=args.num_examples, batch_size=args.batch_size,
+                                       text_column=args.text_column)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = SlimMoeForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    teacher = None
+    if args.teacher is not None and args.criterion == "kd":
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype).to(device)
+    scores = compute_sensitivity(model, batches, teacher=teacher, criterion=args.criterion, top_k=args.top_k,
+                                 aux_loss_coef=args.aux_loss_coef)
+    scores.metadata["model"] = args.model
+    scores.metadata["teacher"] = args.teacher or "self"
+    scores.save(args.output)
+    print(f"scored {scores.num_layers} layers on {scores.metadata['num_tokens']} tokens -> {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- prune
+def _add_prune(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prune",
+        help="slim experts and drop GQA groups by sensitivity scores; save a model that loads with from_pretrained",
+        description="Prune a checkpoint with scores from `slimmoe score`: every expert keeps its highest-scoring "
+        "--intermediate-size neurons, every layer its highest-scoring --num-key-value-heads GQA groups (with their "
+        "query heads). Writes a complete model directory (weights, config, generation config, tokenizer).",
+    )
+    p.add_argument("model", help="SlimMoE or PhiMoE checkpoint directory")
+    p.add_argument("--scores", required=True, help="scores file written by `slimmoe score`")
+    p.add_argument("--output-dir", required=True, help="directory to write the pruned model to")
+    p.add_argument("--intermediate-size", type=int, default=None, help="new expert width (default: unchanged)")
+    p.add_argument("--num-key-value-heads", type=int, default=None,
+                   help="GQA groups to keep; query heads follow (default: unchanged)")
+
+
+def _run_prune(args) -> int:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from .modeling_slimmoe import SlimMoeForCausalLM
+    from .pruning import SensitivityScores
+
+    scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before loading the model
+    if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
+        raise ValueError(f"--output-dir {args.output_dir} exists and is not empty; choose a new directory.")
+    model = SlimMoeForCausalLM.from_pretrained(args.model, dtype="auto")
+    before = model.config.num_parameters()
+    target = model.config.slimmed(intermediate_size=args.intermediate_size,
+                                  num_key_value_heads=args.num_key_value_heads)
+    model.prune_to(target, scores)
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".prune-", dir=parent)  # complete, then renamed: never half-written
+    try:
+        model.save_pretrained(staging)
+        try:
+            AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
+        except (OSError, ValueError):
+            logger.warning("No tokenizer found in %s; saved the model only.", args.model)
+        if os.path.isdir(args.output_dir):
+            os.rmdir(args.output_dir)
+        os.replace(staging, args.output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    after = model.config.num_parameters()
+    print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {model.config.intermediate_size}, heads "
+          f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters {_human(before)} -> "
+          f"{_human(after)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "info": (_add_info, _run_info),
     "export": (_add_export, _run_export),
+    "score": (_add_score, _run_score),
+    "prune": (_add_prune, _run_prune),
 }
 
 

@@ -287,3 +287,58 @@ def test_phi35_moe_on_meta_device_prunes_to_phi_tiny_moe_sizes():
     assert layer.self_attn.o_proj.weight.shape == (4096, 16 * 128)
     assert sum(p.numel() for p in model.parameters()) == tiny.num_parameters() == model.config.num_parameters()
     assert round(tiny.num_parameters() / 1e9, 1) == 3.8
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(VOCAB - 2)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_cli_score_then_prune_writes_a_loadable_model(tmp_path, capsys):
+    from datasets import Dataset
+
+    from hf_slimmoe.cli import main
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    _word_tokenizer().save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, VOCAB, (int(n),), generator=generator).tolist() for n in (12, 9, 16, 5, 14)]
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "calib"))
+    scores_file = tmp_path / "scores.safetensors"
+    assert main(["score", str(tmp_path / "model"), "--data", str(tmp_path / "calib"), "--output", str(scores_file),
+                 "--batch-size", "2", "--max-length", "10", "--aux-loss-coef", "0"]) == 0
+    scores = SensitivityScores.load(scores_file)
+    assert scores.metadata["num_tokens"] == str(10 + 9 + 10 + 5 + 10) and scores.metadata["teacher"] == "self"
+    batches = [{"input_ids": torch.tensor([r[:10]])} for r in rows]
+    expected = compute_sensitivity(model, batches, aux_loss_coef=0.0, show_progress=False)
+    for a, b in zip(flat(scores), flat(expected)):  # padding and batching do not change the KD term
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-12)
+
+    text = tmp_path / "calib.jsonl"
+    text.write_text("\n".join('{"text": "%s"}' % " ".join(f"w{i}" for i in r) for r in rows))
+    assert main(["score", str(tmp_path / "model"), "--data", str(text), "--output", str(tmp_path / "clm.safetensors"),
+                 "--criterion", "clm", "--teacher", str(tmp_path / "model")]) == 0
+    assert SensitivityScores.load(tmp_path / "clm.safetensors").metadata["criterion"] == "clm"
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tmp_path / "model"), "--scores", str(scores_file), "--output-dir", str(out),
+                 "--intermediate-size", "16", "--num-key-value-heads", "2"]) == 0
+    assert "parameters" in capsys.readouterr().out
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    reference = tiny_model().prune_to(model.config.slimmed(intermediate_size=16, num_key_value_heads=2), scores)
+    assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in reference.state_dict().items())
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("w3 w4")["input_ids"] == [5, 6]
+    assert main(["prune", str(tmp_path / "model"), "--scores", str(scores_file), "--output-dir", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "model"), "--scores", str(tmp_path / "nope"), "--output-dir",
+                 str(tmp_path / "x"), "--intermediate-size", "64"]) == 2
+    assert "slimmoe score" in capsys.readouterr().err
