@@ -9,6 +9,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 
 from .configuration_slimmoe import SlimMoeConfig
 from .modeling_slimmoe import SlimMoeForCausalLM
+from .pruning import SensitivityScores, compute_sensitivity
 from .schedule import plan_stages
 from .distillation import (
     DistillationConfig,
@@ -27,4 +28,5 @@ register_checkpoint_conversion_mapping(
 )
 
 __all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "__version__", "teacher_topk", "topk_kl_loss",
-           "DistillationConfig", "DistillationTrainer", "cache_teacher_topk", "plan_stages"]
+           "DistillationConfig", "DistillationTrainer", "cache_teacher_topk", "plan_stages",
+           "SensitivityScores", "compute_sensitivity"]
