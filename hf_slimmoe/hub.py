@@ -1,0 +1,569 @@
+"""Model cards and publishing: every saved model directory becomes a Hub-ready repository.
+
+`write_model_card` turns the JSON files a stage (or an SFT / DPO / LoRA run) leaves in its directory into a `README.md`
+rendered from `templates/slimmoe_model_card.md` through `huggingface_hub.ModelCard.from_template`, plus a
+`trajectory.png` plot of the compression so far. `publish_stage` pushes such a directory with the real
+`huggingface_hub` client: one repository per stage, or one repository with a branch per stage, as `HubSettings` says.
+
+Publishing never loses work: a failed push (no network, server error, no token) logs a warning and returns `False`,
+the directory stays complete on disk and `slimmoe push OUTPUT_DIR` publishes it later. Pushing an unchanged directory
+again makes no commit: local files are compared with the remote ones (sha256 of LFS files, git blob ids of the others)
+before anything is uploaded. The token is resolved by `huggingface_hub` (argument, `HF_TOKEN`, then the login cache)
+and never written to a file, a card, a log record or an error message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import string
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("repo-per-stage", "branch-per-stage")
+CARD_TEMPLATE = "slimmoe_model_card.md"
+PLOT_NAME = "trajectory.png"
+PAPER_ID = "2506.18349"
+# Files written next to the weights that describe a run but are not part of it on the Hub.
+_SKIP_PREFIXES = (".", "checkpoint-", "__pycache__")
+_METHOD_TITLES = {
+    "multi-stage": "multi-stage SlimMoE",
+    "one-stage": "one-stage prune-then-distill",
+    "iterative": "iterative pruning",
+    "sft": "supervised fine-tuning with top-k distillation",
+    "dpo": "direct preference optimization",
+    "lora": "LoRA fine-tuning",
+}
+
+
+# --------------------------------------------------------------------------------------------------- settings
+@dataclass
+class HubSettings:
+    r"""
+    Where and how stages are published; the `hub:` section of a recipe.
+
+    push_to_hub (`bool`, defaults to `False`):
+        Push every stage when it is complete. `slimmoe push OUTPUT_DIR` pushes regardless of this flag.
+    repo_id (`str`, *optional*):
+        Repository id template. `{stage}` is replaced by the stage number (or the method, e.g. `sft`, for
+        post-training outputs without a stage) and `{user}` by the name of the token's owner (resolved with
+        `whoami`), e.g. `"{user}/phi-tiny-moe-stage{stage}"`. Required when pushing.
+    layout (`str`, defaults to `"repo-per-stage"`):
+        `"repo-per-stage"`: one repository per stage (`repo_id` must contain `{stage}`).
+        `"branch-per-stage"`: one repository, one branch per stage named after `branch`.
+    branch (`str`, defaults to `"stage-{stage}"`):
+        Branch name template used by the `"branch-per-stage"` layout.
+    private (`bool`, defaults to `False`):
+        Create the repositories private. Existing repositories keep their visibility.
+    """
+
+    push_to_hub: bool = False
+    repo_id: str | None = None
+    layout: Literal["repo-per-stage", "branch-per-stage"] = "repo-per-stage"
+    branch: str = "stage-{stage}"
+    private: bool = False
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"hub.layout is {self.layout!r}; choose one of {', '.join(repr(x) for x in LAYOUTS)}.")
+        if self.push_to_hub and not self.repo_id:
+            raise ValueError("hub.push_to_hub is true but hub.repo_id is not set: set hub.repo_id, e.g. "
+                             "'{user}/phi-tiny-moe-stage{stage}', or set hub.push_to_hub to false.")
+        if self.repo_id is not None:
+            fields = _template_fields(self.repo_id, "hub.repo_id")
+            if self.layout == "repo-per-stage" and "stage" not in fields:
+                raise ValueError(f"hub.repo_id {self.repo_id!r} has no '{{stage}}' but hub.layout is 'repo-per-stage', "
+                                 "so every stage would overwrite the same repository: add '{stage}' to hub.repo_id "
+                                 "(e.g. '{user}/my-model-stage{stage}') or set hub.layout to 'branch-per-stage'.")
+        branch_fields = _template_fields(self.branch, "hub.branch")
+        if self.layout == "branch-per-stage" and "stage" not in branch_fields:
+            raise ValueError(f"hub.branch {self.branch!r} has no '{{stage}}': every stage would go to the same "
+                             "branch; use e.g. 'stage-{stage}'.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "HubSettings":
+        """Build from a recipe's `hub:` mapping; unknown keys raise a `ValueError` naming them."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown key(s) in the recipe's hub section: {', '.join('hub.' + k for k in unknown)}; "
+                             f"known keys: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def target(self, stage: int | str, user: str | None = None) -> tuple[str, str | None]:
+        """`(repo_id, branch)` for a stage; `branch` is `None` (the default branch) with the repo-per-stage layout."""
+        if not self.repo_id:
+            raise ValueError("hub.repo_id is not set: set it in the recipe's hub section, e.g. "
+                             "'{user}/phi-tiny-moe-stage{stage}'.")
+        if "user" in _template_fields(self.repo_id, "hub.repo_id") and user is None:
+            raise ValueError(f"hub.repo_id {self.repo_id!r} needs {{user}} but no user name was resolved.")
+        repo_id = self.repo_id.format(stage=stage, user=user)
+        if self.layout == "repo-per-stage":
+            return repo_id, None
+        return repo_id, self.branch.format(stage=stage)
+
+    @property
+    def needs_user(self) -> bool:
+        return self.repo_id is not None and "user" in _template_fields(self.repo_id, "hub.repo_id")
+
+
+def _template_fields(template: str, key: str) -> set[str]:
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"{key} {template!r} is not a valid template ({e}).") from None
+    unknown = fields - {"stage", "user"}
+    if unknown:
+        raise ValueError(f"{key} {template!r} uses unknown placeholder(s) {', '.join(sorted(unknown))}; "
+                         "only {stage} and {user} are filled in.")
+    return fields
+
+
+# --------------------------------------------------------------------------------------------------- reading
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _config_summary(config: dict | None) -> dict[str, Any]:
+    """Sizes and analytic parameter counts of a config.json (slimmoe or phimoe)."""
+    if not config:
+        return {}
+    summary = {k: config.get(k) for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                           "num_hidden_layers", "num_local_experts", "num_experts_per_tok")}
+    try:
+        from .configuration_slimmoe import SlimMoeConfig
+
+        values = {k: v for k, v in config.items()
+                  if k not in ("model_type", "transformers_version", "architectures", "auto_map")}
+        if values.get("head_dim") is None and values.get("hidden_size") and values.get("num_attention_heads"):
+            values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+        cfg = SlimMoeConfig(**values)
+        summary["num_parameters"] = cfg.num_parameters()
+        summary["num_active_parameters"] = cfg.num_active_parameters()
+    except Exception as e:  # a config we cannot count (e.g. a LoRA adapter config) still gets a card
+        logger.debug("Could not count parameters of the config: %s", e)
+    return summary
+
+
+def _human(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:,}" if isinstance(n, int) else f"{n:g}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _looks_like_hub_id(name: str | None) -> bool:
+    return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def _architecture_rows(model: dict, teacher: dict) -> list[dict[str, str]]:
+    rows = []
+
+    def ratio(a, b):
+        return f"{100 * a / b:.1f}%" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+
+    def row(name, key, human=False):
+        a, b = model.get(key), teacher.get(key)
+        show = _human if human else _fmt
+        rows.append({"name": name, "model": show(a), "teacher": show(b), "ratio": ratio(a, b)})
+
+    row("d_expert (expert width)", "intermediate_size")
+    rows.append({
+        "name": "attention heads q / kv",
+        "model": f"{_fmt(model.get('num_attention_heads'))} / {_fmt(model.get('num_key_value_heads'))}",
+        "teacher": f"{_fmt(teacher.get('num_attention_heads'))} / {_fmt(teacher.get('num_key_value_heads'))}",
+        "ratio": ratio(model.get("num_key_value_heads"), teacher.get("num_key_value_heads")),
+    })
+    row("layers", "num_hidden_layers")
+    row("experts", "num_local_experts")
+    row("experts per token (top-k)", "num_experts_per_tok")
+    row("total parameters", "num_parameters", human=True)
+    row("active parameters", "num_active_parameters", human=True)
+    return rows
+
+
+def _training_rows(training: dict) -> list[tuple[str, str]]:
+    rows = []
+    labels = [("tokens", "training tokens"), ("steps", "optimizer steps"), ("max_steps", "planned steps"),
+              ("learning_rate", "learning rate"), ("top_k", "KD teacher top-k"), ("temperature", "KD temperature"),
+              ("ce_weight", "cross-entropy loss weight"), ("aux_loss_coef", "router aux loss coefficient")]
+    for key, label in labels:
+        if key in training:
+            rows.append((label, _fmt(training[key])))
+    if "early_stopped" in training:
+        stopped = training.get("stopped_at_step")
+        rows.append(("early stopping", f"stopped at step {_fmt(stopped)}" if training["early_stopped"]
+                     else "not triggered (ran all planned steps)"))
+    for key, value in training.items():  # anything else the writer recorded is shown as is
+        if key not in {k for k, _ in labels} | {"early_stopped", "stopped_at_step"}:
+            rows.append((key.replace("_", " "), _fmt(value)))
+    return rows
+
+
+_EVAL_METRICS = (  # stage.json eval key, label, model-index metric type
+    ("kl", "top-k KL to the teacher", "kl_divergence"),
+    ("perplexity", "perplexity", "perplexity"),
+    ("top1_agreement", "top-1 agreement with the teacher", "accuracy"),
+)
+
+
+# --------------------------------------------------------------------------------------------------- plot
+def plot_trajectory(trajectory: dict, path: str | os.PathLike) -> Path | None:
+    """Write the compression trajectory (parameters and eval KL / perplexity against cumulative training tokens,
+    one point per stage, stage 0 the teacher) to a PNG; returns its path, or `None` if there are no points."""
+    points = sorted(trajectory.get("points") or [], key=lambda p: (p.get("tokens") or 0, p.get("stage") or 0))
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [p.get("tokens") or 0 for p in points]
+    fig, (ax_params, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
+    # A stage's size holds from the end of the previous stage (where it was pruned) to the end of its own training.
+    ax_params.plot(tokens, [p.get("num_parameters") for p in points], "o-", drawstyle="steps-pre", label="total")
+    ax_params.plot(tokens, [p.get("num_active_parameters") for p in points], "s--", drawstyle="steps-pre",
+                   label="active")
+    for p, x in zip(points, tokens):
+        ax_params.annotate(f"stage {p.get('stage')}" if p.get("stage") else "teacher", (x, p.get("num_parameters")),
+                           textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax_params.set(xlabel="training tokens", ylabel="parameters", title="Model size")
+    ax_params.legend()
+
+    def series(key):
+        xs, ys = zip(*[(x, p[key]) for p, x in zip(points, tokens) if p.get(key) is not None] or [((), ())])
+        return list(xs), list(ys)
+
+    xs, ys = series("eval_kl")
+    handles = []
+    if xs:
+        handles += ax_eval.plot(xs, ys, "o-", color="C2", label="eval KL to teacher")
+    ax_eval.set(xlabel="training tokens", ylabel="KL", title="Evaluation")
+    xs, ys = series("eval_perplexity")
+    if xs:
+        ax_ppl = ax_eval.twinx()
+        handles += ax_ppl.plot(xs, ys, "s--", color="C3", label="eval perplexity")
+        ax_ppl.set_ylabel("perplexity")
+    if handles:
+        ax_eval.legend(handles=handles, loc="best")
+    else:
+        ax_eval.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_eval.transAxes)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- card
+def write_model_card(
+    model_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    parent_repo_id: str | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> Path:
+    """Write `README.md` (the model card) and `trajectory.png` into a saved model directory; returns the card's path.
+
+    Reads `stage.json`, `trajectory.json` and `config.json` from `model_dir`. Stage directories carry every key of the
+    pipeline's `stage.json`; post-training outputs (`"method": "sft" | "dpo" | "lora"`) may lack `stage`, `training`
+    or `eval`, and such sections are left out of the card.
+
+    Args:
+        model_dir: the saved model directory.
+        repo_id: the Hub id the directory is published as; used in the usage snippets (default: the directory path).
+        parent_repo_id: the Hub id of the parent, linked in the lineage section (default: `stage.json`'s `parent`).
+        template_path: a Jinja card template; defaults to the packaged `templates/slimmoe_model_card.md`.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from . import __version__
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a directory: pass a saved model directory (a stage-N/ folder).")
+    info = _read_json(model_dir / "stage.json")
+    if info is None:
+        raise FileNotFoundError(f"No stage.json in {model_dir}: the card is generated from the stage.json that the "
+                                "pipeline (or post-training) writes next to the weights.")
+    config = _read_json(model_dir / "config.json")
+    trajectory = _read_json(model_dir / "trajectory.json")
+
+    stage, num_stages = info.get("stage"), info.get("num_stages")
+    method = info.get("method") or "multi-stage"
+    is_stage = stage is not None
+    teacher = info.get("teacher") or "unknown teacher"
+    parent = parent_repo_id or info.get("parent")
+    datasets = [d for d in (info.get("datasets") or []) if d]
+    license_ = info.get("license")
+    training = info.get("training") or {}
+    evaluation = info.get("eval") or {}
+    model_summary = _config_summary(config)
+    teacher_summary = dict(info.get("teacher_config") or {})
+    if trajectory and not teacher_summary.get("num_parameters"):
+        teacher_summary.setdefault("num_parameters", (trajectory.get("teacher") or {}).get("num_parameters"))
+        teacher_summary.setdefault("num_active_parameters",
+                                   (trajectory.get("teacher") or {}).get("num_active_parameters"))
+
+    recipe = info.get("recipe")
+    base_name = recipe or model_dir.resolve().parent.name or "slimmoe"
+    model_name = repo_id.split("/")[-1] if repo_id else (
+        f"{base_name}-stage{stage}" if is_stage else f"{base_name}-{method}")
+
+    plot = None
+    if trajectory:
+        plot = plot_trajectory(trajectory, model_dir / PLOT_NAME)
+    elif (model_dir / PLOT_NAME).is_file():
+        plot = model_dir / PLOT_NAME
+
+    eval_results = []
+    evaluation_rows = []
+    dataset_type = datasets[0] if datasets else "held-out"
+    for key, label, metric_type in _EVAL_METRICS:
+        value = evaluation.get(key)
+        if value is None:
+            continue
+        evaluation_rows.append((label, _fmt(value)))
+        eval_results.append(EvalResult(task_type="text-generation", dataset_type=dataset_type,
+                                       dataset_name=f"{dataset_type} (held-out evaluation split)",
+                                       dataset_split="eval", metric_type=metric_type, metric_name=label,
+                                       metric_value=float(value)))
+
+    tags = ["slimmoe", "moe", "mixture-of-experts", "pruning", "distillation", "phimoe", f"arxiv:{PAPER_ID}"]
+    if not is_stage:
+        tags.append(method)
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        base_model=teacher if _looks_like_hub_id(teacher) else None,
+        license=license_,
+        datasets=datasets or None,
+        tags=tags,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    template = Path(template_path) if template_path else resources.files("hf_slimmoe").joinpath(
+        f"templates/{CARD_TEMPLATE}")
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_name=model_name,
+        model_id=repo_id or str(model_dir),
+        export_dir=f"{model_name}-phimoe",
+        teacher=teacher,
+        teacher_url=f"https://huggingface.co/{teacher}" if _looks_like_hub_id(teacher) else None,
+        parent=parent,
+        parent_url=f"https://huggingface.co/{parent}" if _looks_like_hub_id(parent) else None,
+        is_stage=is_stage,
+        stage=stage,
+        num_stages=num_stages if num_stages is not None else "?",
+        method=method,
+        method_title=_METHOD_TITLES.get(method, method),
+        recipe=recipe,
+        datasets=datasets,
+        architecture=_architecture_rows(model_summary, teacher_summary),
+        training=training,
+        training_rows=_training_rows(training),
+        evaluation_rows=evaluation_rows,
+        plot=PLOT_NAME if plot else None,
+        library_version=__version__,
+    )
+    path = model_dir / "README.md"
+    card.save(path)
+    logger.info("Wrote the model card %s%s", path, f" and {plot}" if plot else "")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- publishing
+def _publishable_files(stage_dir: Path) -> list[Path]:
+    files = []
+    for path in sorted(stage_dir.rglob("*")):
+        rel = path.relative_to(stage_dir)
+        if not path.is_file() or any(part.startswith(_SKIP_PREFIXES) for part in rel.parts):
+            continue
+        files.append(path)
+    return files
+
+
+def _git_blob_id(path: Path) -> str:
+    sha = hashlib.sha1()
+    sha.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _unchanged(path: Path, sibling) -> bool:
+    """Whether a local file equals a remote `RepoSibling` (LFS: sha256 of the content; otherwise: git blob id)."""
+    if sibling is None:
+        return False
+    if sibling.size is not None and sibling.size != path.stat().st_size:
+        return False
+    if sibling.lfs is not None:
+        return sibling.lfs.sha256 == _sha256(path)
+    return sibling.blob_id is not None and sibling.blob_id == _git_blob_id(path)
+
+
+def is_complete_stage(stage_dir: str | os.PathLike) -> bool:
+    """A saved model directory holds `stage.json`, `config.json` and at least one `*.safetensors` weights file."""
+    stage_dir = Path(stage_dir)
+    return (stage_dir / "stage.json").is_file() and (stage_dir / "config.json").is_file() and any(
+        p.suffix == ".safetensors" and p.name != "scores.safetensors" for p in stage_dir.iterdir())
+
+
+def _redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "<redacted token>") if secret else text
+
+
+def _commit_message(info: dict, config_summary: dict, files: list[str]) -> tuple[str, str]:
+    stage, num_stages, method = info.get("stage"), info.get("num_stages"), info.get("method")
+    what = f"stage {stage}/{num_stages}" if stage is not None else (method or "model")
+    sizes = []
+    if config_summary.get("intermediate_size") is not None:
+        sizes.append(f"d_expert {config_summary['intermediate_size']}")
+    if config_summary.get("num_attention_heads") is not None:
+        sizes.append(f"heads {config_summary['num_attention_heads']}/{config_summary['num_key_value_heads']}")
+    if config_summary.get("num_parameters"):
+        sizes.append(f"{_human(config_summary['num_parameters'])} params")
+    kl = (info.get("eval") or {}).get("kl")
+    if kl is not None:
+        sizes.append(f"eval KL {kl:.4g}")
+    title = f"SlimMoE {what}" + (f" ({', '.join(sizes)})" if sizes else "")
+    description = "Files pushed:\n" + "\n".join(f"- {f}" for f in files)
+    return title, description
+
+
+def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: str | None = None) -> bool:
+    """Push one saved model directory (weights, tokenizer, config, card, plot, JSON files) to the Hub.
+
+    Creates the repository (and the stage's branch with the branch-per-stage layout) if needed, regenerates the card
+    with the repository id in its snippets, then commits only the files that differ from the remote ones, so an
+    unchanged directory makes no new commit. The endpoint is `huggingface_hub`'s (`HF_ENDPOINT`); `token` defaults
+    to `HF_TOKEN` or the login cache.
+
+    Returns `True` when the remote holds the directory's files afterwards (pushed now or already), `False` when the
+    push failed for a network, server or authentication reason; that failure is logged as a warning, never raised.
+    A directory that is not a complete saved model, or settings without a `repo_id`, raise a `ValueError`.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.utils import get_token
+
+    stage_dir = Path(stage_dir)
+    if not is_complete_stage(stage_dir):
+        raise ValueError(f"{stage_dir} is not a complete saved model (stage.json, config.json and a *.safetensors "
+                         "weights file are required); finish or re-run the stage before pushing it.")
+    if not settings.repo_id:
+        raise ValueError("hub.repo_id is not set: set it in the recipe's hub section, e.g. "
+                         "'{user}/phi-tiny-moe-stage{stage}'.")
+    info = _read_json(stage_dir / "stage.json") or {}
+    stage = info.get("stage", info.get("method", "final"))
+    secret = token or get_token()
+    api = HfApi(token=token)
+    where = f"{settings.repo_id} (stage {stage})"
+    try:
+        user = api.whoami()["name"] if settings.needs_user else None
+        repo_id, branch = settings.target(stage, user=user)
+        where = repo_id + (f"@{branch}" if branch else "")
+        parent_repo_id = None
+        if isinstance(stage, int) and stage > 1:
+            parent_repo_id = "@".join(x for x in settings.target(stage - 1, user=user) if x)
+        write_model_card(stage_dir, repo_id=repo_id, parent_repo_id=parent_repo_id)
+
+        api.create_repo(repo_id, private=settings.private, exist_ok=True)
+        if branch is not None:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        remote = api.model_info(repo_id, revision=branch, files_metadata=True)
+        siblings = {s.rfilename: s for s in remote.siblings or []}
+        changed = [p for p in _publishable_files(stage_dir)
+                   if not _unchanged(p, siblings.get(p.relative_to(stage_dir).as_posix()))]
+        if not changed:
+            logger.info("%s is up to date with %s: nothing to push.", stage_dir, where)
+            return True
+        names = [p.relative_to(stage_dir).as_posix() for p in changed]
+        title, description = _commit_message(info, _config_summary(_read_json(stage_dir / "config.json")), names)
+        commit = api.create_commit(
+            repo_id,
+            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in zip(names, changed)],
+            commit_message=title,
+            commit_description=description,
+            revision=branch,
+        )
+        logger.info("Pushed %d file(s) of %s to %s (commit %s).", len(names), stage_dir, where, commit.oid)
+        return True
+    except LocalTokenNotFoundError:
+        logger.warning("Could not push %s to %s: no Hugging Face token found. Set HF_TOKEN or run `hf auth login`, "
+                       "then run `slimmoe push` on the output directory.", stage_dir, where)
+    except (HfHubHTTPError, OSError, ValueError) as e:  # ValueError: malformed server answers, LFS batch errors
+        logger.warning("Could not push %s to %s: %s: %s. The stage stays complete on disk; run `slimmoe push` on "
+                       "the output directory to publish it later.", stage_dir, where, type(e).__name__,
+                       _redact(str(e), secret))
+    except Exception as e:  # transport errors of the HTTP client (connection refused, timeouts, ...)
+        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "h11", "hf_xet"):
+            raise
+        logger.warning("Could not push %s to %s: %s: %s. The stage stays complete on disk; run `slimmoe push` on "
+                       "the output directory to publish it later.", stage_dir, where, type(e).__name__,
+                       _redact(str(e), secret))
+    return False
+
+
+def stage_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """The `stage-N/` directories of a pipeline output directory, in stage order."""
+    output_dir = Path(output_dir)
+    found = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(r"stage-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_hub_settings(output_dir: str | os.PathLike) -> HubSettings:
+    """The `hub:` section of `OUTPUT_DIR/recipe.yaml` as `HubSettings`."""
+    import yaml
+
+    recipe = Path(output_dir) / "recipe.yaml"
+    if not recipe.is_file():
+        raise FileNotFoundError(f"No recipe.yaml in {output_dir}: pass the output directory of `slimmoe compress`.")
+    with open(recipe, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    return HubSettings.from_dict(values.get("hub"))
+
+
+__all__ = ["HubSettings", "write_model_card", "plot_trajectory", "publish_stage", "is_complete_stage", "stage_dirs",
+           "read_hub_settings"]
