@@ -37,6 +37,17 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
     config_class = SlimMoeConfig
     config: SlimMoeConfig
 
+    # transformers decides which attention/experts kernels a class supports by reading its module's source. Ours runs
+    # the stock PhiMoE modules, so it supports exactly what PhimoeForCausalLM does (without this, a SlimMoE model
+    # built before any stock one falls back to eager experts, and the two would not give bit-identical logits).
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return PhimoeForCausalLM._can_set_experts_implementation()
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return PhimoeForCausalLM._can_set_attn_implementation()
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a SlimMoE checkpoint, or a stock PhiMoE one (converted to `SlimMoeConfig` with an explicit `head_dim`).

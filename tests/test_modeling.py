@@ -141,3 +141,11 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(inputs):
     assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_supports_the_same_kernels_as_stock_phimoe():
+    # transformers inspects a class's module source to pick kernels; a SlimMoE model must never fall back to slower
+    # (and numerically different) eager experts just because it is a plugin class.
+    model = SlimMoeForCausalLM(SlimMoeConfig(**TINY))
+    assert SlimMoeForCausalLM._can_set_experts_implementation() is True
+    assert model.config._experts_implementation == PhimoeForCausalLM(PhimoeConfig(**TINY)).config._experts_implementation
