@@ -36,6 +36,8 @@ class SlimMoeConfig(PhimoeConfig):
     ```"""
 
     model_type = "slimmoe"
+    # the generic MoE name TRL's fused LM head reads for the load-balancing loss
+    attribute_map = {"num_experts": "num_local_experts"}
 
     head_dim: int | None = None
 
