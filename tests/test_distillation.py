@@ -81,3 +81,167 @@ def test_topk_errors():
     ids, logprobs = teacher_topk(teacher_logits, 4)
     with pytest.raises(ValueError, match="vocabulary"):
         topk_kl_loss(h, w[:10], b[:10], ids, logprobs, mask)
+
+
+# ------------------------------------------------------------------------------------------ trainer and cache
+import copy  # noqa: E402
+
+from datasets import Dataset  # noqa: E402
+
+from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM  # noqa: E402
+from hf_slimmoe.distillation import (  # noqa: E402
+    DistillationCollator,
+    DistillationConfig,
+    DistillationTrainer,
+    cache_teacher_topk,
+)
+
+VOCAB = 96
+
+
+def _tiny_config(**overrides):
+    values = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, attention_bias=True,
+                  lm_head_bias=True, max_position_embeddings=64, router_jitter_noise=0.0, input_jitter_noise=0.0)
+    values.update(overrides)
+    return SlimMoeConfig(**values)
+
+
+def _teacher(seed=0):
+    torch.manual_seed(seed)
+    model = SlimMoeForCausalLM(_tiny_config())
+    with torch.no_grad():  # a peaked next-token distribution, so there is something to distill
+        model.lm_head.weight.mul_(40.0)
+    return model.eval()
+
+
+def _pruned_student(teacher):
+    from hf_slimmoe.pruning import SensitivityScores
+
+    student = copy.deepcopy(teacher)
+    cfg = teacher.config
+    g = torch.Generator().manual_seed(3)
+    scores = SensitivityScores(
+        experts=[torch.rand(cfg.num_local_experts, cfg.intermediate_size, generator=g)
+                 for _ in range(cfg.num_hidden_layers)],
+        kv_groups=[torch.rand(cfg.num_key_value_heads, generator=g) for _ in range(cfg.num_hidden_layers)],
+    )
+    return student.prune_to(cfg.slimmed(intermediate_size=16, num_key_value_heads=1), scores).train()
+
+
+def _token_dataset(num_rows=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, VOCAB, (int(torch.randint(6, 13, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(num_rows)]
+    return Dataset.from_dict({"input_ids": rows})
+
+
+def _args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
+                  report_to=[], save_strategy="no", use_cpu=True, learning_rate=3e-3, logging_steps=5,
+                  disable_tqdm=True)
+    values.update(overrides)
+    return DistillationConfig(**values)
+
+
+def test_cached_and_online_teacher_give_the_same_loss(tmp_path):
+    teacher = _teacher()
+    student = _pruned_student(teacher)
+    ds = _token_dataset(8)
+    cached = cache_teacher_topk(teacher, ds, top_k=8, batch_size=8)  # same padding as the online batch
+    assert cached.features["teacher_topk_ids"].feature.feature.dtype == "int32"
+    online = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path), train_dataset=ds)
+    offline = DistillationTrainer(model=student, teacher_model=None, args=_args(tmp_path), train_dataset=cached)
+    collator = DistillationCollator()
+    loss_online = online.compute_loss(student, collator([ds[i] for i in range(8)]))
+    loss_cached = offline.compute_loss(student, collator([cached[i] for i in range(8)]))
+    torch.testing.assert_close(loss_online, loss_cached, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_accumulation_matches_the_big_batch(tmp_path):
+    teacher = _teacher()
+    ds = cache_teacher_topk(teacher, _token_dataset(8), top_k=8)
+    params = []
+    for batch_size, accumulation in ((8, 1), (4, 2), (2, 4)):
+        student = _pruned_student(teacher)
+        args = _args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                     max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, aux_loss_coef=0.0,
+                     ce_weight=0.5, lr_scheduler_type="constant")
+        DistillationTrainer(model=student, args=args, train_dataset=ds).train()
+        params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    torch.testing.assert_close(params[1], params[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(params[2], params[0], atol=1e-5, rtol=1e-5)
+
+
+def test_distilling_a_pruned_student_lowers_held_out_kl(tmp_path):
+    teacher = _teacher()
+    student = _pruned_student(teacher)
+    train = cache_teacher_topk(teacher, _token_dataset(64, seed=1), top_k=8, batch_size=16)
+    held_out = cache_teacher_topk(teacher, _token_dataset(16, seed=2), top_k=8, batch_size=16)
+    args = _args(tmp_path, max_steps=40, per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=10)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=train, eval_dataset=held_out)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert {"eval_kl", "eval_top1_agreement", "eval_perplexity"} <= set(after)
+    assert after["eval_kl"] < 0.85 * before["eval_kl"]
+    assert after["eval_top1_agreement"] >= before["eval_top1_agreement"]
+    logged = [log for log in trainer.state.log_history if "kd_loss" in log]
+    assert logged and all("aux_loss" in log for log in logged)
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    teacher = _teacher()
+    student = _pruned_student(teacher)
+    ds = _token_dataset(6)
+    other_vocab = SlimMoeForCausalLM(_tiny_config(vocab_size=VOCAB + 4))
+    with pytest.raises(ValueError, match="vocabulary"):
+        DistillationTrainer(model=student, teacher_model=other_vocab, args=_args(tmp_path), train_dataset=ds)
+    with pytest.raises(ValueError, match="top_k=200"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, top_k=200), train_dataset=ds)
+    with pytest.raises(ValueError, match="no teacher top-k cache"):
+        DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=ds)
+    cached = cache_teacher_topk(teacher, ds, top_k=4)
+    with pytest.raises(ValueError, match="k=4"):
+        DistillationTrainer(model=student, args=_args(tmp_path, top_k=8), train_dataset=cached)
+    tampered = cached.map(lambda row, i: {"input_ids": row["input_ids"][::-1] if i == 2 else row["input_ids"]},
+                          with_indices=True)
+    with pytest.raises(ValueError, match="does not match its dataset"):
+        DistillationTrainer(model=student, args=_args(tmp_path, top_k=4), train_dataset=tampered)
+    with pytest.raises(ValueError, match="top_k"):
+        cache_teacher_topk(teacher, ds, top_k=VOCAB + 1)
+
+
+class _FlakyTeacher(torch.nn.Module):
+    """Counts forwards of the wrapped teacher's backbone and fails on the chosen call."""
+
+    def __init__(self, teacher, fail_on=None):
+        super().__init__()
+        self.inner, self.calls, self.fail_on = teacher, 0, fail_on
+        self.base_model_prefix = "model"
+
+    def model(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyboardInterrupt("interrupted")
+        return self.inner.model(**kwargs)
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+
+def test_teacher_cache_resumes_after_interruption(tmp_path):
+    teacher = _teacher()
+    ds = _token_dataset(12)
+    reference = cache_teacher_topk(teacher, ds, top_k=4, batch_size=2)
+    flaky = _FlakyTeacher(teacher, fail_on=5)  # shards of 4 rows = 2 batches: shards 0 and 1 are done
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher_topk(flaky, ds, top_k=4, batch_size=2, shard_size=4, output_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() and len(list((tmp_path / "cache.partial").iterdir())) == 2
+    resumed = _FlakyTeacher(teacher)
+    result = cache_teacher_topk(resumed, ds, top_k=4, batch_size=2, shard_size=4, output_dir=tmp_path / "cache")
+    assert resumed.calls == 2  # only the last shard was computed
+    assert result["teacher_topk_ids"] == reference["teacher_topk_ids"]
+    assert result["teacher_topk_fingerprint"] == reference["teacher_topk_fingerprint"]
+    again = cache_teacher_topk(resumed, ds, top_k=4, output_dir=tmp_path / "cache")  # reused, no teacher pass
+    assert resumed.calls == 2 and len(again) == len(ds)
