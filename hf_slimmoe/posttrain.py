@@ -1,0 +1,740 @@
+"""Post-training of a compressed SlimMoE model: SFT with top-k distillation, DPO and LoRA, on TRL and PEFT.
+
+- [`SFTDistillationTrainer`] is `trl.SFTTrainer` (chat templates, packing, completion-only / assistant-only loss,
+  every dataset format) whose loss mixes the usual cross-entropy with the top-k KD loss against an instruct teacher
+  (SlimMoE post-training: top-8 logits distillation from the post-trained teacher), either online or from a cached
+  top-k pass over the formatted SFT data.
+- DPO is `trl.DPOTrainer` unchanged (reference model handling as TRL does it); [`run_dpo`] wires it to a recipe.
+- LoRA is PEFT's `LoraConfig`, optionally on the fused expert parameters (`target_parameters`), trained with the SFT
+  trainer and merged back into a checkpoint that `from_pretrained` loads ([`run_sft`] with `use_lora=True`).
+
+Every output directory gets a `stage.json` (lineage: parent model, teacher, training numbers) and a generated card.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from datasets import Dataset, concatenate_datasets, load_dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.trainer_utils import get_last_checkpoint
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+
+from .distillation.losses import teacher_topk, topk_kl_loss
+
+logger = logging.getLogger(__name__)
+
+TEACHER_TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+BUILTIN_DOCSTRINGS = "builtin:stdlib-docstrings"
+_CACHE_META = "slimmoe_teacher_cache.json"
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+@dataclass
+class SFTDistillationConfig(SFTConfig):
+    r"""
+    Configuration for [`SFTDistillationTrainer`]: every field of `trl.SFTConfig` plus the distillation fields.
+
+    Parameters that control the teacher:
+        teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            Instruct teacher (Hub id or directory) loaded when the trainer gets no `teacher_model`. It must share the
+            student's vocabulary. `None` with no teacher top-k columns in the data means plain SFT (`ce_weight=1`).
+        teacher_cache_dir (`str` or `None`, *optional*, defaults to `None`):
+            Directory of a cached teacher top-k pass over the *formatted* (tokenized, masked, packed) training data.
+            If it holds a cache made for the same data, `top_k` and `temperature`, it is read and no teacher runs;
+            otherwise the teacher makes it once before training (then it is released).
+
+    Parameters that control the loss:
+        top_k (`int`, *optional*, defaults to `8`):
+            Teacher tokens kept per position (the paper's top-8 logits distillation).
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature of teacher and student in the KD term (no `T**2` factor).
+        ce_weight (`float`, *optional*, defaults to `0.0`):
+            Mixing weight: `loss = ce_weight * CE + (1 - ce_weight) * KD + router_aux_loss_coef * aux`. CE and KD
+            are both per-token means over the same tokens (the completion / assistant tokens TRL keeps in
+            `labels`). `0.0` is the paper's pure top-k KD; `1.0` is plain `SFTTrainer`.
+        renormalize_topk (`bool`, *optional*, defaults to `False`):
+            Renormalize the teacher's top-k probabilities to sum to 1 instead of keeping them relative to the full
+            vocabulary.
+        kd_chunk_size (`int`, *optional*, defaults to `1024`):
+            Tokens projected to the vocabulary at a time in the KD loss and the teacher top-k.
+
+    Defaults that differ from `SFTConfig`: `learning_rate=2e-6` and `weight_decay=1e-4` (paper, Appendix A.5).
+    """
+
+    learning_rate: float = field(default=2e-6, metadata={"help": "AdamW learning rate (paper: 2e-6 for SFT)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (paper: 1e-4 for SFT)."})
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Instruct teacher (Hub id or directory) sharing the student's vocabulary."}
+    )
+    teacher_cache_dir: str | None = field(
+        default=None, metadata={"help": "Directory of the cached teacher top-k pass over the formatted data."}
+    )
+    top_k: int = field(default=8, metadata={"help": "Teacher tokens kept per position."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD term."})
+    ce_weight: float = field(
+        default=0.0, metadata={"help": "loss = ce_weight * CE + (1 - ce_weight) * KD + aux; 1.0 is plain SFT."}
+    )
+    renormalize_topk: bool = field(default=False, metadata={"help": "Renormalize the teacher top-k to sum to 1."})
+    kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens projected to the vocabulary at a time."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ValueError(f"ce_weight={self.ce_weight} must be between 0 and 1.")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be at least 1.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be positive.")
+
+
+@dataclass
+class PostTrainArguments:
+    r"""
+    Model, data and LoRA arguments of `slimmoe sft | dpo | lora` (the trainer's own config holds the rest).
+
+    Parameters that control the model:
+        model_name_or_path (`str`):
+            Model to train (a compression stage, an SFT output, or a Hub id).
+        ref_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            DPO reference model; `None` lets TRL use a frozen copy of the model (or the adapter-free base with LoRA).
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            `torch_dtype` the models are loaded in (`"auto"`, `"bfloat16"`, `"float32"`, ...).
+        tiny_init (`bool`, *optional*, defaults to `False`):
+            CPU demo only: when `model_name_or_path` (and the teacher) do not exist, build tiny random SlimMoE models
+            there with a BPE tokenizer trained on this machine's Python standard library.
+
+    Parameters that control the data:
+        dataset_name (`str`):
+            Hub dataset id, a local `.json`/`.jsonl`/`.parquet` file, a `save_to_disk` directory, or
+            `builtin:stdlib-docstrings` (instruction / preference pairs built from the local Python standard library).
+        dataset_config (`str` or `None`, *optional*, defaults to `None`):
+            Dataset configuration name.
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Training split.
+        dataset_test_split (`str` or `None`, *optional*, defaults to `None`):
+            Evaluation split, if any.
+        max_train_samples (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the first examples of the training split.
+
+    Parameters that control LoRA (`slimmoe lora`, or `use_lora: true`):
+        use_lora (`bool`, *optional*, defaults to `False`):
+            Train LoRA adapters instead of all weights.
+        lora_r (`int`, *optional*, defaults to `16`), lora_alpha (`int`, *optional*, defaults to `32`),
+        lora_dropout (`float`, *optional*, defaults to `0.0`):
+            LoRA rank, scale numerator and dropout.
+        lora_target_modules (`list[str]`, *optional*, defaults to the attention projections):
+            `nn.Linear` modules that get adapters.
+        lora_target_experts (`bool`, *optional*, defaults to `False`):
+            Also adapt the fused expert parameters `mlp.experts.gate_up_proj` / `down_proj` (PEFT `target_parameters`).
+        merge_lora (`bool`, *optional*, defaults to `True`):
+            Save the merged model in `output_dir` (a complete checkpoint) and the adapter in `output_dir/adapter`.
+    """
+
+    model_name_or_path: str = field(metadata={"help": "Model to train (stage dir, SFT output or Hub id)."})
+    dataset_name: str = field(
+        default=BUILTIN_DOCSTRINGS, metadata={"help": f"Hub id, local file/dir, or {BUILTIN_DOCSTRINGS}."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Evaluation split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    ref_model_name_or_path: str | None = field(default=None, metadata={"help": "DPO reference model."})
+    dtype: str = field(default="auto", metadata={"help": "torch dtype the models are loaded in."})
+    tiny_init: bool = field(default=False, metadata={"help": "Build tiny random models when paths are missing."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "nn.Linear modules that get LoRA adapters."},
+    )
+    lora_target_experts: bool = field(
+        default=False, metadata={"help": "Also adapt mlp.experts.gate_up_proj / down_proj (target_parameters)."}
+    )
+    merge_lora: bool = field(default=True, metadata={"help": "Save the merged model; adapter in output_dir/adapter."})
+
+    def lora_config(self):
+        """The `peft.LoraConfig` these arguments describe, or `None` without `use_lora`."""
+        if not self.use_lora:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules),
+            target_parameters=list(EXPERT_PARAMETERS) if self.lora_target_experts else None,
+            task_type="CAUSAL_LM",
+        )
+
+
+# -------------------------------------------------------------------------------------------- teacher top-k
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder (the module whose output feeds `lm_head`) of a causal LM, through PEFT if present."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
+@torch.no_grad()
+def _topk_from_hidden(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher top-k ids/log-probs of `lm_head(hidden)`, `(..., k)` each, projecting `chunk_size` tokens at a time."""
+    flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
+    ids, logprobs = [], []
+    for start in range(0, flat.size(0), chunk_size):
+        chunk_ids, chunk_logprobs = teacher_topk(lm_head(flat[start : start + chunk_size]), top_k, temperature)
+        ids.append(chunk_ids)
+        logprobs.append(chunk_logprobs)
+    shape = (*hidden.shape[:-1], top_k)
+    return torch.cat(ids).view(shape), torch.cat(logprobs).view(shape)
+
+
+def _forward_hidden(model: torch.nn.Module, backbone: torch.nn.Module, **inputs) -> Any:
+    """Run `model(**inputs)` (through any accelerate wrapper) and return (outputs, the backbone's last hidden state)."""
+    captured: dict[str, torch.Tensor] = {}
+    handle = backbone.register_forward_hook(lambda module, args, output: captured.__setitem__("hidden", output[0]))
+    try:
+        outputs = model(**inputs)
+    finally:
+        handle.remove()
+    return outputs, captured["hidden"]
+
+
+def _check_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    student_vocab = student.get_output_embeddings().weight.size(0)
+    teacher_vocab = teacher.get_output_embeddings().weight.size(0)
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"The teacher's vocabulary ({teacher_vocab} tokens) does not match the student's ({student_vocab}): "
+            "top-k distillation needs teacher and student to share one tokenizer."
+        )
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+@dataclass
+class _TeacherTopkCollator:
+    """Wraps TRL's collator: pads the cached `teacher_topk_*` columns like `input_ids` (right, or flattened)."""
+
+    collator: Callable
+    padding_free: bool
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if TEACHER_TOPK_COLUMNS[0] not in examples[0]:
+            return self.collator(examples)
+        cached = [{name: torch.as_tensor(ex.pop(name)) for name in TEACHER_TOPK_COLUMNS} for ex in examples]
+        batch = self.collator(examples)
+        for name in TEACHER_TOPK_COLUMNS:
+            rows = [c[name] for c in cached]  # each (T_i, k)
+            if self.padding_free:
+                rows = [torch.cat(rows)]
+            length = batch["input_ids"].size(1)
+            out = rows[0].new_zeros((len(rows), length, rows[0].size(-1)))  # (B, T, k)
+            for i, row in enumerate(rows):
+                out[i, : row.size(0)] = row[:length]
+            batch[name] = out
+        return batch
+
+
+class SFTDistillationTrainer(SFTTrainer):
+    """
+    `trl.SFTTrainer` whose loss mixes cross-entropy with the top-k KD loss against an instruct teacher.
+
+    Everything `SFTTrainer` does (chat template, completion-only / assistant-only labels, packing, padding-free,
+    PEFT, the MoE load-balancing loss) is unchanged; only `compute_loss` differs:
+
+        loss = ce_weight * CE + (1 - ce_weight) * KD + router_aux_loss_coef * aux
+
+    CE and KD are sums over the tokens whose label is not `-100` (so only completion / assistant tokens count)
+    divided by the same token count (`num_items_in_batch` under gradient accumulation), so both scale like TRL's
+    loss. The student runs once, through the accelerate wrapper, with TRL's fused LM head (CE and metrics); its last
+    hidden state feeds the chunked [`topk_kl_loss`], so no `(tokens, vocab)` logits are built. The teacher (eval mode,
+    no grad, prepared like TRL's DPO reference model) runs on the same batch, or its top-k is read from the
+    `teacher_topk_ids` / `teacher_topk_logprobs` columns of a cached pass (`args.teacher_cache_dir`).
+
+    Args:
+        model: student (a model or a path), as for `SFTTrainer`.
+        teacher_model (`PreTrainedModel`, `str` or `None`): instruct teacher; defaults to
+            `args.teacher_model_name_or_path`.
+        args ([`SFTDistillationConfig`]): configuration.
+        **kwargs: every other `SFTTrainer` argument (`train_dataset`, `processing_class`, `peft_config`, ...).
+    """
+
+    _tag_names = ["trl", "sft", "slimmoe", "distillation"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        teacher_model: PreTrainedModel | str | None = None,
+        args: SFTDistillationConfig | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, SFTDistillationConfig):
+            raise ValueError("SFTDistillationTrainer needs `args=SFTDistillationConfig(...)`.")
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if isinstance(teacher_model, str):
+            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **(args.model_init_kwargs or {}))
+        super().__init__(model, args=args, **kwargs)
+        self.data_collator = _TeacherTopkCollator(self.data_collator, padding_free=bool(args.padding_free))
+        if teacher_model is not None:
+            _check_vocab(self.accelerator.unwrap_model(self.model), teacher_model)
+            teacher_model.eval().requires_grad_(False)
+        self.kd_enabled = args.ce_weight < 1.0
+        if self.kd_enabled and args.teacher_cache_dir is not None and self.train_dataset is not None:
+            self.train_dataset = self._attach_teacher_cache(self.train_dataset, teacher_model, args.teacher_cache_dir)
+            teacher_model = None  # the cache replaces the teacher
+        self.teacher_model = None
+        if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset):
+            raise ValueError(
+                "SFT distillation (ce_weight < 1) needs a teacher: pass `teacher_model`, set "
+                "`teacher_model_name_or_path`, or give a dataset with cached `teacher_topk_ids`/`teacher_topk_logprobs` "
+                "columns; set `ce_weight=1.0` for plain SFT."
+            )
+        if self.kd_enabled and teacher_model is not None:
+            if self.is_deepspeed_enabled:
+                self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            elif self.is_fsdp_enabled:
+                self.teacher_model = prepare_fsdp(teacher_model, self.accelerator)
+            else:
+                self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+
+    # --- data -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _has_cache(dataset) -> bool:
+        return dataset is not None and all(c in (dataset.column_names or []) for c in TEACHER_TOPK_COLUMNS)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # A dataset that already carries the teacher top-k is formatted already (the cache is taken after TRL's
+        # preparation): re-tokenizing, truncating or packing it would break its alignment with the cache.
+        if self._has_cache(dataset):
+            if "labels" not in dataset.column_names:
+                raise ValueError(f"The {dataset_name} dataset has teacher top-k columns but no `labels` column.")
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_TOPK_COLUMNS]))
+
+    def _attach_teacher_cache(self, dataset: Dataset, teacher: PreTrainedModel | None, cache_dir: str) -> Dataset:
+        """Read (or make, with the teacher) the top-k cache of the formatted dataset and add its columns."""
+        meta = {
+            "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+            "num_rows": len(dataset),
+            "top_k": self.args.top_k,
+            "temperature": self.args.temperature,
+        }
+        meta_path = os.path.join(cache_dir, _CACHE_META)
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                found = json.load(f)
+            if {k: found.get(k) for k in meta} != meta:
+                raise ValueError(
+                    f"The teacher cache in {cache_dir} was made for other data or settings ({found}) than this run "
+                    f"({meta}); delete it or point `teacher_cache_dir` elsewhere."
+                )
+            logger.info("Reading the teacher top-k cache from %s", cache_dir)
+        else:
+            if teacher is None:
+                raise ValueError(
+                    f"No teacher cache in {cache_dir} and no teacher to make one: set `teacher_model_name_or_path`."
+                )
+            if self.accelerator.is_main_process:
+                cache = cache_sft_teacher_topk(
+                    teacher, dataset, self.args.top_k, self.args.temperature,
+                    batch_size=self.args.per_device_eval_batch_size, chunk_size=self.args.kd_chunk_size,
+                    device=self.accelerator.device,
+                )
+                tmp = cache_dir.rstrip("/") + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                cache.save_to_disk(tmp)
+                with open(os.path.join(tmp, _CACHE_META), "w") as f:
+                    json.dump(meta, f, indent=2)
+                os.replace(tmp, cache_dir)
+            self.accelerator.wait_for_everyone()
+        cache = load_from_disk(cache_dir)
+        return concatenate_datasets([dataset, cache.select_columns(list(TEACHER_TOPK_COLUMNS))], axis=1)
+
+    # --- loss -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _online_teacher_topk(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "output_router_logits")}
+        unwrapped = self.accelerator.unwrap_model(self.teacher_model)
+        # `logits_to_keep=1`: the teacher's full logits are never built, its top-k is taken from its hidden states
+        _, hidden = _forward_hidden(self.teacher_model, _backbone(unwrapped), **teacher_inputs, logits_to_keep=1)
+        return _topk_from_hidden(
+            hidden[:, :-1], unwrapped.get_output_embeddings(), self.args.top_k, self.args.temperature,
+            self.args.kd_chunk_size,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.kd_enabled:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        cached = [inputs.pop(name, None) for name in TEACHER_TOPK_COLUMNS]
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        unwrapped = self.accelerator.unwrap_model(model)
+        outputs, hidden = _forward_hidden(model, _backbone(unwrapped), **inputs, fused_lm_head=True)
+        mask = outputs.label_mask  # (B, T-1): next-token label is not -100
+        if cached[0] is not None:
+            teacher_ids, teacher_logprobs = cached[0][:, :-1], cached[1][:, :-1]
+        else:
+            teacher_ids, teacher_logprobs = self._online_teacher_topk(inputs)
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        num_tokens = torch.as_tensor(num_tokens, device=hidden.device).clamp(min=1)
+        lm_head = unwrapped.get_output_embeddings() if not hasattr(unwrapped, "get_base_model") else (
+            unwrapped.get_base_model().get_output_embeddings()
+        )
+        kd_loss = topk_kl_loss(
+            hidden[:, :-1], lm_head.weight, lm_head.bias, teacher_ids, teacher_logprobs, mask,
+            temperature=self.args.temperature, renormalize=self.args.renormalize_topk,
+            chunk_size=self.args.kd_chunk_size, reduction="sum",
+        ) / num_tokens
+        ce_loss = -outputs.log_probs.sum() / num_tokens
+        loss = self.args.ce_weight * ce_loss + (1.0 - self.args.ce_weight) * kd_loss
+        # As in `SFTTrainer.compute_loss`: the token count covers all ranks and DDP averages the gradients
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        num_valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
+        for name, value in (("kd_loss", kd_loss), ("ce_loss", ce_loss)):
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
+        for name, per_token in (("entropy", outputs.entropy), ("mean_token_accuracy", outputs.is_top1)):
+            total = self.accelerator.gather_for_metrics(per_token.detach().float().sum()).sum()
+            self._metrics[mode][name].append((total / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train" and "attention_mask" in inputs:
+            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        elif mode == "train":
+            self._total_train_tokens += inputs["input_ids"].numel() * self.accelerator.num_processes
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
+        return loss
+
+
+@torch.no_grad()
+def cache_sft_teacher_topk(
+    teacher: PreTrainedModel,
+    dataset: Dataset,
+    top_k: int,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+) -> Dataset:
+    """
+    Teacher top-k over a *formatted* SFT dataset (`input_ids`, from [`SFTDistillationTrainer`]'s preparation).
+
+    Returns a dataset with, per row, `teacher_topk_ids` (int32) and `teacher_topk_logprobs` (float32), both of shape
+    `(len(input_ids), top_k)`: position `t` holds the teacher's distribution of token `t + 1`. Packed rows (a
+    `seq_lengths` column) are run one at a time with per-document `position_ids`, so documents do not see each other.
+    """
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    teacher = teacher.to(device).eval()
+    backbone, lm_head = _backbone(teacher), teacher.get_output_embeddings()
+    packed = "seq_lengths" in dataset.column_names
+    columns = ["input_ids", "seq_lengths"] if packed else ["input_ids"]
+
+    def run(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in TEACHER_TOPK_COLUMNS}
+        rows = batch["input_ids"]
+        if packed:
+            groups = [
+                dict(
+                    input_ids=torch.tensor([row], device=device),
+                    position_ids=torch.cat([torch.arange(n) for n in lengths])[None].to(device),
+                )
+                for row, lengths in zip(rows, batch["seq_lengths"])
+            ]
+        else:
+            width = max(len(r) for r in rows)
+            ids = torch.zeros((len(rows), width), dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)] = torch.tensor(row)
+                attention[i, : len(row)] = 1
+            groups = [dict(input_ids=ids.to(device), attention_mask=attention.to(device))]
+        hidden_rows = []
+        for group in groups:
+            _, hidden = _forward_hidden(teacher, backbone, **group, use_cache=False, logits_to_keep=1)
+            hidden_rows.extend(hidden)
+        for row, hidden in zip(rows, hidden_rows):
+            ids, logprobs = _topk_from_hidden(hidden[: len(row)], lm_head, top_k, temperature, chunk_size)
+            out["teacher_topk_ids"].append(ids.to(torch.int32).cpu().tolist())
+            out["teacher_topk_logprobs"].append(logprobs.cpu().tolist())
+        return out
+
+    fingerprint = getattr(dataset, "_fingerprint", "data")
+    return dataset.select_columns(columns).map(
+        run, batched=True, batch_size=batch_size, remove_columns=columns, desc="Teacher top-k",
+        new_fingerprint=f"slimmoe-teacher-topk-{fingerprint}-{top_k}-{temperature}",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ local data
+_DOCSTRING_MODULES = ("json", "textwrap", "string", "shlex", "fnmatch", "glob", "posixpath", "base64", "heapq",
+                      "bisect", "functools", "statistics", "random", "difflib", "csv", "tempfile")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ message['content'] }}<|end|>"
+    "{% endgeneration %}\n"
+    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _stdlib_docstrings(modules: tuple[str, ...] = _DOCSTRING_MODULES, max_chars: int = 240) -> list[tuple[str, str]]:
+    """(qualified name, first paragraph of the docstring) of the public functions of some stdlib modules, sorted."""
+    import importlib
+
+    pairs = []
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for name, obj in sorted(inspect.getmembers(module, inspect.isfunction)):
+            doc = inspect.getdoc(obj)
+            if name.startswith("_") or not doc or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            paragraph = " ".join(doc.split("\n\n")[0].split())[:max_chars]
+            if len(paragraph) >= 20:
+                pairs.append((f"{module_name}.{name}", paragraph))
+    return pairs
+
+
+def docstring_datasets(seed: int = 0) -> tuple[Dataset, Dataset]:
+    """
+    Offline instruction and preference data from this machine's Python standard library.
+
+    Returns `(sft, preference)`: conversational prompt-completion pairs "Write the docstring of the Python function
+    `module.name`." -> the docstring's first paragraph, and the same prompts with `chosen` the real docstring and
+    `rejected` the docstring of another function.
+    """
+    pairs = _stdlib_docstrings()
+    if len(pairs) < 2:
+        raise ValueError("Found fewer than two documented standard-library functions to build the local data from.")
+    rng = random.Random(seed)
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    prompts = [[{"role": "user", "content": f"Write the docstring of the Python function `{name}`."}]
+               for name, _ in pairs]
+    answers = [[{"role": "assistant", "content": doc}] for _, doc in pairs]
+    sft = Dataset.from_dict({"prompt": prompts, "completion": answers})
+    rejected = [answers[order[i]] if order[i] != i else answers[(i + 1) % len(pairs)] for i in range(len(pairs))]
+    preference = Dataset.from_dict({"prompt": prompts, "chosen": answers, "rejected": rejected})
+    return sft, preference
+
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on a few local standard-library sources, with a Phi-style chat template."""
+    import importlib
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    texts = [open(importlib.import_module(m).__file__, encoding="utf-8").read() for m in _DOCSTRING_MODULES[:6]]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|end|>", pad_token="<|pad|>", bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_chat_model(directory: str, tokenizer=None, seed: int = 0, **config_overrides) -> str:
+    """Save a tiny random SlimMoE model and a tiny tokenizer to `directory` (CPU demos and tests); returns it."""
+    from .configuration_slimmoe import SlimMoeConfig
+    from .modeling_slimmoe import SlimMoeForCausalLM
+
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    values = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    values.update(config_overrides)
+    torch.manual_seed(seed)
+    SlimMoeForCausalLM(SlimMoeConfig(**values)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_train_eval(args: PostTrainArguments, kind: str) -> tuple[Dataset, Dataset | None]:
+    """The training (and optional evaluation) split named by `args`; `kind` is `"sft"` or `"preference"`."""
+    if args.dataset_name == BUILTIN_DOCSTRINGS:
+        sft, preference = docstring_datasets()
+        data = (sft if kind == "sft" else preference).train_test_split(test_size=0.1, seed=0)
+        train, test = data["train"], data["test"] if args.dataset_test_split else None
+    else:
+        path = args.dataset_name
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
+            splits = {args.dataset_train_split: load_from_disk(path)}
+        elif os.path.isfile(path):
+            builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(
+                os.path.splitext(path)[1]
+            )
+            if builder is None:
+                raise ValueError(f"Cannot read {path}: use a .json, .jsonl, .parquet or .csv file.")
+            splits = load_dataset(builder, data_files={args.dataset_train_split: path})
+        else:
+            splits = load_dataset(path, args.dataset_config)
+        if args.dataset_train_split not in splits:
+            raise ValueError(f"{path} has no split {args.dataset_train_split!r}; it has {list(splits)}.")
+        train = splits[args.dataset_train_split]
+        test = splits[args.dataset_test_split] if args.dataset_test_split else None
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    return train, test
+
+
+# -------------------------------------------------------------------------------------------------- running
+def _load_model(path: str, args: PostTrainArguments) -> PreTrainedModel:
+    if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
+        raise FileNotFoundError(f"No model directory at {path}.")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def _maybe_tiny_init(args: PostTrainArguments, *paths: str | None) -> None:
+    if not args.tiny_init:
+        return
+    tokenizer = None
+    for seed, path in enumerate(p for p in paths if p):
+        if not os.path.exists(path):
+            tokenizer = tokenizer or build_tiny_tokenizer()
+            logger.info("tiny_init: building a tiny random SlimMoE model and tokenizer in %s", path)
+            build_tiny_chat_model(path, tokenizer, seed=seed)
+
+
+def _finish(output_dir: str, method: str, parent: str, teacher: str | None, trainer, args: PostTrainArguments,
+            training: dict[str, Any], hub: dict[str, Any] | None) -> None:
+    """Write stage.json and the model card into `output_dir`, and publish it when the recipe asks."""
+    state = trainer.state
+    eval_metrics = {k: v for k, v in (state.log_history[-1] if state.log_history else {}).items()
+                    if k.startswith("eval_") or k.startswith("train_")}
+    stage = {
+        "method": method,
+        "parent": parent,
+        "teacher": teacher,
+        "training": {"tokens": int(getattr(trainer, "_total_train_tokens", 0)), "steps": state.global_step,
+                     "learning_rate": trainer.args.learning_rate, **training},
+        "eval": eval_metrics,
+        "datasets": [args.dataset_name],
+        "license": "mit",
+    }
+    with open(os.path.join(output_dir, "stage.json"), "w") as f:
+        json.dump(stage, f, indent=2)
+    try:
+        from .hub import HubSettings, publish_stage, write_model_card
+    except ImportError as e:  # hub.py is a sibling module being written in parallel
+        logger.warning("No model card written for %s: hf_slimmoe.hub is not available (%s).", output_dir, e)
+        return
+    write_model_card(output_dir)
+    if hub:
+        publish_stage(output_dir, HubSettings(**hub))
+
+
+def _resume(config) -> str | None:
+    if config.resume_from_checkpoint:
+        return config.resume_from_checkpoint
+    return get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+
+
+def run_sft(args: PostTrainArguments, config: SFTDistillationConfig, hub: dict[str, Any] | None = None) -> str:
+    """SFT with top-k KD (and LoRA when `args.use_lora`): train, save a complete model to `config.output_dir`."""
+    _maybe_tiny_init(args, args.model_name_or_path, config.teacher_model_name_or_path)
+    train, test = load_train_eval(args, "sft")
+    model = _load_model(args.model_name_or_path, args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    teacher = None
+    if config.teacher_model_name_or_path and config.ce_weight < 1.0:
+        teacher = _load_model(config.teacher_model_name_or_path, args)
+    trainer = SFTDistillationTrainer(
+        model=model, teacher_model=teacher, args=config, train_dataset=train, eval_dataset=test,
+        processing_class=tokenizer, peft_config=args.lora_config(),
+    )
+    trainer.train(resume_from_checkpoint=_resume(config))
+    if test is not None:
+        trainer.evaluate()
+    method = "lora" if args.use_lora else "sft"
+    training = {"top_k": config.top_k, "temperature": config.temperature, "ce_weight": config.ce_weight}
+    if args.use_lora:
+        training.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_target_modules=args.lora_target_modules,
+                        lora_target_experts=args.lora_target_experts)
+        save_lora(trainer.model, config.output_dir, tokenizer, merge=args.merge_lora)
+    else:
+        trainer.save_model(config.output_dir)
+    if trainer.accelerator.is_main_process:
+        _finish(config.output_dir, method, args.model_name_or_path, config.teacher_model_name_or_path, trainer, args,
+                training, hub)
+    return config.output_dir
+
+
+def save_lora(model, output_dir: str, tokenizer=None, merge: bool = True) -> str:
+    """
+    Save a PEFT model's adapter to `output_dir/adapter` and, with `merge`, the merged model to `output_dir`.
+
+    The merged directory is a complete checkpoint (`from_pretrained` gives the model with the adapter folded in,
+    expert parameters included); `PeftModel.from_pretrained(base, output_dir + "/adapter")` gives the adapter model.
+    """
+    adapter_dir = os.path.join(output_dir, "adapter")
+    model.save_pretrained(adapter_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(adapter_dir)
+    if merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(output_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def run_dpo(args: PostTrainArguments, config: DPOConfig, hub: dict[str, Any] | None = None) -> str:
+    """DPO with `trl.DPOTrainer` on the SFT model; the reference model is handled as TRL does it."""
+    _maybe_tiny_init(args, args.model_name_or_path)
+    train, test = load_train_eval(args, "preference")
+    model = _load_model(args.model_name_or_path, args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    ref_model = _load_model(args.ref_model_name_or_path, args) if args.ref_model_name_or_path else None
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=config, train_dataset=train, eval_dataset=test,
+        processing_class=tokenizer, peft_config=args.lora_config(),
+    )
+    trainer.train(resume_from_checkpoint=_resume(config))
+    if test is not None:
+        trainer.evaluate()
+    if args.use_lora:
+        save_lora(trainer.model, config.output_dir, tokenizer, merge=args.merge_lora)
+    else:
+        trainer.save_model(config.output_dir)
+    if trainer.accelerator.is_main_process:
+        training = {"beta": config.beta, "loss_type": list(config.loss_type)}
+        _finish(config.output_dir, "dpo", args.model_name_or_path, None, trainer, args, training, hub)
+    return config.output_dir
