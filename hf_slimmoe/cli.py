@@ -270,12 +270,109 @@ def _run_prune(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- cache-teacher
+def _add_cache_teacher(subparsers) -> None:
+    p = subparsers.add_parser(
+        "cache-teacher",
+        help="run the teacher once over a dataset and store its top-k ids/log-probs per token (resumable)",
+        description="Run the teacher once over DATA and save DATA plus the columns teacher_topk_ids (int32), "
+        "teacher_topk_logprobs (log-probs relative to the full vocabulary) and teacher_topk_fingerprint (a digest "
+        "of each row's input_ids) to OUTPUT with `datasets.save_to_disk`. Every distillation stage then trains "
+        "without a teacher forward. Interrupted runs continue from OUTPUT.partial/ when re-run. DATA: a "
+        "save_to_disk directory with input_ids (or a text column), or a .jsonl/.txt file tokenized with the "
+        "teacher's tokenizer.",
+    )
+    p.add_argument("teacher", help="teacher checkpoint directory (PhiMoE or SlimMoE)")
+    p.add_argument("data", help="dataset directory or .jsonl/.txt file")
+    p.add_argument("output", help="directory to write the cached dataset to")
+    p.add_argument("--top-k", type=int, default=8, help="teacher tokens kept per position (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward (default: 8)")
+    p.add_argument("--shard-size", type=int, default=512, help="rows per resumable shard (default: 512)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens kept per example of text data")
+    p.add_argument("--text-column", default="text", help="text field of .jsonl files / text datasets")
+    p.add_argument("--tokenizer", help="tokenizer directory for text data (default: the teacher directory)")
+    p.add_argument("--device", help="device of the teacher (default: cuda if available, else cpu)")
+
+
+def _run_cache_teacher(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .distillation import cache_teacher_topk
+    from .distillation.run import _maybe_tokenizer, load_token_dataset
+
+    tokenizer = _maybe_tokenizer(args.tokenizer or args.teacher)
+    dataset = load_token_dataset(args.data, tokenizer, args.text_column, args.max_length)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher).to(device)
+    pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
+    cached = cache_teacher_topk(teacher, dataset, top_k=args.top_k, batch_size=args.batch_size,
+                                output_dir=args.output, shard_size=args.shard_size, pad_token_id=pad_token_id)
+    print(f"cached teacher top-{args.top_k} for {len(cached)} rows -> {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- distill
+def _distill_dataclasses():
+    from .distillation import DistillationConfig
+    from .distillation.run import DistillScriptArguments
+
+    return DistillScriptArguments, DistillationConfig
+
+
+def _add_distill(subparsers) -> None:
+    from transformers import HfArgumentParser
+
+    p = subparsers.add_parser(
+        "distill",
+        help="distill a student checkpoint from a teacher (online or cached) with top-k KD + MoE aux loss",
+        description="Distill --student on --dataset with top-k KD from the teacher (--teacher_model_name_or_path, "
+        "or the teacher cache columns of `slimmoe cache-teacher` in the dataset) plus the MoE load-balancing "
+        "loss, and save the result to --output_dir. Every field of DistillationConfig (transformers' "
+        "TrainingArguments plus top_k, temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size) is a "
+        "flag; --config FILE.yaml sets any of them, and flags given on the command line override the file. "
+        "Runs unchanged under `torchrun` / `accelerate launch`.",
+    )
+    p.add_argument("--config", help="YAML file of flag values (keys are the flag names without --)")
+    for action in HfArgumentParser(_distill_dataclasses())._actions:
+        if action.dest in ("help", "log_level"):  # -h is the sub-parser's; --log-level is every command's
+            continue
+        action.default = argparse.SUPPRESS  # only flags given on the command line override the YAML file
+        action.required = False
+        p._add_action(action)
+
+
+def _run_distill(args) -> int:
+    import yaml
+    from transformers import HfArgumentParser
+
+    values = {}
+    if args.config is not None:
+        if not os.path.isfile(args.config):
+            raise FileNotFoundError(f"No config file at {args.config}.")
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config} must hold a mapping of flag names to values.")
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")})
+    from .distillation.run import run_distill
+
+    script_args, config = HfArgumentParser(_distill_dataclasses()).parse_dict(values)
+    metrics = run_distill(script_args, config)
+    if metrics and config.process_index == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "info": (_add_info, _run_info),
     "export": (_add_export, _run_export),
     "score": (_add_score, _run_score),
     "prune": (_add_prune, _run_prune),
+    "cache-teacher": (_add_cache_teacher, _run_cache_teacher),
+    "distill": (_add_distill, _run_distill),
 }
 
 

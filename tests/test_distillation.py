@@ -245,3 +245,47 @@ def test_teacher_cache_resumes_after_interruption(tmp_path):
     assert result["teacher_topk_fingerprint"] == reference["teacher_topk_fingerprint"]
     again = cache_teacher_topk(resumed, ds, top_k=4, output_dir=tmp_path / "cache")  # reused, no teacher pass
     assert resumed.calls == 2 and len(again) == len(ds)
+
+
+# ------------------------------------------------------------------------------------------ command line
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from hf_slimmoe.cli import main as slimmoe_main  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cache_teacher_and_distill_commands_under_torchrun(tmp_path):
+    teacher = _teacher()
+    teacher.save_pretrained(tmp_path / "teacher")
+    _pruned_student(teacher).save_pretrained(tmp_path / "student")
+    _token_dataset(32, seed=1).save_to_disk(str(tmp_path / "train"))
+    _token_dataset(8, seed=2).save_to_disk(str(tmp_path / "held_out"))
+    for split in ("train", "held_out"):
+        assert slimmoe_main(["cache-teacher", str(tmp_path / "teacher"), str(tmp_path / split),
+                             str(tmp_path / f"{split}_cache"), "--top-k", "8", "--shard-size", "16"]) == 0
+    (tmp_path / "distill.yaml").write_text(
+        f"student: {tmp_path / 'student'}\ndataset: {tmp_path / 'train_cache'}\n"
+        f"eval_dataset: {tmp_path / 'held_out_cache'}\noutput_dir: {tmp_path / 'distilled'}\n"
+        "max_steps: 100\nper_device_train_batch_size: 4\nlearning_rate: 0.001\nuse_cpu: true\nreport_to: none\n"
+        "save_strategy: steps\nsave_steps: 3\nlogging_steps: 1\ndisable_tqdm: true\naux_loss_coef: 0.01\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "hf_slimmoe.cli", "distill", "--config", str(tmp_path / "distill.yaml"),
+               "--max_steps", "3"]  # the flag overrides the YAML's max_steps
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "distilled" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["max_steps"] == 3
+    assert any("kd_loss" in log and "aux_loss" in log for log in state["log_history"])
+    assert (tmp_path / "distilled" / "model.safetensors").exists()
+    assert '"eval_kl"' in result.stdout and '"eval_top1_agreement"' in result.stdout
