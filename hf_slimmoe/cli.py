@@ -365,6 +365,77 @@ def _run_distill(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- card
+def _add_card(subparsers) -> None:
+    p = subparsers.add_parser(
+        "card",
+        help="(re)generate the model card README.md and trajectory.png of a saved model directory",
+        description="Write README.md (model card: metadata, architecture against the teacher, lineage, training, "
+        "evaluation, usage, citation) and trajectory.png into STAGE_DIR from its stage.json, trajectory.json and "
+        "config.json, without training. Works on stage-N/ directories and on SFT / DPO / LoRA outputs.",
+    )
+    p.add_argument("stage_dir", help="a saved model directory holding stage.json (e.g. OUTPUT_DIR/stage-2)")
+    p.add_argument("--repo-id", default=None, help="Hub id to show in the usage snippets (default: the directory)")
+    p.add_argument("--template", default=None, help="a Jinja card template (default: the packaged one)")
+
+
+def _run_card(args) -> int:
+    from .hub import write_model_card
+
+    path = write_model_card(args.stage_dir, repo_id=args.repo_id, template_path=args.template)
+    print(path)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- push
+def _add_push(subparsers) -> None:
+    p = subparsers.add_parser(
+        "push",
+        help="publish the complete stages of an output directory to the Hub (what is missing or changed)",
+        description="Push every complete OUTPUT_DIR/stage-N/ to the Hub as the `hub:` section of OUTPUT_DIR/recipe.yaml "
+        "says (repo per stage or branch per stage, private or public), regenerating each card with its Hub id. "
+        "Unchanged stages make no new commit, so re-running after a failed push publishes only what is missing. "
+        "The token comes from HF_TOKEN or `hf auth login`; the endpoint from HF_ENDPOINT. Exit status 1 if any "
+        "push failed.",
+    )
+    p.add_argument("output_dir", help="output directory of `slimmoe compress` (holds recipe.yaml and stage-N/)")
+    p.add_argument("--stage", type=int, default=None, help="push only this stage")
+    p.add_argument("--repo-id", default=None, help="override hub.repo_id of the recipe")
+    p.add_argument("--layout", choices=["repo-per-stage", "branch-per-stage"], default=None,
+                   help="override hub.layout of the recipe")
+    p.add_argument("--private", action="store_true", default=None, help="create the repositories private")
+
+
+def _run_push(args) -> int:
+    import dataclasses
+
+    from .hub import HubSettings, is_complete_stage, publish_stage, read_hub_settings, stage_dirs
+
+    settings = read_hub_settings(args.output_dir)
+    overrides = {k: v for k, v in (("repo_id", args.repo_id), ("layout", args.layout), ("private", args.private))
+                 if v is not None}
+    settings = HubSettings(**{**dataclasses.asdict(settings), **overrides})
+    if not settings.repo_id:
+        raise ValueError(f"No hub.repo_id in {os.path.join(args.output_dir, 'recipe.yaml')}: set it there or pass "
+                         "--repo-id, e.g. '{user}/phi-tiny-moe-stage{stage}'.")
+    dirs = stage_dirs(args.output_dir)
+    if args.stage is not None:
+        dirs = [d for d in dirs if d.name == f"stage-{args.stage}"]
+        if not dirs:
+            raise FileNotFoundError(f"No stage-{args.stage}/ in {args.output_dir}.")
+    pushed, skipped, failed = [], [], []
+    for stage_dir in dirs:
+        if not is_complete_stage(stage_dir):
+            skipped.append(stage_dir.name)
+            logger.info("Skipping %s: not a complete stage (no stage.json, config.json or weights yet).", stage_dir)
+            continue
+        (pushed if publish_stage(stage_dir, settings) else failed).append(stage_dir.name)
+    print(f"pushed (or already up to date): {', '.join(pushed) or 'none'}")
+    print(f"skipped (incomplete): {', '.join(skipped) or 'none'}")
+    print(f"failed: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
 # ----------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "info": (_add_info, _run_info),
@@ -373,6 +444,8 @@ COMMANDS = {
     "prune": (_add_prune, _run_prune),
     "cache-teacher": (_add_cache_teacher, _run_cache_teacher),
     "distill": (_add_distill, _run_distill),
+    "card": (_add_card, _run_card),
+    "push": (_add_push, _run_push),
 }
 
 

@@ -154,19 +154,22 @@ def _make_handler(hub: LocalHub):
                        {"X-Error-Message": message})
 
         def _authorized(self) -> bool:
-            return self.headers.get("Authorization") == f"Bearer {hub.token}"
+            return self.headers.get("Authorization") == f"Bearer {hub.token}"  # case-insensitive lookup
 
         def _handle(self, method: str):
             url = urlparse(self.path)
             path, query = unquote(url.path), parse_qs(url.query)
             body = self._body()
-            hub.requests.append({"method": method, "path": self.path, "headers": dict(self.headers), "body": body})
+            hub.requests.append({"method": method, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                 "body": body})
             if hub.fail_with is not None:
                 return self._error(hub.fail_with, "Internal Error - We're working hard to fix this as soon as possible!")
             if path.startswith("/lfs/"):  # pre-signed storage URLs: no auth header, like S3
                 return self._lfs_object(method, path, body)
             if method == "GET" and path == "/api/agent-harnesses":  # the client's user-agent registry, public
                 return self._send(200, {"standardEnvVars": [], "harnesses": {}})
+            if method == "POST" and path == "/api/validate-yaml":  # public, like on the Hub
+                return self._validate_yaml(json.loads(body))
             if not self._authorized():
                 return self._error(401, "Invalid credentials in Authorization header")
             with hub._lock:
@@ -188,8 +191,6 @@ def _make_handler(hub: LocalHub):
                                         "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
             if method == "POST" and path == "/api/repos/create":
                 return self._create_repo(json.loads(body))
-            if method == "POST" and path == "/api/validate-yaml":
-                return self._validate_yaml(json.loads(body))
             m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
             if m and method == "POST":
                 return self._lfs_batch(m.group(1), json.loads(body))
