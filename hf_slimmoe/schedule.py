@@ -15,6 +15,7 @@ Table 7 sizes are pinned in `recipes/phi-*.yaml`); `pinned_stages` builds and ch
 >>> target = teacher.slimmed(intermediate_size=448, num_key_value_heads=4)  # Phi-tiny-MoE, 3.8B
 >>> [(c.intermediate_size, c.num_key_value_heads) for c in plan_stages(teacher, target, num_stages=3)]
 [(2624, 6), (1088, 5), (448, 4)]
+
 ```
 """
 
