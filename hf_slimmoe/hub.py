@@ -224,7 +224,7 @@ def _training_rows(training: dict) -> list[tuple[str, str]]:
         rows.append(("early stopping", f"stopped at step {_fmt(stopped)}" if training["early_stopped"]
                      else "not triggered (ran all planned steps)"))
     for key, value in training.items():  # anything else the writer recorded is shown as is
-        if key not in {k for k, _ in labels} | {"early_stopped", "stopped_at_step"}:
+        if key not in {k for k, _ in labels} | {"early_stopped", "stopped_at_step"} and value is not None:
             rows.append((key.replace("_", " "), _fmt(value)))
     return rows
 
@@ -322,8 +322,9 @@ def write_model_card(
     stage, num_stages = info.get("stage"), info.get("num_stages")
     method = info.get("method") or "multi-stage"
     is_stage = stage is not None
-    teacher = info.get("teacher") or "unknown teacher"
     parent = parent_repo_id or info.get("parent")
+    # Post-training without a teacher (DPO) descends from its parent only.
+    teacher = info.get("teacher") or (parent if not is_stage else None) or "unknown"
     datasets = [d for d in (info.get("datasets") or []) if d]
     license_ = info.get("license")
     training = info.get("training") or {}
@@ -350,7 +351,7 @@ def write_model_card(
     evaluation_rows = []
     dataset_type = datasets[0] if datasets else "held-out"
     for key, label, metric_type in _EVAL_METRICS:
-        value = evaluation.get(key)
+        value = evaluation.get(key, evaluation.get(f"eval_{key}"))
         if value is None:
             continue
         evaluation_rows.append((label, _fmt(value)))
@@ -358,6 +359,10 @@ def write_model_card(
                                        dataset_name=f"{dataset_type} (held-out evaluation split)",
                                        dataset_split="eval", metric_type=metric_type, metric_name=label,
                                        metric_value=float(value)))
+    known = {k for k, _, _ in _EVAL_METRICS} | {f"eval_{k}" for k, _, _ in _EVAL_METRICS}
+    for key, value in sorted(evaluation.items()):  # other recorded metrics (eval_loss, ...) in the table only
+        if key not in known and isinstance(value, (int, float)) and not isinstance(value, bool):
+            evaluation_rows.append((key.replace("_", " "), _fmt(value)))
 
     tags = ["slimmoe", "moe", "mixture-of-experts", "pruning", "distillation", "phimoe", f"arxiv:{PAPER_ID}"]
     if not is_stage:
@@ -444,9 +449,11 @@ def _unchanged(path: Path, sibling) -> bool:
 
 
 def is_complete_stage(stage_dir: str | os.PathLike) -> bool:
-    """A saved model directory holds `stage.json`, `config.json` and at least one `*.safetensors` weights file."""
+    """A saved model directory holds `stage.json`, a `config.json` (or a LoRA `adapter_config.json`) and at least one
+    `*.safetensors` weights file."""
     stage_dir = Path(stage_dir)
-    return (stage_dir / "stage.json").is_file() and (stage_dir / "config.json").is_file() and any(
+    has_config = (stage_dir / "config.json").is_file() or (stage_dir / "adapter_config.json").is_file()
+    return stage_dir.is_dir() and (stage_dir / "stage.json").is_file() and has_config and any(
         p.suffix == ".safetensors" and p.name != "scores.safetensors" for p in stage_dir.iterdir())
 
 
@@ -490,8 +497,9 @@ def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: st
 
     stage_dir = Path(stage_dir)
     if not is_complete_stage(stage_dir):
-        raise ValueError(f"{stage_dir} is not a complete saved model (stage.json, config.json and a *.safetensors "
-                         "weights file are required); finish or re-run the stage before pushing it.")
+        raise ValueError(f"{stage_dir} is not a complete saved model (stage.json, config.json or adapter_config.json, "
+                         "and a *.safetensors weights file are required); finish or re-run the stage before pushing "
+                         "it.")
     if not settings.repo_id:
         raise ValueError("hub.repo_id is not set: set it in the recipe's hub section, e.g. "
                          "'{user}/phi-tiny-moe-stage{stage}'.")

@@ -134,18 +134,24 @@ def test_card_metadata_sections_and_plot(output_dir, hub):
     assert "stopped at step 10" in ModelCard.load(write_model_card(output_dir / "stage-1")).text
 
 
-def test_card_for_post_training_output_without_stage_keys(output_dir):
-    sft_dir = output_dir / "sft"
-    shutil.copytree(output_dir / "stage-2", sft_dir)
-    (sft_dir / "trajectory.json").unlink()
-    (sft_dir / "trajectory.png").unlink(missing_ok=True)
-    (sft_dir / "stage.json").write_text(json.dumps({"method": "sft", "parent": "tester/tiny-moe-stage2",
-                                                     "teacher": TEACHER, "license": None}))
-    card = ModelCard.load(write_model_card(sft_dir))
-    assert "sft" in card.data.tags and card.data.eval_results is None
+def test_card_and_push_for_post_training_output_without_stage_keys(output_dir, hub):
+    dpo_dir = output_dir / "dpo"
+    shutil.copytree(output_dir / "stage-2", dpo_dir)
+    (dpo_dir / "trajectory.json").unlink()
+    (dpo_dir / "trajectory.png").unlink(missing_ok=True)
+    (dpo_dir / "stage.json").write_text(json.dumps({"method": "dpo", "parent": "tester/tiny-moe-stage2",
+                                                     "teacher": None, "license": None,
+                                                     "eval": {"eval_loss": 0.69}}))
+    card = ModelCard.load(write_model_card(dpo_dir))
+    assert "dpo" in card.data.tags and card.data.eval_results is None
+    assert card.data.base_model == "tester/tiny-moe-stage2"  # no teacher: descends from its parent
     assert "[tester/tiny-moe-stage2](https://huggingface.co/tester/tiny-moe-stage2)" in card.text
+    assert "| eval loss | 0.69 |" in card.text
     assert "## Training" not in card.text and "## Compression trajectory" not in card.text
-    assert not (sft_dir / "trajectory.png").exists()
+    assert not (dpo_dir / "trajectory.png").exists()
+    # published like a stage, with the method in place of the stage number
+    assert publish_stage(dpo_dir, HubSettings(push_to_hub=True, repo_id="{user}/tiny-slimmoe-{stage}")) is True
+    assert hub.commits("tester/tiny-slimmoe-dpo")[0].title.startswith("SlimMoE dpo")
 
 
 def test_card_command_regenerates_without_training(output_dir, capsys):
