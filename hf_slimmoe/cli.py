@@ -436,6 +436,87 @@ def _run_push(args) -> int:
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------------------------------- plan
+def _add_plan(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="print the stage table of a recipe, or of a teacher config and a target (nothing is downloaded)",
+        description="Print the multi-stage plan: per stage d_expert, heads q/kv, total and active parameters, % of "
+        "the teacher, and the training budget. With RECIPE.yaml the numbers come from the recipe (teacher.architecture "
+        "or teacher.build); otherwise give --teacher (a checkpoint directory or config.json) and the target sizes.",
+    )
+    p.add_argument("recipe", nargs="?", help="a compression recipe YAML (e.g. recipes/phi-tiny-moe.yaml)")
+    p.add_argument("--teacher", help="checkpoint directory or config.json of the model to compress (without RECIPE)")
+    p.add_argument("--intermediate-size", type=int, help="target expert width d_expert (without RECIPE)")
+    p.add_argument("--num-key-value-heads", type=int, help="target number of GQA groups (without RECIPE)")
+    p.add_argument("--num-stages", type=int, default=2, help="number of stages T (without RECIPE; default 2)")
+    p.add_argument("--expert-multiple", type=int, default=64,
+                   help="round intermediate expert widths to a multiple of this (without RECIPE; default 64)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def _run_plan(args) -> int:
+    from .configuration_slimmoe import SlimMoeConfig
+    from .schedule import format_plan, plan_rows, plan_stages
+
+    if args.recipe:
+        from .pipeline import plan_text
+        from .recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        if args.json:
+            teacher = recipe.teacher_config()
+            print(json.dumps(plan_rows(teacher, recipe.stage_configs(teacher)), indent=2))
+        else:
+            print(plan_text(recipe))
+        return 0
+    if not args.teacher:
+        raise ValueError("give RECIPE.yaml, or --teacher with --intermediate-size and/or --num-key-value-heads.")
+    info = describe(args.teacher)
+    config_file = os.path.join(args.teacher, "config.json") if os.path.isdir(args.teacher) else args.teacher
+    with open(config_file) as f:
+        values = {k: v for k, v in json.load(f).items() if k not in ("model_type", "transformers_version",
+                                                                      "architectures", "auto_map")}
+    values["head_dim"] = info["head_dim"]
+    teacher = SlimMoeConfig(**values)
+    target = teacher.slimmed(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads)
+    stages = plan_stages(teacher, target, args.num_stages, expert_multiple=args.expert_multiple)
+    print(json.dumps(plan_rows(teacher, stages), indent=2) if args.json else format_plan(teacher, stages))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- compress
+def _add_compress(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compress",
+        help="run a compression recipe: score -> prune -> distill -> save -> card -> push, stage by stage",
+        description="Run a SlimMoE compression recipe (see recipes/). Every finished stage is saved to "
+        "OUTPUT_DIR/stage-i/ as a Hub-ready model; re-running the same command after an interruption continues from "
+        "the last finished stage and the latest checkpoint of the running one. Under `accelerate launch` it trains "
+        "on all processes.",
+    )
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything (files, sizes, vocabulary, training arguments) and print the plan; no compute")
+    p.add_argument("--output-dir", help="override the recipe's output_dir")
+
+
+def _run_compress(args) -> int:
+    from .pipeline import compress, plan_text
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    output_dir = compress(recipe, dry_run=args.dry_run)
+    if args.dry_run:
+        print(plan_text(recipe))
+        print(f"{args.recipe}: OK (dry run; nothing computed). Output would go to {output_dir}")
+    else:
+        print(f"Compressed model stages are in {output_dir}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "info": (_add_info, _run_info),
@@ -446,6 +527,8 @@ COMMANDS = {
     "distill": (_add_distill, _run_distill),
     "card": (_add_card, _run_card),
     "push": (_add_push, _run_push),
+    "plan": (_add_plan, _run_plan),
+    "compress": (_add_compress, _run_compress),
 }
 
 
