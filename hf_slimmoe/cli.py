@@ -392,8 +392,8 @@ def _add_push(subparsers) -> None:
     p = subparsers.add_parser(
         "push",
         help="publish the complete stages of an output directory to the Hub (what is missing or changed)",
-        description="Push every complete OUTPUT_DIR/stage-N/ to the Hub as the `hub:` section of OUTPUT_DIR/recipe.yaml "
-        "says (repo per stage or branch per stage, private or public), regenerating each card with its Hub id. "
+        description="Push every complete OUTPUT_DIR/stage-N/ to the Hub as the `hub:` section of "
+        "OUTPUT_DIR/recipe.yaml says (repo per stage or branch per stage, private or public), regenerating each card with its Hub id. "
         "Unchanged stages make no new commit, so re-running after a failed push publishes only what is missing. "
         "The token comes from HF_TOKEN or `hf auth login`; the endpoint from HF_ENDPOINT. Exit status 1 if any "
         "push failed.",

@@ -80,9 +80,10 @@ class HubSettings:
         if self.repo_id is not None:
             fields = _template_fields(self.repo_id, "hub.repo_id")
             if self.layout == "repo-per-stage" and "stage" not in fields:
-                raise ValueError(f"hub.repo_id {self.repo_id!r} has no '{{stage}}' but hub.layout is 'repo-per-stage', "
-                                 "so every stage would overwrite the same repository: add '{stage}' to hub.repo_id "
-                                 "(e.g. '{user}/my-model-stage{stage}') or set hub.layout to 'branch-per-stage'.")
+                raise ValueError(f"hub.repo_id {self.repo_id!r} has no '{{stage}}' but hub.layout is "
+                                 "'repo-per-stage', so every stage would overwrite the same repository: add "
+                                 "'{stage}' to hub.repo_id (e.g. '{user}/my-model-stage{stage}') or set hub.layout "
+                                 "to 'branch-per-stage'.")
         branch_fields = _template_fields(self.branch, "hub.branch")
         if self.layout == "branch-per-stage" and "stage" not in branch_fields:
             raise ValueError(f"hub.branch {self.branch!r} has no '{{stage}}': every stage would go to the same "
@@ -531,7 +532,8 @@ def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: st
         title, description = _commit_message(info, _config_summary(_read_json(stage_dir / "config.json")), names)
         commit = api.create_commit(
             repo_id,
-            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in zip(names, changed)],
+            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p))
+                        for name, p in zip(names, changed)],
             commit_message=title,
             commit_description=description,
             revision=branch,

@@ -160,10 +160,11 @@ def _make_handler(hub: LocalHub):
             url = urlparse(self.path)
             path, query = unquote(url.path), parse_qs(url.query)
             body = self._body()
-            hub.requests.append({"method": method, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            hub.requests.append({"method": method, "path": self.path, "headers": headers,
                                  "body": body})
             if hub.fail_with is not None:
-                return self._error(hub.fail_with, "Internal Error - We're working hard to fix this as soon as possible!")
+                return self._error(hub.fail_with, "Internal Error - We're working hard to fix this!")
             if path.startswith("/lfs/"):  # pre-signed storage URLs: no auth header, like S3
                 return self._lfs_object(method, path, body)
             if method == "GET" and path == "/api/agent-harnesses":  # the client's user-agent registry, public
@@ -205,7 +206,7 @@ def _make_handler(hub: LocalHub):
                 if rev not in repo.branches:
                     return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
                 if method == "GET" and action in (None, "revision"):
-                    return self._info(repo, rev, blobs=query.get("blobs") == ["true"] or query.get("blobs") == ["True"])
+                    return self._info(repo, rev, blobs=query.get("blobs", [""])[0].lower() == "true")
                 if method == "GET" and action == "commits":
                     return self._send(200, [{"id": c.oid, "title": c.title, "message": c.description,
                                              "authors": [{"user": hub.user}], "date": "2026-11-24T00:00:00.000Z"}
@@ -232,7 +233,7 @@ def _make_handler(hub: LocalHub):
                                         "url": f"{hub.endpoint}/{repo_id}"})
             repo = Repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
             hub.repos[repo_id] = repo
-            gitattributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.png filter=lfs diff=lfs merge=lfs -text\n"
+            gitattributes = b"".join(b"*%s filter=lfs diff=lfs merge=lfs -text\n" % s.encode() for s in _LFS_SUFFIXES)
             hub._commit(repo, "main", "initial commit", "", [(".gitattributes", {"data": gitattributes})])
             return self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
 
@@ -250,7 +251,8 @@ def _make_handler(hub: LocalHub):
                 errors.append({"message": "metadata must be a YAML mapping"})
             else:
                 for key in ("tags", "datasets"):
-                    if key in meta and not (isinstance(meta[key], list) and all(isinstance(x, str) for x in meta[key])):
+                    value = meta.get(key, [])
+                    if not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
                         errors.append({"message": f'"{key}" must be a list of strings'})
                 for key in ("license", "library_name", "base_model", "pipeline_tag"):
                     if key in meta and not isinstance(meta[key], (str, list)):
@@ -281,7 +283,8 @@ def _make_handler(hub: LocalHub):
                     if "lfs" in entry:
                         pointer = lfs_pointer(entry["lfs"], entry["size"])
                         sibling.update(blobId=git_blob_id(pointer), size=entry["size"],
-                                       lfs={"sha256": entry["lfs"], "size": entry["size"], "pointerSize": len(pointer)})
+                                       lfs={"sha256": entry["lfs"], "size": entry["size"],
+                                            "pointerSize": len(pointer)})
                     else:
                         sibling.update(blobId=git_blob_id(entry["data"]), size=len(entry["data"]))
                 siblings.append(sibling)

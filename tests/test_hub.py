@@ -41,9 +41,11 @@ def _build_output_dir(out: Path, hub: dict | None = None) -> Path:
     """An OUTPUT_DIR as the pipeline leaves it: recipe.yaml, trajectory.json, stage-1/ .. stage-T/ (contract keys)."""
     torch.manual_seed(0)
     teacher = _teacher_config()
-    teacher_config = {k: getattr(teacher, k) for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads",
-                                                       "num_hidden_layers", "num_local_experts", "num_experts_per_tok")}
-    teacher_config.update(num_parameters=teacher.num_parameters(), num_active_parameters=teacher.num_active_parameters())
+    keys = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+            "num_local_experts", "num_experts_per_tok")
+    teacher_config = {k: getattr(teacher, k) for k in keys}
+    teacher_config.update(num_parameters=teacher.num_parameters(),
+                          num_active_parameters=teacher.num_active_parameters())
     points = [{"stage": 0, "tokens": 0, "step": 0, "num_parameters": teacher.num_parameters(),
                "num_active_parameters": teacher.num_active_parameters(), "eval_kl": 0.0, "eval_perplexity": 5.0,
                "eval_top1_agreement": 1.0}]
@@ -123,7 +125,8 @@ def test_card_metadata_sections_and_plot(output_dir, hub):
     assert "| attention heads q / kv | 2 / 1 | 4 / 2 | 50.0% |" in text
     assert "| layers | 2 | 2 | 100.0% |" in text
     assert "| experts per token (top-k) | 2 | 2 | 100.0% |" in text
-    total, teacher_total = SlimMoeConfig.from_pretrained(stage_dir).num_parameters(), _teacher_config().num_parameters()
+    total = SlimMoeConfig.from_pretrained(stage_dir).num_parameters()
+    teacher_total = _teacher_config().num_parameters()
     assert f"{100 * total / teacher_total:.1f}%" in text
     assert "| learning rate | 0.0001 |" in text and "| KD teacher top-k | 8 |" in text
     assert "export_phimoe" in text and "import hf_slimmoe" in text
@@ -248,7 +251,8 @@ def test_push_without_token_fails_softly(output_dir, hub, monkeypatch, caplog):
 
 
 def _assert_token_absent(hub: LocalHub, paths: list[Path], texts: list[str]) -> None:
-    leaks = [str(p) for root in paths for p in [root, *root.rglob("*")] if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    leaks = [str(p) for root in paths for p in [root, *root.rglob("*")]
+             if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert leaks == []
     assert all(TOKEN not in text for text in texts)
     for repo in hub.repos.values():  # nor in anything committed
