@@ -517,6 +517,41 @@ def _run_compress(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- sft / lora / dpo
+_POSTTRAIN_HELP = {
+    "sft": "SFT with top-k distillation from an instruct teacher (TRL SFTTrainer + KD loss)",
+    "lora": "LoRA fine-tuning (PEFT; optionally the fused expert parameters), adapter saved and merged",
+    "dpo": "DPO on the SFT model (TRL DPOTrainer)",
+}
+
+
+def _add_posttrain(kind: str):
+    def add(subparsers) -> None:
+        p = subparsers.add_parser(
+            kind,
+            help=_POSTTRAIN_HELP[kind],
+            description=f"{_POSTTRAIN_HELP[kind]}. RECIPE.yaml holds the fields of hf_slimmoe.posttrain."
+            "PostTrainArguments and of the trainer config (SFTDistillationConfig, or trl.DPOConfig for dpo), plus an "
+            "optional hub: section; any field can be overridden after it as --field value. "
+            f"`slimmoe {kind} RECIPE.yaml --help` lists every field. Runs under `accelerate launch` unchanged.",
+        )
+        p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny-sft.yaml")
+        p.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs overriding the recipe")
+
+    return add
+
+
+def _run_posttrain(kind: str):
+    def run(args) -> int:
+        from .posttrain import run_recipe
+
+        output_dir = run_recipe(kind, args.recipe, args.overrides)
+        print(f"{kind}: saved {output_dir}")
+        return 0
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "info": (_add_info, _run_info),
@@ -525,6 +560,9 @@ COMMANDS = {
     "prune": (_add_prune, _run_prune),
     "cache-teacher": (_add_cache_teacher, _run_cache_teacher),
     "distill": (_add_distill, _run_distill),
+    "sft": (_add_posttrain("sft"), _run_posttrain("sft")),
+    "lora": (_add_posttrain("lora"), _run_posttrain("lora")),
+    "dpo": (_add_posttrain("dpo"), _run_posttrain("dpo")),
     "card": (_add_card, _run_card),
     "push": (_add_push, _run_push),
     "plan": (_add_plan, _run_plan),

@@ -18,25 +18,24 @@ import json
 import logging
 import os
 import random
-import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
-from datasets import Dataset, concatenate_datasets, load_dataset, load_from_disk
+from datasets import Dataset, load_dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 
 from .distillation.losses import teacher_topk, topk_kl_loss
+from .distillation.teacher_cache import FINGERPRINT_COLUMN, cache_teacher_topk, check_teacher_cache
 
 logger = logging.getLogger(__name__)
 
 TEACHER_TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 BUILTIN_DOCSTRINGS = "builtin:stdlib-docstrings"
-_CACHE_META = "slimmoe_teacher_cache.json"
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -298,6 +297,9 @@ class SFTDistillationTrainer(SFTTrainer):
         if self.kd_enabled and args.teacher_cache_dir is not None and self.train_dataset is not None:
             self.train_dataset = self._attach_teacher_cache(self.train_dataset, teacher_model, args.teacher_cache_dir)
             teacher_model = None  # the cache replaces the teacher
+        elif self.kd_enabled and self._has_cache(self.train_dataset) and FINGERPRINT_COLUMN in self.train_dataset.column_names:
+            vocab_size = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0)
+            check_teacher_cache(self.train_dataset, vocab_size=vocab_size, top_k=args.top_k)
         self.teacher_model = None
         if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset):
             raise ValueError(
@@ -332,43 +334,41 @@ class SFTDistillationTrainer(SFTTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_TOPK_COLUMNS]))
 
     def _attach_teacher_cache(self, dataset: Dataset, teacher: PreTrainedModel | None, cache_dir: str) -> Dataset:
-        """Read (or make, with the teacher) the top-k cache of the formatted dataset and add its columns."""
-        meta = {
-            "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
-            "num_rows": len(dataset),
-            "top_k": self.args.top_k,
-            "temperature": self.args.temperature,
-        }
-        meta_path = os.path.join(cache_dir, _CACHE_META)
-        if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                found = json.load(f)
-            if {k: found.get(k) for k in meta} != meta:
-                raise ValueError(
-                    f"The teacher cache in {cache_dir} was made for other data or settings ({found}) than this run "
-                    f"({meta}); delete it or point `teacher_cache_dir` elsewhere."
-                )
-            logger.info("Reading the teacher top-k cache from %s", cache_dir)
-        else:
+        """Read (or make once, with the teacher) the top-k cache of the formatted dataset; returns it with the cache."""
+        if "seq_lengths" in dataset.column_names:
+            raise ValueError(
+                "`teacher_cache_dir` needs unpacked data (each cached row is one sequence): set `packing=False`, or "
+                "drop `teacher_cache_dir` to run the teacher online on the packed batches."
+            )
+        if self.args.temperature != 1.0:
+            raise ValueError(
+                f"The teacher cache stores log-probabilities at temperature 1, but temperature={self.args.temperature}:"
+                " drop `teacher_cache_dir` to run the teacher online, or use temperature 1."
+            )
+        vocab_size = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0)
+        if not os.path.isdir(cache_dir):
             if teacher is None:
                 raise ValueError(
                     f"No teacher cache in {cache_dir} and no teacher to make one: set `teacher_model_name_or_path`."
                 )
             if self.accelerator.is_main_process:
-                cache = cache_sft_teacher_topk(
-                    teacher, dataset, self.args.top_k, self.args.temperature,
-                    batch_size=self.args.per_device_eval_batch_size, chunk_size=self.args.kd_chunk_size,
-                    device=self.accelerator.device,
+                teacher.to(self.accelerator.device)
+                cache_teacher_topk(
+                    teacher, dataset, top_k=self.args.top_k, batch_size=self.args.per_device_eval_batch_size,
+                    output_dir=cache_dir, chunk_size=self.args.kd_chunk_size,
+                    pad_token_id=self.processing_class.pad_token_id or 0,
                 )
-                tmp = cache_dir.rstrip("/") + ".tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                cache.save_to_disk(tmp)
-                with open(os.path.join(tmp, _CACHE_META), "w") as f:
-                    json.dump(meta, f, indent=2)
-                os.replace(tmp, cache_dir)
             self.accelerator.wait_for_everyone()
-        cache = load_from_disk(cache_dir)
-        return concatenate_datasets([dataset, cache.select_columns(list(TEACHER_TOPK_COLUMNS))], axis=1)
+        cached = load_from_disk(cache_dir)
+        if len(cached) != len(dataset) or cached["input_ids"] != dataset["input_ids"]:
+            raise ValueError(
+                f"The teacher cache in {cache_dir} was made for other data than this run's formatted training set "
+                "(different rows or tokens); delete it or point `teacher_cache_dir` elsewhere."
+            )
+        check_teacher_cache(cached, vocab_size=vocab_size, top_k=self.args.top_k)
+        logger.info("Distilling from the teacher top-k cache in %s", cache_dir)
+        return cached.remove_columns([c for c in cached.column_names if c not in dataset.column_names
+                                      and c not in TEACHER_TOPK_COLUMNS])
 
     # --- loss -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -394,7 +394,8 @@ class SFTDistillationTrainer(SFTTrainer):
         outputs, hidden = _forward_hidden(model, _backbone(unwrapped), **inputs, fused_lm_head=True)
         mask = outputs.label_mask  # (B, T-1): next-token label is not -100
         if cached[0] is not None:
-            teacher_ids, teacher_logprobs = cached[0][:, :-1], cached[1][:, :-1]
+            k = self.args.top_k  # a cache may hold more tokens per position than asked; they are sorted
+            teacher_ids, teacher_logprobs = cached[0][:, :-1, :k], cached[1][:, :-1, :k]
         else:
             teacher_ids, teacher_logprobs = self._online_teacher_topk(inputs)
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
@@ -435,75 +436,16 @@ class SFTDistillationTrainer(SFTTrainer):
         return loss
 
 
-@torch.no_grad()
-def cache_sft_teacher_topk(
-    teacher: PreTrainedModel,
-    dataset: Dataset,
-    top_k: int,
-    temperature: float = 1.0,
-    batch_size: int = 8,
-    chunk_size: int = 1024,
-    device: torch.device | str | None = None,
-) -> Dataset:
-    """
-    Teacher top-k over a *formatted* SFT dataset (`input_ids`, from [`SFTDistillationTrainer`]'s preparation).
-
-    Returns a dataset with, per row, `teacher_topk_ids` (int32) and `teacher_topk_logprobs` (float32), both of shape
-    `(len(input_ids), top_k)`: position `t` holds the teacher's distribution of token `t + 1`. Packed rows (a
-    `seq_lengths` column) are run one at a time with per-document `position_ids`, so documents do not see each other.
-    """
-    device = torch.device(device) if device is not None else next(teacher.parameters()).device
-    teacher = teacher.to(device).eval()
-    backbone, lm_head = _backbone(teacher), teacher.get_output_embeddings()
-    packed = "seq_lengths" in dataset.column_names
-    columns = ["input_ids", "seq_lengths"] if packed else ["input_ids"]
-
-    def run(batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {name: [] for name in TEACHER_TOPK_COLUMNS}
-        rows = batch["input_ids"]
-        if packed:
-            groups = [
-                dict(
-                    input_ids=torch.tensor([row], device=device),
-                    position_ids=torch.cat([torch.arange(n) for n in lengths])[None].to(device),
-                )
-                for row, lengths in zip(rows, batch["seq_lengths"])
-            ]
-        else:
-            width = max(len(r) for r in rows)
-            ids = torch.zeros((len(rows), width), dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row)
-                attention[i, : len(row)] = 1
-            groups = [dict(input_ids=ids.to(device), attention_mask=attention.to(device))]
-        hidden_rows = []
-        for group in groups:
-            _, hidden = _forward_hidden(teacher, backbone, **group, use_cache=False, logits_to_keep=1)
-            hidden_rows.extend(hidden)
-        for row, hidden in zip(rows, hidden_rows):
-            ids, logprobs = _topk_from_hidden(hidden[: len(row)], lm_head, top_k, temperature, chunk_size)
-            out["teacher_topk_ids"].append(ids.to(torch.int32).cpu().tolist())
-            out["teacher_topk_logprobs"].append(logprobs.cpu().tolist())
-        return out
-
-    fingerprint = getattr(dataset, "_fingerprint", "data")
-    return dataset.select_columns(columns).map(
-        run, batched=True, batch_size=batch_size, remove_columns=columns, desc="Teacher top-k",
-        new_fingerprint=f"slimmoe-teacher-topk-{fingerprint}-{top_k}-{temperature}",
-    )
-
-
 # ------------------------------------------------------------------------------------------------ local data
 _DOCSTRING_MODULES = ("json", "textwrap", "string", "shlex", "fnmatch", "glob", "posixpath", "base64", "heapq",
                       "bisect", "functools", "statistics", "random", "difflib", "csv", "tempfile")
+# Phi-style turns written as plain text, so it works with any tokenizer that has an EOS token; the assistant turn
+# is wrapped in {% generation %} so `assistant_only_loss=True` works too. Also shipped as recipes/templates/chat.jinja.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ message['content'] }}<|end|>"
-    "{% endgeneration %}\n"
-    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
 
@@ -625,20 +567,31 @@ def _load_model(path: str, args: PostTrainArguments) -> PreTrainedModel:
 def _maybe_tiny_init(args: PostTrainArguments, *paths: str | None) -> None:
     if not args.tiny_init:
         return
-    tokenizer = None
-    for seed, path in enumerate(p for p in paths if p):
-        if not os.path.exists(path):
-            tokenizer = tokenizer or build_tiny_tokenizer()
-            logger.info("tiny_init: building a tiny random SlimMoE model and tokenizer in %s", path)
-            build_tiny_chat_model(path, tokenizer, seed=seed)
+    paths = [p for p in paths if p]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing and len(missing) != len(paths):
+        raise ValueError(
+            f"tiny_init builds the student and the teacher together (one tokenizer), but only {missing} are missing: "
+            "point both paths to new directories, or to existing models."
+        )
+    tokenizer = build_tiny_tokenizer() if missing else None
+    for seed, path in enumerate(missing):
+        logger.info("tiny_init: building a tiny random SlimMoE model and tokenizer in %s", path)
+        build_tiny_chat_model(path, tokenizer, seed=seed)
 
 
 def _finish(output_dir: str, method: str, parent: str, teacher: str | None, trainer, args: PostTrainArguments,
             training: dict[str, Any], hub: dict[str, Any] | None) -> None:
     """Write stage.json and the model card into `output_dir`, and publish it when the recipe asks."""
     state = trainer.state
-    eval_metrics = {k: v for k, v in (state.log_history[-1] if state.log_history else {}).items()
-                    if k.startswith("eval_") or k.startswith("train_")}
+    last = state.log_history[-1] if state.log_history else {}
+    eval_metrics = {k: v for k, v in last.items()
+                    if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second", "num_tokens"))}
+    parent_stage = os.path.join(parent, "stage.json")
+    license_ = None
+    if os.path.isfile(parent_stage):
+        with open(parent_stage) as f:
+            license_ = json.load(f).get("license")
     stage = {
         "method": method,
         "parent": parent,
@@ -647,7 +600,7 @@ def _finish(output_dir: str, method: str, parent: str, teacher: str | None, trai
                      "learning_rate": trainer.args.learning_rate, **training},
         "eval": eval_metrics,
         "datasets": [args.dataset_name],
-        "license": "mit",
+        "license": license_,
     }
     with open(os.path.join(output_dir, "stage.json"), "w") as f:
         json.dump(stage, f, indent=2)
@@ -658,7 +611,9 @@ def _finish(output_dir: str, method: str, parent: str, teacher: str | None, trai
         return
     write_model_card(output_dir)
     if hub:
-        publish_stage(output_dir, HubSettings(**hub))
+        settings = HubSettings.from_dict(hub)
+        if settings.push_to_hub:
+            publish_stage(output_dir, settings)
 
 
 def _resume(config) -> str | None:
@@ -722,7 +677,10 @@ def run_dpo(args: PostTrainArguments, config: DPOConfig, hub: dict[str, Any] | N
     train, test = load_train_eval(args, "preference")
     model = _load_model(args.model_name_or_path, args)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    ref_model = _load_model(args.ref_model_name_or_path, args) if args.ref_model_name_or_path else None
+    # TRL would reload the policy from its path as the reference, but resolves the class by name in `transformers`,
+    # which has no SlimMoeForCausalLM: load that frozen copy here (with LoRA the adapter-free base stays the reference)
+    ref_path = args.ref_model_name_or_path or (None if args.use_lora else args.model_name_or_path)
+    ref_model = _load_model(ref_path, args) if ref_path else None
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=config, train_dataset=train, eval_dataset=test,
         processing_class=tokenizer, peft_config=args.lora_config(),
@@ -738,3 +696,51 @@ def run_dpo(args: PostTrainArguments, config: DPOConfig, hub: dict[str, Any] | N
         training = {"beta": config.beta, "loss_type": list(config.loss_type)}
         _finish(config.output_dir, "dpo", args.model_name_or_path, None, trainer, args, training, hub)
     return config.output_dir
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+def parse_recipe(
+    kind: str, recipe: str | None, overrides: list[str] | None = None
+) -> tuple[PostTrainArguments, SFTDistillationConfig | DPOConfig, dict[str, Any] | None]:
+    """
+    Parse a post-training recipe (YAML) and command-line overrides into `(PostTrainArguments, config, hub)`.
+
+    `kind` is `"sft"`, `"lora"` (SFT with `use_lora=True`) or `"dpo"`. The YAML's keys are the fields of
+    [`PostTrainArguments`] and of [`SFTDistillationConfig`] / `trl.DPOConfig`, flat, plus an optional `hub:` mapping
+    of `hf_slimmoe.hub.HubSettings` keys. Flags (`--learning_rate 1e-5`) override the YAML; an unknown key raises.
+    """
+    import yaml
+    from trl import TrlParser
+
+    if kind not in ("sft", "lora", "dpo"):
+        raise ValueError(f"Unknown post-training kind {kind!r}; use 'sft', 'lora' or 'dpo'.")
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        if not os.path.isfile(recipe):
+            raise FileNotFoundError(f"No recipe file at {recipe}.")
+        with open(recipe) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{recipe} must hold a YAML mapping of config fields.")
+    hub = values.pop("hub", None)
+    if hub is not None:
+        from .hub import HubSettings
+
+        HubSettings.from_dict(hub)  # validate before any work
+    config_cls = DPOConfig if kind == "dpo" else SFTDistillationConfig
+    parser = TrlParser((PostTrainArguments, config_cls))
+    unknown = parser.set_defaults_with_config(**values)
+    if unknown:
+        raise ValueError(f"Unknown key(s) in {recipe}: {', '.join(k.lstrip('-') for k in unknown[::2])}; see `slimmoe {kind} RECIPE --help`.")
+    args, config = parser.parse_args_into_dataclasses(args=list(overrides or []))
+    if kind == "lora":
+        args.use_lora = True
+    return args, config, hub
+
+
+def run_recipe(kind: str, recipe: str | None, overrides: list[str] | None = None) -> str:
+    """`slimmoe sft | lora | dpo RECIPE.yaml [--field value ...]`: parse, train, save, card, publish; returns the dir."""
+    args, config, hub = parse_recipe(kind, recipe, overrides)
+    if kind == "dpo":
+        return run_dpo(args, config, hub)
+    return run_sft(args, config, hub)
