@@ -1,0 +1,208 @@
+"""The stage loop end to end on a tiny teacher built in-process: multi-stage with a resume after SIGKILL, the
+one-stage and iterative baselines, the stage directory contract, and recipes rejected with the key's name."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from hf_slimmoe.cli import main
+from hf_slimmoe.pipeline import compress, is_finished_stage
+from hf_slimmoe.recipe import load_recipe, recipe_from_dict
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+
+TINY = {
+    "name": "test-tiny",
+    "method": "multi-stage",
+    "output_dir": None,  # set per test
+    "seed": 0,
+    "teacher": {
+        "model": "build",
+        "license": "apache-2.0",
+        "build": {
+            "tokenizer_files": "{stdlib}/json/*.py", "vocab_size": 300, "pretrain_steps": 30,
+            "pretrain_learning_rate": 5e-3, "pretrain_batch_size": 8,
+            "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                       "attention_bias": True, "lm_head_bias": True, "max_position_embeddings": 128},
+        },
+    },
+    "data": {"train": {"type": "text_files", "glob": "{stdlib}/json/*.py"},
+             "eval": {"type": "text_files", "paths": ["{stdlib}/csv.py"]},
+             "block_size": 32, "eval_blocks": 16, "calibration_blocks": 8},
+    "stages": {"num_stages": 2, "target": {"intermediate_size": 16, "num_key_value_heads": 1}, "expert_multiple": 16,
+               "budget": {"steps": [8, 12]}},
+    "early_stopping": {"enabled": True, "patience": 2, "min_delta": 0.0},
+    "scoring": {"criterion": "kd", "top_k": 8, "batch_size": 4},
+    "distillation": {"top_k": 8, "aux_loss_coef": 0.01, "cache_teacher": True},
+    "training": {"learning_rate": 2e-3, "lr_scheduler_type": "cosine", "warmup_steps": 2,
+                 "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "eval_steps": 4,
+                 "save_steps": 4, "logging_steps": 4, "use_cpu": True, "report_to": [], "disable_tqdm": True},
+    "hub": {"push_to_hub": False},
+}
+
+STAGE_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "scores.safetensors", "stage.json", "trajectory.json", "README.md", "trajectory.png"}
+
+
+def tiny_recipe(output_dir, **changes) -> dict:
+    values = copy.deepcopy(TINY)
+    values["output_dir"] = str(output_dir)
+    for dotted, value in changes.items():
+        node = values
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return values
+
+
+def write_recipe(path, values) -> str:
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def check_stage_dir(stage_dir, stage, num_stages, method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert STAGE_FILES <= set(os.listdir(stage_dir)), sorted(os.listdir(stage_dir))
+    info = json.load(open(os.path.join(stage_dir, "stage.json")))
+    assert (info["stage"], info["num_stages"], info["method"], info["recipe"]) == (stage, num_stages, method,
+                                                                                    "test-tiny")
+    assert info["license"] == "apache-2.0" and info["teacher_config"]["intermediate_size"] == 64
+    assert set(info["training"]) >= {"tokens", "steps", "learning_rate", "top_k", "temperature", "aux_loss_coef",
+                                      "ce_weight", "early_stopped", "stopped_at_step", "max_steps"}
+    assert info["training"]["tokens"] == info["training"]["steps"] * 4 * 32
+    assert isinstance(info["eval"]["kl"], float) and info["eval"]["top1_agreement"] is not None
+    model = AutoModelForCausalLM.from_pretrained(stage_dir)  # a model AND a tokenizer from the directory alone
+    tokenizer = AutoTokenizer.from_pretrained(stage_dir)
+    ids = tokenizer("import json", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+    return info, model
+
+
+def test_multi_stage_killed_in_stage_2_resumes_without_redoing_stage_1(tmp_path):
+    """Run `slimmoe compress` in a subprocess, SIGKILL it once stage 2 has a checkpoint, re-run the same command."""
+    out = tmp_path / "run"
+    values = tiny_recipe(out, stages__budget__steps=[8, 60])
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", values)
+    command = [sys.executable, "-m", "hf_slimmoe.cli", "compress", recipe_path, "--log-level", "WARNING"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = out / ".stage-2.work" / "checkpoints"
+    deadline = time.time() + 150
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if checkpoints.is_dir() and any((c / "trainer_state.json").exists() for c in checkpoints.iterdir()):
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, f"compress ended before stage 2 checkpointed: {process.stderr.read()[-3000:]}"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert is_finished_stage(out / "stage-1") and not (out / "stage-2").exists()
+    stage1_mtimes = {f: os.stat(out / "stage-1" / f).st_mtime_ns for f in os.listdir(out / "stage-1")}
+    killed_at = max(int(c.name.split("-")[-1]) for c in checkpoints.iterdir() if c.name.startswith("checkpoint-"))
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True)  # the same command again
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {f: os.stat(out / "stage-1" / f).st_mtime_ns for f in os.listdir(out / "stage-1")} == stage1_mtimes
+    assert not (out / ".stage-2.work").exists() and not (out / ".stage-2.tmp").exists()
+
+    info1, _ = check_stage_dir(out / "stage-1", 1, 2, "multi-stage")
+    info2, model = check_stage_dir(out / "stage-2", 2, 2, "multi-stage")
+    assert (model.config.intermediate_size, model.config.num_attention_heads, model.config.num_key_value_heads) == (
+        16, 2, 1)
+    assert info2["training"]["steps"] == 60 and not info2["training"]["early_stopped"]  # the last stage runs in full
+    assert info2["parent"] == str(out / "stage-1")
+    # the resumed run continued from the checkpoint: the trajectory has each evaluation step of stage 2 once
+    trajectory = json.load(open(out / "trajectory.json"))
+    assert trajectory == json.load(open(out / "stage-2" / "trajectory.json"))
+    assert trajectory["teacher"]["num_parameters"] == info2["teacher_config"]["num_parameters"]
+    stage2 = [p for p in trajectory["points"] if p["stage"] == 2]
+    steps = [p["step"] - info1["training"]["steps"] for p in stage2]
+    assert steps == [0] + list(range(4, 61, 4)) and killed_at >= 4
+    assert [p["tokens"] for p in stage2] == [p["step"] * 128 for p in stage2]
+    assert trajectory["points"][0] == {**trajectory["points"][0], "stage": 0, "tokens": 0, "eval_kl": 0.0}
+    assert stage2[-1]["num_parameters"] == model.num_parameters()
+
+
+@pytest.mark.parametrize("method", ["one-stage", "iterative"])
+def test_baselines_spend_the_same_budget_in_one_run(tmp_path, method):
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, method=method,
+                                          iterative={"mask_every_steps": 4, "target_fraction": None}))
+    compress(recipe)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("stage-")) == ["stage-1"]
+    info, model = check_stage_dir(tmp_path / "stage-1", 1, 1, method)
+    assert info["training"]["steps"] == 20  # 8 + 12: the multi-stage total
+    assert (model.config.intermediate_size, model.config.num_key_value_heads) == (16, 1)
+    points = json.load(open(tmp_path / "trajectory.json"))["points"]
+    if method == "iterative":  # the masked size shrinks during training and reaches the target at 8/20 of it
+        sizes = [p["num_parameters"] for p in points if p["stage"] == 1]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1] == model.num_parameters()
+    compress(recipe)  # finished: nothing is recomputed
+    assert json.load(open(tmp_path / "stage-1" / "stage.json")) == info
+
+
+def test_tiny_cpu_recipe_dry_run(capsys):
+    assert main(["compress", os.path.join(RECIPES, "tiny-cpu.yaml"), "--dry-run", "--output-dir", "/nonexistent/x"]) == 0
+    out = capsys.readouterr().out
+    assert "OK (dry run" in out and "6/3" in out and not os.path.exists("/nonexistent/x")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages__budget__steps": [8]}, r"stages.budget.steps has 1 entries for 2 stages"),
+    ({"stages__target": {"intermediate_size": 128, "num_key_value_heads": 1}}, r"stages.target.*larger"),
+    ({"stages__target": {"intermediate_size": 16, "num_key_value_heads": 1, "num_attention_heads": 4}},
+     r"stages.target.num_attention_heads=4"),
+    ({"stages__sizes": [{"intermediate_size": 32}, {"d_expert": 16}]}, r"stages.sizes\[1\] has unknown key"),
+    ({"training__learning_rate": -1.0}, r"training.learning_rate must be positive"),
+    ({"training__max_steps": 5}, r"training.max_steps is set by the pipeline"),
+    ({"training__lerning_rate": 1e-3}, r"training.lerning_rate"),
+    ({"early_stopping__patience": 0}, r"early_stopping.patience must be positive"),
+    ({"early_stopping__patience_steps": 3}, r"early_stopping.patience_steps"),
+    ({"method": "two-stage"}, r"method: 'two-stage' is not one of"),
+    ({"data__block_size": "long"}, r"data.block_size: expected an integer"),
+    ({"data__train": {"type": "text_files", "glob": "/nonexistent/*.txt"}}, r"data.train.glob .* matches no file"),
+    ({"hub": {"push_to_hub": True}}, r"hub.repo_id"),
+    ({"hub": {"repo": "x"}}, r"hub.repo"),
+])
+def test_bad_recipes_are_rejected_naming_the_key(tmp_path, change, message):
+    values = tiny_recipe(tmp_path / "out", **change)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        compress(recipe_from_dict(values), dry_run=True)
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_bad_recipe_file_through_the_cli(tmp_path, capsys):
+    path = write_recipe(tmp_path / "bad.yaml", tiny_recipe(tmp_path / "out", teacher__model="/nonexistent/teacher",
+                                                           teacher__build=None))
+    assert main(["compress", path, "--dry-run"]) == 2
+    assert "teacher.model '/nonexistent/teacher'" in capsys.readouterr().err
+    path = write_recipe(tmp_path / "bad2.yaml", {**TINY, "output_dir": str(tmp_path), "stagez": {}})
+    assert main(["plan", path]) == 2
+    assert "unknown recipe key(s) stagez" in capsys.readouterr().err
+
+
+def test_vocabulary_mismatch_is_caught_before_compute(tmp_path):
+    """A teacher checkpoint whose tokenizer is larger than its vocabulary is refused by the dry run."""
+    from hf_slimmoe.pipeline import _train_tokenizer
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
+    import sysconfig
+
+    teacher = tmp_path / "teacher"
+    config = SlimMoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    SlimMoeForCausalLM(config).save_pretrained(teacher)
+    _train_tokenizer([os.path.join(sysconfig.get_paths()["stdlib"], "json", "decoder.py")], 300).save_pretrained(
+        teacher)
+    values = tiny_recipe(tmp_path / "out", teacher={"model": str(teacher)})
+    with pytest.raises(ValueError, match="teacher and student vocabularies must match"):
+        compress(recipe_from_dict(values), dry_run=True)
