@@ -15,8 +15,9 @@ with a commit history per branch, and binds to 127.0.0.1 only:
     POST /api/models/{repo}/commit/{rev}                 ndjson commit: header, file, lfsFile, deletedFile
     GET  /{repo}/resolve/{rev}/{path}                    file download
 
-`fail_with = 500` makes every request answer that status (a server outage); `requests` records every
-request's method, path, headers and body so tests can check what went over the wire.
+`fail_with = 500` makes every request answer that status (a server outage), or only those whose path matches the
+regular expression `fail_on` when it is set (e.g. `"/commit/"`: uploads succeed, the commit fails); `requests`
+records every request's method, path, headers and body so tests can check what went over the wire.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class LocalHub:
         self.lfs: dict[str, bytes] = {}
         self.requests: list[dict] = []
         self.fail_with: int | None = None
+        self.fail_on: str | None = None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
@@ -163,7 +165,7 @@ def _make_handler(hub: LocalHub):
             headers = {k.lower(): v for k, v in self.headers.items()}
             hub.requests.append({"method": method, "path": self.path, "headers": headers,
                                  "body": body})
-            if hub.fail_with is not None:
+            if hub.fail_with is not None and (hub.fail_on is None or re.search(hub.fail_on, path)):
                 return self._error(hub.fail_with, "Internal Error - We're working hard to fix this!")
             if path.startswith("/lfs/"):  # pre-signed storage URLs: no auth header, like S3
                 return self._lfs_object(method, path, body)

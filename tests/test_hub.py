@@ -243,6 +243,19 @@ def test_failed_push_keeps_stage_and_push_command_publishes_later(output_dir, hu
     assert len(hub.commits("tester/tiny-moe-stage2")) == 2
 
 
+def test_commit_failure_after_upload_then_retry(output_dir, hub):
+    settings = HubSettings(push_to_hub=True, repo_id="tester/tiny-moe", layout="branch-per-stage")
+    hub.fail_with, hub.fail_on = 503, r"/commit/"
+    assert publish_stage(output_dir / "stage-1", settings) is False
+    assert hub.commits("tester/tiny-moe", "stage-1")[0].title == "initial commit"  # branch made, nothing committed
+    assert hub.lfs  # the weights were uploaded before the commit failed
+    hub.fail_with = hub.fail_on = None
+    n_requests = len(hub.requests)
+    assert publish_stage(output_dir / "stage-1", settings) is True
+    assert hub.commits("tester/tiny-moe", "stage-1")[0].title.startswith("SlimMoE stage 1/2")
+    assert not [r for r in hub.requests[n_requests:] if r["method"] == "PUT"]  # LFS objects are not sent twice
+
+
 def test_push_without_token_fails_softly(output_dir, hub, monkeypatch, caplog):
     monkeypatch.delenv("HF_TOKEN")
     with caplog.at_level(logging.WARNING, logger="hf_slimmoe"):
