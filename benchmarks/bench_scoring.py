@@ -139,6 +139,17 @@ def measure_time(args) -> dict[str, list[float]]:
     return times
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_section(path: str, text: str) -> None:
     body = f"{SECTION_START}\n{text.rstrip()}\n{SECTION_END}\n"
     current = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
@@ -190,8 +201,9 @@ def main(argv=None) -> int:
         "",
         f"Model: SlimMoE {args.layers} layers, hidden {args.hidden}, {args.experts} experts (top-2) of width "
         f"{args.intermediate}, 8/4 heads, vocab {args.vocab} ({config.num_parameters() / 1e6:.1f}M parameters, "
-        f"float32); batches of {args.batch_size} x {args.seq_len} tokens; CPU ({platform.processor() or 'cpu'}), "
-        f"torch {torch.__version__}, {args.threads} thread(s). Command: `python benchmarks/bench_scoring.py`.",
+        f"float32); batches of {args.batch_size} x {args.seq_len} tokens; {cpu_name()}, torch {torch.__version__}, "
+        f"{args.threads} thread(s), {args.rounds} rounds x {args.num_batches} batches (load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end). Command: `python benchmarks/bench_scoring.py`.",
         "",
         "| mode | tokens/s | time vs train step | extra peak memory | memory vs train step |",
         "|---|---:|---:|---:|---:|",
