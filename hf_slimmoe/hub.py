@@ -186,6 +186,14 @@ def _looks_like_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
+def _hub_url(name: str | None) -> str | None:
+    """Hub page of `owner/name` or `owner/name@branch`; `None` for local paths and anything else."""
+    repo, _, branch = (name or "").partition("@")
+    if not _looks_like_hub_id(repo):
+        return None
+    return f"https://huggingface.co/{repo}" + (f"/tree/{branch}" if branch else "")
+
+
 def _architecture_rows(model: dict, teacher: dict) -> list[dict[str, str]]:
     rows = []
 
@@ -291,6 +299,7 @@ def write_model_card(
     model_dir: str | os.PathLike,
     *,
     repo_id: str | None = None,
+    revision: str | None = None,
     parent_repo_id: str | None = None,
     template_path: str | os.PathLike | None = None,
 ) -> Path:
@@ -303,7 +312,9 @@ def write_model_card(
     Args:
         model_dir: the saved model directory.
         repo_id: the Hub id the directory is published as; used in the usage snippets (default: the directory path).
-        parent_repo_id: the Hub id of the parent, linked in the lineage section (default: `stage.json`'s `parent`).
+        revision: the branch it is published on (branch-per-stage layout), passed in the usage snippets.
+        parent_repo_id: the Hub id of the parent, as `repo_id` or `repo_id@branch`, linked in the lineage section
+            (default: `stage.json`'s `parent`).
         template_path: a Jinja card template; defaults to the packaged `templates/slimmoe_model_card.md`.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -385,11 +396,12 @@ def write_model_card(
         template_path=str(template),
         model_name=model_name,
         model_id=repo_id or str(model_dir),
+        revision_arg=f', revision="{revision}"' if revision else "",
         export_dir=f"{model_name}-phimoe",
         teacher=teacher,
-        teacher_url=f"https://huggingface.co/{teacher}" if _looks_like_hub_id(teacher) else None,
+        teacher_url=_hub_url(teacher),
         parent=parent,
-        parent_url=f"https://huggingface.co/{parent}" if _looks_like_hub_id(parent) else None,
+        parent_url=_hub_url(parent),
         is_stage=is_stage,
         stage=stage,
         num_stages=num_stages if num_stages is not None else "?",
@@ -516,7 +528,7 @@ def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: st
         parent_repo_id = None
         if isinstance(stage, int) and stage > 1:
             parent_repo_id = "@".join(x for x in settings.target(stage - 1, user=user) if x)
-        write_model_card(stage_dir, repo_id=repo_id, parent_repo_id=parent_repo_id)
+        write_model_card(stage_dir, repo_id=repo_id, revision=branch, parent_repo_id=parent_repo_id)
 
         api.create_repo(repo_id, private=settings.private, exist_ok=True)
         if branch is not None:

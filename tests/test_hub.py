@@ -221,6 +221,9 @@ def test_publish_branch_per_stage(output_dir, hub):
     assert set(repo.branches) == {"main", "stage-1", "stage-2"} and not repo.private
     assert hub.commits("tester/tiny-moe", "stage-2")[0].title.startswith("SlimMoE stage 2/2")
     assert hub.file("tester/tiny-moe", "stage.json", "stage-2") == (output_dir / "stage-2" / "stage.json").read_bytes()
+    card = hub.file("tester/tiny-moe", "README.md", "stage-2").decode()
+    assert 'from_pretrained("tester/tiny-moe", revision="stage-2")' in card
+    assert "(https://huggingface.co/tester/tiny-moe/tree/stage-1)" in card  # the parent, one branch back
 
 
 def test_failed_push_keeps_stage_and_push_command_publishes_later(output_dir, hub, caplog, capsys):
