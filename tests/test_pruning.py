@@ -175,7 +175,7 @@ def test_keeping_everything_changes_nothing():
 
 def test_dead_expert_neurons_score_zero_and_pruning_them_is_exact():
     model, batches = tiny_model(), calibration(num_batches=4)
-    dead = {e: [e, e + 7, 2 * e + 13] for e in range(4)}  # different neurons in every expert
+    dead = {e: [e, e + 7, 2 * e + 13, 23 - e] for e in range(4)}  # different neurons in every expert
     with torch.no_grad():
         for block in model.model.layers:
             experts = block.mlp.experts
@@ -193,10 +193,10 @@ def test_dead_expert_neurons_score_zero_and_pruning_them_is_exact():
             assert bool((scores.experts[layer][e, alive] > 0).all())
     kept = {e: [i for i in range(24) if i not in neurons] for e, neurons in dead.items()}
     original_down = model.model.layers[1].mlp.experts.down_proj.detach().clone()
-    model.prune_to(model.config.slimmed(intermediate_size=21), scores)
+    model.prune_to(model.config.slimmed(intermediate_size=20), scores)  # a multiple of 4: grouped_mm alignment
     experts = model.model.layers[1].mlp.experts
-    assert experts.gate_up_proj.shape == (4, 42, 32) and experts.down_proj.shape == (4, 32, 21)
-    assert experts.intermediate_dim == 21 and model.config.intermediate_size == 21
+    assert experts.gate_up_proj.shape == (4, 40, 32) and experts.down_proj.shape == (4, 32, 20)
+    assert experts.intermediate_dim == 20 and model.config.intermediate_size == 20
     for e in range(4):  # original order kept
         assert torch.equal(experts.down_proj[e], original_down[e][:, kept[e]])
     torch.testing.assert_close(logits(model, batches), before, rtol=0, atol=1e-6)
