@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_slimmoe import SlimMoeConfig
@@ -465,10 +466,14 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
     from .pruning import SensitivityScores, compute_sensitivity
 
     paths = RunPaths(recipe.output_dir)
-    os.makedirs(paths.output_dir, exist_ok=True)
-    save_recipe(recipe, paths.recipe)
-    if recipe.teacher.model == BUILD_TEACHER:
-        build_teacher(recipe, paths.teacher)
+    # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
+    # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
+    run_args = _training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)
+    with run_args.main_process_first(desc="preparing the run"):
+        os.makedirs(paths.output_dir, exist_ok=True)
+        save_recipe(recipe, paths.recipe)
+        if recipe.teacher.model == BUILD_TEACHER:
+            build_teacher(recipe, paths.teacher)
     teacher_path, tokenizer_path = _teacher_paths(recipe, paths)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     dtype = getattr(torch, recipe.teacher.dtype)
@@ -479,7 +484,8 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
                          f"{teacher.config.vocab_size}: teacher and student vocabularies must match.")
     device = torch.device("cpu") if recipe.training.get("use_cpu") or not torch.cuda.is_available() else \
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    teacher.to(device)
+    if not is_deepspeed_zero3_enabled():  # ZeRO-3 keeps the teacher sharded; the trainer places it
+        teacher.to(device)
     stage_configs = recipe.stage_configs(teacher.config)
     stage_steps = recipe.stage_steps(world_size())
     per_step = recipe.tokens_per_step(world_size())
@@ -489,13 +495,14 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
     train, eval_set = blocks["train"], blocks["eval"]
     online_teacher = teacher
     if recipe.distillation.cache_teacher:  # the original teacher's top-k, computed once for every stage
-        train = cache_teacher_topk(teacher, train, top_k=recipe.distillation.top_k,
-                                   output_dir=os.path.join(paths.teacher_cache, "train"),
-                                   pad_token_id=tokenizer.pad_token_id or 0)
-        if eval_set is not None:
-            eval_set = cache_teacher_topk(teacher, eval_set, top_k=recipe.distillation.top_k,
-                                          output_dir=os.path.join(paths.teacher_cache, "eval"),
-                                          pad_token_id=tokenizer.pad_token_id or 0)
+        with run_args.main_process_first(desc="caching the teacher's top-k"):
+            train = cache_teacher_topk(teacher, train, top_k=recipe.distillation.top_k,
+                                       output_dir=os.path.join(paths.teacher_cache, "train"),
+                                       pad_token_id=tokenizer.pad_token_id or 0)
+            if eval_set is not None:
+                eval_set = cache_teacher_topk(teacher, eval_set, top_k=recipe.distillation.top_k,
+                                              output_dir=os.path.join(paths.teacher_cache, "eval"),
+                                              pad_token_id=tokenizer.pad_token_id or 0)
         online_teacher = None
     calibration = calibration_batches(blocks["calibration"], recipe.scoring.batch_size)
 
@@ -555,13 +562,14 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
                 target_step=max(1, round(fraction * max_steps)), expert_multiple=recipe.stages.expert_multiple))
         else:
             scores_path = os.path.join(work_dir, "scores.safetensors")
-            if os.path.isfile(scores_path):
-                scores = SensitivityScores.load(scores_path)
-            else:
-                scores = compute_sensitivity(model, calibration, teacher=scoring_teacher,
-                                             criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
-                scores.save(scores_path + ".tmp")
-                os.replace(scores_path + ".tmp", scores_path)
+            with run_args.main_process_first(desc="sensitivity scores"):
+                if os.path.isfile(scores_path):
+                    scores = SensitivityScores.load(scores_path)
+                else:
+                    scores = compute_sensitivity(model, calibration, teacher=scoring_teacher,
+                                                 criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
+                    scores.save(scores_path + ".tmp")
+                    os.replace(scores_path + ".tmp", scores_path)
             model.prune_to(stage_config, scores)
 
         # 3. Distill from the original teacher; evaluate the freshly pruned model once first.

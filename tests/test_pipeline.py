@@ -151,6 +151,53 @@ def test_baselines_spend_the_same_budget_in_one_run(tmp_path, method):
     assert json.load(open(tmp_path / "stage-1" / "stage.json")) == info
 
 
+def test_intermediate_stage_stops_early_when_eval_kl_plateaus(tmp_path):
+    """min_delta larger than any change: stage 1 stops at its second evaluation; the final stage runs in full.
+    The teacher runs online here (no cache)."""
+    values = tiny_recipe(tmp_path, stages__budget__steps=[40, 4], early_stopping__patience=1,
+                         early_stopping__min_delta=100.0, distillation__cache_teacher=False)
+    compress(recipe_from_dict(values))
+    info1 = json.load(open(tmp_path / "stage-1" / "stage.json"))
+    info2 = json.load(open(tmp_path / "stage-2" / "stage.json"))
+    assert info1["training"] == {**info1["training"], "early_stopped": True, "stopped_at_step": 8, "steps": 8,
+                                 "max_steps": 40}
+    assert info2["training"] == {**info2["training"], "early_stopped": False, "stopped_at_step": None, "steps": 4}
+    assert not (tmp_path / "teacher_cache").exists()
+    # a stage directory left half-written under its temporary name is never taken for a finished one
+    os.rename(tmp_path / "stage-2", tmp_path / ".stage-2.tmp")
+    stage1 = os.stat(tmp_path / "stage-1" / "model.safetensors").st_mtime_ns
+    compress(recipe_from_dict(values))  # stage 2 is redone, stage 1 is not
+    assert is_finished_stage(tmp_path / "stage-2") and not (tmp_path / ".stage-2.tmp").exists()
+    assert os.stat(tmp_path / "stage-1" / "model.safetensors").st_mtime_ns == stage1
+
+
+def test_trainer_checkpoints_reload_every_weight():
+    """Trainer resumes and `load_best_model_at_end` read checkpoints with a plain `load_state_dict` of the saved
+    (per-expert, stock PhiMoE layout) safetensors; every weight, experts and routers included, must come back."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
+
+    config = SlimMoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2,
+                           attention_bias=True, lm_head_bias=True)
+    torch.manual_seed(0)
+    saved = SlimMoeForCausalLM(config)
+    torch.manual_seed(1)
+    other = SlimMoeForCausalLM(config)
+    with tempfile.TemporaryDirectory() as directory:
+        saved.save_pretrained(directory)
+        state_dict = load_file(os.path.join(directory, "model.safetensors"))
+    assert any(".block_sparse_moe.experts.0.w1" in key for key in state_dict)
+    result = other.load_state_dict(state_dict, False)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids = torch.randint(0, 64, (2, 9))
+    assert torch.equal(saved.eval()(ids).logits, other.eval()(ids).logits)
+
+
 def test_tiny_cpu_recipe_dry_run(capsys):
     assert main(["compress", os.path.join(RECIPES, "tiny-cpu.yaml"), "--dry-run", "--output-dir", "/nonexistent/x"]) == 0
     out = capsys.readouterr().out
