@@ -385,6 +385,11 @@ class SFTDistillationTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.kd_enabled:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if "shift_labels" in inputs:
+            raise ValueError(
+                "SFTDistillationTrainer does not support context or sequence parallelism (pre-shifted labels): the KD "
+                "term aligns teacher and student positions within each sequence."
+            )
         mode = "train" if self.model.training else "eval"
         cached = [inputs.pop(name, None) for name in TEACHER_TOPK_COLUMNS]
         inputs["use_cache"] = False
@@ -403,13 +408,13 @@ class SFTDistillationTrainer(SFTTrainer):
         lm_head = unwrapped.get_output_embeddings() if not hasattr(unwrapped, "get_base_model") else (
             unwrapped.get_base_model().get_output_embeddings()
         )
-        kd_loss = topk_kl_loss(
+        kd_sum = topk_kl_loss(
             hidden[:, :-1], lm_head.weight, lm_head.bias, teacher_ids, teacher_logprobs, mask,
             temperature=self.args.temperature, renormalize=self.args.renormalize_topk,
             chunk_size=self.args.kd_chunk_size, reduction="sum",
-        ) / num_tokens
-        ce_loss = -outputs.log_probs.sum() / num_tokens
-        loss = self.args.ce_weight * ce_loss + (1.0 - self.args.ce_weight) * kd_loss
+        )
+        ce_sum = -outputs.log_probs.sum()
+        loss = (self.args.ce_weight * ce_sum + (1.0 - self.args.ce_weight) * kd_sum) / num_tokens
         # As in `SFTTrainer.compute_loss`: the token count covers all ranks and DDP averages the gradients
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -419,8 +424,9 @@ class SFTDistillationTrainer(SFTTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
         num_valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
-        for name, value in (("kd_loss", kd_loss), ("ce_loss", ce_loss)):
-            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
+        for name, value in (("kd_loss", kd_sum), ("ce_loss", ce_sum)):  # per-token means over this micro-batch
+            total = self.accelerator.gather_for_metrics(value.detach()).sum()
+            self._metrics[mode][name].append((total / num_valid).item() if num_valid > 0 else 0.0)
         for name, per_token in (("entropy", outputs.entropy), ("mean_token_accuracy", outputs.is_top1)):
             total = self.accelerator.gather_for_metrics(per_token.detach().float().sum()).sum()
             self._metrics[mode][name].append((total / num_valid).item() if num_valid > 0 else 0.0)

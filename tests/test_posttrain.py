@@ -236,3 +236,22 @@ def test_real_recipes_parse():
     args, config, _ = parse_recipe("sft", os.path.join(RECIPES, "sft.yaml"), ["--bf16", "false", "--use_cpu", "true"])
     assert (config.learning_rate, config.top_k, config.ce_weight) == (2e-6, 8, 0.0)
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 64 == 1536
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path):
+    # CE and KD are normalized by the token count of the whole accumulated batch (`num_items_in_batch`), so two
+    # micro-batches of 4 give the loss and gradients of one batch of 8 (eval mode: PhiMoE's router samples in training)
+    trainer = _trainer(tiny, tmp_path, ce_weight=0.5, router_aux_loss_coef=0.0)
+    model = trainer.model.eval()
+    rows = [trainer.train_dataset[i] for i in range(8)]
+    big = trainer._prepare_inputs(trainer.data_collator(rows))
+    halves = [trainer._prepare_inputs(trainer.data_collator(part)) for part in (rows[:4], rows[4:])]
+    num_items = (big["labels"][:, 1:] != -100).sum()
+    results = []
+    for batches in ([big], halves):
+        model.zero_grad()
+        total = sum(trainer.compute_loss(model, dict(b), num_items_in_batch=num_items) for b in batches)
+        total.backward()
+        results.append((total.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
