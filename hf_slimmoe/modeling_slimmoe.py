@@ -60,6 +60,10 @@ def _fuse_phimoe_experts(state_dict: dict) -> dict:
     return fused
 
 
+def _grouped_mm_aligned(config) -> bool:
+    return config.intermediate_size % 8 == 0 and config.hidden_size % 8 == 0
+
+
 class SlimMoeForCausalLM(PhimoeForCausalLM):
     """A PhiMoE causal LM with a `SlimMoeConfig`; loads stock Phi-3.5-MoE / Phi-mini-MoE / Phi-tiny-MoE checkpoints."""
 
@@ -76,6 +80,18 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         return PhimoeForCausalLM._can_set_attn_implementation()
+
+    def _grouped_mm_can_dispatch(self) -> bool:
+        """The `grouped_mm` experts kernel needs 16-byte aligned rows: widths that are multiples of 8 cover float32
+        and bf16. Pruned widths need not be (say 100), so such a model runs the eager experts instead of failing;
+        transformers falls back to eager when this raises and no kernel was requested explicitly."""
+        super()._grouped_mm_can_dispatch()
+        if not _grouped_mm_aligned(self.config):
+            raise ValueError(
+                f"grouped_mm needs intermediate_size ({self.config.intermediate_size}) and hidden_size "
+                f"({self.config.hidden_size}) to be multiples of 8; use experts_implementation='eager'."
+            )
+        return True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -137,7 +153,12 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         """
         from .pruning.surgery import prune_model
 
-        return prune_model(self, target_config, scores)
+        prune_model(self, target_config, scores)
+        if self.config._experts_implementation == "grouped_mm" and not _grouped_mm_aligned(self.config):
+            logger.info("intermediate_size=%d is not a multiple of 8: switching the experts to the eager kernel",
+                        self.config.intermediate_size)
+            self.set_experts_implementation("eager")
+        return self
 
 
 __all__ = ["SlimMoeForCausalLM", "SUPPORTED_MODEL_TYPES"]

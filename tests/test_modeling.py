@@ -149,3 +149,29 @@ def test_supports_the_same_kernels_as_stock_phimoe():
     model = SlimMoeForCausalLM(SlimMoeConfig(**TINY))
     assert SlimMoeForCausalLM._can_set_experts_implementation() is True
     assert model.config._experts_implementation == PhimoeForCausalLM(PhimoeConfig(**TINY)).config._experts_implementation
+
+
+def test_unaligned_expert_width_runs_with_eager_experts(tmp_path, inputs):
+    # grouped_mm needs 16-byte aligned rows; a pruned width such as 20 or 13 must still run (eager experts).
+    torch.manual_seed(0)
+    model = SlimMoeForCausalLM(SlimMoeConfig(**{**TINY, "intermediate_size": 20})).eval()
+    assert model.config._experts_implementation == "eager"
+    with torch.no_grad():
+        logits = model(inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = SlimMoeForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs).logits, logits)
+
+
+def test_prune_to_an_unaligned_width_switches_to_eager_experts(inputs):
+    from hf_slimmoe import SensitivityScores
+
+    torch.manual_seed(0)
+    model = SlimMoeForCausalLM(SlimMoeConfig(**TINY)).eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    scores = SensitivityScores(experts=[torch.rand(4, 24) for _ in range(2)], kv_groups=[torch.rand(2)] * 2)
+    model.prune_to(model.config.slimmed(intermediate_size=13), scores)
+    assert model.config._experts_implementation == "eager"
+    with torch.no_grad():
+        assert model(inputs).logits.shape == (2, 9, 80)

@@ -175,13 +175,6 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
         len(layers), config.intermediate_size, new_size, config.num_attention_heads, config.num_key_value_heads,
         new_groups * heads_per_group, new_groups, _head_dim(config),
     )
-    experts_impl = getattr(config, "_experts_implementation", None)
-    row_bytes = new_size * model.model.layers[0].mlp.experts.down_proj.element_size()
-    if experts_impl == "grouped_mm" and row_bytes % 16 != 0:
-        logger.warning(
-            "intermediate_size=%d gives expert rows of %d bytes; the grouped_mm experts kernel needs a multiple of 16 "
-            "bytes and will fail. Prefer a multiple of 8 (the paper's sizes are multiples of 64), or call "
-            "`model.set_experts_implementation('eager')`.", new_size, row_bytes)
     config.head_dim = _head_dim(config)
     config.intermediate_size = new_size
     config.num_key_value_heads = new_groups
