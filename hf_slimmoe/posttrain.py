@@ -288,23 +288,28 @@ class SFTDistillationTrainer(SFTTrainer):
             teacher_model = args.teacher_model_name_or_path
         if isinstance(teacher_model, str):
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **(args.model_init_kwargs or {}))
+        if teacher_model is not None and isinstance(model, PreTrainedModel):
+            _check_vocab(model, teacher_model)  # before any data preparation
         super().__init__(model, args=args, **kwargs)
         self.data_collator = _TeacherTopkCollator(self.data_collator, padding_free=bool(args.padding_free))
         if teacher_model is not None:
             _check_vocab(self.accelerator.unwrap_model(self.model), teacher_model)
             teacher_model.eval().requires_grad_(False)
         self.kd_enabled = args.ce_weight < 1.0
-        if self.kd_enabled and args.teacher_cache_dir is not None and self.train_dataset is not None:
-            self.train_dataset = self._attach_teacher_cache(self.train_dataset, teacher_model, args.teacher_cache_dir)
-            teacher_model = None  # the cache replaces the teacher
-        elif self.kd_enabled and self._has_cache(self.train_dataset) and FINGERPRINT_COLUMN in self.train_dataset.column_names:
+        train = self.train_dataset
+        if self.kd_enabled and args.teacher_cache_dir is not None and train is not None:
+            self.train_dataset = self._attach_teacher_cache(train, teacher_model, args.teacher_cache_dir)
+            if self.eval_dataset is None:
+                teacher_model = None  # the cache replaces the teacher (kept only to evaluate online)
+        elif self.kd_enabled and self._has_cache(train) and FINGERPRINT_COLUMN in train.column_names:
             vocab_size = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0)
-            check_teacher_cache(self.train_dataset, vocab_size=vocab_size, top_k=args.top_k)
+            check_teacher_cache(train, vocab_size=vocab_size, top_k=args.top_k)
         self.teacher_model = None
         if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset):
             raise ValueError(
                 "SFT distillation (ce_weight < 1) needs a teacher: pass `teacher_model`, set "
-                "`teacher_model_name_or_path`, or give a dataset with cached `teacher_topk_ids`/`teacher_topk_logprobs` "
+                "`teacher_model_name_or_path`, or give a dataset with cached `teacher_topk_ids` / "
+                "`teacher_topk_logprobs` "
                 "columns; set `ce_weight=1.0` for plain SFT."
             )
         if self.kd_enabled and teacher_model is not None:
@@ -401,8 +406,13 @@ class SFTDistillationTrainer(SFTTrainer):
         if cached[0] is not None:
             k = self.args.top_k  # a cache may hold more tokens per position than asked; they are sorted
             teacher_ids, teacher_logprobs = cached[0][:, :-1, :k], cached[1][:, :-1, :k]
-        else:
+        elif self.teacher_model is not None:
             teacher_ids, teacher_logprobs = self._online_teacher_topk(inputs)
+        else:
+            raise ValueError(
+                "This batch has no cached teacher top-k and the trainer has no teacher: give the evaluation data "
+                "cached `teacher_topk_*` columns too, or pass a teacher model."
+            )
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         num_tokens = torch.as_tensor(num_tokens, device=hidden.device).clamp(min=1)
         lm_head = unwrapped.get_output_embeddings() if not hasattr(unwrapped, "get_base_model") else (
@@ -635,7 +645,8 @@ def run_sft(args: PostTrainArguments, config: SFTDistillationConfig, hub: dict[s
     model = _load_model(args.model_name_or_path, args)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     teacher = None
-    if config.teacher_model_name_or_path and config.ce_weight < 1.0:
+    cached = config.teacher_cache_dir and os.path.isdir(config.teacher_cache_dir) and test is None
+    if config.teacher_model_name_or_path and config.ce_weight < 1.0 and not cached:
         teacher = _load_model(config.teacher_model_name_or_path, args)
     trainer = SFTDistillationTrainer(
         model=model, teacher_model=teacher, args=config, train_dataset=train, eval_dataset=test,
@@ -737,7 +748,8 @@ def parse_recipe(
     parser = TrlParser((PostTrainArguments, config_cls))
     unknown = parser.set_defaults_with_config(**values)
     if unknown:
-        raise ValueError(f"Unknown key(s) in {recipe}: {', '.join(k.lstrip('-') for k in unknown[::2])}; see `slimmoe {kind} RECIPE --help`.")
+        keys = ", ".join(k.lstrip("-") for k in unknown[::2])
+        raise ValueError(f"Unknown key(s) in {recipe}: {keys}; `slimmoe {kind} RECIPE --help` lists the fields.")
     args, config = parser.parse_args_into_dataclasses(args=list(overrides or []))
     if kind == "lora":
         args.use_lora = True
@@ -745,7 +757,7 @@ def parse_recipe(
 
 
 def run_recipe(kind: str, recipe: str | None, overrides: list[str] | None = None) -> str:
-    """`slimmoe sft | lora | dpo RECIPE.yaml [--field value ...]`: parse, train, save, card, publish; returns the dir."""
+    """`slimmoe sft | lora | dpo RECIPE.yaml [--field value ...]`: parse, train, save, card, publish; returns it."""
     args, config, hub = parse_recipe(kind, recipe, overrides)
     if kind == "dpo":
         return run_dpo(args, config, hub)

@@ -162,7 +162,8 @@ def test_lora_trains_only_adapters_and_merges_into_a_checkpoint(tiny, tmp_path):
     original = {k: v.clone() for k, v in base.state_dict().items()}
     torch.manual_seed(0)
     trainer = SFTDistillationTrainer(
-        model=base, teacher_model=SlimMoeForCausalLM.from_pretrained(tiny["teacher"]), args=_config(tmp_path, max_steps=6),
+        model=base, teacher_model=SlimMoeForCausalLM.from_pretrained(tiny["teacher"]),
+        args=_config(tmp_path, max_steps=6),
         train_dataset=tiny["sft"], processing_class=tiny["tokenizer"], peft_config=args.lora_config(),
     )
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -252,6 +253,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path):
         model.zero_grad()
         total = sum(trainer.compute_loss(model, dict(b), num_items_in_batch=num_items) for b in batches)
         total.backward()
-        results.append((total.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((total.detach(), grads))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
