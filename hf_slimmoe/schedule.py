@@ -185,9 +185,9 @@ def format_plan(source_config: SlimMoeConfig, stages: Sequence[SlimMoeConfig], b
         table.append(line)
     widths = [max(len(r[c]) for r in [header, *table]) for c in range(len(header))]
     lines = [title] if title else []
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
     lines.append("total parameters: " + " -> ".join(
         human_count(c.num_parameters()) for c in [source_config, *stages]))
     return "\n".join(lines)
