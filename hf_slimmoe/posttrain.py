@@ -620,6 +620,11 @@ def _finish(output_dir: str, method: str, parent: str, teacher: str | None, trai
     }
     with open(os.path.join(output_dir, "stage.json"), "w") as f:
         json.dump(stage, f, indent=2)
+    # the training arguments as JSON rather than Trainer's pickled training_args.bin: a published repo holds no pickle
+    with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+        f.write(trainer.args.to_json_string())
+    if os.path.isfile(os.path.join(output_dir, "training_args.bin")):
+        os.remove(os.path.join(output_dir, "training_args.bin"))
     try:
         from .hub import HubSettings, publish_stage, write_model_card
     except ImportError as e:  # hub.py is a sibling module being written in parallel
@@ -711,6 +716,9 @@ def run_dpo(args: PostTrainArguments, config: DPOConfig, hub: dict[str, Any] | N
         trainer.save_model(config.output_dir)
     if trainer.accelerator.is_main_process:
         training = {"beta": config.beta, "loss_type": list(config.loss_type)}
+        if args.use_lora:
+            training.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                            lora_target_modules=args.lora_target_modules, lora_target_experts=args.lora_target_experts)
         _finish(config.output_dir, "dpo", args.model_name_or_path, None, trainer, args, training, hub)
     return config.output_dir
 

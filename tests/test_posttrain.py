@@ -224,6 +224,8 @@ def test_cli_sft_then_dpo_chain_writes_complete_cards(tiny, tmp_path, monkeypatc
             stage = json.load(f)
         assert stage["method"] == method and stage["parent"] == parent and stage["training"]["steps"] == 3
         assert os.path.isfile(os.path.join(directory, "README.md"))
+        assert os.path.isfile(os.path.join(directory, "training_args.json"))
+        assert not os.path.exists(os.path.join(directory, "training_args.bin"))  # no pickle in a published repo
         SlimMoeForCausalLM.from_pretrained(directory)
         assert AutoTokenizer.from_pretrained(directory).chat_template.strip() == CHAT_TEMPLATE
     assert stage["teacher"] is None
