@@ -3,16 +3,20 @@
 from .config import DistillationConfig
 from .losses import chunked_cross_entropy, teacher_topk, topk_kl_loss
 from .teacher_cache import cache_teacher_topk, check_teacher_cache, input_ids_fingerprint, teacher_topk_from_model
+from .run import DistillScriptArguments, load_token_dataset, run_distill
 from .trainer import DistillationCollator, DistillationTrainer
 
 __all__ = [
     "DistillationCollator",
     "DistillationConfig",
     "DistillationTrainer",
+    "DistillScriptArguments",
     "cache_teacher_topk",
     "check_teacher_cache",
     "chunked_cross_entropy",
     "input_ids_fingerprint",
+    "load_token_dataset",
+    "run_distill",
     "teacher_topk",
     "teacher_topk_from_model",
     "topk_kl_loss",

@@ -40,10 +40,10 @@ def teacher_topk(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> 
 def _chunk_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
-    logits = hidden @ weight.t()  # (C, V), in the compute dtype of the model
-    if bias is not None:
-        logits = logits + bias
-    return logits.float() / temperature
+    # (C, V) in the model's dtype, bias fused; then float32 and the temperature in place (no extra (C, V) copies)
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 class _WeightedTokenCrossEntropy(torch.autograd.Function):
