@@ -289,3 +289,20 @@ def test_cache_teacher_and_distill_commands_under_torchrun(tmp_path):
     assert any("kd_loss" in log and "aux_loss" in log for log in state["log_history"])
     assert (tmp_path / "distilled" / "model.safetensors").exists()
     assert '"eval_kl"' in result.stdout and '"eval_top1_agreement"' in result.stdout
+
+
+def test_collator_pads_and_keeps_row_labels():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9]}]
+    batch = DistillationCollator(pad_token_id=1)([rows[1] | {"labels": [8, 9]}, rows[0]])
+    assert batch["input_ids"].tolist() == [[8, 9, 1], [5, 6, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["labels"].tolist() == [[8, 9, -100], [-100, 6, 7]]
+    assert DistillationCollator()([rows[1]])["labels"].tolist() == [[8, 9]]
+
+
+def test_empty_mask_gives_zero_loss_and_gradients():
+    h, w, b, teacher_logits, _ = _problem(dtype=torch.float32)
+    ids, logprobs = teacher_topk(teacher_logits, 8)
+    loss = topk_kl_loss(h, w, b, ids, logprobs, torch.zeros(h.size(0), dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0

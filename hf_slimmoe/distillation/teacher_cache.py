@@ -13,6 +13,7 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
@@ -107,34 +108,41 @@ def check_teacher_cache(dataset: Dataset, vocab_size: int | None = None, top_k: 
             f"The dataset has no teacher cache columns {missing}: build them with `cache_teacher_topk` / "
             "`slimmoe cache-teacher`, or give the trainer a teacher model."
         )
-    bad_rows = []
-    for index, (ids, fingerprint) in enumerate(zip(dataset["input_ids"], dataset[FINGERPRINT_COLUMN])):
-        if input_ids_fingerprint(ids) != fingerprint:
-            bad_rows.append(index)
+    bad_rows = [index for index, (expected, cached) in
+                enumerate(zip(_fingerprints(dataset), dataset[FINGERPRINT_COLUMN])) if expected != cached]
     if bad_rows:
         raise ValueError(
             f"The teacher cache does not match its dataset: {len(bad_rows)} of {len(dataset)} rows have input_ids "
             f"whose fingerprint differs from the cached one (first rows: {bad_rows[:5]}). Rebuild the cache for "
             "this dataset with `slimmoe cache-teacher`, and do not re-tokenize, shuffle or filter it after caching."
         )
-    first = dataset[0]
-    cached_k = len(first[TOPK_IDS_COLUMN][0]) if len(first[TOPK_IDS_COLUMN]) else 0
-    if top_k is not None and cached_k < top_k:
+    if len(dataset) == 0:
+        return
+    table = dataset.with_format("arrow").select_columns(["input_ids", TOPK_IDS_COLUMN])[:]
+    positions = table.column(TOPK_IDS_COLUMN).combine_chunks()  # list<list<int32>>: rows -> positions -> k
+    if pc.any(pc.not_equal(pc.list_value_length(positions), pc.list_value_length(table.column("input_ids")))).as_py():
+        raise ValueError("Some rows have a different number of cached positions than tokens; rebuild the cache.")
+    per_position = positions.flatten()  # list<int32> per token
+    lengths = pc.list_value_length(per_position)
+    cached_k = pc.min(lengths).as_py() if len(per_position) else 0
+    if top_k is not None and cached_k is not None and cached_k < top_k:
         raise ValueError(f"The teacher cache stores k={cached_k} tokens per position but top_k={top_k} was asked; "
                          f"use top_k <= {cached_k} or rebuild the cache with a larger top_k.")
-    if len(first[TOPK_IDS_COLUMN]) != len(first["input_ids"]):
-        raise ValueError(
-            f"Row 0 has {len(first['input_ids'])} tokens but {len(first[TOPK_IDS_COLUMN])} cached positions; "
-            "rebuild the cache."
-        )
-    if vocab_size is not None:
-        max_id = max((int(np.max(np.asarray(r, dtype=np.int64))) for r in dataset[TOPK_IDS_COLUMN] if len(r)),
-                     default=-1)
-        if max_id >= vocab_size:
+    if vocab_size is not None and len(per_position):
+        max_id = pc.max(per_position.flatten()).as_py()
+        if max_id is not None and max_id >= vocab_size:
             raise ValueError(
                 f"The teacher cache holds token id {max_id}, outside the student's vocabulary of {vocab_size}: "
                 "teacher and student vocabularies must match."
             )
+
+
+def _fingerprints(dataset: Dataset, batch_size: int = 1024) -> list[str]:
+    """Fingerprints of every row's `input_ids`, read in batches."""
+    fingerprints = []
+    for batch in dataset.select_columns(["input_ids"]).iter(batch_size=batch_size):
+        fingerprints.extend(input_ids_fingerprint(ids) for ids in batch["input_ids"])
+    return fingerprints
 
 
 def cache_teacher_topk(
@@ -180,7 +188,7 @@ def cache_teacher_topk(
         if os.path.isdir(output_dir):
             cached = load_from_disk(output_dir)
             check_teacher_cache(cached, vocab_size=vocab_size, top_k=top_k)
-            if len(cached) != len(dataset) or cached["input_ids"] != dataset["input_ids"]:
+            if cached[FINGERPRINT_COLUMN] != _fingerprints(dataset):
                 raise ValueError(f"{output_dir} holds a teacher cache for other data; remove it or pick another path.")
             logger.info("Reusing the teacher cache at %s", output_dir)
             return cached
@@ -199,7 +207,7 @@ def cache_teacher_topk(
             path = _shard_path(work_dir, shard_index) if output_dir is not None else None
             if path is not None and os.path.exists(path):
                 shard = Dataset.from_parquet(path, features=_CACHE_FEATURES)
-                if shard[FINGERPRINT_COLUMN] == [input_ids_fingerprint(ids) for ids in rows["input_ids"]]:
+                if shard[FINGERPRINT_COLUMN] == _fingerprints(rows):
                     shards.append(shard)
                     progress.update(len(rows))
                     continue

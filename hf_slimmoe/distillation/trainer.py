@@ -33,8 +33,10 @@ class DistillationCollator:
     """
     Right-pads rows of `input_ids` (+ optional `attention_mask` and teacher cache columns) into a batch.
 
-    Returns `input_ids`, `attention_mask` and `labels` (`input_ids` with padding set to -100), all `(B, T)`, and when
-    the rows carry a cache, `teacher_topk_ids` (int64) and `teacher_topk_logprobs` (float32), `(B, T, k)`.
+    Returns `input_ids`, `attention_mask` and `labels`, all `(B, T)`, and when the rows carry a cache,
+    `teacher_topk_ids` (int64) and `teacher_topk_logprobs` (float32), `(B, T, k)`. `labels` are the rows' own
+    `labels` when they have them (-100 marks tokens that are not distilled), else `input_ids` with padding at -100;
+    KD, CE and the evaluation metrics count position `t` when `labels[t + 1] != -100`.
     """
 
     pad_token_id: int = 0
@@ -48,11 +50,12 @@ class DistillationCollator:
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             mask = feature.get("attention_mask")
             attention_mask[row, :length] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, -100),
-        }
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        if features[0].get("labels") is not None:  # e.g. prompt tokens masked with -100: only the rest is distilled
+            labels = torch.full((batch_size, seq_len), -100, dtype=torch.long)
+            for row, (feature, length) in enumerate(zip(features, lengths)):
+                labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if features[0].get(TOPK_IDS_COLUMN) is not None:
             top_k = len(features[0][TOPK_IDS_COLUMN][0])
             ids = torch.zeros((batch_size, seq_len, top_k), dtype=torch.long)
