@@ -481,8 +481,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain values with every default filled in (the `hub:` section through `HubSettings` too)."""
     values = dataclasses.asdict(recipe)
     values.pop("source", None)
+    hub = _check_hub(recipe.hub)
+    if hub is not None:
+        values["hub"] = dataclasses.asdict(hub)
     return values
 
 

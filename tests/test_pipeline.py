@@ -134,6 +134,11 @@ def test_multi_stage_killed_in_stage_2_resumes_without_redoing_stage_1(tmp_path)
     assert [p["tokens"] for p in stage2] == [p["step"] * 128 for p in stage2]
     assert trajectory["points"][0] == {**trajectory["points"][0], "stage": 0, "tokens": 0, "eval_kl": 0.0}
     assert stage2[-1]["num_parameters"] == model.num_parameters()
+    # the resolved recipe in OUTPUT_DIR loads again and carries the full hub section `slimmoe push` reads
+    from hf_slimmoe.hub import read_hub_settings
+
+    assert load_recipe(out / "recipe.yaml").stages.budget.steps == [8, 60]
+    assert read_hub_settings(out).layout == "repo-per-stage"
 
 
 @pytest.mark.parametrize("method", ["one-stage", "iterative"])
