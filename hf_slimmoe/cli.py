@@ -465,7 +465,9 @@ def _run_plan(args) -> int:
 
         recipe = load_recipe(args.recipe)
         if args.json:
-            teacher = recipe.teacher_config()
+            from .pipeline import read_teacher_config
+
+            teacher = recipe.teacher_config() or read_teacher_config(recipe)
             print(json.dumps(plan_rows(teacher, recipe.stage_configs(teacher)), indent=2))
         else:
             print(plan_text(recipe))

@@ -138,7 +138,7 @@ def check_source(source: DataSource, key: str, recipe_dir: str | None) -> None:
 
 
 def read_source(source: DataSource, key: str, recipe_dir: str | None):
-    """A `datasets.Dataset` of documents with the column `source.text_field`."""
+    """A `datasets.Dataset` of documents with the column `source.text_field` (or of pre-tokenized `input_ids`)."""
     import datasets
 
     if source.type == "text_files":
@@ -155,7 +155,7 @@ def read_source(source: DataSource, key: str, recipe_dir: str | None):
             dataset = dataset[source.split]
     else:
         dataset = datasets.load_dataset(source.path, source.name, split=source.split)
-    if source.text_field not in dataset.column_names:
+    if source.text_field not in dataset.column_names and "input_ids" not in dataset.column_names:
         raise ValueError(f"{key}.text_field {source.text_field!r} is not a column of {source.path or source.glob} "
                          f"(columns: {dataset.column_names}).")
     if source.max_examples is not None:
@@ -190,8 +190,11 @@ def load_blocks(recipe: Recipe, tokenizer) -> dict:
         if source is None:
             blocks[name] = blocks["train"] if name == "calibration" else None
             continue
-        dataset = pack(read_source(source, f"data.{name}", recipe_dir), tokenizer, d.block_size, source.text_field,
-                       d.num_proc)
+        dataset = read_source(source, f"data.{name}", recipe_dir)
+        if "input_ids" in dataset.column_names:  # pre-tokenized blocks (e.g. a packed load_from_disk dataset): as is
+            dataset = dataset.select_columns(["input_ids"])
+        else:
+            dataset = pack(dataset, tokenizer, d.block_size, source.text_field, d.num_proc)
         if len(dataset) == 0:
             raise ValueError(f"data.{name} gives no block of data.block_size={d.block_size} tokens; add text or "
                              "lower data.block_size.")
@@ -326,10 +329,7 @@ def _teacher_paths(recipe: Recipe, paths: RunPaths) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------------- checks
 def plan_text(recipe: Recipe, teacher_config: SlimMoeConfig | None = None) -> str:
     """The stage table of a recipe (from its numbers only unless `teacher_config` is given)."""
-    teacher_config = teacher_config or recipe.teacher_config()
-    if teacher_config is None:
-        raise ValueError("the recipe has no teacher.architecture: add the teacher's config.json sizes to plan "
-                         "without loading it, or run `slimmoe compress RECIPE --dry-run` to read them.")
+    teacher_config = teacher_config or recipe.teacher_config() or read_teacher_config(recipe)
     stages = recipe.stage_configs(teacher_config)
     per_step = recipe.tokens_per_step(world_size())
     budgets = [f"{s:,} steps ({human_count(s * per_step)} tokens)" for s in recipe.stage_steps(world_size())]
