@@ -18,15 +18,18 @@ import json
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.models.utils import _ForwardRedirection
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .distillation.losses import teacher_topk, topk_kl_loss
 from .distillation.teacher_cache import FINGERPRINT_COLUMN, cache_teacher_topk, check_teacher_cache
@@ -181,11 +184,14 @@ class PostTrainArguments:
 
 
 # -------------------------------------------------------------------------------------------- teacher top-k
+def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers causal LM inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder (the module whose output feeds `lm_head`) of a causal LM, through PEFT if present."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.base_model
+    return _causal_lm(model).base_model
 
 
 @torch.no_grad()
@@ -312,6 +318,7 @@ class SFTDistillationTrainer(SFTTrainer):
                 "`teacher_topk_logprobs` "
                 "columns; set `ce_weight=1.0` for plain SFT."
             )
+        self._forward_redirection = _ForwardRedirection()
         if self.kd_enabled and teacher_model is not None:
             if self.is_deepspeed_enabled:
                 self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
@@ -387,6 +394,25 @@ class SFTDistillationTrainer(SFTTrainer):
             self.args.kd_chunk_size,
         )
 
+    def _student_forward(
+        self, student: torch.nn.Module, inputs: dict[str, Any], teacher_ids: torch.Tensor,
+        teacher_logprobs: torch.Tensor,
+    ) -> tuple[Any, torch.Tensor]:
+        """Student forward with TRL's fused LM head, and the KD sum from its last hidden state (inside the wrapper)."""
+        outputs, hidden = _forward_hidden(student, _backbone(student), **inputs, fused_lm_head=True)
+        lm_head = _causal_lm(student).get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        if isinstance(weight, DTensor):  # FSDP2 shards: gather the head once for the chunked projection
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3
+            kd_sum = topk_kl_loss(
+                hidden[:, :-1].to(weight.device), weight, bias, teacher_ids, teacher_logprobs, outputs.label_mask,
+                temperature=self.args.temperature, renormalize=self.args.renormalize_topk,
+                chunk_size=self.args.kd_chunk_size, reduction="sum",
+            )  # (B, T-1) positions: position t predicts token t + 1
+        return outputs, kd_sum
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.kd_enabled:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -400,9 +426,6 @@ class SFTDistillationTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        unwrapped = self.accelerator.unwrap_model(model)
-        outputs, hidden = _forward_hidden(model, _backbone(unwrapped), **inputs, fused_lm_head=True)
-        mask = outputs.label_mask  # (B, T-1): next-token label is not -100
         if cached[0] is not None:
             k = self.args.top_k  # a cache may hold more tokens per position than asked; they are sorted
             teacher_ids, teacher_logprobs = cached[0][:, :-1, :k], cached[1][:, :-1, :k]
@@ -413,16 +436,14 @@ class SFTDistillationTrainer(SFTTrainer):
                 "This batch has no cached teacher top-k and the trainer has no teacher: give the evaluation data "
                 "cached `teacher_topk_*` columns too, or pass a teacher model."
             )
+        unwrapped = self.accelerator.unwrap_model(model)
+        # Through the wrapper's forward, so DDP prepares its gradient sync and FSDP gathers the student's shards
+        outputs, kd_sum = self._forward_redirection(
+            model, unwrapped, self._student_forward, unwrapped, inputs, teacher_ids, teacher_logprobs
+        )
+        mask = outputs.label_mask  # (B, T-1): next-token label is not -100
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        num_tokens = torch.as_tensor(num_tokens, device=hidden.device).clamp(min=1)
-        lm_head = unwrapped.get_output_embeddings() if not hasattr(unwrapped, "get_base_model") else (
-            unwrapped.get_base_model().get_output_embeddings()
-        )
-        kd_sum = topk_kl_loss(
-            hidden[:, :-1], lm_head.weight, lm_head.bias, teacher_ids, teacher_logprobs, mask,
-            temperature=self.args.temperature, renormalize=self.args.renormalize_topk,
-            chunk_size=self.args.kd_chunk_size, reduction="sum",
-        )
+        num_tokens = torch.as_tensor(num_tokens, device=kd_sum.device).clamp(min=1)
         ce_sum = -outputs.log_probs.sum()
         loss = (self.args.ce_weight * ce_sum + (1.0 - self.args.ce_weight) * kd_sum) / num_tokens
         # As in `SFTTrainer.compute_loss`: the token count covers all ranks and DDP averages the gradients
