@@ -469,6 +469,7 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
     # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
     # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
     run_args = _training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)
+    is_main = run_args.process_index == 0  # only the main process writes run files
     with run_args.main_process_first(desc="preparing the run"):
         os.makedirs(paths.output_dir, exist_ok=True)
         save_recipe(recipe, paths.recipe)
@@ -513,8 +514,9 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
     else:
         teacher_metrics = _eval_only(teacher, online_teacher, eval_set, recipe,
                                      os.path.join(paths.output_dir, ".teacher-eval"), tokenizer) or {}
-        shutil.rmtree(os.path.join(paths.output_dir, ".teacher-eval"), ignore_errors=True)
-        _write_json(teacher_eval_path, teacher_metrics)
+        if is_main:
+            shutil.rmtree(os.path.join(paths.output_dir, ".teacher-eval"), ignore_errors=True)
+            _write_json(teacher_eval_path, teacher_metrics)
     trajectory = {
         "teacher": {"name": recipe.teacher.model if recipe.teacher.model != BUILD_TEACHER else teacher_path,
                     "num_parameters": teacher.config.num_parameters(),
@@ -535,11 +537,13 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
             trajectory = _read_json(os.path.join(final_dir, "trajectory.json"))
             tokens_done += info["training"]["tokens"]
             steps_done += info["training"]["steps"]
-            shutil.rmtree(work_dir, ignore_errors=True)
+            if is_main:
+                shutil.rmtree(work_dir, ignore_errors=True)
             logger.info("Stage %d/%d is finished in %s; skipping it.", i, num_stages, final_dir)
             parent = final_dir
             continue
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # a half-written stage is never reused
+        if is_main:
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # a half-written stage is never reused
         os.makedirs(work_dir, exist_ok=True)
         last_stage = i == num_stages
         early = (recipe.method == "multi-stage" and not last_stage and recipe.early_stopping.enabled
@@ -575,10 +579,12 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
         # 3. Distill from the original teacher; evaluate the freshly pruned model once first.
         checkpoints = os.path.join(work_dir, "checkpoints")
         pruned_eval_path = os.path.join(work_dir, "pruned_eval.json")
-        if not os.path.isfile(pruned_eval_path):
-            metrics = _eval_only(model, online_teacher, eval_set, recipe, checkpoints, tokenizer) or {}
-            _write_json(pruned_eval_path, metrics)
-        pruned_metrics = _read_json(pruned_eval_path)
+        if os.path.isfile(pruned_eval_path):
+            pruned_metrics = _read_json(pruned_eval_path)
+        else:
+            pruned_metrics = _eval_only(model, online_teacher, eval_set, recipe, checkpoints, tokenizer) or {}
+            if is_main:
+                _write_json(pruned_eval_path, pruned_metrics)
         args = _training_args(recipe, checkpoints, max_steps=max_steps, early_stopping=early)
         if early:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping.patience,
@@ -654,7 +660,8 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
             trainer.accelerator.wait_for_everyone()
         parent, tokens_done, steps_done = final_dir, tokens_done + stage_tokens, steps_done + steps
         del trainer, model
-    _write_json(paths.trajectory, trajectory)
+    if is_main:
+        _write_json(paths.trajectory, trajectory)
     return paths.output_dir
 
 
