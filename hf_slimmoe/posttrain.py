@@ -590,15 +590,38 @@ def load_train_eval(args: PostTrainArguments, kind: str) -> tuple[Dataset, Datas
         test = splits[args.dataset_test_split] if args.dataset_test_split else None
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
-    return train, test
+    return _format_columns(train, kind), None if test is None else _format_columns(test, kind)
+
+
+# Columns TRL reads, by dataset format, most specific first (e.g. UltraChat has `messages` and a plain `prompt`)
+_FORMATS = {
+    "sft": (("messages",), ("prompt", "completion"), ("text",)),
+    "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
+}
+
+
+def _format_columns(dataset: Dataset, kind: str) -> Dataset:
+    """Keep the columns of the first TRL dataset format `dataset` has, so extra columns cannot change its format."""
+    if "input_ids" in dataset.column_names:  # already tokenized: TRL uses it as is
+        return dataset
+    for columns in _FORMATS[kind]:
+        if all(c in dataset.column_names for c in columns):
+            extra = [c for c in dataset.column_names if c not in columns and c not in ("tools", "labels")]
+            if extra:
+                logger.info("Using the %s columns of the dataset; ignoring %s", "/".join(columns), extra)
+            return dataset.remove_columns(extra)
+    raise ValueError(
+        f"The dataset has columns {dataset.column_names}, none of the {kind} formats TRL reads: "
+        + "; ".join(" + ".join(f) for f in _FORMATS[kind]) + "."
+    )
 
 
 # -------------------------------------------------------------------------------------------------- running
-def _load_model(path: str, args: PostTrainArguments) -> PreTrainedModel:
+def _load_model(path: str, args: PostTrainArguments, **kwargs) -> PreTrainedModel:
     if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
         raise FileNotFoundError(f"No model directory at {path}.")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
 
 def _maybe_tiny_init(args: PostTrainArguments, *paths: str | None) -> None:
@@ -673,7 +696,7 @@ def run_sft(args: PostTrainArguments, config: SFTDistillationConfig, hub: dict[s
     teacher = None
     cached = config.teacher_cache_dir and os.path.isdir(config.teacher_cache_dir) and test is None
     if config.teacher_model_name_or_path and config.ce_weight < 1.0 and not cached:
-        teacher = _load_model(config.teacher_model_name_or_path, args)
+        teacher = _load_model(config.teacher_model_name_or_path, args, trust_remote_code=config.trust_remote_code)
     trainer = SFTDistillationTrainer(
         model=model, teacher_model=teacher, args=config, train_dataset=train, eval_dataset=test,
         processing_class=tokenizer, peft_config=args.lora_config(),
