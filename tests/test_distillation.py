@@ -340,3 +340,20 @@ def test_ddp_ranks_stay_in_sync(tmp_path):
     assert ranks[0]["wrapper"] == "DistributedDataParallel"
     assert not torch.equal(ranks[0]["final"], ranks[0]["initial"])
     torch.testing.assert_close(ranks[0]["final"], ranks[1]["final"], atol=0, rtol=0)
+
+
+def test_distill_command_with_online_teacher_and_bad_yaml(tmp_path, capsys):
+    teacher = _teacher()
+    teacher.save_pretrained(tmp_path / "teacher")
+    _pruned_student(teacher).save_pretrained(tmp_path / "student")
+    _token_dataset(8).save_to_disk(str(tmp_path / "train"))
+    common = ["distill", "--student", str(tmp_path / "student"), "--dataset", str(tmp_path / "train"),
+              "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none",
+              "--save_strategy", "no", "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
+    assert slimmoe_main(common + ["--max_steps", "2", "--teacher_model_name_or_path", str(tmp_path / "teacher")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert slimmoe_main(common + ["--max_steps", "2"]) == 2  # no teacher and no cache
+    assert "no teacher top-k cache" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("top_kk: 8\n")
+    assert slimmoe_main(["distill", "--config", str(tmp_path / "bad.yaml")] + common[1:]) == 2
+    assert "top_kk" in capsys.readouterr().err
