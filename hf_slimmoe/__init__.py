@@ -18,6 +18,7 @@ from .distillation import (
     teacher_topk,
     topk_kl_loss,
 )
+from .posttrain import SFTDistillationConfig, SFTDistillationTrainer
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,4 @@ register_checkpoint_conversion_mapping(
 
 __all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "__version__", "teacher_topk", "topk_kl_loss",
            "DistillationConfig", "DistillationTrainer", "cache_teacher_topk", "plan_stages",
-           "SensitivityScores", "compute_sensitivity"]
+           "SensitivityScores", "compute_sensitivity", "SFTDistillationConfig", "SFTDistillationTrainer"]
