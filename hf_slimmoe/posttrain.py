@@ -617,9 +617,18 @@ def _format_columns(dataset: Dataset, kind: str) -> Dataset:
 
 
 # -------------------------------------------------------------------------------------------------- running
+def _check_model_paths(**paths: str | None) -> None:
+    """Fail before any work on a local model path that does not exist (a Hub id is `owner/name`)."""
+    for what, path in paths.items():
+        if path and not os.path.isdir(path) and (path.count("/") != 1 or path.startswith((".", "/"))):
+            raise FileNotFoundError(
+                f"No model directory at {path} ({what}): make it first (for the tiny recipes, "
+                "`slimmoe compress recipes/tiny-cpu.yaml` then `slimmoe sft recipes/tiny-sft.yaml`), or pass "
+                "`--tiny_init true` with new paths to build tiny random models."
+            )
+
+
 def _load_model(path: str, args: PostTrainArguments, **kwargs) -> PreTrainedModel:
-    if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
-        raise FileNotFoundError(f"No model directory at {path}.")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
@@ -690,6 +699,8 @@ def _resume(config) -> str | None:
 def run_sft(args: PostTrainArguments, config: SFTDistillationConfig, hub: dict[str, Any] | None = None) -> str:
     """SFT with top-k KD (and LoRA when `args.use_lora`): train, save a complete model to `config.output_dir`."""
     _maybe_tiny_init(args, args.model_name_or_path, config.teacher_model_name_or_path)
+    _check_model_paths(model_name_or_path=args.model_name_or_path,
+                       teacher_model_name_or_path=config.teacher_model_name_or_path)
     train, test = load_train_eval(args, "sft")
     model = _load_model(args.model_name_or_path, args)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -740,6 +751,7 @@ def save_lora(model, output_dir: str, tokenizer=None, merge: bool = True) -> str
 def run_dpo(args: PostTrainArguments, config: DPOConfig, hub: dict[str, Any] | None = None) -> str:
     """DPO with `trl.DPOTrainer` on the SFT model; the reference model is handled as TRL does it."""
     _maybe_tiny_init(args, args.model_name_or_path)
+    _check_model_paths(model_name_or_path=args.model_name_or_path, ref_model_name_or_path=args.ref_model_name_or_path)
     train, test = load_train_eval(args, "preference")
     model = _load_model(args.model_name_or_path, args)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)

@@ -133,6 +133,11 @@ def test_clear_errors_before_training(tiny, tmp_path):
                                train_dataset=tiny["sft"], processing_class=tiny["tokenizer"])
     with pytest.raises(ValueError, match="ce_weight"):
         _config(tmp_path, ce_weight=1.5)
+    from hf_slimmoe.posttrain import run_recipe
+
+    with pytest.raises(FileNotFoundError, match="No model directory"):  # before any data or model loading
+        run_recipe("sft", _write_yaml(tmp_path, {"model_name_or_path": str(tmp_path / "missing"), "use_cpu": True,
+                                                 "bf16": False, "output_dir": str(tmp_path / "o")}))
     with pytest.raises(ValueError, match="Unknown key"):
         parse_recipe("sft", _write_yaml(tmp_path, {"model_name_or_path": "x", "no_such_field": 1}))
 
