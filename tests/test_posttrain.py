@@ -213,15 +213,43 @@ def test_dpo_loss_goes_down(tiny, tmp_path):
     assert history[-1]["rewards/margins"] > 0
 
 
-def test_cli_sft_then_dpo_chain_writes_complete_cards(tiny, tmp_path, monkeypatch):
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """The project's local Hub stand-in on 127.0.0.1, with `huggingface_hub` pointed at it."""
+    import sys
+
+    from huggingface_hub import constants
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hub_server import LocalHub
+
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    monkeypatch.setenv("HF_TOKEN", "hf_posttrainTestToken")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    with LocalHub(token="hf_posttrainTestToken", user="tester") as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        yield server
+
+
+def test_cli_sft_then_dpo_chain_writes_complete_cards_and_publishes(tiny, tmp_path, monkeypatch, local_hub):
+    import yaml
+
     from hf_slimmoe.cli import main
 
     monkeypatch.chdir(os.path.dirname(RECIPES))
     sft_dir, dpo_dir = str(tmp_path / "sft"), str(tmp_path / "dpo")
+    with open(os.path.join(RECIPES, "tiny-sft.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    recipe["hub"] = {"push_to_hub": True, "repo_id": "{user}/tiny-slimmoe-{stage}", "private": True}
     common = ["--max_steps", "3", "--max_train_samples", "16", "--logging_steps", "1"]
-    assert main(["sft", "recipes/tiny-sft.yaml", "--tiny_init", "true", "--model_name_or_path",
+    assert main(["sft", _write_yaml(tmp_path, recipe), "--tiny_init", "true", "--model_name_or_path",
                  str(tmp_path / "m" / "student"), "--teacher_model_name_or_path", str(tmp_path / "m" / "teacher"),
                  "--output_dir", sft_dir, *common]) == 0
+    assert local_hub.commits("tester/tiny-slimmoe-sft")  # published with its card, like a compression stage
     assert main(["dpo", "recipes/tiny-dpo.yaml", "--model_name_or_path", sft_dir, "--output_dir", dpo_dir,
                  *common]) == 0
     for directory, method, parent in ((sft_dir, "sft", str(tmp_path / "m" / "student")), (dpo_dir, "dpo", sft_dir)):
