@@ -457,6 +457,12 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
     teacher_config = check(recipe)
     if dry_run:
         return recipe.output_dir
+    paths = RunPaths(recipe.output_dir)
+    planned = range(1, len(recipe.stage_configs(teacher_config)) + 1)
+    if all(is_finished_stage(paths.stage(i)) for i in planned):
+        logger.info("All %d stages of %s are finished in %s; nothing to do.", len(planned), recipe.name,
+                    paths.output_dir)
+        return paths.output_dir
     logger.info("Plan:\n%s", plan_text(recipe, teacher_config))
 
     from transformers import AutoTokenizer, set_seed
@@ -465,7 +471,6 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
     from .modeling_slimmoe import SlimMoeForCausalLM
     from .pruning import SensitivityScores, compute_sensitivity
 
-    paths = RunPaths(recipe.output_dir)
     # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
     # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
     run_args = _training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)

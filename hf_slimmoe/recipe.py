@@ -68,7 +68,8 @@ class TeacherSettings:
 @dataclass
 class DataSource:
     """One dataset: `text_files` (a glob or list of paths, read as text), `disk` (`datasets.load_from_disk`) or
-    `hub` (`datasets.load_dataset(path, name, split=split)`)."""
+    `hub` (`datasets.load_dataset(path, name, split=split)`). Documents are tokenized and packed into
+    `data.block_size` blocks; a dataset that already has an `input_ids` column (packed blocks) is used as is."""
 
     type: Literal["text_files", "disk", "hub"] = "text_files"
     paths: list[str] | None = None
