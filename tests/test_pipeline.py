@@ -260,3 +260,30 @@ def test_vocabulary_mismatch_is_caught_before_compute(tmp_path):
     values = tiny_recipe(tmp_path / "out", teacher={"model": str(teacher)})
     with pytest.raises(ValueError, match="teacher and student vocabularies must match"):
         compress(recipe_from_dict(values), dry_run=True)
+
+
+def test_data_sources_text_files_disk_and_pretokenized(tmp_path):
+    """text_files and load_from_disk documents are packed into block_size blocks joined by EOS; a dataset that
+    already has input_ids is used as is; calibration defaults to the training blocks."""
+    import datasets
+
+    from hf_slimmoe.pipeline import _train_tokenizer, load_blocks
+
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    tokenizer = _train_tokenizer([str(tmp_path / "a.txt")], 300)
+    datasets.Dataset.from_dict({"body": ["print('hello')\n" * 50] * 3}).save_to_disk(str(tmp_path / "docs"))
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 5}).save_to_disk(str(tmp_path / "blocks"))
+    values = tiny_recipe(tmp_path / "out", data={
+        "train": {"type": "text_files", "paths": [str(tmp_path / "a.txt")]},
+        "eval": {"type": "disk", "path": str(tmp_path / "docs"), "text_field": "body"},
+        "block_size": 16, "eval_blocks": 4, "calibration_blocks": 3})
+    blocks = load_blocks(recipe_from_dict(values), tokenizer)
+    assert all(len(row) == 16 for row in blocks["train"]["input_ids"]) and len(blocks["eval"]) == 4
+    assert blocks["calibration"]["input_ids"] == blocks["train"]["input_ids"][:3]
+    stream = [t for row in blocks["train"]["input_ids"] for t in row]
+    assert tokenizer.decode(stream).startswith("def f(x):\n    return x + 1\n")
+    values["data"]["eval"] = {"type": "disk", "path": str(tmp_path / "blocks")}
+    assert load_blocks(recipe_from_dict(values), tokenizer)["eval"]["input_ids"] == [[1, 2, 3, 4]] * 4
+    values["data"]["eval"] = {"type": "disk", "path": str(tmp_path / "docs")}  # no 'text' column
+    with pytest.raises(ValueError, match="data.eval.text_field 'text'"):
+        load_blocks(recipe_from_dict(values), tokenizer)
