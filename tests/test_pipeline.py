@@ -287,3 +287,40 @@ def test_data_sources_text_files_disk_and_pretokenized(tmp_path):
     values["data"]["eval"] = {"type": "disk", "path": str(tmp_path / "docs")}  # no 'text' column
     with pytest.raises(ValueError, match="data.eval.text_field 'text'"):
         load_blocks(recipe_from_dict(values), tokenizer)
+
+
+def test_iterative_masks_compute_what_the_pruned_model_computes():
+    """The masked full-size model equals the physically pruned one; a resumed callback reads the masks back."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
+    from hf_slimmoe.pipeline import IterativeMaskCallback
+
+    config = SlimMoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           attention_bias=True, lm_head_bias=True)
+    torch.manual_seed(0)
+    model = SlimMoeForCausalLM(config).eval()
+    calibration = [{"input_ids": torch.randint(0, 64, (4, 16))} for _ in range(2)]
+    target = config.slimmed(intermediate_size=16, num_key_value_heads=1)
+    callback = IterativeMaskCallback(model, target, calibration, teacher=None, criterion="kd", top_k=8,
+                                     mask_every_steps=1, target_step=4, expert_multiple=16)
+    assert [callback.sizes_at(s) for s in (0, 2, 4, 9)] == [(64, 2), (32, 1), (16, 1), (16, 1)]
+    callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    callback.on_step_end(None, SimpleNamespace(global_step=2), None)
+    assert int(callback.expert_keep[0][0].sum()) == 32 and int(callback.group_keep[0].sum()) == 1
+    callback.on_step_end(None, SimpleNamespace(global_step=4), None)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        masked = model(ids).logits
+    resumed = IterativeMaskCallback(model, target, calibration, teacher=None, criterion="kd", top_k=8,
+                                    mask_every_steps=1, target_step=4, expert_multiple=16)
+    resumed.on_train_begin(None, SimpleNamespace(global_step=4), None)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.expert_keep, callback.expert_keep))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.group_keep, callback.group_keep))
+    pruned, _ = callback.finalize(model)
+    assert (pruned.config.intermediate_size, pruned.config.num_key_value_heads) == (16, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, masked, rtol=1e-5, atol=1e-5)
