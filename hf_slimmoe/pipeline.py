@@ -33,7 +33,6 @@ import dataclasses
 import glob as globlib
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -94,7 +93,8 @@ def world_size() -> int:
 def is_finished_stage(directory: str) -> bool:
     """A stage directory is finished when it exists under its final name with stage.json, config.json and weights
     (stage directories are only ever renamed into place once complete)."""
-    return (os.path.isfile(os.path.join(directory, "stage.json")) and os.path.isfile(os.path.join(directory, "config.json"))
+    return (os.path.isfile(os.path.join(directory, "stage.json"))
+            and os.path.isfile(os.path.join(directory, "config.json"))
             and os.path.isfile(os.path.join(directory, "model.safetensors")))
 
 
@@ -261,7 +261,8 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     if b.pretrain_steps > 0:
         train = load_blocks(recipe, tokenizer)["train"]
         args = TrainingArguments(
-            output_dir=os.path.join(tmp, "pretrain"), max_steps=b.pretrain_steps, learning_rate=b.pretrain_learning_rate,
+            output_dir=os.path.join(tmp, "pretrain"), max_steps=b.pretrain_steps,
+            learning_rate=b.pretrain_learning_rate,
             per_device_train_batch_size=b.pretrain_batch_size, lr_scheduler_type="cosine", warmup_steps=0,
             save_strategy="no", report_to=[], logging_steps=max(1, b.pretrain_steps // 5), seed=recipe.seed,
             use_cpu=bool(recipe.training.get("use_cpu", False)),
@@ -298,10 +299,11 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConf
         values, _ = PretrainedConfig.get_config_dict(model, revision=recipe.teacher.revision)
     except (OSError, ValueError) as e:
         if declared is not None and offline_ok:
-            logger.warning("Could not read the teacher's config.json (%s); using teacher.architecture from the recipe.",
+            logger.warning("Could not read the teacher's config.json (%s); using teacher.architecture instead.",
                            str(e).splitlines()[0])
             return declared
-        raise FileNotFoundError(f"teacher.model {recipe.teacher.model!r}: cannot read its config.json ({e}).") from None
+        raise FileNotFoundError(
+            f"teacher.model {recipe.teacher.model!r}: cannot read its config.json ({e}).") from None
     if values.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"teacher.model {recipe.teacher.model!r} has model_type {values.get('model_type')!r}; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
@@ -555,7 +557,8 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
                  and eval_set is not None)
         logger.info("Stage %d/%d: %s -> d_expert %d, heads %d/%d (%s parameters), %d steps%s", i, num_stages, parent,
                     stage_config.intermediate_size, stage_config.num_attention_heads, stage_config.num_key_value_heads,
-                    human_count(stage_config.num_parameters()), max_steps, ", early stopping on eval KL" if early else "")
+                    human_count(stage_config.num_parameters()), max_steps,
+                    ", early stopping on eval KL" if early else "")
         set_seed(recipe.seed + i)
 
         # 1. Score the current model against the original teacher, once per stage (saved, so a resume prunes alike),
@@ -636,7 +639,7 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
             parent, tokens_done, steps_done = final_dir, tokens_done + stage_tokens, steps_done + steps
             continue
         tokenizer.save_pretrained(tmp_dir)
-        if os.path.exists(os.path.join(tmp_dir, "training_args.bin")):  # a pickle; the recipe and stage.json say it all
+        if os.path.exists(os.path.join(tmp_dir, "training_args.bin")):  # a pickle; recipe and stage.json say it all
             os.remove(os.path.join(tmp_dir, "training_args.bin"))
         scores.save(os.path.join(tmp_dir, "scores.safetensors"))
         info = {

@@ -336,7 +336,7 @@ def _positive(value, key: str, allow_zero: bool = False) -> None:
 
 
 def _check_training(training: dict[str, Any]) -> None:
-    """`training:` holds `TrainingArguments` fields; keys the pipeline sets itself, or that do not exist, are refused."""
+    """`training:` holds `TrainingArguments` fields; keys the pipeline sets itself or that do not exist are refused."""
     from transformers import TrainingArguments
 
     owned = {"output_dir", "max_steps", "num_train_epochs", "eval_strategy", "save_strategy", "load_best_model_at_end",
@@ -398,7 +398,8 @@ def validate(recipe: Recipe) -> Recipe:
     s = recipe.stages
     if s.sizes is None:
         if s.target is None or s.num_stages is None:
-            raise ValueError("stages: give either `sizes` (explicit per-stage sizes) or both `target` and `num_stages`.")
+            raise ValueError("stages: give either `sizes` (explicit per-stage sizes) or both `target` and "
+                             "`num_stages`.")
         _positive(s.num_stages, "stages.num_stages")
     elif s.num_stages is not None and s.num_stages != len(s.sizes):
         raise ValueError(f"stages.num_stages={s.num_stages} but stages.sizes lists {len(s.sizes)} stages.")

@@ -29,7 +29,8 @@ from .configuration_slimmoe import SlimMoeConfig
 PRUNED_FIELDS = ("intermediate_size", "num_key_value_heads")
 #: Fields a stage size may be pinned with in a recipe (`num_attention_heads` follows from `num_key_value_heads`).
 STAGE_SIZE_FIELDS = ("intermediate_size", "num_key_value_heads", "num_attention_heads")
-_KEPT_FIELDS = ("hidden_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "vocab_size", "head_dim")
+_KEPT_FIELDS = ("hidden_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "vocab_size",
+                "head_dim")
 
 
 def check_target(source_config: SlimMoeConfig, target_config: SlimMoeConfig) -> None:
@@ -37,7 +38,8 @@ def check_target(source_config: SlimMoeConfig, target_config: SlimMoeConfig) -> 
     for name in _KEPT_FIELDS:
         if getattr(target_config, name) != getattr(source_config, name):
             raise ValueError(
-                f"target {name}={getattr(target_config, name)} differs from the source's {getattr(source_config, name)}; "
+                f"target {name}={getattr(target_config, name)} differs from the source's "
+                f"{getattr(source_config, name)}; "
                 f"SlimMoE only prunes {' and '.join(PRUNED_FIELDS)}, every other size is kept."
             )
     for name in PRUNED_FIELDS:
@@ -112,7 +114,8 @@ def pinned_stages(source_config: SlimMoeConfig, sizes: Sequence[Mapping[str, int
     stages, previous = [], source_config
     for i, entry in enumerate(sizes, start=1):
         if not isinstance(entry, Mapping):
-            raise ValueError(f"stages.sizes[{i - 1}] must be a mapping of {', '.join(STAGE_SIZE_FIELDS)}, got {entry!r}.")
+            raise ValueError(
+                f"stages.sizes[{i - 1}] must be a mapping of {', '.join(STAGE_SIZE_FIELDS)}, got {entry!r}.")
         unknown = sorted(set(entry) - set(STAGE_SIZE_FIELDS))
         if unknown:
             raise ValueError(

@@ -206,7 +206,8 @@ def test_trainer_checkpoints_reload_every_weight():
 
 
 def test_tiny_cpu_recipe_dry_run(capsys):
-    assert main(["compress", os.path.join(RECIPES, "tiny-cpu.yaml"), "--dry-run", "--output-dir", "/nonexistent/x"]) == 0
+    recipe = os.path.join(RECIPES, "tiny-cpu.yaml")
+    assert main(["compress", recipe, "--dry-run", "--output-dir", "/nonexistent/x"]) == 0
     out = capsys.readouterr().out
     assert "OK (dry run" in out and "6/3" in out and not os.path.exists("/nonexistent/x")
 
