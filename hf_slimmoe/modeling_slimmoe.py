@@ -60,8 +60,10 @@ def _fuse_phimoe_experts(state_dict: dict) -> dict:
     return fused
 
 
-def _grouped_mm_aligned(config) -> bool:
-    return config.intermediate_size % 8 == 0 and config.hidden_size % 8 == 0
+def _grouped_mm_aligned(config, dtype: torch.dtype) -> bool:
+    """Whether expert rows (`intermediate_size` and `hidden_size` elements) are 16-byte aligned for `grouped_mm`."""
+    multiple = max(1, 16 // torch.empty((), dtype=dtype).element_size())  # 4 in float32, 8 in bf16/fp16
+    return config.intermediate_size % multiple == 0 and config.hidden_size % multiple == 0
 
 
 class SlimMoeForCausalLM(PhimoeForCausalLM):
@@ -82,14 +84,16 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         return PhimoeForCausalLM._can_set_attn_implementation()
 
     def _grouped_mm_can_dispatch(self) -> bool:
-        """The `grouped_mm` experts kernel needs 16-byte aligned rows: widths that are multiples of 8 cover float32
-        and bf16. Pruned widths need not be (say 100), so such a model runs the eager experts instead of failing;
-        transformers falls back to eager when this raises and no kernel was requested explicitly."""
+        """The `grouped_mm` experts kernel needs 16-byte aligned rows (widths that are multiples of 4 in float32, of
+        8 in bf16). Pruned widths need not be (say 100), so such a model runs the eager experts instead of failing;
+        transformers falls back to eager when this raises and no kernel was requested explicitly. The check runs
+        while the model is built, under the dtype it is built in."""
         super()._grouped_mm_can_dispatch()
-        if not _grouped_mm_aligned(self.config):
+        if not _grouped_mm_aligned(self.config, torch.get_default_dtype()):
             raise ValueError(
-                f"grouped_mm needs intermediate_size ({self.config.intermediate_size}) and hidden_size "
-                f"({self.config.hidden_size}) to be multiples of 8; use experts_implementation='eager'."
+                f"grouped_mm needs 16-byte aligned expert rows; intermediate_size={self.config.intermediate_size}, "
+                f"hidden_size={self.config.hidden_size} in {torch.get_default_dtype()} are not. "
+                "Use experts_implementation='eager'."
             )
         return True
 
@@ -154,9 +158,9 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         from .pruning.surgery import prune_model
 
         prune_model(self, target_config, scores)
-        if self.config._experts_implementation == "grouped_mm" and not _grouped_mm_aligned(self.config):
-            logger.info("intermediate_size=%d is not a multiple of 8: switching the experts to the eager kernel",
-                        self.config.intermediate_size)
+        if self.config._experts_implementation == "grouped_mm" and not _grouped_mm_aligned(self.config, self.dtype):
+            logger.info("intermediate_size=%d gives expert rows that are not 16-byte aligned in %s: switching the "
+                        "experts to the eager kernel", self.config.intermediate_size, self.dtype)
             self.set_experts_implementation("eager")
         return self
 
