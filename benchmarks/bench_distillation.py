@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import extra_peak_rss  # noqa: E402
 from results import write_section  # noqa: E402
 
 from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM  # noqa: E402
@@ -94,23 +94,11 @@ def loss_runner(mode, inputs):
     return run
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_loss_memory(args) -> dict:
     """In a fresh process: peak RSS of one loss forward + backward above the RSS right before it."""
     run = loss_runner(args.memory, loss_inputs(args))
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
-    before = _status_bytes("VmRSS")
-    run()
-    return {"mode": args.memory, "extra_peak_bytes": _status_bytes("VmHWM") - before}
+    extra, exact = extra_peak_rss(run)
+    return {"mode": args.memory, "extra_peak_bytes": extra, "valid": exact}
 
 
 def measure_loss_time(args) -> dict[str, list[float]]:

@@ -25,11 +25,9 @@ gradients, logits), allocator included.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,13 +35,15 @@ import time
 
 import torch
 
-import hf_slimmoe  # noqa: F401
-from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, compute_sensitivity
-from hf_slimmoe.distillation.losses import teacher_topk
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import extra_peak_rss  # noqa: E402
+from results import write_section  # noqa: E402
+
+import hf_slimmoe  # noqa: F401,E402
+from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, compute_sensitivity  # noqa: E402
+from hf_slimmoe.distillation.losses import teacher_topk  # noqa: E402
 
 MODES = ("train_step", "score_self", "score_cached", "score_online")
-SECTION_START = "<!-- bench_scoring:start -->"
-SECTION_END = "<!-- bench_scoring:end -->"
 
 
 def build(args):
@@ -89,14 +89,6 @@ def runner(mode, config, model, batches):
     return lambda b: compute_sensitivity(model, [b], teacher=teacher, show_progress=False), batches
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_memory(args) -> dict:
     """Run in a fresh process: peak RSS during one pass over the batches, above the RSS right before it.
 
@@ -106,20 +98,12 @@ def measure_memory(args) -> dict:
     """
     config, model, batches = build(args)
     run, data = runner(args.memory, config, model, batches)
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = True
-    except OSError:
-        reset = False
-    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    before = _status_bytes("VmRSS")
-    for b in data:
-        run(b)
-    peak = _status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"mode": args.memory, "extra_peak_bytes": peak - before, "valid": reset or peak > before_peak,
-            "rss_before": before}
+    def work():
+        for b in data:
+            run(b)
+
+    extra, exact = extra_peak_rss(work)
+    return {"mode": args.memory, "extra_peak_bytes": extra, "valid": exact}
 
 
 def measure_time(args) -> dict[str, list[float]]:
@@ -148,18 +132,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def write_section(path: str, text: str) -> None:
-    body = f"{SECTION_START}\n{text.rstrip()}\n{SECTION_END}\n"
-    current = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if SECTION_START in current and SECTION_END in current:
-        head, rest = current.split(SECTION_START, 1)
-        current = head + body + rest.split(SECTION_END, 1)[1].lstrip("\n")
-    else:
-        current = current.rstrip("\n") + "\n\n" + body
-    with open(path, "w") as f:
-        f.write(current)
 
 
 def main(argv=None) -> int:
@@ -232,7 +204,7 @@ def main(argv=None) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    write_section(args.output, text)
+    write_section("bench_scoring", text, path=args.output)
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, PhimoeConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, PhimoeConfig
 from transformers import PhimoeForCausalLM
 
 import hf_slimmoe  # noqa: F401
