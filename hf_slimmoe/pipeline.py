@@ -30,6 +30,7 @@ model while masks grow towards the target, then prunes physically once (see `Ite
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob as globlib
 import json
 import logging
@@ -117,10 +118,18 @@ def _read_json(path: str):
 # ----------------------------------------------------------------------------------------------------- data
 def _source_files(source: DataSource, key: str, recipe_dir: str | None) -> list[str]:
     if source.glob is not None:
-        pattern = expand_path(source.glob, recipe_dir)
-        files = sorted(globlib.glob(pattern, recursive=True))
+        patterns = [source.glob] if isinstance(source.glob, str) else list(source.glob)
+        files = set()
+        for pattern in patterns:
+            expanded = expand_path(pattern, recipe_dir)
+            matches = globlib.glob(expanded, recursive=True)
+            if not matches:
+                raise FileNotFoundError(f"{key}.glob {pattern!r} ({expanded}) matches no file.")
+            files.update(matches)
+        excluded = [expand_path(p, recipe_dir) for p in source.exclude or []]
+        files = sorted(f for f in files if not any(fnmatch.fnmatch(f, p) for p in excluded))
         if not files:
-            raise FileNotFoundError(f"{key}.glob {source.glob!r} ({pattern}) matches no file.")
+            raise FileNotFoundError(f"{key}: every file of glob {source.glob!r} is excluded by {source.exclude!r}.")
     else:
         files = [expand_path(p, recipe_dir) for p in source.paths]
         missing = [p for p in files if not os.path.isfile(p)]
@@ -199,6 +208,10 @@ def load_blocks(recipe: Recipe, tokenizer) -> dict:
             raise ValueError(f"data.{name} gives no block of data.block_size={d.block_size} tokens; add text or "
                              "lower data.block_size.")
         blocks[name] = dataset
+    if d.train_blocks is not None:
+        blocks["train"] = blocks["train"].select(range(min(d.train_blocks, len(blocks["train"]))))
+        if d.calibration is None:
+            blocks["calibration"] = blocks["train"]
     if blocks["eval"] is not None and d.eval_blocks is not None:
         blocks["eval"] = blocks["eval"].select(range(min(d.eval_blocks, len(blocks["eval"]))))
     blocks["calibration"] = blocks["calibration"].select(range(min(d.calibration_blocks, len(blocks["calibration"]))))
@@ -789,7 +802,11 @@ def _dataset_ids(recipe: Recipe) -> list[str]:
     for name in ("train", "eval", "calibration"):
         source = getattr(recipe.data, name)
         if source is not None:
-            ids.append(source.path if source.type != "text_files" else (source.glob or ", ".join(source.paths)))
+            if source.type != "text_files":
+                ids.append(source.path)
+            else:
+                globs = [source.glob] if isinstance(source.glob, str) else source.glob
+                ids.append(", ".join(globs or source.paths))
     return list(dict.fromkeys(ids))
 
 

@@ -45,7 +45,7 @@ class TeacherBuild:
     briefly trained with the causal LM loss on `data.train`. It is cached under `OUTPUT_DIR/teacher/`."""
 
     config: dict[str, Any] = field(default_factory=dict)  # SlimMoeConfig fields (vocab_size comes from the tokenizer)
-    tokenizer_files: str = "{stdlib}/json/*.py"  # glob of text files the byte-level BPE tokenizer is trained on
+    tokenizer_files: str | list[str] = "{stdlib}/json/*.py"  # glob(s) of text files the BPE tokenizer is trained on
     vocab_size: int = 512
     pretrain_steps: int = 100  # 0 keeps the random initialisation
     pretrain_learning_rate: float = 3e-3
@@ -69,11 +69,14 @@ class TeacherSettings:
 class DataSource:
     """One dataset: `text_files` (a glob or list of paths, read as text), `disk` (`datasets.load_from_disk`) or
     `hub` (`datasets.load_dataset(path, name, split=split)`). Documents are tokenized and packed into
-    `data.block_size` blocks; a dataset that already has an `input_ids` column (packed blocks) is used as is."""
+    `data.block_size` blocks; a dataset that already has an `input_ids` column (packed blocks) is used as is.
+    `glob` may be a list of patterns (their matches are joined, each file once, sorted); `exclude` drops the files
+    matching any of its patterns (`fnmatch` on the expanded path, e.g. `"*/test_*.py"`)."""
 
     type: Literal["text_files", "disk", "hub"] = "text_files"
     paths: list[str] | None = None
-    glob: str | None = None
+    glob: str | list[str] | None = None
+    exclude: list[str] | None = None
     path: str | None = None  # disk directory or Hub dataset id
     name: str | None = None
     split: str = "train"
@@ -87,6 +90,7 @@ class DataSettings:
     eval: DataSource | None = None  # required for early stopping and eval metrics
     calibration: DataSource | None = None  # defaults to `train`
     block_size: int = 4096
+    train_blocks: int | None = None  # packed blocks kept for training (None: all)
     eval_blocks: int | None = None  # packed blocks kept for evaluation (None: all)
     calibration_blocks: int = 16384  # packed blocks used for sensitivity scores (paper: 16K examples)
     num_proc: int | None = None
@@ -383,6 +387,7 @@ def validate(recipe: Recipe) -> Recipe:
                              "set teacher.build.vocab_size instead.")
     d = recipe.data
     _positive(d.block_size, "data.block_size")
+    _positive(d.train_blocks, "data.train_blocks")
     _positive(d.eval_blocks, "data.eval_blocks")
     _positive(d.calibration_blocks, "data.calibration_blocks")
     for name in ("train", "eval", "calibration"):

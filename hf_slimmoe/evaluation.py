@@ -1,0 +1,124 @@
+"""Evaluate a (compressed) model: held-out perplexity, top-k KL to the teacher, top-1 agreement, and speed.
+
+`evaluate_model` is what `slimmoe eval` and the demo's summary table use. With a teacher (or a dataset carrying a
+teacher top-k cache from `cache_teacher_topk`) it is `DistillationTrainer.evaluate()`, the same numbers the
+compression stages log; without one it computes the perplexity alone with `chunked_cross_entropy`.
+`measure_speed` times prefill and greedy decoding in the current process (compare rows of one run only).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+
+import torch
+
+from .distillation.losses import chunked_cross_entropy
+from .distillation.teacher_cache import CACHE_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, model.base_model_prefix, model)
+
+
+def has_teacher_cache(dataset) -> bool:
+    """Whether `dataset` carries the teacher top-k columns written by `cache_teacher_topk`."""
+    return all(c in dataset.column_names for c in CACHE_COLUMNS)
+
+
+@torch.no_grad()
+def perplexity(model, dataset, batch_size: int = 16, pad_token_id: int = 0, chunk_size: int = 1024) -> dict:
+    """Next-token perplexity of `model` on the `input_ids` rows of `dataset` (padding not counted).
+
+    Returns `{"perplexity", "num_tokens"}`; `perplexity = exp(sum of token cross-entropies / num_tokens)`.
+    """
+    model.eval()
+    device = model.get_output_embeddings().weight.device
+    lm_head = model.get_output_embeddings()
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start:start + batch_size]["input_ids"]
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.as_tensor(ids)
+            attention_mask[i, :len(ids)] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # position t predicts token t+1
+        total += float(chunked_cross_entropy(hidden, lm_head.weight, lm_head.bias, labels, chunk_size=chunk_size,
+                                             reduction="sum"))
+        count += int((labels != -100).sum())
+    if count == 0:
+        raise ValueError("The evaluation data has no token to predict (every row is shorter than two tokens).")
+    return {"perplexity": math.exp(min(total / count, 50.0)), "num_tokens": count}
+
+
+def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int = 16,
+                   pad_token_id: int | None = None) -> dict:
+    """
+    Held-out metrics of `model` on `dataset` (rows of `input_ids`).
+
+    Args:
+        model (`PreTrainedModel`): the causal LM to evaluate.
+        dataset (`datasets.Dataset`): `input_ids` rows, optionally with a teacher top-k cache.
+        teacher (`PreTrainedModel`, *optional*): the teacher, run online; without it and without a cache only the
+            perplexity is computed.
+        top_k (`int`, *optional*, defaults to `8`): teacher tokens kept for the KL (at most the cache's k).
+        batch_size (`int`, *optional*, defaults to `16`): rows per forward.
+        pad_token_id (`int`, *optional*): padding id (defaults to the model's, else 0).
+
+    Returns:
+        `dict`: `perplexity`, and with a teacher or cache also `kl` (mean per-token top-k KL, teacher || model) and
+        `top1_agreement` (model argmax equals the teacher's top-1), all over the same next-token positions.
+    """
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"The evaluation dataset has no 'input_ids' column (columns: {dataset.column_names}).")
+    if pad_token_id is None:
+        pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+    if teacher is None and not has_teacher_cache(dataset):
+        return perplexity(model, dataset, batch_size=batch_size, pad_token_id=pad_token_id)
+
+    from .distillation import DistillationCollator, DistillationConfig, DistillationTrainer
+
+    with tempfile.TemporaryDirectory(prefix="slimmoe-eval-") as tmp:
+        args = DistillationConfig(output_dir=tmp, per_device_eval_batch_size=batch_size, top_k=top_k,
+                                  use_cpu=model.device.type == "cpu", report_to=[], disable_tqdm=True)
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, eval_dataset=dataset,
+                                      data_collator=DistillationCollator(pad_token_id=pad_token_id))
+        metrics = trainer.evaluate()
+    return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_kl"],
+            "top1_agreement": metrics["eval_top1_agreement"]}
+
+
+@torch.no_grad()
+def measure_speed(model, input_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> dict:
+    """
+    Prefill and decode throughput of `model` in this process (best of `repeats`).
+
+    Prefill: one forward over `input_ids` (`(B, T)`), `B * T / seconds`. Decode: greedy `generate()` with the KV
+    cache of exactly `new_tokens` tokens from the first row's first 16 tokens (batch 1), `new_tokens / seconds`
+    (the 16-token prompt's prefill is included). Returns `{"prefill_tokens_per_s", "decode_tokens_per_s"}`.
+    """
+    model.eval()
+    input_ids = input_ids.to(model.device)
+    prompt = input_ids[:1, :16]
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    best_prefill = best_decode = float("inf")
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        model(input_ids=input_ids, use_cache=False)
+        best_prefill = min(best_prefill, time.perf_counter() - start)
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        best_decode = min(best_decode, time.perf_counter() - start)
+    return {"prefill_tokens_per_s": input_ids.numel() / best_prefill, "decode_tokens_per_s": new_tokens / best_decode}
+
+
+__all__ = ["evaluate_model", "perplexity", "measure_speed", "has_teacher_cache"]
