@@ -224,7 +224,9 @@ def _training_rows(training: dict) -> list[tuple[str, str]]:
     rows = []
     labels = [("tokens", "training tokens"), ("steps", "optimizer steps"), ("max_steps", "planned steps"),
               ("learning_rate", "learning rate"), ("top_k", "KD teacher top-k"), ("temperature", "KD temperature"),
-              ("ce_weight", "cross-entropy loss weight"), ("aux_loss_coef", "router aux loss coefficient")]
+              ("ce_weight", "cross-entropy loss weight (added to KD)"),
+              ("ce_mix", "CE share of the loss (ce_mix * CE + (1 - ce_mix) * KD)"),
+              ("aux_loss_coef", "router aux loss coefficient")]
     for key, label in labels:
         if key in training:
             rows.append((label, _fmt(training[key])))

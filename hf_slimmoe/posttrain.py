@@ -51,7 +51,7 @@ class SFTDistillationConfig(SFTConfig):
     Parameters that control the teacher:
         teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             Instruct teacher (Hub id or directory) loaded when the trainer gets no `teacher_model`. It must share the
-            student's vocabulary. `None` with no teacher top-k columns in the data means plain SFT (`ce_weight=1`).
+            student's vocabulary. `None` with no teacher top-k columns in the data means plain SFT (`ce_mix=1`).
         teacher_cache_dir (`str` or `None`, *optional*, defaults to `None`):
             Directory of a cached teacher top-k pass over the *formatted* (tokenized, masked, packed) training data.
             If it holds a cache made for the same data, `top_k` and `temperature`, it is read and no teacher runs;
@@ -62,8 +62,8 @@ class SFTDistillationConfig(SFTConfig):
             Teacher tokens kept per position (the paper's top-8 logits distillation).
         temperature (`float`, *optional*, defaults to `1.0`):
             Softmax temperature of teacher and student in the KD term (no `T**2` factor).
-        ce_weight (`float`, *optional*, defaults to `0.0`):
-            Mixing weight: `loss = ce_weight * CE + (1 - ce_weight) * KD + router_aux_loss_coef * aux`. CE and KD
+        ce_mix (`float`, *optional*, defaults to `0.0`):
+            Mixing weight: `loss = ce_mix * CE + (1 - ce_mix) * KD + router_aux_loss_coef * aux`. CE and KD
             are both per-token means over the same tokens (the completion / assistant tokens TRL keeps in
             `labels`). `0.0` is the paper's pure top-k KD; `1.0` is plain `SFTTrainer`.
         renormalize_topk (`bool`, *optional*, defaults to `False`):
@@ -85,16 +85,16 @@ class SFTDistillationConfig(SFTConfig):
     )
     top_k: int = field(default=8, metadata={"help": "Teacher tokens kept per position."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD term."})
-    ce_weight: float = field(
-        default=0.0, metadata={"help": "loss = ce_weight * CE + (1 - ce_weight) * KD + aux; 1.0 is plain SFT."}
+    ce_mix: float = field(
+        default=0.0, metadata={"help": "loss = ce_mix * CE + (1 - ce_mix) * KD + aux; 1.0 is plain SFT."}
     )
     renormalize_topk: bool = field(default=False, metadata={"help": "Renormalize the teacher top-k to sum to 1."})
     kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens projected to the vocabulary at a time."})
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.ce_weight <= 1.0:
-            raise ValueError(f"ce_weight={self.ce_weight} must be between 0 and 1.")
+        if not 0.0 <= self.ce_mix <= 1.0:
+            raise ValueError(f"ce_mix={self.ce_mix} must be between 0 and 1.")
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be at least 1.")
         if self.temperature <= 0:
@@ -263,7 +263,7 @@ class SFTDistillationTrainer(SFTTrainer):
     Everything `SFTTrainer` does (chat template, completion-only / assistant-only labels, packing, padding-free,
     PEFT, the MoE load-balancing loss) is unchanged; only `compute_loss` differs:
 
-        loss = ce_weight * CE + (1 - ce_weight) * KD + router_aux_loss_coef * aux
+        loss = ce_mix * CE + (1 - ce_mix) * KD + router_aux_loss_coef * aux
 
     CE and KD are sums over the tokens whose label is not `-100` (so only completion / assistant tokens count)
     divided by the same token count (`num_items_in_batch` under gradient accumulation), so both scale like TRL's
@@ -302,7 +302,7 @@ class SFTDistillationTrainer(SFTTrainer):
         if teacher_model is not None:
             _check_vocab(self.accelerator.unwrap_model(self.model), teacher_model)
             teacher_model.eval().requires_grad_(False)
-        self.kd_enabled = args.ce_weight < 1.0
+        self.kd_enabled = args.ce_mix < 1.0
         train = self.train_dataset
         if self.kd_enabled and args.teacher_cache_dir is not None and train is not None:
             self.train_dataset = self._attach_teacher_cache(train, teacher_model, args.teacher_cache_dir)
@@ -314,10 +314,10 @@ class SFTDistillationTrainer(SFTTrainer):
         self.teacher_model = None
         if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset):
             raise ValueError(
-                "SFT distillation (ce_weight < 1) needs a teacher: pass `teacher_model`, set "
+                "SFT distillation (ce_mix < 1) needs a teacher: pass `teacher_model`, set "
                 "`teacher_model_name_or_path`, or give a dataset with cached `teacher_topk_ids` / "
                 "`teacher_topk_logprobs` "
-                "columns; set `ce_weight=1.0` for plain SFT."
+                "columns; set `ce_mix=1.0` for plain SFT."
             )
         self._forward_redirection = _ForwardRedirection()
         if self.kd_enabled and teacher_model is not None:
@@ -446,7 +446,7 @@ class SFTDistillationTrainer(SFTTrainer):
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         num_tokens = torch.as_tensor(num_tokens, device=kd_sum.device).clamp(min=1)
         ce_sum = -outputs.log_probs.sum()
-        loss = (self.args.ce_weight * ce_sum + (1.0 - self.args.ce_weight) * kd_sum) / num_tokens
+        loss = (self.args.ce_mix * ce_sum + (1.0 - self.args.ce_mix) * kd_sum) / num_tokens
         # As in `SFTTrainer.compute_loss`: the token count covers all ranks and DDP averages the gradients
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -711,7 +711,7 @@ def run_sft(args: PostTrainArguments, config: SFTDistillationConfig, hub: dict[s
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     teacher = None
     cached = config.teacher_cache_dir and os.path.isdir(config.teacher_cache_dir) and test is None
-    if config.teacher_model_name_or_path and config.ce_weight < 1.0 and not cached:
+    if config.teacher_model_name_or_path and config.ce_mix < 1.0 and not cached:
         teacher = _load_model(config.teacher_model_name_or_path, args, trust_remote_code=config.trust_remote_code)
     trainer = SFTDistillationTrainer(
         model=model, teacher_model=teacher, args=config, train_dataset=train, eval_dataset=test,
@@ -721,7 +721,7 @@ def run_sft(args: PostTrainArguments, config: SFTDistillationConfig, hub: dict[s
     if test is not None:
         trainer.evaluate()
     method = "lora" if args.use_lora else "sft"
-    training = {"top_k": config.top_k, "temperature": config.temperature, "ce_weight": config.ce_weight}
+    training = {"top_k": config.top_k, "temperature": config.temperature, "ce_mix": config.ce_mix}
     if args.use_lora:
         training.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_target_modules=args.lora_target_modules,
                         lora_target_experts=args.lora_target_experts)

@@ -71,9 +71,9 @@ def test_chat_template_applied_and_completion_only_labels(tiny, tmp_path):
     assert row["input_ids"][-1] == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
-def test_kd_loss_counts_completion_tokens_only_and_mixes_ce(tiny, tmp_path, ce_weight):
-    trainer = _trainer(tiny, tmp_path, ce_weight=ce_weight, router_aux_loss_coef=0.0, top_k=4, temperature=2.0)
+@pytest.mark.parametrize("ce_mix", [0.0, 0.3])
+def test_kd_loss_counts_completion_tokens_only_and_mixes_ce(tiny, tmp_path, ce_mix):
+    trainer = _trainer(tiny, tmp_path, ce_mix=ce_mix, router_aux_loss_coef=0.0, top_k=4, temperature=2.0)
     batch = _first_batch(trainer)
     trainer.model.eval()
     loss = trainer.compute_loss(trainer.model, dict(batch))
@@ -90,7 +90,7 @@ def test_kd_loss_counts_completion_tokens_only_and_mixes_ce(tiny, tmp_path, ce_w
     student_logprobs = torch.log_softmax(student[mask].float() / 2.0, -1).gather(-1, ids)
     kd = (logprobs.exp() * (logprobs - student_logprobs)).sum(-1).mean()
     ce = torch.nn.functional.cross_entropy(student[mask].float(), labels[mask])
-    torch.testing.assert_close(loss, ce_weight * ce + (1 - ce_weight) * kd, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, ce_mix * ce + (1 - ce_mix) * kd, rtol=1e-4, atol=1e-5)
 
 
 def test_sft_kd_loss_goes_down(tiny, tmp_path):
@@ -131,8 +131,8 @@ def test_clear_errors_before_training(tiny, tmp_path):
         SFTDistillationTrainer(model=SlimMoeForCausalLM.from_pretrained(tiny["student"]),
                                teacher_model=SlimMoeForCausalLM.from_pretrained(other), args=_config(tmp_path),
                                train_dataset=tiny["sft"], processing_class=tiny["tokenizer"])
-    with pytest.raises(ValueError, match="ce_weight"):
-        _config(tmp_path, ce_weight=1.5)
+    with pytest.raises(ValueError, match="ce_mix"):
+        _config(tmp_path, ce_mix=1.5)
     from hf_slimmoe.posttrain import run_recipe
 
     with pytest.raises(FileNotFoundError, match="No model directory"):  # before any data or model loading
@@ -150,8 +150,8 @@ def _write_yaml(tmp_path, values) -> str:
     return str(path)
 
 
-def test_plain_sft_when_ce_weight_is_one(tiny, tmp_path):
-    trainer = _trainer(tiny, tmp_path, teacher=False, ce_weight=1.0)
+def test_plain_sft_when_ce_mix_is_one(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, teacher=False, ce_mix=1.0)
     assert not trainer.kd_enabled and trainer.teacher_model is None
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -271,14 +271,14 @@ def test_real_recipes_parse():
         assert hub["push_to_hub"] and "{stage}" in hub["repo_id"]
         assert config.weight_decay == 1e-4
     args, config, _ = parse_recipe("sft", os.path.join(RECIPES, "sft.yaml"), ["--bf16", "false", "--use_cpu", "true"])
-    assert (config.learning_rate, config.top_k, config.ce_weight) == (2e-6, 8, 0.0)
+    assert (config.learning_rate, config.top_k, config.ce_mix) == (2e-6, 8, 0.0)
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 64 == 1536
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path):
     # CE and KD are normalized by the token count of the whole accumulated batch (`num_items_in_batch`), so two
     # micro-batches of 4 give the loss and gradients of one batch of 8 (eval mode: PhiMoE's router samples in training)
-    trainer = _trainer(tiny, tmp_path, ce_weight=0.5, router_aux_loss_coef=0.0)
+    trainer = _trainer(tiny, tmp_path, ce_mix=0.5, router_aux_loss_coef=0.0)
     model = trainer.model.eval()
     rows = [trainer.train_dataset[i] for i in range(8)]
     big = trainer._prepare_inputs(trainer.data_collator(rows))
