@@ -190,6 +190,33 @@ def test_distilling_a_pruned_student_lowers_held_out_kl(tmp_path):
     assert logged and all("aux_loss" in log for log in logged)
 
 
+def test_tail_kl_is_a_true_divergence_where_the_topk_loss_is_not():
+    from hf_slimmoe.distillation import topk_tail_kl
+
+    torch.manual_seed(0)
+    teacher_logits, student_logits = torch.randn(5, 40), torch.randn(5, 40)
+    # k = vocab: the full KL
+    ids, teacher_lp = teacher_topk(teacher_logits, 40)
+    student_lp = student_logits.log_softmax(-1).gather(-1, ids)
+    full = (teacher_logits.softmax(-1) * (teacher_logits.log_softmax(-1) - student_logits.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(topk_tail_kl(teacher_lp, student_lp), full, atol=1e-5, rtol=1e-5)
+    # a student that sharpens the teacher's top-4 (the minimizer of the top-k loss): loss < 0, tail KL > 0
+    ids, teacher_lp = teacher_topk(teacher_logits, 4)
+    sharpened = teacher_lp - teacher_lp.logsumexp(-1, keepdim=True)  # renormalized top-4, nothing elsewhere
+    topk_loss = (teacher_lp.exp() * (teacher_lp - sharpened)).sum(-1)
+    assert (topk_loss < 0).all() and (topk_tail_kl(teacher_lp, sharpened) > 0).all()
+    # the teacher itself: 0
+    assert torch.allclose(topk_tail_kl(teacher_lp, teacher_lp), torch.zeros(5), atol=1e-6)
+
+
+def test_eval_kl_of_the_teacher_is_zero_and_topk_kl_is_reported(tmp_path):
+    teacher = _teacher()
+    held_out = cache_teacher_topk(teacher, _token_dataset(8, seed=2), top_k=8, batch_size=8)
+    metrics = DistillationTrainer(model=copy.deepcopy(teacher), args=_args(tmp_path), eval_dataset=held_out).evaluate()
+    assert abs(metrics["eval_kl"]) < 1e-5 and abs(metrics["eval_topk_kl"]) < 1e-5
+    assert metrics["eval_top1_agreement"] == 1.0
+
+
 def test_bad_inputs_fail_before_training(tmp_path):
     teacher = _teacher()
     student = _pruned_student(teacher)

@@ -274,13 +274,48 @@ def chunked_cross_entropy(
 
 
 @torch.no_grad()
-def chunked_argmax(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None, chunk_size: int = 1024
-) -> torch.Tensor:
-    """Argmax token of `hidden @ lm_head_weight.T + lm_head_bias`, shape `(N,)` for hidden `(N, H)`, in chunks."""
-    out = torch.empty(hidden.size(0), dtype=torch.long, device=hidden.device)
+def chunked_student_topk_stats(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    teacher_topk_ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For evaluation: the student's argmax token `(N,)` and its log-probabilities at the teacher's top-k ids
+    `(N, k)` (relative to its full vocabulary, at `temperature`), for hidden `(N, H)`, one `(chunk, V)` block at a time.
+    """
+    argmax = torch.empty(hidden.size(0), dtype=torch.long, device=hidden.device)
+    logprobs = torch.empty(teacher_topk_ids.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.size(0), chunk_size):
-        out[start : start + chunk_size] = _chunk_logits(
-            hidden[start : start + chunk_size], lm_head_weight, lm_head_bias, 1.0
-        ).argmax(-1)
-    return out
+        end = start + chunk_size
+        logits = _chunk_logits(hidden[start:end], lm_head_weight, lm_head_bias, temperature)  # (C, V) float32
+        argmax[start:end] = logits.argmax(-1)
+        logprobs[start:end] = logits.gather(-1, teacher_topk_ids[start:end].to(logits.device)) - torch.logsumexp(
+            logits, dim=-1, keepdim=True)
+    return argmax, logprobs
+
+
+def topk_tail_kl(teacher_topk_logprobs: torch.Tensor, student_topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """
+    Per-token KL between teacher and student coarse-grained to `k + 1` outcomes: the teacher's top-k tokens and
+    "any other token". Computable from a top-k cache, it is a true KL divergence (>= 0, and 0 exactly when the student
+    gives every top-k token and the rest of the vocabulary the teacher's probabilities), unlike the value of the
+    top-k training loss, whose teacher distribution does not sum to 1 and which goes negative once the student puts
+    more mass on the top-k than the teacher does. With `k = V` it is the full KL.
+
+    Args:
+        teacher_topk_logprobs (`torch.Tensor`): `(..., k)` teacher log-probabilities relative to its full vocabulary.
+        student_topk_logprobs (`torch.Tensor`): `(..., k)` student log-probabilities at the same token ids.
+
+    Returns:
+        `torch.Tensor`: `(...)` float32 per-token divergences.
+    """
+    p_log, q_log = teacher_topk_logprobs.float(), student_topk_logprobs.float()
+    p = p_log.exp()
+    head = (p * (p_log - q_log)).sum(-1)  # (...)
+    p_rest = (1.0 - p.sum(-1)).clamp(min=0.0)
+    q_rest = (1.0 - q_log.exp().sum(-1)).clamp(min=torch.finfo(torch.float32).tiny)
+    tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=torch.finfo(torch.float32).tiny).log() - q_rest.log()),
+                       torch.zeros_like(p_rest))
+    return head + tail

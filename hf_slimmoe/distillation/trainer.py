@@ -15,7 +15,7 @@ from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 from trl.models.utils import _ForwardRedirection
 
 from .config import DistillationConfig
-from .losses import chunked_argmax, chunked_cross_entropy, topk_kl_loss
+from .losses import chunked_cross_entropy, chunked_student_topk_stats, topk_kl_loss, topk_tail_kl
 from .teacher_cache import (
     CACHE_COLUMNS,
     TOPK_IDS_COLUMN,
@@ -87,8 +87,11 @@ class DistillationTrainer(Trainer):
     (`num_items_in_batch`), so accumulation gives the loss and gradients of the equivalent big batch; the aux loss,
     which is not additive over tokens, is averaged over micro-batches.
 
-    `evaluate()` adds `eval_kl` (mean per-token top-k KL to the teacher), `eval_top1_agreement` (student argmax
-    equals the teacher's top-1) and `eval_perplexity` (exp of the student's next-token cross-entropy).
+    `evaluate()` adds `eval_kl` (mean per-token KL to the teacher over its top-k tokens plus one "rest of the
+    vocabulary" outcome, see [`topk_tail_kl`]: a true divergence, >= 0), `eval_topk_kl` (the top-k training loss
+    itself, Eq. 3, which goes negative once the student is more confident on the top-k than the teacher),
+    `eval_top1_agreement` (student argmax equals the teacher's top-1) and `eval_perplexity` (exp of the student's
+    next-token cross-entropy).
 
     Args:
         model (`str` or `PreTrainedModel`): the student, or its path.
@@ -241,10 +244,15 @@ class DistillationTrainer(Trainer):
             result["ce_sum"] = zero
         if eval_stats:
             flat_mask = mask.reshape(-1)
-            student_top1 = chunked_argmax(hidden.reshape(-1, hidden.size(-1))[flat_mask], weight, bias,
-                                          args.kd_chunk_size)
-            teacher_top1 = teacher_ids[:, :-1, 0].reshape(-1)[flat_mask].to(student_top1.device)
-            result["agree"] = (student_top1 == teacher_top1).sum()
+            k = teacher_ids.size(-1)
+            ids = teacher_ids[:, :-1].reshape(-1, k)[flat_mask].to(weight.device)  # (N, k)
+            teacher_lp = teacher_logprobs[:, :-1].reshape(-1, k)[flat_mask].to(weight.device)  # (N, k)
+            student_top1, student_lp = chunked_student_topk_stats(
+                hidden.reshape(-1, hidden.size(-1))[flat_mask], weight, bias, ids, args.temperature,
+                args.kd_chunk_size,
+            )
+            result["agree"] = (student_top1 == ids[:, 0]).sum()
+            result["kl_sum"] = topk_tail_kl(teacher_lp, student_lp).sum()
         return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -284,7 +292,8 @@ class DistillationTrainer(Trainer):
             parts = self._forward_redirection(
                 model, unwrapped, self._student_losses, unwrapped, inputs, teacher_ids, teacher_logprobs, True
             )
-        sums = torch.stack([parts["kd_sum"], parts["num_tokens"], parts["agree"], parts["ce_sum"]]).double()
+        sums = torch.stack([parts["kd_sum"], parts["num_tokens"], parts["agree"], parts["ce_sum"],
+                            parts["kl_sum"]]).double()
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums.to(self._eval_sums.device)
         tokens = parts["num_tokens"].clamp(min=1)
         loss = parts["kd_sum"] / tokens + self.args.aux_loss_coef * parts["aux"]
@@ -295,13 +304,14 @@ class DistillationTrainer(Trainer):
         self._eval_sums = None
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(4, dtype=torch.float64,
+        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(5, dtype=torch.float64,
                                                                                device=self.args.device)
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
-        kd_sum, tokens, agree, ce_sum = sums.tolist()
+        kd_sum, tokens, agree, ce_sum, kl_sum = sums.tolist()
         tokens = max(tokens, 1.0)
-        output.metrics[f"{metric_key_prefix}_kl"] = kd_sum / tokens
+        output.metrics[f"{metric_key_prefix}_kl"] = kl_sum / tokens
+        output.metrics[f"{metric_key_prefix}_topk_kl"] = kd_sum / tokens
         output.metrics[f"{metric_key_prefix}_top1_agreement"] = agree / tokens
         output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(ce_sum / tokens, 50.0))
         self._metrics["eval"].clear()
