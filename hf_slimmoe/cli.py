@@ -554,6 +554,100 @@ def _run_posttrain(kind: str):
     return run
 
 
+# ----------------------------------------------------------------------------------------------------- demo
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="the whole method on the Python standard library: teacher, 2 stages, SFT, DPO, summary (~10 min CPU)",
+        description="Train a byte-level BPE tokenizer and a small MoE teacher on this machine's Python standard "
+        "library (train: the top-level modules; held-out: email/, http/, urllib/, xml/), cache the teacher's top-8, "
+        "compress it in two stages, run SFT with KD and DPO, and write stage models, cards, trajectory.png and a "
+        "summary table (parameters, held-out perplexity, KL to the teacher, speed) to OUTPUT_DIR. The trained "
+        "teacher is cached ($HF_SLIMMOE_CACHE, default ~/.cache/hf_slimmoe) and re-running reuses finished steps. "
+        "The numbers are in the packaged recipe hf_slimmoe/recipes/demo.yaml.",
+    )
+    p.add_argument("output_dir", nargs="?", help="output directory (default: outputs/demo, or outputs/demo-fast)")
+    p.add_argument("--fast", action="store_true", help="a smaller run of about a minute (the CI smoke test)")
+
+
+def _run_demo(args) -> int:
+    import time
+
+    from .demo import run_demo
+
+    output_dir = args.output_dir or ("outputs/demo-fast" if args.fast else "outputs/demo")
+    start = time.perf_counter()
+
+    def banner(index: int, total: int, title: str) -> None:
+        print(f"\n==== [{index}/{total}] {title}  ({time.perf_counter() - start:.0f}s) ====", flush=True)
+
+    summary = run_demo(output_dir, fast=args.fast, on_step=banner)
+    with open(os.path.join(output_dir, "summary.md"), encoding="utf-8") as f:
+        print("\n" + f.read())
+    print(f"demo finished in {time.perf_counter() - start:.0f}s; models, cards, trajectory.png and summary.md / "
+          f"summary.json are in {summary['output_dir']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="held-out perplexity, KL to a teacher and top-1 agreement of a model (optionally lm-eval tasks)",
+        description="Evaluate MODEL on held-out data: perplexity, and with --teacher (or a --data directory that "
+        "carries a teacher top-k cache) the top-k KL to the teacher and top-1 agreement. Default data: the demo's "
+        "held-out standard-library modules (email/, http/, urllib/, xml/), packed into --block-size blocks. "
+        "--lm-eval-tasks runs lm-evaluation-harness tasks (pip install 'hf_slimmoe[eval]').",
+    )
+    p.add_argument("model", help="model directory (SlimMoE or PhiMoE, with its tokenizer)")
+    p.add_argument("--teacher", help="teacher directory for KL and top-1 agreement")
+    p.add_argument("--data", help="a .txt/.py/.jsonl file, or a save_to_disk directory (input_ids or text, "
+                   "optionally with a teacher cache); default: the held-out standard-library modules")
+    p.add_argument("--top-k", type=int, default=8, help="teacher tokens kept for the KL (default: 8)")
+    p.add_argument("--max-blocks", type=int, default=256, help="rows evaluated at most (default: 256)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per row of text data (default: 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward (default: 16)")
+    p.add_argument("--text-column", default="text", help="text field of .jsonl files / text datasets")
+    p.add_argument("--lm-eval-tasks", help="comma-separated lm-eval task names or task YAML files/directories, "
+                   "e.g. benchmarks/lm_eval_tasks (needs the `eval` extra)")
+    p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task at most")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of lines")
+
+
+def _run_eval(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import evaluate_model, load_eval_data, run_lm_eval
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    teacher = None
+    if args.teacher:
+        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).to(device)
+    result = {"model": args.model, "teacher": args.teacher}
+    if args.lm_eval_tasks is None or args.data or args.teacher:
+        dataset = load_eval_data(tokenizer, args.data, block_size=args.block_size, max_blocks=args.max_blocks,
+                                 text_column=args.text_column)
+        result.update(evaluate_model(model, dataset, teacher=teacher, top_k=args.top_k, batch_size=args.batch_size,
+                                     pad_token_id=tokenizer.pad_token_id), rows=len(dataset))
+    if args.lm_eval_tasks:
+        result["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval_tasks.split(","), limit=args.lm_eval_limit,
+                                        batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for key, value in result.items():
+        if key == "lm_eval":
+            for task, metrics in value.items():
+                print(f"lm-eval {task}: " + ", ".join(f"{m} {v:.4f}" if isinstance(v, float) else f"{m} {v}"
+                                                       for m, v in metrics.items()))
+        elif value is not None:
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "info": (_add_info, _run_info),
@@ -569,6 +663,8 @@ COMMANDS = {
     "push": (_add_push, _run_push),
     "plan": (_add_plan, _run_plan),
     "compress": (_add_compress, _run_compress),
+    "demo": (_add_demo, _run_demo),
+    "eval": (_add_eval, _run_eval),
 }
 
 

@@ -31,7 +31,7 @@ from importlib import resources
 
 import yaml
 
-from .pipeline import RunPaths, build_teacher
+from .pipeline import RunPaths, build_teacher, is_finished_stage
 from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 
 logger = logging.getLogger(__name__)
@@ -135,4 +135,160 @@ def ensure_teacher(output_dir: str, fast: bool = False) -> str:
     return target
 
 
-__all__ = ["demo_recipe", "demo_settings", "ensure_teacher", "cache_root", "teacher_fingerprint", "STEPS"]
+# ----------------------------------------------------------------------------------------------------- running
+def _write_yaml(path: str, values: dict) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+    return path
+
+
+def _posttrain(kind: str, settings: dict, output_dir: str, parent: str, teacher: str | None = None) -> str:
+    """Run the `sft` / `dpo` section of the demo recipe through `posttrain.run_recipe` (skipped when finished)."""
+    from .posttrain import CHAT_TEMPLATE, run_recipe
+
+    paths = RunPaths(output_dir)
+    target = os.path.join(paths.output_dir, kind)
+    if is_finished_stage(target):
+        logger.info("%s is finished in %s; skipping it.", kind.upper(), target)
+        return target
+    values = {**settings[kind], "model_name_or_path": parent, "output_dir": target}
+    if kind == "sft":  # the demo tokenizer has no chat template of its own
+        template = os.path.join(paths.output_dir, "chat.jinja")
+        with open(template, "w", encoding="utf-8") as f:
+            f.write(CHAT_TEMPLATE)
+        values.update(teacher_model_name_or_path=teacher, chat_template_path=template)
+    shutil.rmtree(target, ignore_errors=True)  # an unfinished run leaves no stage.json: start it again
+    return run_recipe(kind, _write_yaml(os.path.join(paths.output_dir, f"{kind}.yaml"), values))
+
+
+def _evaluate_all(output_dir: str, recipe: Recipe, eval_settings: dict, eval_set) -> list[dict]:
+    """One summary row per model of the demo: parameters, held-out metrics against the cached teacher, speed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .evaluation import evaluate_model, measure_speed
+
+    paths = RunPaths(output_dir)
+    num_stages = recipe.planned_num_stages()
+    directories = {"teacher": paths.teacher, **{f"stage-{i}": paths.stage(i) for i in range(1, num_stages + 1)},
+                   "sft": os.path.join(paths.output_dir, "sft"), "dpo": os.path.join(paths.output_dir, "dpo")}
+    prompt = torch.tensor(eval_set.select(range(min(eval_settings["batch_size"], len(eval_set))))["input_ids"],
+                          dtype=torch.long)[:, :eval_settings["speed_prompt_tokens"]]
+    rows = []
+    for name, directory in directories.items():
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        metrics = evaluate_model(model, eval_set, top_k=eval_settings["top_k"], batch_size=eval_settings["batch_size"])
+        speed = measure_speed(model, prompt, new_tokens=eval_settings["speed_new_tokens"],
+                              repeats=eval_settings["speed_repeats"])
+        rows.append({"model": name, "path": directory, "num_parameters": model.config.num_parameters(),
+                     "num_active_parameters": model.config.num_active_parameters(), **metrics, **speed})
+        logger.info("Evaluated %s: %s", name, {k: v for k, v in rows[-1].items() if k not in ("model", "path")})
+        del model
+    return rows
+
+
+def format_summary(summary: dict) -> str:
+    """The summary table as Markdown."""
+    from .schedule import human_count
+
+    header = ("| model | total params | active params | held-out perplexity | KL to teacher | top-1 agreement "
+              "| prefill tok/s | decode tok/s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        params = f"{human_count(r['num_parameters'])} | {human_count(r['num_active_parameters'])}"
+        lines.append(f"| {r['model']} | {params} | {r['perplexity']:.2f} | {max(r['kl'], 0.0):.3f} | {r['top1_agreement']:.3f} "
+                     f"| {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} |")
+    e = summary["eval"]
+    lines.append("")
+    lines.append(f"Held-out: {e['blocks']} blocks of {e['block_size']} tokens from {', '.join(e['data'])} (modules "
+                 f"never trained on); KL is the top-{e['top_k']} KL(teacher || model) per token. Speed: one "
+                 f"process, {summary['threads']} CPU threads, prefill = one forward over {e['prefill_shape']} "
+                 f"tokens, decode = greedy generation of {e['speed_new_tokens']} tokens with the KV cache (batch 1), "
+                 "best of " f"{e['speed_repeats']}.")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
+    """
+    Run the demo into `output_dir` (see the module docstring); returns the summary (also in summary.json / .md).
+
+    `on_step(index, total, title)`, when given, is called as each of the six steps begins (the CLI prints a banner).
+    Every step reuses what an earlier run finished: the cached teacher, the teacher top-k cache, finished stages and
+    post-training outputs.
+    """
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .distillation import cache_teacher_topk
+    from .hub import plot_trajectory
+    from .pipeline import compress, load_blocks
+
+    settings = demo_settings(fast)
+    recipe = demo_recipe(output_dir, fast)
+    paths = RunPaths(recipe.output_dir)
+    timings, clock = {}, {"step": None, "start": time.perf_counter()}
+
+    def close_step() -> None:
+        now = time.perf_counter()
+        if clock["step"] is not None:
+            timings[STEPS[clock["step"] - 1]] = round(now - clock["start"], 1)
+        clock["start"] = now
+
+    def step(index: int) -> None:
+        close_step()
+        clock["step"] = index
+        logger.info("[%d/%d] %s", index, len(STEPS), STEPS[index - 1])
+        if on_step is not None:
+            on_step(index, len(STEPS), STEPS[index - 1])
+
+    started = time.perf_counter()
+    step(1)
+    teacher_dir = ensure_teacher(output_dir, fast)
+
+    step(2)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    blocks = load_blocks(recipe, tokenizer)
+    k, pad = recipe.distillation.top_k, tokenizer.pad_token_id or 0
+    cache_teacher_topk(teacher, blocks["train"], top_k=k, output_dir=os.path.join(paths.teacher_cache, "train"),
+                       pad_token_id=pad)
+    eval_set = cache_teacher_topk(teacher, blocks["eval"], top_k=k,
+                                  output_dir=os.path.join(paths.teacher_cache, "eval"), pad_token_id=pad)
+    del teacher
+
+    step(3)
+    compress(recipe, on_stage_start=lambda i, n: step(2 + i) if i > 1 else None)
+    if clock["step"] == 3:  # every stage was already finished
+        step(4)
+    final_stage = paths.stage(recipe.planned_num_stages())
+
+    step(5)
+    sft_dir = _posttrain("sft", settings, output_dir, parent=final_stage, teacher=teacher_dir)
+    _posttrain("dpo", settings, output_dir, parent=sft_dir)
+
+    step(6)
+    with open(paths.trajectory, encoding="utf-8") as f:
+        plot_trajectory(json.load(f), os.path.join(paths.output_dir, "trajectory.png"))
+    rows = _evaluate_all(output_dir, recipe, settings["eval"], eval_set)
+    close_step()
+    e = settings["eval"]
+    summary = {
+        "demo": recipe.name, "fast": fast, "output_dir": paths.output_dir, "rows": rows,
+        "eval": {"data": recipe.data.eval.glob if isinstance(recipe.data.eval.glob, list) else [recipe.data.eval.glob],
+                 "blocks": len(eval_set), "block_size": recipe.data.block_size, "top_k": e["top_k"],
+                 "prefill_shape": f"{min(e['batch_size'], len(eval_set))} x {e['speed_prompt_tokens']}",
+                 "speed_new_tokens": e["speed_new_tokens"], "speed_repeats": e["speed_repeats"]},
+        "threads": torch.get_num_threads(), "step_seconds": timings,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    with open(os.path.join(paths.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(paths.output_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(format_summary(summary))
+    return summary
+
+
+__all__ = ["STEPS", "cache_root", "demo_recipe", "demo_settings", "ensure_teacher", "format_summary", "run_demo",
+           "teacher_fingerprint"]

@@ -96,6 +96,102 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
             "top1_agreement": metrics["eval_top1_agreement"]}
 
 
+def load_eval_data(tokenizer, data: str | None = None, block_size: int = 128, max_blocks: int | None = None,
+                   text_column: str = "text"):
+    """
+    Evaluation rows of `input_ids` for `slimmoe eval`.
+
+    `data`: `None` (the demo's held-out standard-library modules, see `hf_slimmoe/recipes/demo.yaml`), a
+    `save_to_disk` directory (rows of `input_ids`, possibly with a teacher cache, or text) or a `.jsonl` file (one row
+    per record, truncated to `block_size`), any other file (`.txt`, `.py`) or a plain directory of such files (read
+    whole, tokenized and packed into `block_size`-token blocks). At most `max_blocks` rows are kept, the first ones.
+    """
+    import os
+
+    from .pipeline import pack, read_source
+    from .recipe import DataSource
+
+    if data is None:
+        from .demo import demo_settings
+
+        source = DataSource(**demo_settings()["compress"]["data"]["eval"])
+    elif not os.path.exists(data):
+        raise FileNotFoundError(f"No evaluation data at {data}: pass a text/.jsonl file or a directory.")
+    elif data.endswith((".jsonl", ".json")) or os.path.isfile(os.path.join(data, "dataset_info.json")) or \
+            os.path.isfile(os.path.join(data, "state.json")):
+        source = None
+    elif os.path.isdir(data):
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(data) for name in names
+                       if not name.startswith("."))
+        if not files:
+            raise FileNotFoundError(f"{data} holds no file to evaluate on.")
+        source = DataSource(paths=files)
+    else:
+        source = DataSource(paths=[data])
+    if source is None:
+        from .distillation.run import load_token_dataset
+
+        dataset = load_token_dataset(data, tokenizer, text_column, max_length=block_size)
+    else:
+        dataset = pack(read_source(source, "data", None), tokenizer, block_size, source.text_field)
+        if len(dataset) == 0:
+            raise ValueError(f"{data or 'the held-out data'} gives no block of {block_size} tokens; "
+                             "lower --block-size.")
+    if max_blocks is not None:
+        dataset = dataset.select(range(min(max_blocks, len(dataset))))
+    return dataset
+
+
+def _lm_eval_task_names(path: str) -> list[str]:
+    """The `task:` names defined by a task YAML file, or by every YAML file of a directory."""
+    import os
+
+    import yaml
+
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, n) for n in os.listdir(path) if n.endswith((".yaml", ".yml")))
+    names = []
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            values = yaml.load(f, Loader=yaml.BaseLoader)  # task files may hold `!function` tags
+        if isinstance(values, dict) and "task" in values:
+            names.append(values["task"])
+    if not names:
+        raise ValueError(f"{path} defines no lm-eval task (no YAML file with a `task:` key).")
+    return names
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16) -> dict:
+    """
+    Run lm-evaluation-harness tasks on an in-memory model with `lm_eval.simple_evaluate` and an `HFLM` wrapper.
+
+    `tasks` are lm-eval task names or paths to task YAML files / directories of them (their `task:` names are run,
+    with the directories added to the task manager's include path), e.g. `benchmarks/lm_eval_tasks`. Needs the
+    `eval` extra (`pip install "hf_slimmoe[eval]"`). Returns `{task: {metric: value}}`.
+    """
+    import os
+
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError(f"lm-eval is not installed ({e}); install it with `pip install \"hf_slimmoe[eval]\"`.") \
+            from None
+    names, include = [], []
+    for task in tasks:
+        task = task.strip()
+        if os.path.exists(task):
+            names.extend(_lm_eval_task_names(task))
+            include.append(os.path.abspath(task if os.path.isdir(task) else os.path.dirname(task)))
+        elif task:
+            names.append(task)
+    manager = TaskManager(include_path=include or None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit)
+    return {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in results["results"].items()}
+
+
 @torch.no_grad()
 def measure_speed(model, input_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> dict:
     """
@@ -121,4 +217,4 @@ def measure_speed(model, input_ids: torch.Tensor, new_tokens: int = 32, repeats:
     return {"prefill_tokens_per_s": input_ids.numel() / best_prefill, "decode_tokens_per_s": new_tokens / best_decode}
 
 
-__all__ = ["evaluate_model", "perplexity", "measure_speed", "has_teacher_cache"]
+__all__ = ["evaluate_model", "has_teacher_cache", "load_eval_data", "measure_speed", "perplexity", "run_lm_eval"]

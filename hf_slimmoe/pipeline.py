@@ -467,8 +467,9 @@ class _TrajectoryLogger(TrainerCallback):
             self.write(state)
 
 
-def compress(recipe: Recipe, dry_run: bool = False) -> str:
-    """Run (or with `dry_run`, only check and plan) a recipe; returns the output directory. Re-running continues."""
+def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
+    """Run (or with `dry_run`, only check and plan) a recipe; returns the output directory. Re-running continues.
+    `on_stage_start(i, num_stages)`, when given, is called as stage `i` begins (or is found finished)."""
     teacher_config = check(recipe)
     if dry_run:
         return recipe.output_dir
@@ -552,6 +553,8 @@ def compress(recipe: Recipe, dry_run: bool = False) -> str:
     parent, tokens_done, steps_done = teacher_path, 0, 0
     for i, (stage_config, max_steps) in enumerate(zip(stage_configs, stage_steps), start=1):
         final_dir, tmp_dir, work_dir = paths.stage(i), paths.tmp(i), paths.work(i)
+        if on_stage_start is not None:
+            on_stage_start(i, num_stages)
         if is_finished_stage(final_dir):
             info = _read_json(os.path.join(final_dir, "stage.json"))
             trajectory = _read_json(os.path.join(final_dir, "trajectory.json"))
