@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -104,23 +103,18 @@ def shared_data(recipe, args):
     eval_set = cache_teacher_topk(teacher, blocks["eval"], top_k=k, output_dir=os.path.join(cache, "eval"),
                                   pad_token_id=pad)
     return {"teacher": teacher, "tokenizer": tokenizer, "train": train, "eval": eval_set, "cache": cache,
-            "eval_ids": torch.tensor(blocks["eval"]["input_ids"], dtype=torch.long),
+            "eval_blocks": blocks["eval"],
             "calibration": blocks["calibration"]}
 
 
-@torch.no_grad()
-def full_eval(model, teacher, eval_ids: torch.Tensor, batch_size: int) -> dict:
-    """Full-vocabulary KL(teacher || student) and the student's perplexity on the held-out blocks."""
-    model.eval()
-    kl = ce = tokens = 0.0
-    for start in range(0, len(eval_ids), batch_size):
-        ids = eval_ids[start:start + batch_size]
-        t = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), dim=-1)
-        s = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
-        kl += (t.exp() * (t - s)).sum().item()
-        ce -= s.gather(-1, ids[:, 1:, None]).sum().item()
-        tokens += ids[:, 1:].numel()
-    return {"full_kl": kl / tokens, "ppl": math.exp(ce / tokens)}
+def full_eval(model, teacher, eval_blocks, batch_size: int) -> dict:
+    """Full-vocabulary KL(teacher || student) and the student's perplexity on the held-out blocks: the library's
+    `evaluate_model` with the teacher online and top-k = the whole vocabulary."""
+    from hf_slimmoe.evaluation import evaluate_model
+
+    metrics = evaluate_model(model, eval_blocks, teacher=teacher, top_k=teacher.config.vocab_size,
+                             batch_size=batch_size)
+    return {"full_kl": metrics["kl"], "ppl": metrics["perplexity"]}
 
 
 # ------------------------------------------------------------------------------------------------ (1) schedules
@@ -142,11 +136,11 @@ def run_schedules(base, to_dict, data, args) -> dict:
             seconds = time.perf_counter() - start
             with open(os.path.join(out, "trajectory.json")) as f:
                 points = json.load(f)["points"]
-            final = sorted(d for d in os.listdir(out) if d.startswith("stage-"))[-1]
+            final = f"stage-{len(recipe.stage_configs(data['teacher'].config))}"
             model = SlimMoeForCausalLM.from_pretrained(os.path.join(out, final), dtype=torch.float32)
             row = {"seed": seed, "seconds": seconds, "points": points, "top8_kl": points[-1]["eval_kl"],
                    "num_parameters": model.config.num_parameters(), **full_eval(model, data["teacher"],
-                                                                                data["eval_ids"], args.eval_batch)}
+                                                                                data["eval_blocks"], args.eval_batch)}
             results[method].append(row)
             logger.info("schedule %s seed %d: %s", method, seed,
                         {k: v for k, v in row.items() if k != "points"})
@@ -216,10 +210,10 @@ def run_ablations(base, to_dict, data, args) -> dict:
                     break
                 row = {"seed": seed, "num_parameters": model.config.num_parameters(),
                        "num_active_parameters": model.config.num_active_parameters(),
-                       **full_eval(model, data["teacher"], data["eval_ids"], args.eval_batch)}
+                       **full_eval(model, data["teacher"], data["eval_blocks"], args.eval_batch)}
                 row = {**row, "pruned_full_kl": row.pop("full_kl"), "pruned_ppl": row.pop("ppl")}
                 row.update(distill(model, recipe, data, out, args.ablation_steps))
-                row.update(full_eval(model, data["teacher"], data["eval_ids"], args.eval_batch))
+                row.update(full_eval(model, data["teacher"], data["eval_blocks"], args.eval_batch))
                 shutil.rmtree(out, ignore_errors=True)
                 logger.info("ablation %s @ %s seed %d: %s", variant, fraction, seed, row)
                 rows.append(row)
@@ -250,17 +244,15 @@ def plot(schedules: dict, ablations: dict, teacher_ppl: float, args) -> None:
         if not rows:
             continue
         for ax, key in ((axes[0], "eval_kl"), (axes[1], "eval_perplexity")):
-            by_tokens: dict[int, list[float]] = {}
-            for row in rows:
-                for p in row["points"][1:]:  # [0] is the teacher itself
-                    if p[key] is not None:
-                        by_tokens.setdefault(p["tokens"], []).append(p[key])
-            xs = sorted(by_tokens)
-            mean = [statistics.mean(by_tokens[x]) for x in xs]
-            ax.plot([x / 1e3 for x in xs], mean, marker=".", color=colors[method], label=method)
+            # Same points in every seed's run (fixed steps); a stage boundary has two points at one token count:
+            # the end of a stage, then the freshly pruned model of the next one (the drop of Figure 1(b)).
+            count = min(len(row["points"]) for row in rows)
+            xs = [p["tokens"] / 1e3 for p in rows[0]["points"][1:count]]  # [0] is the teacher itself
+            values = [[row["points"][i][key] for row in rows] for i in range(1, count)]
+            ax.plot(xs, [statistics.mean(v) for v in values], marker=".", color=colors[method], label=method)
             if len(rows) > 1:
-                ax.fill_between([x / 1e3 for x in xs], [min(by_tokens[x]) for x in xs],
-                                [max(by_tokens[x]) for x in xs], color=colors[method], alpha=0.15)
+                ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=colors[method],
+                                alpha=0.15)
     axes[0].set(title="(1) held-out top-8 KL to the teacher", xlabel="distillation tokens (K)", ylabel="top-8 KL")
     axes[1].set(title="(1) held-out perplexity", xlabel="distillation tokens (K)", ylabel="perplexity",
                 yscale="log")
@@ -293,13 +285,15 @@ def report(schedules: dict, ablations: dict, teacher, teacher_ppl: float, base, 
     from hf_slimmoe.schedule import human_count
 
     c = teacher.config
+    teacher_label = f"`{args.recipe}`" if args.recipe else "the demo's (`hf_slimmoe/recipes/demo.yaml`" + (
+        ", `fast` variant)" if args.quick else ")")
     per_step = base.tokens_per_step()
     budget = sum(args.stage_steps)
     lines = [
         "## Micro-scale reproduction of the paper's Table 2 / Figure 1(b) and Table 3",
         "",
         f"Command: `{command}` ({seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads). Teacher: "
-        f"`{base.teacher.model if not args.recipe else args.recipe}` — {human_count(c.num_parameters())} parameters, "
+        f"{teacher_label} — {human_count(c.num_parameters())} parameters, "
         f"{c.num_hidden_layers} layers, {c.num_local_experts} experts (top-{c.num_experts_per_tok}), d_expert "
         f"{c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, vocabulary {c.vocab_size}; "
         f"held-out perplexity {teacher_ppl:.2f}. Seeds: {args.seeds} (data order). {per_step} tokens per step.",
@@ -373,7 +367,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--eval-batch", type=int, default=16, help="batch size of the full-KL evaluation")
     parser.add_argument("--only", choices=["schedules", "ablations"], default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: no oversubscription when another job shares the cores)")
     parser.add_argument("--keep-runs", action="store_true", help="keep the schedule runs' directories")
     parser.add_argument("--plot", default=PLOT)
     parser.add_argument("--quick", action="store_true",
@@ -397,7 +392,7 @@ def main() -> None:
     start = time.perf_counter()
     base, to_dict = base_recipe(args)
     data = shared_data(base, args)
-    teacher_ppl = full_eval(data["teacher"], data["teacher"], data["eval_ids"], args.eval_batch)["ppl"]
+    teacher_ppl = full_eval(data["teacher"], data["teacher"], data["eval_blocks"], args.eval_batch)["ppl"]
     schedules = run_schedules(base, to_dict, data, args) if args.only != "ablations" else {}
     ablations = run_ablations(base, to_dict, data, args) if args.only != "schedules" else {}
     seconds = time.perf_counter() - start
