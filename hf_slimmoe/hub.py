@@ -241,7 +241,8 @@ def _training_rows(training: dict) -> list[tuple[str, str]]:
 
 
 _EVAL_METRICS = (  # stage.json eval key, label, model-index metric type
-    ("kl", "top-k KL to the teacher", "kl_divergence"),
+    ("kl", "KL to the teacher (its top-k tokens + the rest of the vocabulary)", "kl_divergence"),
+    ("topk_kl", "top-k KD loss (Eq. 3; negative when sharper than the teacher on its top-k)", "kl_divergence"),
     ("perplexity", "perplexity", "perplexity"),
     ("top1_agreement", "top-1 agreement with the teacher", "accuracy"),
 )

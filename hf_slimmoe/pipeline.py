@@ -440,7 +440,7 @@ def _point(stage: int, tokens: int, step: int, config: SlimMoeConfig, metrics: d
     metrics = metrics or {}
     return {"stage": stage, "tokens": int(tokens), "step": int(step), "num_parameters": config.num_parameters(),
             "num_active_parameters": config.num_active_parameters(), "eval_kl": metrics.get("eval_kl"),
-            "eval_perplexity": metrics.get("eval_perplexity"),
+            "eval_topk_kl": metrics.get("eval_topk_kl"), "eval_perplexity": metrics.get("eval_perplexity"),
             "eval_top1_agreement": metrics.get("eval_top1_agreement")}
 
 
@@ -668,7 +668,8 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
                 "ce_weight": args.ce_weight, "early_stopped": steps < max_steps,
                 "stopped_at_step": steps if steps < max_steps else None, "max_steps": max_steps,
             },
-            "eval": {"kl": final_metrics.get("eval_kl"), "perplexity": final_metrics.get("eval_perplexity"),
+            "eval": {"kl": final_metrics.get("eval_kl"), "topk_kl": final_metrics.get("eval_topk_kl"),
+                     "perplexity": final_metrics.get("eval_perplexity"),
                      "top1_agreement": final_metrics.get("eval_top1_agreement")},
         }
         _write_json(os.path.join(tmp_dir, "stage.json"), info)

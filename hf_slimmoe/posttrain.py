@@ -657,8 +657,8 @@ def _finish(output_dir: str, method: str, parent: str, teacher: str | None, trai
     last = state.log_history[-1] if state.log_history else {}
     eval_metrics = {k: v for k, v in last.items()
                     if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second", "num_tokens"))}
-    if "eval_kd_loss" in eval_metrics:  # the names the compression stages use, so cards report them alike
-        eval_metrics["kl"] = eval_metrics["eval_kd_loss"]
+    if "eval_kd_loss" in eval_metrics:  # the top-k KD loss value, named as the compression stages name it
+        eval_metrics["topk_kl"] = eval_metrics["eval_kd_loss"]
     if "eval_ce_loss" in eval_metrics:
         eval_metrics["perplexity"] = math.exp(min(eval_metrics["eval_ce_loss"], 50.0))
     parent_stage = os.path.join(parent, "stage.json")
