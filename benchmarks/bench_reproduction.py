@@ -8,7 +8,7 @@
     experts by activation frequency (Seer-MoE). Each variant: one-shot surgery on the teacher, then the same
     `DistillationTrainer` run (same steps, data order, cached teacher top-k); only the surgery differs.
 
-    python benchmarks/bench_reproduction.py              # the demo's teacher (hf_slimmoe.demo), ~25 min on 2 cores
+    python benchmarks/bench_reproduction.py              # the demo's teacher (hf_slimmoe.demo), ~35 min on 2 cores
     python benchmarks/bench_reproduction.py --quick      # smoke run: one seed, few steps (~3 min)
     python benchmarks/bench_reproduction.py --recipe recipes/tiny-cpu.yaml --seeds 1
 
@@ -80,7 +80,7 @@ def derive(base, to_dict, *, name: str, output_dir: str, seed: int, method: str,
     values["iterative"]["mask_every_steps"] = args.mask_every_steps
     values["training"].update(eval_steps=args.eval_steps, save_steps=args.eval_steps, logging_steps=args.eval_steps,
                               disable_tqdm=True, use_cpu=True)
-    if args.learning_rate is not None:
+    if args.learning_rate:
         values["training"]["learning_rate"] = args.learning_rate
     return recipe_from_dict(values, source=base.source)
 
@@ -198,6 +198,8 @@ def run_ablations(base, to_dict, data, args) -> dict:
     results = {}
     for fraction in args.expert_fractions:
         for variant, _ in VARIANTS:
+            if variant not in args.variants:
+                continue
             rows = []
             for seed in range(args.seeds):
                 out = os.path.join(args.output_dir, "ablations", f"{variant}-{fraction}-seed{seed}")
@@ -357,14 +359,18 @@ def main() -> None:
                              "hf_slimmoe.demo.demo_recipe / ensure_teacher)")
     parser.add_argument("--output-dir", default="outputs/bench-reproduction")
     parser.add_argument("--seeds", type=int, default=3, help="runs per setting (seed = recipe seed + i)")
-    parser.add_argument("--stage-steps", type=int, nargs="+", default=[100, 140],
+    parser.add_argument("--stage-steps", type=int, nargs="+", default=[100, 150],
                         help="(1) multi-stage steps per stage; one-stage and iterative get their sum")
     parser.add_argument("--mask-every-steps", type=int, default=10, help="(1) iterative: re-score every N steps")
-    parser.add_argument("--eval-steps", type=int, default=20, help="(1) evaluate every N steps")
-    parser.add_argument("--ablation-steps", type=int, default=150, help="(2) distillation steps per variant")
+    parser.add_argument("--eval-steps", type=int, default=25, help="(1) evaluate every N steps")
+    parser.add_argument("--ablation-steps", type=int, default=100, help="(2) distillation steps per variant")
     parser.add_argument("--expert-fractions", type=float, nargs="+", default=[0.5, 0.25],
                         help="(2) fraction of expert parameters kept")
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--variants", nargs="+", default=[v for v, _ in VARIANTS], choices=[v for v, _ in VARIANTS],
+                        help="(2) which Table-3 variants to run")
+    parser.add_argument("--learning-rate", type=float, default=3e-4,
+                        help="peak learning rate of every distillation run (the demo recipe's 2e-3 left every pruned "
+                             "model worse than before distillation at these budgets); 0: the recipe's")
     parser.add_argument("--eval-batch", type=int, default=16, help="batch size of the full-KL evaluation")
     parser.add_argument("--only", choices=["schedules", "ablations"], default=None)
     parser.add_argument("--threads", type=int, default=1,
