@@ -283,7 +283,7 @@ def plot(schedules: dict, ablations: dict, teacher_ppl: float, args) -> None:
 
 
 def report(schedules: dict, ablations: dict, teacher, teacher_ppl: float, base, command: str, seconds: float,
-           args) -> str:
+           args, data_eval) -> str:
     from hf_slimmoe.schedule import human_count
 
     c = teacher.config
@@ -298,7 +298,12 @@ def report(schedules: dict, ablations: dict, teacher, teacher_ppl: float, base, 
         f"{teacher_label} — {human_count(c.num_parameters())} parameters, "
         f"{c.num_hidden_layers} layers, {c.num_local_experts} experts (top-{c.num_experts_per_tok}), d_expert "
         f"{c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, vocabulary {c.vocab_size}; "
-        f"held-out perplexity {teacher_ppl:.2f}. Seeds: {args.seeds} (data order). {per_step} tokens per step.",
+        f"held-out perplexity {teacher_ppl:.2f}. Held-out data: {len(data_eval)} blocks of {base.data.block_size} "
+        f"tokens the teacher never trained on. Every distillation run: top-{base.distillation.top_k} KD from the "
+        f"cached teacher (+ {base.distillation.aux_loss_coef} x aux loss), AdamW, peak learning rate "
+        f"{args.learning_rate or base.training.get('learning_rate')}, cosine with "
+        f"{base.training.get('warmup_steps', 0)} warmup steps (restarted per stage), {per_step} tokens per step. "
+        f"Seeds: {args.seeds} (data order; the teacher, the calibration data and so the scores are fixed).",
         "",
         "Metrics on the held-out blocks: **top-8 KL** = the training objective (teacher top-8 kept relative to the "
         "full vocabulary, not renormalized: it goes negative when the student puts more mass than the teacher on "
@@ -381,6 +386,8 @@ def main() -> None:
                         help="smoke run: 1 seed, --stage-steps 10 10, --ablation-steps 10, --eval-steps 10, "
                              "fraction 0.5; writes nothing unless --write")
     parser.add_argument("--write", action="store_true", help="with --quick: write RESULTS.md and the plot anyway")
+    parser.add_argument("--from-results", default=None, metavar="RESULTS_JSON",
+                        help="no training: write the report and plot again from a finished run's results.json")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md / the plot")
     args = parser.parse_args()
     if args.quick:
@@ -396,17 +403,30 @@ def main() -> None:
     os.makedirs(args.output_dir, exist_ok=True)
 
     start = time.perf_counter()
+    saved = None
+    if args.from_results:  # report again from a finished run's results.json (its settings), no training
+        with open(args.from_results) as f:
+            saved = json.load(f)
+        command = saved["command"]
+        for key, value in saved.get("args", {}).items():
+            if key not in ("from_results", "no_write", "plot"):
+                setattr(args, key, value)
     base, to_dict = base_recipe(args)
     data = shared_data(base, args)
     teacher_ppl = full_eval(data["teacher"], data["teacher"], data["eval_blocks"], args.eval_batch)["ppl"]
-    schedules = run_schedules(base, to_dict, data, args) if args.only != "ablations" else {}
-    ablations = run_ablations(base, to_dict, data, args) if args.only != "schedules" else {}
-    seconds = time.perf_counter() - start
-    markdown = report(schedules, ablations, data["teacher"], teacher_ppl, base, command, seconds, args)
+    if saved is not None:
+        schedules, seconds = saved["schedules"], saved["seconds"]
+        ablations = {(k.rsplit("@", 1)[0], float(k.rsplit("@", 1)[1])): rows for k, rows in saved["ablations"].items()}
+    else:
+        schedules = run_schedules(base, to_dict, data, args) if args.only != "ablations" else {}
+        ablations = run_ablations(base, to_dict, data, args) if args.only != "schedules" else {}
+        seconds = time.perf_counter() - start
+    markdown = report(schedules, ablations, data["teacher"], teacher_ppl, base, command, seconds, args,
+                      data["eval_blocks"])
     print(markdown)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+    with open(args.from_results or os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"schedules": schedules, "ablations": {f"{v}@{fr}": rows for (v, fr), rows in ablations.items()},
-                   "seconds": seconds, "command": command}, f, indent=1)
+                   "seconds": seconds, "command": command, "args": vars(args)}, f, indent=1)
     if not args.no_write:
         plot(schedules, ablations, teacher_ppl, args)
         write_section("bench_reproduction", markdown)
