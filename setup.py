@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
+        "eval": ["lm-eval>=0.4"],
     },
     entry_points={"console_scripts": ["slimmoe=hf_slimmoe.cli:main"]},
 )

@@ -84,6 +84,8 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
     if teacher is None and not has_teacher_cache(dataset):
         return perplexity(model, dataset, batch_size=batch_size, pad_token_id=pad_token_id)
 
+    from transformers import PrinterCallback
+
     from .distillation import DistillationCollator, DistillationConfig, DistillationTrainer
 
     with tempfile.TemporaryDirectory(prefix="slimmoe-eval-") as tmp:
@@ -91,6 +93,7 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
                                   use_cpu=model.device.type == "cpu", report_to=[], disable_tqdm=True)
         trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, eval_dataset=dataset,
                                       data_collator=DistillationCollator(pad_token_id=pad_token_id))
+        trainer.remove_callback(PrinterCallback)  # the metrics are returned, not printed
         metrics = trainer.evaluate()
     return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_kl"],
             "top1_agreement": metrics["eval_top1_agreement"]}
@@ -133,7 +136,15 @@ def load_eval_data(tokenizer, data: str | None = None, block_size: int = 128, ma
 
         dataset = load_token_dataset(data, tokenizer, text_column, max_length=block_size)
     else:
-        dataset = pack(read_source(source, "data", None), tokenizer, block_size, source.text_field)
+        documents = read_source(source, "data", None)
+        # pack a growing prefix of the documents until it gives max_blocks blocks: the same first blocks as packing
+        # them all (one stream, joined in order), without tokenizing text that is not evaluated
+        count = len(documents) if max_blocks is None else min(len(documents), 4)
+        while True:
+            dataset = pack(documents.select(range(count)), tokenizer, block_size, source.text_field)
+            if count == len(documents) or len(dataset) >= max_blocks:
+                break
+            count = min(len(documents), count * 2)
         if len(dataset) == 0:
             raise ValueError(f"{data or 'the held-out data'} gives no block of {block_size} tokens; "
                              "lower --block-size.")
@@ -145,17 +156,16 @@ def load_eval_data(tokenizer, data: str | None = None, block_size: int = 128, ma
 def _lm_eval_task_names(path: str) -> list[str]:
     """The `task:` names defined by a task YAML file, or by every YAML file of a directory."""
     import os
-
-    import yaml
+    import re
 
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(path, n) for n in os.listdir(path) if n.endswith((".yaml", ".yml")))
     names = []
-    for file in files:
+    for file in files:  # read as text: task files hold lm-eval's own YAML tags (`!function module.name`)
         with open(file, encoding="utf-8") as f:
-            values = yaml.load(f, Loader=yaml.BaseLoader)  # task files may hold `!function` tags
-        if isinstance(values, dict) and "task" in values:
-            names.append(values["task"])
+            match = re.search(r"^task:\s*['\"]?([^'\"\s#]+)", f.read(), flags=re.MULTILINE)
+        if match:
+            names.append(match.group(1))
     if not names:
         raise ValueError(f"{path} defines no lm-eval task (no YAML file with a `task:` key).")
     return names
