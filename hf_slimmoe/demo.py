@@ -202,7 +202,7 @@ def format_summary(summary: dict) -> str:
     lines.append("")
     lines.append(f"Held-out: {e['blocks']} blocks of {e['block_size']} tokens from {', '.join(e['data'])} (modules "
                  f"never trained on); KL is the top-{e['top_k']} KL(teacher || model) per token. Speed: one "
-                 f"process, {summary['threads']} CPU threads, prefill = one forward over {e['prefill_shape']} "
+                 f"process, {summary['threads']} CPU thread{'s' if summary['threads'] != 1 else ''}, prefill = one forward over {e['prefill_shape']} "
                  f"tokens, decode = greedy generation of {e['speed_new_tokens']} tokens with the KV cache (batch 1), "
                  "best of " f"{e['speed_repeats']}.")
     return "\n".join(lines) + "\n"
@@ -251,10 +251,10 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     blocks = load_blocks(recipe, tokenizer)
-    k, pad = recipe.distillation.top_k, tokenizer.pad_token_id or 0
+    k, pad, batch = recipe.distillation.top_k, tokenizer.pad_token_id or 0, settings["eval"]["batch_size"]
     cache_teacher_topk(teacher, blocks["train"], top_k=k, output_dir=os.path.join(paths.teacher_cache, "train"),
-                       pad_token_id=pad)
-    eval_set = cache_teacher_topk(teacher, blocks["eval"], top_k=k,
+                       pad_token_id=pad, batch_size=batch)
+    eval_set = cache_teacher_topk(teacher, blocks["eval"], top_k=k, batch_size=batch,
                                   output_dir=os.path.join(paths.teacher_cache, "eval"), pad_token_id=pad)
     del teacher
 
