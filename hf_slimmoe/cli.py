@@ -597,7 +597,8 @@ def _add_eval(subparsers) -> None:
         description="Evaluate MODEL on held-out data: perplexity, and with --teacher (or a --data directory that "
         "carries a teacher top-k cache) the top-k KL to the teacher and top-1 agreement. Default data: the demo's "
         "held-out standard-library modules (email/, http/, urllib/, xml/), packed into --block-size blocks. "
-        "--lm-eval-tasks runs lm-evaluation-harness tasks (pip install 'hf_slimmoe[eval]').",
+        "--lm-eval-tasks runs lm-evaluation-harness tasks (pip install 'hf_slimmoe[eval]'); given alone, without "
+        "--data or --teacher, only those tasks run.",
     )
     p.add_argument("model", help="model directory (SlimMoE or PhiMoE, with its tokenizer)")
     p.add_argument("--teacher", help="teacher directory for KL and top-1 agreement")

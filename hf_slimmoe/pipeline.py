@@ -30,7 +30,6 @@ model while masks grow towards the target, then prunes physically once (see `Ite
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import glob as globlib
 import json
 import logging
@@ -126,10 +125,7 @@ def _source_files(source: DataSource, key: str, recipe_dir: str | None) -> list[
             if not matches:
                 raise FileNotFoundError(f"{key}.glob {pattern!r} ({expanded}) matches no file.")
             files.update(matches)
-        excluded = [expand_path(p, recipe_dir) for p in source.exclude or []]
-        files = sorted(f for f in files if not any(fnmatch.fnmatch(f, p) for p in excluded))
-        if not files:
-            raise FileNotFoundError(f"{key}: every file of glob {source.glob!r} is excluded by {source.exclude!r}.")
+        files = sorted(files)
     else:
         files = [expand_path(p, recipe_dir) for p in source.paths]
         missing = [p for p in files if not os.path.isfile(p)]

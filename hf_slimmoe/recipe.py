@@ -70,13 +70,11 @@ class DataSource:
     """One dataset: `text_files` (a glob or list of paths, read as text), `disk` (`datasets.load_from_disk`) or
     `hub` (`datasets.load_dataset(path, name, split=split)`). Documents are tokenized and packed into
     `data.block_size` blocks; a dataset that already has an `input_ids` column (packed blocks) is used as is.
-    `glob` may be a list of patterns (their matches are joined, each file once, sorted); `exclude` drops the files
-    matching any of its patterns (`fnmatch` on the expanded path, e.g. `"*/test_*.py"`)."""
+    `glob` may be a list of patterns (their matches are joined, each file once, sorted)."""
 
     type: Literal["text_files", "disk", "hub"] = "text_files"
     paths: list[str] | None = None
     glob: str | list[str] | None = None
-    exclude: list[str] | None = None
     path: str | None = None  # disk directory or Hub dataset id
     name: str | None = None
     split: str = "train"

@@ -12,8 +12,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_slimmoe.cli import main
 from hf_slimmoe.demo import MODELS, demo_recipe, ensure_teacher, run_demo, teacher_fingerprint
+from hf_slimmoe.pipeline import _source_files
 
-pytestmark = pytest.mark.slow
+
+def test_demo_corpus_is_split_by_module_into_disjoint_train_and_held_out_sets():
+    for fast in (False, True):
+        recipe = demo_recipe("unused", fast=fast)
+        train = _source_files(recipe.data.train, "data.train", None)
+        held_out = _source_files(recipe.data.eval, "data.eval", None)
+        tokenizer_files = _source_files(type(recipe.data.train)(glob=recipe.teacher.build.tokenizer_files), "t", None)
+        assert len(train) > 100 and len(held_out) > 20
+        assert not set(train) & set(held_out) and not set(tokenizer_files) & set(held_out)
+        assert len({os.path.dirname(f) for f in train}) == 1  # top-level modules only
+        assert {os.path.relpath(f, os.path.dirname(train[0])).split(os.sep)[0] for f in held_out} == \
+            {"email", "http", "urllib", "xml"}
+    assert teacher_fingerprint(demo_recipe("a")) == teacher_fingerprint(demo_recipe("b"))  # not the output dir
+    assert teacher_fingerprint(demo_recipe("a")) != teacher_fingerprint(demo_recipe("a", fast=True))
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +45,7 @@ def fast_demo(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_demo_fast_writes_models_cards_and_summary(fast_demo):
     output_dir, _ = fast_demo
     with open(output_dir / "summary.json") as f:
@@ -59,6 +74,7 @@ def test_demo_fast_writes_models_cards_and_summary(fast_demo):
     assert set(summary["step_seconds"]) and summary["total_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_demo_second_run_starts_from_the_cached_teacher(fast_demo, tmp_path, caplog):
     output_dir, cache = fast_demo
     cached = cache / f"demo-teacher-{teacher_fingerprint(demo_recipe(str(output_dir), fast=True))}"
@@ -73,6 +89,7 @@ def test_demo_second_run_starts_from_the_cached_teacher(fast_demo, tmp_path, cap
     assert Path(teacher, "model.safetensors").read_bytes() == copied
 
 
+@pytest.mark.slow
 def test_demo_rerun_reuses_every_finished_step(fast_demo, caplog):
     output_dir, cache = fast_demo
     stage_weights = output_dir / "stage-2" / "model.safetensors"
@@ -86,6 +103,7 @@ def test_demo_rerun_reuses_every_finished_step(fast_demo, caplog):
     assert [row["model"] for row in summary["rows"]] == list(MODELS)
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_teacher_built_with_other_settings(fast_demo):
     output_dir, _ = fast_demo
     with pytest.raises(ValueError, match="other settings"):
