@@ -80,10 +80,11 @@ def cache_root() -> str:
 
 
 def teacher_fingerprint(recipe: Recipe) -> str:
-    """A digest of everything the built teacher depends on: `teacher.build`, the data sources and block size, the
-    seed, and this Python's version (its standard library is the corpus)."""
+    """A digest of everything the built teacher depends on: `teacher.build`, the training data (source, block size,
+    number of blocks), the seed, and this Python's version (its standard library is the corpus)."""
     values = recipe_to_dict(recipe)
-    key = {"build": values["teacher"]["build"], "data": values["data"], "seed": values["seed"],
+    data = {k: values["data"][k] for k in ("train", "block_size", "train_blocks")}
+    key = {"build": values["teacher"]["build"], "data": data, "seed": values["seed"],
            "use_cpu": bool(recipe.training.get("use_cpu", False)), "python": sys.version}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
