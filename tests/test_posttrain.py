@@ -256,7 +256,7 @@ def test_cli_sft_then_dpo_chain_writes_complete_cards_and_publishes(tiny, tmp_pa
         with open(os.path.join(directory, "stage.json")) as f:
             stage = json.load(f)
         assert stage["method"] == method and stage["parent"] == parent and stage["training"]["steps"] == 3
-        assert method != "sft" or {"kl", "perplexity", "eval_kd_loss"} <= set(stage["eval"])
+        assert method != "sft" or {"topk_kl", "perplexity", "eval_kd_loss"} <= set(stage["eval"])
         assert os.path.isfile(os.path.join(directory, "README.md"))
         assert os.path.isfile(os.path.join(directory, "training_args.json"))
         assert not os.path.exists(os.path.join(directory, "training_args.bin"))  # no pickle in a published repo
