@@ -568,6 +568,8 @@ def _add_demo(subparsers) -> None:
     )
     p.add_argument("output_dir", nargs="?", help="output directory (default: outputs/demo, or outputs/demo-fast)")
     p.add_argument("--fast", action="store_true", help="a smaller run of about a minute (the CI smoke test)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, all cores); on a "
+                   "machine shared with other jobs, --threads 1 avoids threads waiting on a busy core")
 
 
 def _run_demo(args) -> int:
@@ -576,6 +578,12 @@ def _run_demo(args) -> int:
     from .demo import run_demo
 
     output_dir = args.output_dir or ("outputs/demo-fast" if args.fast else "outputs/demo")
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     def banner(index: int, total: int, title: str) -> None:
