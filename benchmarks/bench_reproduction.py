@@ -294,7 +294,7 @@ def report(schedules: dict, ablations: dict, teacher, teacher_ppl: float, base, 
     lines = [
         "## Micro-scale reproduction of the paper's Table 2 / Figure 1(b) and Table 3",
         "",
-        f"Command: `{command}` ({seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads). Teacher: "
+        f"Command: `{command}` ({seconds / 60:.1f} min, {args.threads} torch thread(s), on a 2-core machine shared with other jobs). Teacher: "
         f"{teacher_label} — {human_count(c.num_parameters())} parameters, "
         f"{c.num_hidden_layers} layers, {c.num_local_experts} experts (top-{c.num_experts_per_tok}), d_expert "
         f"{c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, vocabulary {c.vocab_size}; "
@@ -322,6 +322,12 @@ def report(schedules: dict, ablations: dict, teacher, teacher_ppl: float, base, 
         "| schedule | params | top-8 KL | full KL | ppl | time (s) |",
         "|---|---|---|---|---|---|",
     ]
+    if schedules.get("one-stage"):
+        pruned = [{"top8_kl": r["points"][1]["eval_kl"], "ppl": r["points"][1]["eval_perplexity"]}
+                  for r in schedules["one-stage"]]  # [1]: the freshly pruned model, before any distillation
+        lines.append(f"| target size, one-shot pruned, no distillation | "
+                     f"{human_count(schedules['one-stage'][0]['num_parameters'])} | {stat(pruned, 'top8_kl')} | n/a | "
+                     f"{stat(pruned, 'ppl', 2)} | |")
     for method, rows in schedules.items():
         if rows:
             lines.append(f"| {method} | {human_count(rows[0]['num_parameters'])} | {stat(rows, 'top8_kl')} | "
@@ -396,7 +402,7 @@ def main() -> None:
         args.expert_fractions = [0.5]
         args.output_dir = args.output_dir.rstrip("/") + "-quick"
         args.no_write = args.no_write or not args.write
-    command = "python benchmarks/bench_reproduction.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python benchmarks/bench_reproduction.py", *sys.argv[1:]])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("hf_slimmoe", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -408,7 +414,7 @@ def main() -> None:
     if args.from_results:  # report again from a finished run's results.json (its settings), no training
         with open(args.from_results) as f:
             saved = json.load(f)
-        command = saved["command"]
+        command = saved["command"].strip()
         for key, value in saved.get("args", {}).items():
             if key not in ("from_results", "no_write", "plot"):
                 setattr(args, key, value)
