@@ -8,8 +8,8 @@
     experts by activation frequency (Seer-MoE). Each variant: one-shot surgery on the teacher, then the same
     `DistillationTrainer` run (same steps, data order, cached teacher top-k); only the surgery differs.
 
-    python benchmarks/bench_reproduction.py              # the demo's teacher (hf_slimmoe.demo), ~35 min on 2 cores
-    python benchmarks/bench_reproduction.py --quick      # smoke run: one seed, few steps (~3 min)
+    python benchmarks/bench_reproduction.py              # the demo's teacher (hf_slimmoe.demo), ~25 min, 1 thread
+    python benchmarks/bench_reproduction.py --quick      # smoke run: one seed, few steps (a few minutes)
     python benchmarks/bench_reproduction.py --recipe recipes/tiny-cpu.yaml --seeds 1
 
 Metrics, all on the held-out eval blocks: `top-8 KL` is the training objective (teacher top-8 probabilities kept
