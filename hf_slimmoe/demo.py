@@ -197,12 +197,13 @@ def format_summary(summary: dict) -> str:
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         params = f"{human_count(r['num_parameters'])} | {human_count(r['num_active_parameters'])}"
-        lines.append(f"| {r['model']} | {params} | {r['perplexity']:.2f} | {max(r['kl'], 0.0):.3f} | {r['top1_agreement']:.3f} "
+        lines.append(f"| {r['model']} | {params} | {r['perplexity']:.2f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} "
                      f"| {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} |")
     e = summary["eval"]
     lines.append("")
     lines.append(f"Held-out: {e['blocks']} blocks of {e['block_size']} tokens from {', '.join(e['data'])} (modules "
-                 f"never trained on); KL is the top-{e['top_k']} KL(teacher || model) per token. Speed: one "
+                 f"never trained on); KL is KL(teacher || model) per token over the teacher's top-{e['top_k']} tokens plus "
+                 "one 'any other token' outcome. Speed: one "
                  f"process, {summary['threads']} CPU thread{'s' if summary['threads'] != 1 else ''}, prefill = one forward over {e['prefill_shape']} "
                  f"tokens, decode = greedy generation of {e['speed_new_tokens']} tokens with the KV cache (batch 1), "
                  "best of " f"{e['speed_repeats']}.")

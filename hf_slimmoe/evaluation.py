@@ -1,4 +1,4 @@
-"""Evaluate a (compressed) model: held-out perplexity, top-k KL to the teacher, top-1 agreement, and speed.
+"""Evaluate a (compressed) model: held-out perplexity, KL to the teacher, top-1 agreement, and speed.
 
 `evaluate_model` is what `slimmoe eval` and the demo's summary table use. With a teacher (or a dataset carrying a
 teacher top-k cache from `cache_teacher_topk`) it is `DistillationTrainer.evaluate()`, the same numbers the
@@ -74,8 +74,10 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
         pad_token_id (`int`, *optional*): padding id (defaults to the model's, else 0).
 
     Returns:
-        `dict`: `perplexity`, and with a teacher or cache also `kl` (mean per-token top-k KL, teacher || model) and
-        `top1_agreement` (model argmax equals the teacher's top-1), all over the same next-token positions.
+        `dict`: `perplexity`, and with a teacher or cache also `kl` (mean per-token KL(teacher || model) over the
+        teacher's top-k tokens plus one "any other token" outcome: a true divergence, 0 for the teacher), `topk_kl`
+        (the top-k KD training loss, Eq. 3) and `top1_agreement` (model argmax equals the teacher's top-1), all over
+        the same next-token positions.
     """
     if "input_ids" not in dataset.column_names:
         raise ValueError(f"The evaluation dataset has no 'input_ids' column (columns: {dataset.column_names}).")
@@ -95,7 +97,7 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
                                       data_collator=DistillationCollator(pad_token_id=pad_token_id))
         trainer.remove_callback(PrinterCallback)  # the metrics are returned, not printed
         metrics = trainer.evaluate()
-    return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_kl"],
+    return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_kl"], "topk_kl": metrics["eval_topk_kl"],
             "top1_agreement": metrics["eval_top1_agreement"]}
 
 
