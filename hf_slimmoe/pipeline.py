@@ -237,6 +237,39 @@ def _train_tokenizer(files: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
 
 
+def _pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
+    """Causal-LM pre-training of the built teacher: AdamW, cosine decay, gradient clipping at 1, shuffled epochs.
+
+    A plain loop on this process alone, not a Trainer: under `torchrun` / `accelerate launch` the teacher is built by
+    the main process while the others wait, and a Trainer would wrap the model in DDP and wait for them forever.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .distillation import DistillationCollator
+
+    collate = DistillationCollator(pad_token_id=pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=build.pretrain_learning_rate, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 0, build.pretrain_steps)
+    device = next(model.parameters()).device
+    order: list[int] = []
+    model.train()
+    for _ in tqdm(range(build.pretrain_steps), desc="Pre-training the teacher", unit="step"):
+        if len(order) < build.pretrain_batch_size:  # a new shuffled epoch
+            order += torch.randperm(len(dataset), generator=generator).tolist()
+        rows, order = order[:build.pretrain_batch_size], order[build.pretrain_batch_size:]
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in rows]).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    logger.info("Teacher pre-training: last batch loss %.3f", loss.item())
+
+
 def build_teacher(recipe: Recipe, directory: str) -> str:
     """Make the tiny local teacher of `teacher.build` in `directory` (once; reused when complete) and return it.
 
@@ -244,9 +277,6 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     with `teacher.build.config` (seeded by `seed`) and trained for `pretrain_steps` with the causal LM loss on
     `data.train`, so that distilling from it is meaningful.
     """
-    from transformers import Trainer, TrainingArguments
-
-    from .distillation import DistillationCollator
     from .modeling_slimmoe import SlimMoeForCausalLM
 
     if is_finished_stage(directory) or (os.path.isfile(os.path.join(directory, "config.json"))
@@ -269,16 +299,9 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     model = SlimMoeForCausalLM(config)
     if b.pretrain_steps > 0:
         train = load_blocks(recipe, tokenizer)["train"]
-        args = TrainingArguments(
-            output_dir=os.path.join(tmp, "pretrain"), max_steps=b.pretrain_steps,
-            learning_rate=b.pretrain_learning_rate,
-            per_device_train_batch_size=b.pretrain_batch_size, lr_scheduler_type="cosine", warmup_steps=0,
-            save_strategy="no", report_to=[], logging_steps=max(1, b.pretrain_steps // 5), seed=recipe.seed,
-            use_cpu=bool(recipe.training.get("use_cpu", False)),
-        )
-        Trainer(model=model, args=args, train_dataset=train,
-                data_collator=DistillationCollator(pad_token_id=tokenizer.pad_token_id)).train()
-        shutil.rmtree(os.path.join(tmp, "pretrain"), ignore_errors=True)
+        device = "cpu" if recipe.training.get("use_cpu", False) or not torch.cuda.is_available() else "cuda"
+        _pretrain(model.to(device), train, b, recipe.seed, tokenizer.pad_token_id)
+        model.to("cpu")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)

@@ -325,3 +325,26 @@ def test_iterative_masks_compute_what_the_pruned_model_computes():
     assert (pruned.config.intermediate_size, pruned.config.num_key_value_heads) == (16, 1)
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_compress_runs_under_torchrun_with_two_ranks(tmp_path):
+    """The whole pipeline as a 2-rank DDP job (gloo, CPU): the teacher is built on the main process while the other
+    waits (a Trainer there would wait for the other rank forever), stages train across both ranks."""
+    import shutil
+
+    out = tmp_path / "ddp"
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(out))
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "hf_slimmoe.cli", "compress", recipe_path,
+                             "--log-level", "WARNING"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stage_dir = out / "stage-2"
+    assert STAGE_FILES <= set(os.listdir(stage_dir)) and is_finished_stage(str(stage_dir))
+    info = json.load(open(stage_dir / "stage.json"))
+    assert info["training"]["steps"] == 12
+    assert info["training"]["tokens"] == 12 * 4 * 32 * 2  # two ranks of 4 x 32-token rows per step
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(stage_dir), AutoTokenizer.from_pretrained(stage_dir)
+    assert model.config.intermediate_size == 16 and len(tokenizer) <= model.config.vocab_size
