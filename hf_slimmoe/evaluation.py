@@ -16,13 +16,9 @@ import time
 import torch
 
 from .distillation.losses import chunked_cross_entropy
-from .distillation.teacher_cache import CACHE_COLUMNS
+from .distillation.teacher_cache import CACHE_COLUMNS, _backbone
 
 logger = logging.getLogger(__name__)
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, model.base_model_prefix, model)
 
 
 def has_teacher_cache(dataset) -> bool:

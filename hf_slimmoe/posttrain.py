@@ -32,7 +32,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .distillation.losses import teacher_topk, topk_kl_loss
+from .distillation.losses import teacher_topk_from_hidden, topk_kl_loss
 from .distillation.teacher_cache import FINGERPRINT_COLUMN, cache_teacher_topk, check_teacher_cache
 
 logger = logging.getLogger(__name__)
@@ -193,21 +193,6 @@ def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder (the module whose output feeds `lm_head`) of a causal LM, through PEFT if present."""
     return _causal_lm(model).base_model
-
-
-@torch.no_grad()
-def _topk_from_hidden(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher top-k ids/log-probs of `lm_head(hidden)`, `(..., k)` each, projecting `chunk_size` tokens at a time."""
-    flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
-    ids, logprobs = [], []
-    for start in range(0, flat.size(0), chunk_size):
-        chunk_ids, chunk_logprobs = teacher_topk(lm_head(flat[start : start + chunk_size]), top_k, temperature)
-        ids.append(chunk_ids)
-        logprobs.append(chunk_logprobs)
-    shape = (*hidden.shape[:-1], top_k)
-    return torch.cat(ids).view(shape), torch.cat(logprobs).view(shape)
 
 
 def _forward_hidden(model: torch.nn.Module, backbone: torch.nn.Module, **inputs) -> Any:
@@ -390,7 +375,7 @@ class SFTDistillationTrainer(SFTTrainer):
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
         # `logits_to_keep=1`: the teacher's full logits are never built, its top-k is taken from its hidden states
         _, hidden = _forward_hidden(self.teacher_model, _backbone(unwrapped), **teacher_inputs, logits_to_keep=1)
-        return _topk_from_hidden(
+        return teacher_topk_from_hidden(
             hidden[:, :-1], unwrapped.get_output_embeddings(), self.args.top_k, self.args.temperature,
             self.args.kd_chunk_size,
         )

@@ -37,6 +37,27 @@ def teacher_topk(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> 
     return ids.long(), logprobs
 
 
+@torch.no_grad()
+def teacher_topk_from_hidden(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float = 1.0, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    [`teacher_topk`] of `lm_head(hidden)` for hidden states `(..., H)`, projecting `chunk_size` tokens at a time, so
+    the teacher's `(tokens, V)` logits are never held for all tokens at once.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ids `(..., k)` int64 and log-probabilities `(..., k)` float32.
+    """
+    flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
+    ids = torch.empty(flat.size(0), top_k, dtype=torch.long, device=flat.device)
+    logprobs = torch.empty(flat.size(0), top_k, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.size(0), chunk_size):
+        ids[start:start + chunk_size], logprobs[start:start + chunk_size] = teacher_topk(
+            lm_head(flat[start:start + chunk_size]), top_k, temperature)  # (C, V) -> (C, k)
+    shape = (*hidden.shape[:-1], top_k)
+    return ids.view(shape), logprobs.view(shape)
+
+
 def _chunk_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:

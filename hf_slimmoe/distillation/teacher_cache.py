@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
-from .losses import teacher_topk
+from .losses import teacher_topk_from_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +75,7 @@ def teacher_topk_from_model(
         `t` holds the teacher's prediction of token `t + 1`.
     """
     hidden = _backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    lm_head = teacher.get_output_embeddings()
-    flat = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
-    ids = torch.empty(flat.size(0), top_k, dtype=torch.long, device=flat.device)
-    logprobs = torch.empty(flat.size(0), top_k, dtype=torch.float32, device=flat.device)
-    for start in range(0, flat.size(0), chunk_size):
-        logits = lm_head(flat[start : start + chunk_size])  # (C, V)
-        ids[start : start + chunk_size], logprobs[start : start + chunk_size] = teacher_topk(
-            logits, top_k, temperature
-        )
-    shape = (*input_ids.shape, top_k)
-    return ids.view(shape), logprobs.view(shape)
+    return teacher_topk_from_hidden(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
 
 
 def _shard_path(work_dir: str, index: int) -> str:

@@ -32,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 
-from ..distillation.losses import chunked_cross_entropy, teacher_topk, topk_kl_loss
+from ..distillation.losses import chunked_cross_entropy, teacher_topk_from_hidden, topk_kl_loss
+from ..distillation.teacher_cache import teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -128,19 +129,6 @@ def _as_batch(batch: Mapping, device: torch.device) -> dict[str, torch.Tensor]:
                 value = value.unsqueeze(0)  # a single example
             out[key] = value.to(device)
     return out
-
-
-@torch.no_grad()
-def _topk_from_hidden(hidden: torch.Tensor, lm_head: nn.Linear, top_k: int, chunk_size: int):
-    """Teacher top-k ids/log-probs from final hidden states `[B, T, H]`, projected `chunk_size` tokens at a time."""
-    flat = hidden.reshape(-1, hidden.size(-1))  # [N, H]
-    ids, logprobs = [], []
-    for start in range(0, flat.size(0), chunk_size):
-        chunk_ids, chunk_logprobs = teacher_topk(lm_head(flat[start:start + chunk_size]), top_k)  # [C, k]
-        ids.append(chunk_ids)
-        logprobs.append(chunk_logprobs)
-    shape = (*hidden.shape[:-1], top_k)
-    return torch.cat(ids).reshape(shape), torch.cat(logprobs).reshape(shape)
 
 
 def _cached_topk(batch: dict[str, torch.Tensor], top_k: int):
@@ -274,17 +262,14 @@ def compute_sensitivity(
                 if "teacher_topk_ids" in batch and "teacher_topk_logprobs" in batch:
                     ids, logprobs = _cached_topk(batch, top_k)
                 elif self_teacher:
-                    ids, logprobs = _topk_from_hidden(hidden.detach(), lm_head, top_k, chunk_size)
+                    ids, logprobs = teacher_topk_from_hidden(hidden.detach(), lm_head, top_k, chunk_size=chunk_size)
                 else:
                     teacher_device = next(teacher.parameters()).device
-                    with torch.no_grad():
-                        teacher_logits = teacher(
-                            input_ids=input_ids.to(teacher_device),
-                            attention_mask=None if attention_mask is None else attention_mask.to(teacher_device),
-                            use_cache=False,
-                        ).logits  # [B, T, V]
-                        ids, logprobs = teacher_topk(teacher_logits, top_k)  # [B, T, k]
-                        del teacher_logits
+                    ids, logprobs = teacher_topk_from_model(  # [B, T, k], no [B, T, V] teacher logits
+                        teacher, input_ids.to(teacher_device),
+                        None if attention_mask is None else attention_mask.to(teacher_device), top_k,
+                        chunk_size=chunk_size,
+                    )
                     ids, logprobs = ids.to(device), logprobs.to(device)
                 loss = topk_kl_loss(hidden, lm_head.weight, lm_head.bias, ids, logprobs, mask,
                                     chunk_size=chunk_size, reduction="sum")
