@@ -83,6 +83,115 @@ def test_topk_errors():
         topk_kl_loss(h, w[:10], b[:10], ids, logprobs, mask)
 
 
+def _naive_log_q(h, w, b, temperature):
+    return torch.log_softmax((h.double() @ w.double().t() + (0 if b is None else b.double())) / temperature, -1)
+
+
+def _naive_tail_kl(h, w, b, ids, logprobs, mask, temperature=1.0):
+    logq = _naive_log_q(h, w, b, temperature)
+    p_log = logprobs.double()
+    p = p_log.exp()
+    rest_mask = torch.ones_like(logq, dtype=torch.bool).scatter(-1, ids, False)
+    log_q_rest = torch.logsumexp(logq.masked_fill(~rest_mask, float("-inf")), -1)
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    per_token = (p * (p_log - logq.gather(-1, ids))).sum(-1) + torch.where(
+        p_rest > 0, p_rest * (p_rest.clamp(min=1e-300).log() - log_q_rest), torch.zeros_like(p_rest))
+    return per_token[mask].mean()
+
+
+def _assert_loss_and_grads(loss, ref, inputs, atol=1e-5):
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True)
+    ref_grads = torch.autograd.grad(ref, inputs, retain_graph=True)
+    torch.testing.assert_close(loss.double(), ref.double(), atol=atol, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("top_k", [1, 8])
+def test_topk_tail_loss_matches_naive_values_and_gradients(temperature, top_k):
+    from hf_slimmoe.distillation import topk_tail_kl_loss
+
+    h, w, b, teacher_logits, mask = _problem(dtype=torch.float32)
+    ids, logprobs = teacher_topk(teacher_logits, top_k, temperature)
+    loss = topk_tail_kl_loss(h, w, b, ids, logprobs, mask, temperature=temperature, chunk_size=5)
+    _assert_loss_and_grads(loss, _naive_tail_kl(h, w, b, ids, logprobs, mask, temperature), (h, w, b))
+
+
+def test_topk_tail_loss_with_k_equal_to_the_vocabulary_is_the_full_kl():
+    from hf_slimmoe.distillation import topk_tail_kl_loss
+
+    h, w, b, teacher_logits, mask = _problem(dtype=torch.float32)
+    ids, logprobs = teacher_topk(teacher_logits, teacher_logits.size(-1))
+    loss = topk_tail_kl_loss(h, w, b, ids, logprobs, mask, chunk_size=7)
+    logq, logp = _naive_log_q(h, w, b, 1.0), torch.log_softmax(teacher_logits.double(), -1)
+    full = torch.nn.functional.kl_div(logq[mask], logp[mask], log_target=True, reduction="batchmean")
+    _assert_loss_and_grads(loss, full, (h, w, b))
+
+
+def test_topk_tail_loss_is_zero_with_zero_gradient_at_the_teacher():
+    from hf_slimmoe.distillation import topk_tail_kl_loss
+
+    h, w, b, _, mask = _problem(dtype=torch.float32)
+    with torch.no_grad():
+        ids, logprobs = teacher_topk(h @ w.t() + b, 4)  # the student itself is the teacher
+    loss = topk_tail_kl_loss(h, w, b, ids, logprobs, mask)
+    grad = torch.autograd.grad(loss, h)[0]
+    assert abs(loss.item()) < 1e-5 and grad.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_loss_matches_naive_values_and_gradients_with_repeated_draws(temperature):
+    from hf_slimmoe.distillation import sampled_kd_loss
+
+    h, w, b, _, mask = _problem(dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 6, (h.size(0), 8), generator=g)  # a small range: most rows repeat some ids
+    assert any(len(set(row.tolist())) < 8 for row in ids)
+    loss = sampled_kd_loss(h, w, b, ids, mask, temperature=temperature, chunk_size=4)
+    ref = -_naive_log_q(h, w, b, temperature).gather(-1, ids).mean(-1)[mask].mean()
+    _assert_loss_and_grads(loss, ref, (h, w, b))
+
+
+def test_teacher_samples_follow_the_teacher_distribution_and_many_samples_give_the_full_gradient():
+    from hf_slimmoe.distillation import sampled_kd_loss, teacher_samples_from_hidden
+
+    h, w, b, _, _ = _problem(n_tokens=6, vocab=30, dtype=torch.float32)
+    teacher_head = torch.nn.Linear(16, 30)
+    torch.nn.init.normal_(teacher_head.weight, std=0.3)
+    teacher_hidden = torch.randn(6, 16, generator=torch.Generator().manual_seed(7))
+    uniforms = torch.rand(6, 20000, generator=torch.Generator().manual_seed(8))
+    ids = teacher_samples_from_hidden(teacher_hidden, teacher_head, uniforms, chunk_size=4)  # (6, 20000)
+    p = torch.softmax(teacher_head(teacher_hidden).detach().double(), -1)  # (6, 30)
+    freq = torch.zeros_like(p).scatter_add_(-1, ids, torch.ones_like(ids, dtype=p.dtype)) / ids.size(-1)
+    assert (freq - p).abs().max() < 0.015
+    # the same uniforms in another chunking and batch give the same draws
+    torch.testing.assert_close(teacher_samples_from_hidden(teacher_hidden[2:], teacher_head, uniforms[2:]), ids[2:])
+    sampled = sampled_kd_loss(h, w, b, ids, chunk_size=4)
+    full_ce = -(p * _naive_log_q(h, w, b, 1.0)).sum(-1).mean()
+    got, want = torch.autograd.grad(sampled, (h, w)), torch.autograd.grad(full_ce, (h, w))
+    for g_, w_ in zip(got, want):
+        assert (g_.double() - w_).norm() < 0.05 * w_.norm()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_kl_loss_matches_naive_values_and_gradients(temperature):
+    from hf_slimmoe.distillation import full_kl_loss
+
+    h, w, b, _, mask = _problem(dtype=torch.float32)
+    g = torch.Generator().manual_seed(9)
+    teacher_hidden = torch.randn(h.size(0), 12, generator=g)  # another hidden size than the student's
+    teacher_w, teacher_b = torch.randn(w.size(0), 12, generator=g), torch.randn(w.size(0), generator=g)
+    loss = full_kl_loss(h.view(1, -1, 16), w, b, teacher_hidden.view(1, -1, 12), teacher_w, teacher_b,
+                        mask.view(1, -1), temperature=temperature, chunk_size=6)
+    logp = torch.log_softmax((teacher_hidden.double() @ teacher_w.double().t() + teacher_b.double()) / temperature, -1)
+    logq = _naive_log_q(h, w, b, temperature)
+    ref = (logp.exp() * (logp - logq)).sum(-1)[mask].mean()
+    _assert_loss_and_grads(loss, ref, (h, w, b))
+    with pytest.raises(ValueError, match="vocabulary"):
+        full_kl_loss(h, w, b, teacher_hidden, teacher_w[:10], teacher_b[:10], mask)
+
+
 # ------------------------------------------------------------------------------------------ trainer and cache
 import copy  # noqa: E402
 

@@ -1,7 +1,17 @@
 """Distillation for SlimMoE: the chunked top-k KD loss, the distillation trainer and the teacher top-k cache."""
 
 from .config import DistillationConfig
-from .losses import chunked_cross_entropy, teacher_topk, teacher_topk_from_hidden, topk_kl_loss, topk_tail_kl
+from .losses import (
+    chunked_cross_entropy,
+    full_kl_loss,
+    sampled_kd_loss,
+    teacher_samples_from_hidden,
+    teacher_topk,
+    teacher_topk_from_hidden,
+    topk_kl_loss,
+    topk_tail_kl,
+    topk_tail_kl_loss,
+)
 from .teacher_cache import cache_teacher_topk, check_teacher_cache, input_ids_fingerprint, teacher_topk_from_model
 from .run import DistillScriptArguments, load_token_dataset, run_distill
 from .trainer import DistillationCollator, DistillationTrainer
@@ -14,12 +24,16 @@ __all__ = [
     "cache_teacher_topk",
     "check_teacher_cache",
     "chunked_cross_entropy",
+    "full_kl_loss",
     "input_ids_fingerprint",
     "load_token_dataset",
     "run_distill",
+    "sampled_kd_loss",
+    "teacher_samples_from_hidden",
     "teacher_topk",
     "teacher_topk_from_hidden",
     "teacher_topk_from_model",
     "topk_kl_loss",
     "topk_tail_kl",
+    "topk_tail_kl_loss",
 ]
