@@ -248,7 +248,7 @@ def _token_dataset(num_rows=24, seed=1):
 def _args(tmp_path, **overrides):
     values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
                   report_to=[], save_strategy="no", use_cpu=True, learning_rate=3e-3, logging_steps=5,
-                  disable_tqdm=True)
+                  disable_tqdm=True, kd_loss="topk")  # the top-k caches below are read by kd_loss="topk"
     values.update(overrides)
     return DistillationConfig(**values)
 
@@ -405,9 +405,9 @@ def test_cache_teacher_and_distill_commands_under_torchrun(tmp_path):
     _pruned_student(teacher).save_pretrained(tmp_path / "student")
     _token_dataset(32, seed=1).save_to_disk(str(tmp_path / "train"))
     _token_dataset(8, seed=2).save_to_disk(str(tmp_path / "held_out"))
-    for split in ("train", "held_out"):
+    for split, kind in (("train", ["--kd-loss", "sampled", "--num-samples", "8"]), ("held_out", [])):
         assert slimmoe_main(["cache-teacher", str(tmp_path / "teacher"), str(tmp_path / split),
-                             str(tmp_path / f"{split}_cache"), "--top-k", "8", "--shard-size", "16"]) == 0
+                             str(tmp_path / f"{split}_cache"), "--top-k", "8", "--shard-size", "16"] + kind) == 0
     (tmp_path / "distill.yaml").write_text(
         f"student: {tmp_path / 'student'}\ndataset: {tmp_path / 'train_cache'}\n"
         f"eval_dataset: {tmp_path / 'held_out_cache'}\noutput_dir: {tmp_path / 'distilled'}\n"
@@ -484,7 +484,7 @@ def test_distill_command_with_online_teacher_and_bad_yaml(tmp_path, capsys):
     _pruned_student(teacher).save_pretrained(tmp_path / "student")
     _token_dataset(8).save_to_disk(str(tmp_path / "train"))
     common = ["distill", "--student", str(tmp_path / "student"), "--dataset", str(tmp_path / "train"),
-              "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none",
+              "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none", "--kd_loss", "topk",
               "--save_strategy", "no", "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
     assert slimmoe_main(common + ["--max_steps", "2", "--teacher_model_name_or_path", str(tmp_path / "teacher")]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()

@@ -1,4 +1,4 @@
-"""Distillation for SlimMoE: the chunked top-k KD loss, the distillation trainer and the teacher top-k cache."""
+"""Distillation for SlimMoE: the chunked KD losses, the distillation trainer and the teacher caches (top-k, samples)."""
 
 from .config import DistillationConfig
 from .losses import (
@@ -12,7 +12,17 @@ from .losses import (
     topk_tail_kl,
     topk_tail_kl_loss,
 )
-from .teacher_cache import cache_teacher_topk, check_teacher_cache, input_ids_fingerprint, teacher_topk_from_model
+from .teacher_cache import (
+    cache_metadata,
+    cache_teacher_samples,
+    cache_teacher_topk,
+    check_teacher_cache,
+    input_ids_fingerprint,
+    sample_uniforms,
+    teacher_fingerprint,
+    teacher_samples_from_model,
+    teacher_topk_from_model,
+)
 from .run import DistillScriptArguments, load_token_dataset, run_distill
 from .trainer import DistillationCollator, DistillationTrainer
 
@@ -21,6 +31,8 @@ __all__ = [
     "DistillationConfig",
     "DistillationTrainer",
     "DistillScriptArguments",
+    "cache_metadata",
+    "cache_teacher_samples",
     "cache_teacher_topk",
     "check_teacher_cache",
     "chunked_cross_entropy",
@@ -28,8 +40,11 @@ __all__ = [
     "input_ids_fingerprint",
     "load_token_dataset",
     "run_distill",
+    "sample_uniforms",
     "sampled_kd_loss",
+    "teacher_fingerprint",
     "teacher_samples_from_hidden",
+    "teacher_samples_from_model",
     "teacher_topk",
     "teacher_topk_from_hidden",
     "teacher_topk_from_model",
