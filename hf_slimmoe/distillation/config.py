@@ -39,10 +39,13 @@ class DistillationConfig(TrainingArguments):
             that also works from a cache in the measurements of `benchmarks/RESULTS.md` ("Choosing the distillation
             loss").
         kd_samples (`int`, *optional*, defaults to `8`):
-            Teacher samples per position of `kd_loss="sampled"` (S). A samples cache must hold exactly S.
+            Teacher samples per position of `kd_loss="sampled"` (S). A samples cache must hold exactly S. A cache
+            holds one set of draws: trained on for several epochs, the student fits those draws rather than the
+            teacher (see the README, "Choosing the distillation loss"); the online teacher draws afresh every epoch.
         kd_samples_seed (`int`, *optional*, defaults to `0`):
-            Seed of the online teacher samples; per row, so a row gets the same draws in any batch, on any rank and
-            after a resume, and the same as [`cache_teacher_samples`] with this seed.
+            Seed of the online teacher samples: epoch `e` draws with seed `kd_samples_seed + e`, per row, so a row
+            gets the same draws in any batch, on any rank and after a resume; epoch 0 draws what
+            [`cache_teacher_samples`] stores with `seed=kd_samples_seed`.
         top_k (`int`, *optional*, defaults to `8`):
             Number of teacher tokens per position kept by `kd_loss="topk"` / `"topk_tail"` and by the evaluation's
             `eval_kl` (the paper's top-8). With a cached teacher it must not exceed the cache's k; the first `top_k`

@@ -218,6 +218,7 @@ _KINDS = {
     "topk": _Kind("topk", TOPK_IDS_COLUMN, FINGERPRINT_COLUMN, CACHE_COLUMNS, "k"),
     "samples": _Kind("samples", SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN, SAMPLE_COLUMNS, "S"),
 }
+_LOSSES_OF_KIND = {"topk": "'topk' / 'topk_tail'", "samples": "'sampled'"}
 _MAKER = {"topk": "`cache_teacher_topk` / `slimmoe cache-teacher --kd-loss topk`",
           "samples": "`cache_teacher_samples` / `slimmoe cache-teacher --kd-loss sampled`"}
 
@@ -237,7 +238,8 @@ def _check_kind(dataset: Dataset, kd_loss: str) -> _Kind:
         present = cache_kinds(dataset)
         if present:
             records = cache_metadata(dataset)
-            found = ", ".join(f"a {name} cache ({_describe(records.get(name, {}), name)})" for name in present)
+            found = ", ".join(f"a {name} cache (made for kd_loss {_LOSSES_OF_KIND[name]}: "
+                              f"{_describe(records.get(name, {}), name)})" for name in present)
             raise ValueError(
                 f"The dataset carries {found}, but kd_loss={kd_loss!r} needs a {kind.name} cache: build it with "
                 f"{_MAKER[kind.name]}, or set kd_loss to the loss the cache was made for."

@@ -250,9 +250,9 @@ class DistillationTrainer(Trainer):
         if "topk" in missing:
             targets["topk"] = teacher_topk_from_hidden(hidden, lm_head, args.top_k, args.temperature,
                                                        args.kd_chunk_size)
-        if "samples" in missing:
-            uniforms = sample_uniforms(inputs["input_ids"], inputs["attention_mask"], args.kd_samples,
-                                       args.kd_samples_seed)  # (B, T, S), seeded per row
+        if "samples" in missing:  # fresh draws every epoch, seeded per row (any batch, rank or resume draws alike)
+            seed = args.kd_samples_seed + int(self.state.epoch or 0)
+            uniforms = sample_uniforms(inputs["input_ids"], inputs["attention_mask"], args.kd_samples, seed)
             targets["samples"] = teacher_samples_from_hidden(hidden, lm_head, uniforms, args.temperature,
                                                              args.kd_chunk_size)
         if "full" in missing:
