@@ -7,8 +7,9 @@
         model  = the previous stage's model (the teacher for stage 1)
         scores = compute_sensitivity(model, calibration batches, teacher)       # Eq. 2-4
         model.prune_to(stage size, scores)                                      # one-shot prune
-        DistillationTrainer(model, teacher).train()                            # top-k KD from the original teacher,
-                                                                               # early-stopped on eval KL (not last)
+        DistillationTrainer(model, teacher).train()                            # KD (`distillation.kd_loss`) from the
+                                                                               # original teacher, early-stopped on
+                                                                               # eval KL (not the last stage)
         save OUTPUT_DIR/stage-i/ (a Hub-ready repo + scores + stage.json + trajectory.json + card); publish
 
 Everything a run writes is on disk, and the disk is the truth when the same command runs again:
@@ -16,7 +17,8 @@ Everything a run writes is on disk, and the disk is the truth when the same comm
     OUTPUT_DIR/recipe.yaml          the resolved recipe
     OUTPUT_DIR/trajectory.json      every evaluation so far (tokens, parameter counts, eval KL / perplexity / top-1)
     OUTPUT_DIR/teacher/             the locally built teacher (`teacher.model: build` only)
-    OUTPUT_DIR/teacher_cache/       the teacher's top-k on the train / eval blocks (`distillation.cache_teacher`)
+    OUTPUT_DIR/teacher_cache/       what the loss reads from the teacher on the train blocks (samples or top-k) and
+                                    its top-k on the eval blocks (`distillation.cache_teacher`)
     OUTPUT_DIR/.stage-i.work/       the running stage: scores.safetensors, pruned_eval.json, checkpoints/checkpoint-N
     OUTPUT_DIR/.stage-i.tmp/        a stage being written; renamed to stage-i/ when complete
     OUTPUT_DIR/stage-i/             a finished stage: never recomputed
@@ -416,6 +418,19 @@ def check(recipe: Recipe) -> SlimMoeConfig:
     return teacher_config
 
 
+def cache_train_set(teacher, train, distillation, cache_root: str, pad_token_id: int = 0):
+    """The cache `distillation.kd_loss` reads on the train blocks: `<cache_root>/train-samples` (teacher samples)
+    for "sampled", `<cache_root>/train` (top-k) for "topk" / "topk_tail"."""
+    from .distillation import cache_teacher_samples, cache_teacher_topk
+
+    if distillation.kd_loss == "sampled":
+        return cache_teacher_samples(teacher, train, num_samples=distillation.kd_samples,
+                                     temperature=distillation.temperature,
+                                     output_dir=os.path.join(cache_root, "train-samples"), pad_token_id=pad_token_id)
+    return cache_teacher_topk(teacher, train, top_k=distillation.top_k, output_dir=os.path.join(cache_root, "train"),
+                              pad_token_id=pad_token_id)
+
+
 def _training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stopping: bool):
     from .distillation import DistillationConfig
 
@@ -428,6 +443,7 @@ def _training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stoppi
             eval_strategy="steps" if has_eval else "no", save_strategy="steps",
             load_best_model_at_end=early_stopping, metric_for_best_model="kl" if early_stopping else None,
             greater_is_better=False if early_stopping else None, restore_callback_states_from_checkpoint=True,
+            kd_loss=d.kd_loss, kd_samples=d.kd_samples,
             top_k=d.top_k, temperature=d.temperature, renormalize=d.renormalize, aux_loss_coef=d.aux_loss_coef,
             ce_weight=d.ce_weight, kd_chunk_size=d.kd_chunk_size or 1024, **training,
         )
@@ -459,7 +475,8 @@ def _point(stage: int, tokens: int, step: int, config: SlimMoeConfig, metrics: d
     metrics = metrics or {}
     return {"stage": stage, "tokens": int(tokens), "step": int(step), "num_parameters": config.num_parameters(),
             "num_active_parameters": config.num_active_parameters(), "eval_kl": metrics.get("eval_kl"),
-            "eval_topk_kl": metrics.get("eval_topk_kl"), "eval_perplexity": metrics.get("eval_perplexity"),
+            "eval_topk_kl": metrics.get("eval_topk_kl"), "eval_full_kl": metrics.get("eval_full_kl"),
+            "eval_perplexity": metrics.get("eval_perplexity"),
             "eval_top1_agreement": metrics.get("eval_top1_agreement")}
 
 
@@ -534,17 +551,14 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
 
     blocks = load_blocks(recipe, tokenizer)
     train, eval_set = blocks["train"], blocks["eval"]
-    online_teacher = teacher
-    if recipe.distillation.cache_teacher:  # the original teacher's top-k, computed once for every stage
-        with run_args.main_process_first(desc="caching the teacher's top-k"):
-            train = cache_teacher_topk(teacher, train, top_k=recipe.distillation.top_k,
-                                       output_dir=os.path.join(paths.teacher_cache, "train"),
-                                       pad_token_id=tokenizer.pad_token_id or 0)
-            if eval_set is not None:
+    if recipe.distillation.cache_teacher:  # what the loss reads from the original teacher, once for every stage
+        with run_args.main_process_first(desc="caching the teacher"):
+            train = cache_train_set(teacher, train, recipe.distillation, paths.teacher_cache,
+                                    pad_token_id=tokenizer.pad_token_id or 0)
+            if eval_set is not None:  # evaluation reads the top-k (eval_kl)
                 eval_set = cache_teacher_topk(teacher, eval_set, top_k=recipe.distillation.top_k,
                                               output_dir=os.path.join(paths.teacher_cache, "eval"),
                                               pad_token_id=tokenizer.pad_token_id or 0)
-        online_teacher = None
     calibration = calibration_batches(blocks["calibration"], recipe.scoring.batch_size)
 
     # Trajectory: the teacher point, then the points of every finished stage (read back from disk on resume).
@@ -552,7 +566,7 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
     if os.path.isfile(teacher_eval_path):
         teacher_metrics = _read_json(teacher_eval_path)
     else:
-        teacher_metrics = _eval_only(teacher, online_teacher, eval_set, recipe,
+        teacher_metrics = _eval_only(teacher, teacher, eval_set, recipe,
                                      os.path.join(paths.output_dir, ".teacher-eval"), tokenizer) or {}
         if is_main:
             shutil.rmtree(os.path.join(paths.output_dir, ".teacher-eval"), ignore_errors=True)
@@ -625,7 +639,7 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
         if os.path.isfile(pruned_eval_path):
             pruned_metrics = _read_json(pruned_eval_path)
         else:
-            pruned_metrics = _eval_only(model, online_teacher, eval_set, recipe, checkpoints, tokenizer) or {}
+            pruned_metrics = _eval_only(model, teacher, eval_set, recipe, checkpoints, tokenizer) or {}
             if is_main:
                 _write_json(pruned_eval_path, pruned_metrics)
         args = _training_args(recipe, checkpoints, max_steps=max_steps, early_stopping=early)
@@ -650,7 +664,9 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
             _write_json(paths.trajectory, {**trajectory, "points": stage_points(state)})
 
         callbacks.append(_TrajectoryLogger(write_progress))
-        trainer = DistillationTrainer(model=model, teacher_model=online_teacher, args=args, train_dataset=train,
+        # the teacher is given even when training reads a cache: the cache is checked against it, and evaluation
+        # reports the full-vocabulary KL
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=train,
                                       eval_dataset=eval_set, processing_class=tokenizer, callbacks=callbacks)
         resume = _last_checkpoint(checkpoints)
         if resume:
@@ -683,11 +699,13 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
             "license": recipe.teacher.license, "datasets": _dataset_ids(recipe), "teacher_config": teacher_summary,
             "training": {
                 "tokens": stage_tokens, "steps": steps, "learning_rate": args.learning_rate,
+                "kd_loss": args.kd_loss, "kd_samples": args.kd_samples if args.kd_loss == "sampled" else None,
                 "top_k": args.top_k, "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef,
                 "ce_weight": args.ce_weight, "early_stopped": steps < max_steps,
                 "stopped_at_step": steps if steps < max_steps else None, "max_steps": max_steps,
             },
             "eval": {"kl": final_metrics.get("eval_kl"), "topk_kl": final_metrics.get("eval_topk_kl"),
+                     "full_kl": final_metrics.get("eval_full_kl"),
                      "perplexity": final_metrics.get("eval_perplexity"),
                      "top1_agreement": final_metrics.get("eval_top1_agreement")},
         }

@@ -13,7 +13,8 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
     stages:         target + num_stages (geometric schedule) or explicit sizes; per-stage token or step budgets
     early_stopping: patience and min_delta on eval KL (never applied to the final stage)
     scoring:        sensitivity criterion, top_k, batch size
-    distillation:   top_k, temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size, cache_teacher
+    distillation:   kd_loss, kd_samples, top_k, temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size,
+                    cache_teacher
     training:       any `transformers.TrainingArguments` field (optimizer, schedule, batch, logging ...)
     iterative:      the iterative-pruning baseline's mask schedule
     hub:            push_to_hub, repo_id, layout, private (see `hf_slimmoe.hub.HubSettings`)
@@ -129,13 +130,19 @@ class ScoringSettings:
 
 @dataclass
 class DistillationSettings:
+    """The KD objective (see `DistillationConfig`): `kd_loss` "sampled" (the default: `kd_samples` teacher draws per
+    token, unbiased), "topk_tail", "topk" (the paper's Eq. 3) or "full" (online teacher only). With `cache_teacher`
+    the train cache is the kind the loss reads (samples or top-k); the eval cache is always the top-k."""
+
+    kd_loss: Literal["sampled", "topk_tail", "topk", "full"] = "sampled"
+    kd_samples: int = 8
     top_k: int = 8
     temperature: float = 1.0
     renormalize: bool = False
     aux_loss_coef: float = 0.0
     ce_weight: float = 0.0
     kd_chunk_size: int | None = None
-    cache_teacher: bool = False  # cache the teacher's top-k once under OUTPUT_DIR/teacher_cache/
+    cache_teacher: bool = False  # cache what the loss reads from the teacher once under OUTPUT_DIR/teacher_cache/
 
 
 @dataclass
@@ -425,6 +432,12 @@ def validate(recipe: Recipe) -> Recipe:
     _positive(recipe.scoring.top_k, "scoring.top_k")
     _positive(recipe.scoring.batch_size, "scoring.batch_size")
     k = recipe.distillation
+    _positive(k.kd_samples, "distillation.kd_samples")
+    if k.kd_loss == "full" and k.cache_teacher:
+        raise ValueError("distillation.kd_loss: full computes the full-vocabulary KL from the teacher's logits, so it "
+                         "needs the teacher online: set distillation.cache_teacher: false, or use kd_loss: sampled.")
+    if k.renormalize and k.kd_loss != "topk":
+        raise ValueError(f"distillation.renormalize applies to kd_loss: topk only, not {k.kd_loss}.")
     _positive(k.top_k, "distillation.top_k")
     _positive(k.temperature, "distillation.temperature")
     _positive(k.aux_loss_coef, "distillation.aux_loss_coef", allow_zero=True)

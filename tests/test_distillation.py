@@ -426,6 +426,21 @@ def test_teacher_samples_are_the_same_in_any_batch_shard_order_or_resume(tmp_pat
     assert cache_teacher_samples(teacher, ds, num_samples=4, seed=1)["teacher_sample_ids"] != ids
 
 
+def test_teacher_fingerprint_follows_the_weights_not_the_dtype_or_runtime_flags(tmp_path):
+    from hf_slimmoe.distillation import teacher_fingerprint
+
+    teacher = _teacher()
+    before = teacher_fingerprint(teacher)
+    held_out = cache_teacher_topk(teacher, _token_dataset(4), top_k=8)
+    DistillationTrainer(model=teacher, teacher_model=teacher, args=_args(tmp_path), eval_dataset=held_out).evaluate()
+    assert teacher_fingerprint(teacher) == before  # the Trainer sets config.use_cache = False
+    assert teacher_fingerprint(copy.deepcopy(teacher).to(torch.bfloat16)) == before
+    changed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.experts.down_proj[0, 0, 0] += 0.5
+    assert teacher_fingerprint(changed) != before and teacher_fingerprint(_teacher(seed=1)) != before
+
+
 def test_teacher_samples_of_a_large_vocabulary_are_int32():
     big = SlimMoeForCausalLM(_tiny_config(vocab_size=70_000, hidden_size=16, intermediate_size=16,
                                           num_hidden_layers=1)).eval()

@@ -67,13 +67,17 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ teacher identity
-_CONFIG_KEYS_IGNORED = ("transformers_version", "dtype", "torch_dtype", "architectures", "auto_map")
+# config keys that do not change what the model computes (paths, versions, dtype, runtime flags a Trainer sets)
+_CONFIG_KEYS_IGNORED = ("transformers_version", "dtype", "torch_dtype", "architectures", "auto_map", "use_cache",
+                        "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
+                        "torchscript")
 
 
 @torch.no_grad()
 def teacher_fingerprint(model: torch.nn.Module) -> str:
     """
-    Hex digest (16 characters) identifying a teacher: its config (without paths, versions and dtype) plus a digest of
+    Hex digest (16 characters) identifying a teacher: its config (without paths, versions, dtype and runtime flags
+    such as `use_cache`) plus a digest of
     every weight tensor (name, shape, the float64 sum and absolute sum of its bfloat16-rounded values, and a strided
     sample of 257 of them). The same checkpoint loaded in float32 or bfloat16 gives the same fingerprint; a retrained,
     pruned or other model gives another. Costs one pass of sums over the weights, no copy of the model.
