@@ -487,6 +487,33 @@ def test_a_cache_is_refused_for_another_loss_teacher_s_or_temperature(tmp_path):
         cache_teacher_topk(teacher, ds, top_k=8, output_dir=tmp_path / "topk")
 
 
+@pytest.mark.parametrize("bf16_autocast", [False, True])
+def test_a_bf16_student_trains_fp32_master_weights_and_is_saved_in_bf16(tmp_path, bf16_autocast):
+    import json
+
+    teacher = _teacher()
+    student = _pruned_student(teacher).to(torch.bfloat16)
+    initial = {name: p.detach().clone() for name, p in student.named_parameters()}
+    train = cache_teacher_samples(teacher, _token_dataset(64), num_samples=8)
+    # Adam moves every weight by about lr = 2e-5 per step: below half of bf16's spacing (>= 3e-5) for |w| >= 2**-7,
+    # so bf16 parameters would never move there (0 of them do); float32 master weights accumulate the steps
+    args = _args(tmp_path, kd_loss="sampled", max_steps=15, learning_rate=2e-5, lr_scheduler_type="constant",
+                 weight_decay=0.0, bf16=bf16_autocast, logging_steps=15)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=train)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = SlimMoeForCausalLM.from_pretrained(tmp_path / "saved", dtype="auto")
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+    moved, coarse = 0, 0
+    for name, p in saved.named_parameters():
+        large = initial[name].float().abs() >= 2**-7  # where one bf16 step rounds away
+        coarse += int(large.sum())
+        moved += int((p[large] != initial[name][large]).sum())
+    assert coarse > 1000 and moved > 0.1 * coarse
+
+
 class _FlakyTeacher(torch.nn.Module):
     """Counts forwards of the wrapped teacher's backbone and fails on the chosen call."""
 

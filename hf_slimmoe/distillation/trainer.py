@@ -85,6 +85,22 @@ def _vocab_size(model: torch.nn.Module) -> int:
     return model.get_output_embeddings().weight.size(0)
 
 
+def use_fp32_master_weights(model: torch.nn.Module) -> torch.dtype | None:
+    """
+    Cast a student loaded in bfloat16 / float16 to float32 in place, so the optimizer updates float32 master weights
+    (an update below bfloat16's resolution is not rounded away); the forward still runs in bfloat16 / float16 under
+    the Trainer's autocast when `bf16` / `fp16` is set. Returns the dtype the model was loaded in (what its saved
+    checkpoints should hold), or `None` when it was already float32.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = sorted((d for d in dtypes if d != torch.float32), key=str)
+    if not low:
+        return None
+    model.float()
+    logger.info("Training the student with float32 master weights (loaded in %s; saved in %s).", low[0], low[0])
+    return low[0]
+
+
 class DistillationTrainer(Trainer):
     """
     Trainer for SlimMoE distillation: the student learns `KD + aux_loss_coef * aux (+ ce_weight * CE)`.
@@ -98,7 +114,9 @@ class DistillationTrainer(Trainer):
     matches its dataset, the loss, k / S, temperature and (when given) the teacher.
 
     The student's backbone and loss run inside the DDP/FSDP wrapper's forward (through `_ForwardRedirection`), so
-    `torchrun` / `accelerate launch` work unchanged. With gradient accumulation, the KD (and CE) loss of each
+    `torchrun` / `accelerate launch` work unchanged. A student loaded in bfloat16 / float16 trains float32 master
+    weights (with the `bf16` / `fp16` autocast of the arguments) and is saved back in its dtype by `save_model`;
+    resumable checkpoints keep float32. With gradient accumulation, the KD (and CE) loss of each
     micro-batch is a sum over its counted tokens divided by the count over the whole global batch
     (`num_items_in_batch`), so accumulation gives the loss and gradients of the equivalent big batch; the aux loss,
     which is not additive over tokens, is averaged over micro-batches.
@@ -142,6 +160,9 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher_model, str):
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=model.dtype)
         self._validate(model, teacher_model, args, train_dataset, eval_dataset)
+        # float32 master weights (DeepSpeed keeps its own); `save_model` writes the dtype the student came in
+        self.save_dtype = None if args.deepspeed else use_fp32_master_weights(model)
+        self._saving_dtype: torch.dtype | None = None
 
         if data_collator is None:
             processing_class = kwargs.get("processing_class")
@@ -338,8 +359,10 @@ class DistillationTrainer(Trainer):
         args = self.args
         targets = self._teacher_targets(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        # Through the wrapper's forward, so DDP prepares gradient sync and FSDP gathers the student's shards.
-        parts = self._forward_redirection(model, unwrapped, self._student_losses, unwrapped, inputs, targets)
+        # Through the wrapper's forward, so DDP prepares gradient sync and FSDP gathers the student's shards; the
+        # redirection bypasses the autocast accelerate patches into the model's forward, so it is entered here.
+        with self.accelerator.autocast():
+            parts = self._forward_redirection(model, unwrapped, self._student_losses, unwrapped, inputs, targets)
         local_tokens = parts["num_tokens"].clamp(min=1)
         if model.training and num_items_in_batch is not None:
             # Sum / tokens of the global batch; times the ranks, since DDP averages gradients over them.
@@ -368,8 +391,9 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             targets = self._teacher_targets(inputs, evaluation=True)
             unwrapped = self.accelerator.unwrap_model(model)
-            parts = self._forward_redirection(model, unwrapped, self._student_losses, unwrapped, inputs, targets,
-                                              True)
+            with self.accelerator.autocast():
+                parts = self._forward_redirection(model, unwrapped, self._student_losses, unwrapped, inputs, targets,
+                                                  True)
         parts["full_tokens"] = parts["num_tokens"] if "full_kl_sum" in parts else torch.zeros_like(
             parts["num_tokens"])
         parts.setdefault("full_kl_sum", torch.zeros_like(parts["kl_sum"]))
@@ -399,6 +423,30 @@ class DistillationTrainer(Trainer):
         self._metrics["eval"].clear()
         self._eval_sums = None
         return output
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints for resuming (`_internal_call`) keep the float32 master weights; a final save writes the
+        student in the dtype it was loaded in (see [`use_fp32_master_weights`])."""
+        self._saving_dtype = None if _internal_call else self.save_dtype
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._saving_dtype = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        dtype = self._saving_dtype
+        if dtype is None:
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:  # config.json names the dtype of the saved weights, not the training one
+            trained = model.config.dtype
+            model.config.dtype = dtype
+            model.config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+            model.config.dtype = trained
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the separate loss terms averaged since the last log
