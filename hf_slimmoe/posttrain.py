@@ -1,9 +1,9 @@
 """Post-training of a compressed SlimMoE model: SFT with top-k distillation, DPO and LoRA, on TRL and PEFT.
 
 - [`SFTDistillationTrainer`] is `trl.SFTTrainer` (chat templates, packing, completion-only / assistant-only loss,
-  every dataset format) whose loss mixes the usual cross-entropy with the top-k KD loss against an instruct teacher
-  (SlimMoE post-training: top-8 logits distillation from the post-trained teacher), either online or from a cached
-  top-k pass over the formatted SFT data.
+  every dataset format) whose loss mixes the usual cross-entropy with a KD loss against an instruct teacher (SlimMoE
+  post-training: top-8 logits distillation from the post-trained teacher; `kd_loss` picks the objective as in
+  compression), either online or from a cached teacher pass over the formatted SFT data.
 - DPO is `trl.DPOTrainer` unchanged (reference model handling as TRL does it); [`run_dpo`] wires it to a recipe.
 - LoRA is PEFT's `LoraConfig`, optionally on the fused expert parameters (`target_parameters`), trained with the SFT
   trainer and merged back into a checkpoint that `from_pretrained` loads ([`run_sft`] with `use_lora=True`).
@@ -32,12 +32,30 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .distillation.losses import teacher_topk_from_hidden, topk_kl_loss
-from .distillation.teacher_cache import FINGERPRINT_COLUMN, cache_teacher_topk, check_teacher_cache
+from .distillation.config import KD_LOSSES
+from .distillation.losses import (
+    full_kl_loss,
+    sampled_kd_loss,
+    teacher_samples_from_hidden,
+    teacher_topk_from_hidden,
+    topk_kl_loss,
+    topk_tail_kl_loss,
+)
+from .distillation.teacher_cache import (
+    FINGERPRINT_COLUMN,
+    KIND_FOR_LOSS,
+    SAMPLE_FINGERPRINT_COLUMN,
+    SAMPLE_IDS_COLUMN,
+    cache_teacher_samples,
+    cache_teacher_topk,
+    check_teacher_cache,
+    sample_uniforms,
+)
 
 logger = logging.getLogger(__name__)
 
 TEACHER_TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
+TEACHER_CACHE_COLUMNS = {"topk": TEACHER_TOPK_COLUMNS, "samples": (SAMPLE_IDS_COLUMN,)}  # what each kd_loss reads
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 BUILTIN_DOCSTRINGS = "builtin:stdlib-docstrings"
 
@@ -58,8 +76,16 @@ class SFTDistillationConfig(SFTConfig):
             otherwise the teacher makes it once before training (then it is released).
 
     Parameters that control the loss:
+        kd_loss (`str`, *optional*, defaults to `"sampled"`):
+            The KD objective, as in [`DistillationConfig`]: `"sampled"` (`kd_samples` teacher draws per token,
+            unbiased), `"topk_tail"`, `"topk"` (the paper's top-8 logits distillation, whose minimizer drops the
+            teacher's tail) or `"full"` (online teacher only).
+        kd_samples (`int`, *optional*, defaults to `8`):
+            Teacher draws per token of `kd_loss="sampled"`.
+        kd_samples_seed (`int`, *optional*, defaults to `0`):
+            Seed of the teacher draws (epoch `e` online uses `kd_samples_seed + e`; the cache uses it as is).
         top_k (`int`, *optional*, defaults to `8`):
-            Teacher tokens kept per position (the paper's top-8 logits distillation).
+            Teacher tokens kept per position by `kd_loss="topk"` / `"topk_tail"`.
         temperature (`float`, *optional*, defaults to `1.0`):
             Softmax temperature of teacher and student in the KD term (no `T**2` factor).
         ce_mix (`float`, *optional*, defaults to `0.0`):
@@ -83,6 +109,9 @@ class SFTDistillationConfig(SFTConfig):
     teacher_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of the cached teacher top-k pass over the formatted data."}
     )
+    kd_loss: str = field(default="sampled", metadata={"help": "KD objective.", "choices": list(KD_LOSSES)})
+    kd_samples: int = field(default=8, metadata={"help": "Teacher draws per token of kd_loss='sampled'."})
+    kd_samples_seed: int = field(default=0, metadata={"help": "Seed of the teacher draws."})
     top_k: int = field(default=8, metadata={"help": "Teacher tokens kept per position."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD term."})
     ce_mix: float = field(
@@ -99,6 +128,15 @@ class SFTDistillationConfig(SFTConfig):
             raise ValueError(f"top_k={self.top_k} must be at least 1.")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be positive.")
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss={self.kd_loss!r} is not one of {list(KD_LOSSES)}.")
+        if self.kd_samples < 1:
+            raise ValueError(f"kd_samples={self.kd_samples} must be at least 1.")
+        if self.renormalize_topk and self.kd_loss != "topk":
+            raise ValueError(f"renormalize_topk=True applies to kd_loss='topk' only, not {self.kd_loss!r}.")
+        if self.kd_loss == "full" and self.teacher_cache_dir is not None:
+            raise ValueError("kd_loss='full' needs the teacher online: drop teacher_cache_dir or use "
+                             "kd_loss='sampled'.")
 
 
 @dataclass
@@ -219,17 +257,19 @@ def _check_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
 # ------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class _TeacherTopkCollator:
-    """Wraps TRL's collator: pads the cached `teacher_topk_*` columns like `input_ids` (right, or flattened)."""
+    """Wraps TRL's collator: pads the cached teacher columns (`teacher_topk_*`, `teacher_sample_ids`) like
+    `input_ids` (right, or flattened)."""
 
     collator: Callable
     padding_free: bool
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if TEACHER_TOPK_COLUMNS[0] not in examples[0]:
+        names = [n for columns in TEACHER_CACHE_COLUMNS.values() for n in columns if n in examples[0]]
+        if not names:
             return self.collator(examples)
-        cached = [{name: torch.as_tensor(ex.pop(name)) for name in TEACHER_TOPK_COLUMNS} for ex in examples]
+        cached = [{name: torch.as_tensor(ex.pop(name)) for name in names} for ex in examples]
         batch = self.collator(examples)
-        for name in TEACHER_TOPK_COLUMNS:
+        for name in names:
             rows = [c[name] for c in cached]  # each (T_i, k)
             if self.padding_free:
                 rows = [torch.cat(rows)]
@@ -243,7 +283,7 @@ class _TeacherTopkCollator:
 
 class SFTDistillationTrainer(SFTTrainer):
     """
-    `trl.SFTTrainer` whose loss mixes cross-entropy with the top-k KD loss against an instruct teacher.
+    `trl.SFTTrainer` whose loss mixes cross-entropy with a KD loss (`args.kd_loss`) against an instruct teacher.
 
     Everything `SFTTrainer` does (chat template, completion-only / assistant-only labels, packing, padding-free,
     PEFT, the MoE load-balancing loss) is unchanged; only `compute_loss` differs:
@@ -293,11 +333,11 @@ class SFTDistillationTrainer(SFTTrainer):
             self.train_dataset = self._attach_teacher_cache(train, teacher_model, args.teacher_cache_dir)
             if self.eval_dataset is None:
                 teacher_model = None  # the cache replaces the teacher (kept only to evaluate online)
-        elif self.kd_enabled and self._has_cache(train) and FINGERPRINT_COLUMN in train.column_names:
-            vocab_size = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0)
-            check_teacher_cache(train, vocab_size=vocab_size, top_k=args.top_k)
+        elif self.kd_enabled and self._has_cache(train, args.kd_loss) and (
+                FINGERPRINT_COLUMN in train.column_names or SAMPLE_FINGERPRINT_COLUMN in train.column_names):
+            self._check_cache(train, teacher_model)
         self.teacher_model = None
-        if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset):
+        if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset, args.kd_loss):
             raise ValueError(
                 "SFT distillation (ce_mix < 1) needs a teacher: pass `teacher_model`, set "
                 "`teacher_model_name_or_path`, or give a dataset with cached `teacher_topk_ids` / "
@@ -315,8 +355,21 @@ class SFTDistillationTrainer(SFTTrainer):
 
     # --- data -------------------------------------------------------------------------------------------------
     @staticmethod
-    def _has_cache(dataset) -> bool:
-        return dataset is not None and all(c in (dataset.column_names or []) for c in TEACHER_TOPK_COLUMNS)
+    def _has_cache(dataset, kd_loss: str | None = None) -> bool:
+        """Whether `dataset` carries the cache columns `kd_loss` reads (any kind's when `kd_loss` is None)."""
+        kinds = TEACHER_CACHE_COLUMNS if kd_loss is None else {k: v for k, v in TEACHER_CACHE_COLUMNS.items()
+                                                               if k == KIND_FOR_LOSS.get(kd_loss)}
+        return dataset is not None and any(all(c in (dataset.column_names or []) for c in columns)
+                                           for columns in kinds.values())
+
+    def _check_cache(self, dataset: Dataset, teacher: PreTrainedModel | None) -> None:
+        args = self.args
+        check_teacher_cache(
+            dataset, vocab_size=self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0),
+            top_k=args.top_k if args.kd_loss != "sampled" else None, kd_loss=args.kd_loss,
+            num_samples=args.kd_samples if args.kd_loss == "sampled" else None, temperature=args.temperature,
+            teacher=teacher,
+        )
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # A dataset that already carries the teacher top-k is formatted already (the cache is taken after TRL's
@@ -329,21 +382,23 @@ class SFTDistillationTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_TOPK_COLUMNS]))
+        cache_columns = [c for columns in TEACHER_CACHE_COLUMNS.values() for c in columns]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *cache_columns]))
 
     def _attach_teacher_cache(self, dataset: Dataset, teacher: PreTrainedModel | None, cache_dir: str) -> Dataset:
-        """Read (or make once, with the teacher) the top-k cache of the formatted dataset; returns it with the cache."""
+        """Read (or make once, with the teacher) the cache `kd_loss` reads (teacher samples or top-k) of the formatted
+        dataset; returns the dataset with the cache."""
+        args = self.args
         if "seq_lengths" in dataset.column_names:
             raise ValueError(
                 "`teacher_cache_dir` needs unpacked data (each cached row is one sequence): set `packing=False`, or "
                 "drop `teacher_cache_dir` to run the teacher online on the packed batches."
             )
-        if self.args.temperature != 1.0:
+        if args.kd_loss != "sampled" and args.temperature != 1.0:
             raise ValueError(
-                f"The teacher cache stores log-probabilities at temperature 1, but temperature={self.args.temperature}:"
-                " drop `teacher_cache_dir` to run the teacher online, or use temperature 1."
+                f"The teacher top-k cache stores log-probabilities at temperature 1, but temperature={args.temperature}:"
+                " drop `teacher_cache_dir` to run the teacher online, or use temperature 1 (or kd_loss='sampled')."
             )
-        vocab_size = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0)
         if not os.path.isdir(cache_dir):
             if teacher is None:
                 raise ValueError(
@@ -351,11 +406,13 @@ class SFTDistillationTrainer(SFTTrainer):
                 )
             if self.accelerator.is_main_process:
                 teacher.to(self.accelerator.device)
-                cache_teacher_topk(
-                    teacher, dataset, top_k=self.args.top_k, batch_size=self.args.per_device_eval_batch_size,
-                    output_dir=cache_dir, chunk_size=self.args.kd_chunk_size,
-                    pad_token_id=self.processing_class.pad_token_id or 0,
-                )
+                common = {"batch_size": args.per_device_eval_batch_size, "output_dir": cache_dir,
+                          "chunk_size": args.kd_chunk_size, "pad_token_id": self.processing_class.pad_token_id or 0}
+                if args.kd_loss == "sampled":
+                    cache_teacher_samples(teacher, dataset, num_samples=args.kd_samples, temperature=args.temperature,
+                                          seed=args.kd_samples_seed, **common)
+                else:
+                    cache_teacher_topk(teacher, dataset, top_k=args.top_k, **common)
             self.accelerator.wait_for_everyone()
         cached = load_from_disk(cache_dir)
         if len(cached) != len(dataset) or cached["input_ids"] != dataset["input_ids"]:
@@ -363,27 +420,46 @@ class SFTDistillationTrainer(SFTTrainer):
                 f"The teacher cache in {cache_dir} was made for other data than this run's formatted training set "
                 "(different rows or tokens); delete it or point `teacher_cache_dir` elsewhere."
             )
-        check_teacher_cache(cached, vocab_size=vocab_size, top_k=self.args.top_k)
-        logger.info("Distilling from the teacher top-k cache in %s", cache_dir)
+        self._check_cache(cached, teacher)
+        logger.info("Distilling from the teacher cache in %s", cache_dir)
+        keep = TEACHER_CACHE_COLUMNS[KIND_FOR_LOSS[args.kd_loss]]
         return cached.remove_columns([c for c in cached.column_names if c not in dataset.column_names
-                                      and c not in TEACHER_TOPK_COLUMNS])
+                                      and c not in keep])
 
     # --- loss -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _online_teacher_topk(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _online_teacher_targets(self, inputs: dict[str, Any]) -> Any:
+        """What `kd_loss` reads from the teacher, run on this batch: top-k `(B, T-1, k)` ids and log-probabilities,
+        samples `(B, T-1, S)`, or (full) its hidden states `(B, T-1, H_t)` with its lm_head weight and bias."""
+        args = self.args
         teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "output_router_logits")}
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
-        # `logits_to_keep=1`: the teacher's full logits are never built, its top-k is taken from its hidden states
+        # `logits_to_keep=1`: the teacher's full logits are never built, its targets are taken from its hidden states
         _, hidden = _forward_hidden(self.teacher_model, _backbone(unwrapped), **teacher_inputs, logits_to_keep=1)
-        return teacher_topk_from_hidden(
-            hidden[:, :-1], unwrapped.get_output_embeddings(), self.args.top_k, self.args.temperature,
-            self.args.kd_chunk_size,
-        )
+        lm_head = unwrapped.get_output_embeddings()
+        if args.kd_loss == "full":
+            return hidden[:, :-1], lm_head.weight, lm_head.bias
+        if args.kd_loss == "sampled":  # fresh draws every epoch, seeded per row
+            uniforms = sample_uniforms(inputs["input_ids"], inputs.get("attention_mask"), args.kd_samples,
+                                       args.kd_samples_seed + int(self.state.epoch or 0))
+            return teacher_samples_from_hidden(hidden[:, :-1], lm_head, uniforms[:, :-1], args.temperature,
+                                               args.kd_chunk_size)
+        return teacher_topk_from_hidden(hidden[:, :-1], lm_head, args.top_k, args.temperature, args.kd_chunk_size)
 
-    def _student_forward(
-        self, student: torch.nn.Module, inputs: dict[str, Any], teacher_ids: torch.Tensor,
-        teacher_logprobs: torch.Tensor,
-    ) -> tuple[Any, torch.Tensor]:
+    def _kd_sum(self, hidden, weight, bias, targets, mask) -> torch.Tensor:
+        """The sum over `mask`ed positions of the `kd_loss` objective; `targets` as `_online_teacher_targets`."""
+        args = self.args
+        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size, "reduction": "sum"}
+        if args.kd_loss == "full":
+            teacher_hidden, teacher_weight, teacher_bias = targets
+            return full_kl_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask, **common)
+        if args.kd_loss == "sampled":
+            return sampled_kd_loss(hidden, weight, bias, targets, mask, **common)
+        if args.kd_loss == "topk_tail":
+            return topk_tail_kl_loss(hidden, weight, bias, *targets, mask, **common)
+        return topk_kl_loss(hidden, weight, bias, *targets, mask, renormalize=args.renormalize_topk, **common)
+
+    def _student_forward(self, student: torch.nn.Module, inputs: dict[str, Any], targets: Any) -> tuple[Any, Any]:
         """Student forward with TRL's fused LM head, and the KD sum from its last hidden state (inside the wrapper)."""
         outputs, hidden = _forward_hidden(student, _backbone(student), **inputs, fused_lm_head=True)
         lm_head = _causal_lm(student).get_output_embeddings()
@@ -392,11 +468,8 @@ class SFTDistillationTrainer(SFTTrainer):
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
         with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3
-            kd_sum = topk_kl_loss(
-                hidden[:, :-1].to(weight.device), weight, bias, teacher_ids, teacher_logprobs, outputs.label_mask,
-                temperature=self.args.temperature, renormalize=self.args.renormalize_topk,
-                chunk_size=self.args.kd_chunk_size, reduction="sum",
-            )  # (B, T-1) positions: position t predicts token t + 1
+            # (B, T-1) positions: position t predicts token t + 1
+            kd_sum = self._kd_sum(hidden[:, :-1].to(weight.device), weight, bias, targets, outputs.label_mask)
         return outputs, kd_sum
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -408,25 +481,27 @@ class SFTDistillationTrainer(SFTTrainer):
                 "term aligns teacher and student positions within each sequence."
             )
         mode = "train" if self.model.training else "eval"
-        cached = [inputs.pop(name, None) for name in TEACHER_TOPK_COLUMNS]
+        cached = {name: inputs.pop(name) for columns in TEACHER_CACHE_COLUMNS.values() for name in columns
+                  if name in inputs}
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        if cached[0] is not None:
+        kind = KIND_FOR_LOSS.get(self.args.kd_loss)
+        if kind == "samples" and SAMPLE_IDS_COLUMN in cached:
+            targets = cached[SAMPLE_IDS_COLUMN][:, :-1]
+        elif kind == "topk" and TEACHER_TOPK_COLUMNS[0] in cached:
             k = self.args.top_k  # a cache may hold more tokens per position than asked; they are sorted
-            teacher_ids, teacher_logprobs = cached[0][:, :-1, :k], cached[1][:, :-1, :k]
+            targets = tuple(cached[name][:, :-1, :k] for name in TEACHER_TOPK_COLUMNS)
         elif self.teacher_model is not None:
-            teacher_ids, teacher_logprobs = self._online_teacher_topk(inputs)
+            targets = self._online_teacher_targets(inputs)
         else:
             raise ValueError(
-                "This batch has no cached teacher top-k and the trainer has no teacher: give the evaluation data "
-                "cached `teacher_topk_*` columns too, or pass a teacher model."
+                f"This batch has no cached teacher columns for kd_loss={self.args.kd_loss!r} and the trainer has no "
+                "teacher: give the evaluation data the same cache, or pass a teacher model."
             )
         unwrapped = self.accelerator.unwrap_model(model)
         # Through the wrapper's forward, so DDP prepares its gradient sync and FSDP gathers the student's shards
-        outputs, kd_sum = self._forward_redirection(
-            model, unwrapped, self._student_forward, unwrapped, inputs, teacher_ids, teacher_logprobs
-        )
+        outputs, kd_sum = self._forward_redirection(model, unwrapped, self._student_forward, unwrapped, inputs, targets)
         mask = outputs.label_mask  # (B, T-1): next-token label is not -100
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         num_tokens = torch.as_tensor(num_tokens, device=kd_sum.device).clamp(min=1)
@@ -706,7 +781,8 @@ def run_sft(args: PostTrainArguments, config: SFTDistillationConfig, hub: dict[s
     if test is not None:
         trainer.evaluate()
     method = "lora" if args.use_lora else "sft"
-    training = {"top_k": config.top_k, "temperature": config.temperature, "ce_mix": config.ce_mix}
+    training = {"kd_loss": config.kd_loss, "kd_samples": config.kd_samples if config.kd_loss == "sampled" else None,
+                "top_k": config.top_k, "temperature": config.temperature, "ce_mix": config.ce_mix}
     if args.use_lora:
         training.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_target_modules=args.lora_target_modules,
                         lora_target_experts=args.lora_target_experts)
