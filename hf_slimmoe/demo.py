@@ -260,7 +260,8 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     blocks = load_blocks(recipe, tokenizer)
     k, pad, batch = recipe.distillation.top_k, tokenizer.pad_token_id or 0, settings["eval"]["batch_size"]
-    cache_train_set(teacher, blocks["train"], recipe.distillation, paths.teacher_cache, pad_token_id=pad)
+    cache_train_set(teacher, blocks["train"], recipe.distillation, paths.teacher_cache, pad_token_id=pad,
+                    batch_size=batch)
     eval_set = cache_teacher_topk(teacher, blocks["eval"], top_k=k, batch_size=batch,
                                   output_dir=os.path.join(paths.teacher_cache, "eval"), pad_token_id=pad)
     del teacher

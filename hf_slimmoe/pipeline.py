@@ -418,17 +418,18 @@ def check(recipe: Recipe) -> SlimMoeConfig:
     return teacher_config
 
 
-def cache_train_set(teacher, train, distillation, cache_root: str, pad_token_id: int = 0):
+def cache_train_set(teacher, train, distillation, cache_root: str, pad_token_id: int = 0, batch_size: int = 8):
     """The cache `distillation.kd_loss` reads on the train blocks: `<cache_root>/train-samples` (teacher samples)
     for "sampled", `<cache_root>/train` (top-k) for "topk" / "topk_tail"."""
     from .distillation import cache_teacher_samples, cache_teacher_topk
 
+    common = {"pad_token_id": pad_token_id, "batch_size": batch_size}
     if distillation.kd_loss == "sampled":
         return cache_teacher_samples(teacher, train, num_samples=distillation.kd_samples,
                                      temperature=distillation.temperature,
-                                     output_dir=os.path.join(cache_root, "train-samples"), pad_token_id=pad_token_id)
+                                     output_dir=os.path.join(cache_root, "train-samples"), **common)
     return cache_teacher_topk(teacher, train, top_k=distillation.top_k, output_dir=os.path.join(cache_root, "train"),
-                              pad_token_id=pad_token_id)
+                              **common)
 
 
 def _training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stopping: bool):
