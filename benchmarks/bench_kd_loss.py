@@ -81,7 +81,8 @@ def setup(args):
                     "columns": arrow_bytes_per_token(caches[name], cols)}
              for name, d, cols in (("topk", "train-topk8", ["teacher_topk_ids", "teacher_topk_logprobs",
                                                              "teacher_topk_fingerprint"]),
-                                   ("samples-8", "train-samples8", ["teacher_sample_ids", "teacher_sample_fingerprint"]),
+                                   ("samples-8", "train-samples8",
+                                    ["teacher_sample_ids", "teacher_sample_fingerprint"]),
                                    ("samples-16", "train-samples16",
                                     ["teacher_sample_ids", "teacher_sample_fingerprint"]))}
     sizes["input_ids"] = arrow_bytes_per_token(blocks["train"], ["input_ids"])

@@ -203,8 +203,9 @@ def format_summary(summary: dict) -> str:
     for r in summary["rows"]:
         params = f"{human_count(r['num_parameters'])} | {human_count(r['num_active_parameters'])}"
         full = f"{r['full_kl']:.3f}" if r.get("full_kl") is not None else "n/a"
+        speed = f"{r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f}"
         lines.append(f"| {r['model']} | {params} | {r['perplexity']:.2f} | {r['kl']:.3f} | {full} "
-                     f"| {r['top1_agreement']:.3f} | {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} |")
+                     f"| {r['top1_agreement']:.3f} | {speed} |")
     e = summary["eval"]
     lines.append("")
     lines.append(f"Held-out: {e['blocks']} blocks of {e['block_size']} tokens from {', '.join(e['data'])} (modules "

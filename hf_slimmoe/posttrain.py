@@ -396,8 +396,9 @@ class SFTDistillationTrainer(SFTTrainer):
             )
         if args.kd_loss != "sampled" and args.temperature != 1.0:
             raise ValueError(
-                f"The teacher top-k cache stores log-probabilities at temperature 1, but temperature={args.temperature}:"
-                " drop `teacher_cache_dir` to run the teacher online, or use temperature 1 (or kd_loss='sampled')."
+                "The teacher top-k cache stores log-probabilities at temperature 1, but "
+                f"temperature={args.temperature}: drop `teacher_cache_dir` to run the teacher online, or use "
+                "temperature 1 (or kd_loss='sampled')."
             )
         if not os.path.isdir(cache_dir):
             if teacher is None:
@@ -501,7 +502,8 @@ class SFTDistillationTrainer(SFTTrainer):
             )
         unwrapped = self.accelerator.unwrap_model(model)
         # Through the wrapper's forward, so DDP prepares its gradient sync and FSDP gathers the student's shards
-        outputs, kd_sum = self._forward_redirection(model, unwrapped, self._student_forward, unwrapped, inputs, targets)
+        outputs, kd_sum = self._forward_redirection(model, unwrapped, self._student_forward, unwrapped, inputs,
+                                                    targets)
         mask = outputs.label_mask  # (B, T-1): next-token label is not -100
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         num_tokens = torch.as_tensor(num_tokens, device=kd_sum.device).clamp(min=1)

@@ -623,8 +623,8 @@ results = {{}}
 # (kd_loss, teacher, data): top-k losses read the top-k cache, "sampled" draws online, "sampled-cached" reads the
 # samples cache without a teacher, "full" runs the teacher online
 for name, kd_loss, online, data in (("topk", "topk", teacher, train), ("topk_tail", "topk_tail", teacher, train),
-                                    ("sampled", "sampled", teacher, train), ("sampled-cached", "sampled", None, samples),
-                                    ("full", "full", teacher, train)):
+                                    ("sampled", "sampled", teacher, train),
+                                    ("sampled-cached", "sampled", None, samples), ("full", "full", teacher, train)):
     student = _pruned_student(teacher)
     initial = torch.cat([p.detach().flatten() for p in student.parameters()]).clone()
     args = _args(pathlib.Path({out!r}) / name, max_steps=3, aux_loss_coef=0.01, logging_steps=1, kd_loss=kd_loss)

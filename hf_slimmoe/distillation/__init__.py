@@ -1,4 +1,4 @@
-"""Distillation for SlimMoE: the chunked KD losses, the distillation trainer and the teacher caches (top-k, samples)."""
+"""Distillation for SlimMoE: the chunked KD losses, the distillation trainer, the teacher caches (top-k, samples)."""
 
 from .config import DistillationConfig
 from .losses import (

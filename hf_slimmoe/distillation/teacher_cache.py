@@ -410,7 +410,8 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
     """The shared loop of the cache builders: resumable parquet shards, then one saved dataset with its record.
     `compute(input_ids, attention_mask)` returns the per-position arrays `(b, T, width)` of the data columns."""
     if "input_ids" not in dataset.column_names:
-        raise ValueError(f"The dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it first.")
+        raise ValueError(f"The dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it "
+                         "first.")
     dataset = dataset.remove_columns([c for c in kind.columns if c in dataset.column_names])
     work_dir = None
     if output_dir is not None:
@@ -510,7 +511,8 @@ def cache_teacher_topk(
     Adds `teacher_topk_ids` (`int32`, per row `(T, k)`), `teacher_topk_logprobs` (`float32`, `(T, k)`, relative to
     the teacher's full vocabulary at temperature 1) and `teacher_topk_fingerprint` (a digest of the row's
     `input_ids`, checked before training), and records kind, teacher fingerprint, vocabulary, k and temperature in the
-    dataset's `info.description` (see [`cache_metadata`]). Position `t` holds the teacher's prediction of token `t + 1`.
+    dataset's `info.description` (see [`cache_metadata`]). Position `t` holds the teacher's prediction of token
+    `t + 1`.
 
     Args:
         teacher (`torch.nn.Module`): the teacher causal LM; run in eval mode without gradients on its device.

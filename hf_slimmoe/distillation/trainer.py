@@ -296,7 +296,7 @@ class DistillationTrainer(Trainer):
         return topk_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, renormalize=args.renormalize,
                             **common)
 
-    def _eval_stats(self, hidden, weight, bias, targets: dict[str, Any], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _eval_stats(self, hidden, weight, bias, targets: dict[str, Any], mask) -> dict[str, torch.Tensor]:
         """Sums over counted tokens of the evaluation metrics (see the class docstring)."""
         args = self.args
         ids, logprobs = targets["topk"]
