@@ -372,6 +372,20 @@ def _check_training(training: dict[str, Any]) -> None:
         training["learning_rate"] = lr
 
 
+def _check_distillation(k: DistillationSettings) -> None:
+    _positive(k.kd_samples, "distillation.kd_samples")
+    if k.kd_loss == "full" and k.cache_teacher:
+        raise ValueError("distillation.kd_loss: full computes the full-vocabulary KL from the teacher's logits, so it "
+                         "needs the teacher online: set distillation.cache_teacher: false, or use kd_loss: sampled.")
+    if k.renormalize and k.kd_loss != "topk":
+        raise ValueError(f"distillation.renormalize applies to kd_loss: topk only, not {k.kd_loss}.")
+    _positive(k.top_k, "distillation.top_k")
+    _positive(k.temperature, "distillation.temperature")
+    _positive(k.aux_loss_coef, "distillation.aux_loss_coef", allow_zero=True)
+    _positive(k.ce_weight, "distillation.ce_weight", allow_zero=True)
+    _positive(k.kd_chunk_size, "distillation.kd_chunk_size")
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Check the values of a parsed recipe against each other; raise ValueError naming the key."""
     if not recipe.name:
@@ -431,18 +445,7 @@ def validate(recipe: Recipe) -> Recipe:
                          "set or set early_stopping.enabled: false.")
     _positive(recipe.scoring.top_k, "scoring.top_k")
     _positive(recipe.scoring.batch_size, "scoring.batch_size")
-    k = recipe.distillation
-    _positive(k.kd_samples, "distillation.kd_samples")
-    if k.kd_loss == "full" and k.cache_teacher:
-        raise ValueError("distillation.kd_loss: full computes the full-vocabulary KL from the teacher's logits, so it "
-                         "needs the teacher online: set distillation.cache_teacher: false, or use kd_loss: sampled.")
-    if k.renormalize and k.kd_loss != "topk":
-        raise ValueError(f"distillation.renormalize applies to kd_loss: topk only, not {k.kd_loss}.")
-    _positive(k.top_k, "distillation.top_k")
-    _positive(k.temperature, "distillation.temperature")
-    _positive(k.aux_loss_coef, "distillation.aux_loss_coef", allow_zero=True)
-    _positive(k.ce_weight, "distillation.ce_weight", allow_zero=True)
-    _positive(k.kd_chunk_size, "distillation.kd_chunk_size")
+    _check_distillation(recipe.distillation)
     _positive(recipe.iterative.mask_every_steps, "iterative.mask_every_steps")
     f = recipe.iterative.target_fraction
     if f is not None and not 0 < f <= 1:
