@@ -499,6 +499,9 @@ def test_a_bf16_student_trains_fp32_master_weights_and_is_saved_in_bf16(tmp_path
     # so bf16 parameters would never move there (0 of them do); float32 master weights accumulate the steps
     args = _args(tmp_path, kd_loss="sampled", max_steps=15, learning_rate=2e-5, lr_scheduler_type="constant",
                  weight_decay=0.0, bf16=bf16_autocast, logging_steps=15)
+    bf16_teacher = copy.deepcopy(teacher).to(torch.bfloat16)  # evaluation only (the pipeline's teacher point): as is
+    DistillationTrainer(model=bf16_teacher, teacher_model=bf16_teacher, args=args, eval_dataset=train)
+    assert {p.dtype for p in bf16_teacher.parameters()} == {torch.bfloat16}
     trainer = DistillationTrainer(model=student, args=args, train_dataset=train)
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
     trainer.train()

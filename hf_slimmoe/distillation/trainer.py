@@ -160,8 +160,10 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher_model, str):
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=model.dtype)
         self._validate(model, teacher_model, args, train_dataset, eval_dataset)
-        # float32 master weights (DeepSpeed keeps its own); `save_model` writes the dtype the student came in
-        self.save_dtype = None if args.deepspeed else use_fp32_master_weights(model)
+        # float32 master weights for a student that trains (DeepSpeed keeps its own; an evaluation-only trainer, e.g.
+        # of the teacher itself, leaves the model as it is); `save_model` writes the dtype the student came in
+        trains = train_dataset is not None and model is not teacher_model and not args.deepspeed
+        self.save_dtype = use_fp32_master_weights(model) if trains else None
         self._saving_dtype: torch.dtype | None = None
 
         if data_collator is None:
