@@ -90,12 +90,14 @@ def teacher_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
-        rounded = tensor.detach().to(torch.bfloat16).reshape(-1)
-        sample = rounded[torch.linspace(0, rounded.numel() - 1, min(rounded.numel(), 257)).long().to(rounded.device)]
-        sums = torch.stack([rounded.double().sum(), rounded.double().abs().sum()])
-        digest.update(sample.float().cpu().numpy().tobytes())
-        digest.update(np.format_float_positional(float(sums[0]), precision=6).encode())
-        digest.update(np.format_float_positional(float(sums[1]), precision=6).encode())
+        flat = tensor.detach().reshape(-1)
+        sample = flat[torch.linspace(0, flat.numel() - 1, min(flat.numel(), 257)).long().to(flat.device)]
+        sums = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for part in flat.split(1 << 22):  # bounded temporaries, even for a 42B teacher's expert tensors
+            part = part.to(torch.bfloat16).double()
+            sums += torch.stack([part.sum(), part.abs().sum()])
+        digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        digest.update(f"{float(sums[0]):.6e},{float(sums[1]):.6e}".encode())  # 7 significant digits
     return digest.hexdigest()
 
 
