@@ -41,6 +41,7 @@ from .distillation.losses import (
     topk_kl_loss,
     topk_tail_kl_loss,
 )
+from .distillation.trainer import MasterWeightsSaving, use_fp32_master_weights
 from .distillation.teacher_cache import (
     FINGERPRINT_COLUMN,
     KIND_FOR_LOSS,
@@ -281,12 +282,14 @@ class _TeacherTopkCollator:
         return batch
 
 
-class SFTDistillationTrainer(SFTTrainer):
+class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
     """
     `trl.SFTTrainer` whose loss mixes cross-entropy with a KD loss (`args.kd_loss`) against an instruct teacher.
 
     Everything `SFTTrainer` does (chat template, completion-only / assistant-only labels, packing, padding-free,
-    PEFT, the MoE load-balancing loss) is unchanged; only `compute_loss` differs:
+    PEFT, the MoE load-balancing loss) is unchanged; only `compute_loss` differs, and a fully fine-tuned student
+    loaded in bfloat16 / float16 trains float32 master weights and is saved back in its dtype (as
+    [`DistillationTrainer`] does):
 
         loss = ce_mix * CE + (1 - ce_mix) * KD + router_aux_loss_coef * aux
 
@@ -323,6 +326,8 @@ class SFTDistillationTrainer(SFTTrainer):
         if teacher_model is not None and isinstance(model, PreTrainedModel):
             _check_vocab(model, teacher_model)  # before any data preparation
         super().__init__(model, args=args, **kwargs)
+        if self.args.deepspeed is None and not hasattr(self.model, "peft_config"):  # full fine-tuning: fp32 masters
+            self.save_dtype = use_fp32_master_weights(self.model)  # (LoRA adapters are float32 already)
         self.data_collator = _TeacherTopkCollator(self.data_collator, padding_free=bool(args.padding_free))
         if teacher_model is not None:
             _check_vocab(self.accelerator.unwrap_model(self.model), teacher_model)
@@ -501,9 +506,11 @@ class SFTDistillationTrainer(SFTTrainer):
                 "teacher: give the evaluation data the same cache, or pass a teacher model."
             )
         unwrapped = self.accelerator.unwrap_model(model)
-        # Through the wrapper's forward, so DDP prepares its gradient sync and FSDP gathers the student's shards
-        outputs, kd_sum = self._forward_redirection(model, unwrapped, self._student_forward, unwrapped, inputs,
-                                                    targets)
+        # Through the wrapper's forward, so DDP prepares its gradient sync and FSDP gathers the student's shards; the
+        # redirection bypasses the autocast accelerate patches into the model's forward, so it is entered here
+        with self.accelerator.autocast():
+            outputs, kd_sum = self._forward_redirection(model, unwrapped, self._student_forward, unwrapped, inputs,
+                                                        targets)
         mask = outputs.label_mask  # (B, T-1): next-token label is not -100
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         num_tokens = torch.as_tensor(num_tokens, device=kd_sum.device).clamp(min=1)

@@ -144,6 +144,22 @@ def test_every_kd_loss_trains_online_and_the_cached_ones_equal_online(tiny, tmp_
         _trainer(tiny, tmp_path, teacher=False, kd_loss=other, teacher_cache_dir=cache_dir)
 
 
+def test_a_bf16_student_trains_fp32_master_weights_and_is_saved_in_bf16(tiny, tmp_path):
+    import json
+
+    trainer = SFTDistillationTrainer(
+        model=SlimMoeForCausalLM.from_pretrained(tiny["student"], dtype=torch.bfloat16),
+        teacher_model=SlimMoeForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.bfloat16),
+        args=_config(tmp_path, max_steps=2, kd_loss="sampled"), train_dataset=tiny["sft"],
+        processing_class=tiny["tokenizer"])
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = SlimMoeForCausalLM.from_pretrained(tmp_path / "saved", dtype="auto")
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+
+
 def test_clear_errors_before_training(tiny, tmp_path):
     with pytest.raises(ValueError, match="needs a teacher"):
         _trainer(tiny, tmp_path, teacher=False)

@@ -101,7 +101,39 @@ def use_fp32_master_weights(model: torch.nn.Module) -> torch.dtype | None:
     return low[0]
 
 
-class DistillationTrainer(Trainer):
+class MasterWeightsSaving:
+    """
+    Trainer mixin for a student trained with float32 master weights ([`use_fp32_master_weights`]): checkpoints for
+    resuming (`_internal_call`) keep float32; a final `save_model` writes the student in `self.save_dtype`, the dtype
+    it was loaded in (`None`: as it is).
+    """
+
+    save_dtype: torch.dtype | None = None
+    _saving_dtype: torch.dtype | None = None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._saving_dtype = None if _internal_call else self.save_dtype
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._saving_dtype = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        dtype = self._saving_dtype
+        if dtype is None:
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:  # config.json names the dtype of the saved weights, not the training one
+            trained = model.config.dtype
+            model.config.dtype = dtype
+            model.config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+            model.config.dtype = trained
+
+
+class DistillationTrainer(MasterWeightsSaving, Trainer):
     """
     Trainer for SlimMoE distillation: the student learns `KD + aux_loss_coef * aux (+ ce_weight * CE)`.
 
@@ -164,7 +196,6 @@ class DistillationTrainer(Trainer):
         # of the teacher itself, leaves the model as it is); `save_model` writes the dtype the student came in
         trains = train_dataset is not None and model is not teacher_model and not args.deepspeed
         self.save_dtype = use_fp32_master_weights(model) if trains else None
-        self._saving_dtype: torch.dtype | None = None
 
         if data_collator is None:
             processing_class = kwargs.get("processing_class")
@@ -425,30 +456,6 @@ class DistillationTrainer(Trainer):
         self._metrics["eval"].clear()
         self._eval_sums = None
         return output
-
-    # ------------------------------------------------------------------------------------------ saving
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints for resuming (`_internal_call`) keep the float32 master weights; a final save writes the
-        student in the dtype it was loaded in (see [`use_fp32_master_weights`])."""
-        self._saving_dtype = None if _internal_call else self.save_dtype
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            self._saving_dtype = None
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        dtype = self._saving_dtype
-        if dtype is None:
-            return super()._save(output_dir, state_dict)
-        model = self.accelerator.unwrap_model(self.model)
-        state_dict = model.state_dict() if state_dict is None else state_dict
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:  # config.json names the dtype of the saved weights, not the training one
-            trained = model.config.dtype
-            model.config.dtype = dtype
-            model.config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
-            model.config.dtype = trained
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the separate loss terms averaged since the last log
