@@ -41,6 +41,7 @@ _METHOD_TITLES = {
     "sft": "supervised fine-tuning with top-k distillation",
     "dpo": "direct preference optimization",
     "lora": "LoRA fine-tuning",
+    "prune": "one-shot pruning by sensitivity scores, not distilled",
 }
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .sensitivity import SensitivityScores
-from .surgery import _keep_indices, _replace
+from .surgery import _replace, keep_indices
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def drop_experts(model: nn.Module, num_experts: int, expert_scores: list[torch.T
             f"{[tuple(s.shape) for s in expert_scores]}."
         )
     for layer, scores in zip(layers, expert_scores):
-        keep = _keep_indices(scores, num_experts).to(layer.mlp.router.weight.device)  # [num_experts], ascending
+        keep = keep_indices(scores, num_experts).to(layer.mlp.router.weight.device)  # [num_experts], ascending
         experts, router = layer.mlp.experts, layer.mlp.router
         with torch.no_grad():
             _replace(router, "weight", router.weight.index_select(0, keep))  # [E_new, H]

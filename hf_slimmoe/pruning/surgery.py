@@ -89,7 +89,7 @@ def validate_prune_target(config: PretrainedConfig, target: PretrainedConfig, sc
                 )
 
 
-def _keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+def keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` highest scores along the last dim, in ascending (original) order.
 
     A stable sort makes ties deterministic: among equal scores the lower index is kept.
@@ -133,13 +133,20 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
         linear.in_features = index.numel()
 
 
+def group_rows(keep_groups: torch.Tensor, heads_per_group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `q_proj` and of `k_proj`/`v_proj` (and columns of `o_proj`) that the GQA groups `keep_groups` own.
+
+    Returns `(q_rows [kept_groups * heads_per_group * head_dim], kv_rows [kept_groups * head_dim])`, ascending.
+    """
+    offsets = torch.arange(head_dim)
+    kv_rows = (keep_groups[:, None] * head_dim + offsets).reshape(-1)
+    q_heads = (keep_groups[:, None] * heads_per_group + torch.arange(heads_per_group)).reshape(-1)
+    return (q_heads[:, None] * head_dim + offsets).reshape(-1), kv_rows
+
+
 def prune_attention_groups(attention: nn.Module, keep_groups: torch.Tensor, heads_per_group: int) -> None:
     """Keep the GQA groups `keep_groups` (ascending) of a `PhimoeAttention`: their KV heads and their query heads."""
-    head_dim = attention.head_dim
-    offsets = torch.arange(head_dim)
-    kv_rows = (keep_groups[:, None] * head_dim + offsets).reshape(-1)  # [kept_groups * head_dim]
-    q_heads = (keep_groups[:, None] * heads_per_group + torch.arange(heads_per_group)).reshape(-1)
-    q_rows = (q_heads[:, None] * head_dim + offsets).reshape(-1)  # [kept_groups * heads_per_group * head_dim]
+    q_rows, kv_rows = group_rows(keep_groups, heads_per_group, attention.head_dim)
     _slice_linear(attention.q_proj, q_rows, dim=0)
     _slice_linear(attention.k_proj, kv_rows, dim=0)
     _slice_linear(attention.v_proj, kv_rows, dim=0)
@@ -165,10 +172,10 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
     layers = model.model.layers
     for index, layer in enumerate(layers):
         if new_size != config.intermediate_size:
-            slim_experts(layer.mlp.experts, _keep_indices(scores.experts[index], new_size))
+            slim_experts(layer.mlp.experts, keep_indices(scores.experts[index], new_size))
             layer.mlp.ffn_dim = new_size
         if new_groups != config.num_key_value_heads:
-            prune_attention_groups(layer.self_attn, _keep_indices(scores.kv_groups[index], new_groups),
+            prune_attention_groups(layer.self_attn, keep_indices(scores.kv_groups[index], new_groups),
                                    heads_per_group)
     logger.info(
         "Pruned %d layers: intermediate_size %d -> %d, attention heads %d/%d -> %d/%d (head_dim %d)",
@@ -182,4 +189,5 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
     return model
 
 
-__all__ = ["validate_prune_target", "prune_model", "slim_experts", "prune_attention_groups", "FIXED_FIELDS"]
+__all__ = ["validate_prune_target", "prune_model", "slim_experts", "prune_attention_groups", "keep_indices", "group_rows",
+           "FIXED_FIELDS"]
