@@ -92,10 +92,11 @@ def world_size() -> int:
 
 def is_finished_stage(directory: str) -> bool:
     """A stage directory is finished when it exists under its final name with stage.json, config.json and weights
-    (stage directories are only ever renamed into place once complete)."""
+    (one model.safetensors or a sharded index; stage directories are only ever renamed into place once complete)."""
     return (os.path.isfile(os.path.join(directory, "stage.json"))
             and os.path.isfile(os.path.join(directory, "config.json"))
-            and os.path.isfile(os.path.join(directory, "model.safetensors")))
+            and (os.path.isfile(os.path.join(directory, "model.safetensors"))
+                 or os.path.isfile(os.path.join(directory, "model.safetensors.index.json"))))
 
 
 def _recipe_dir(recipe: Recipe) -> str | None:
@@ -617,7 +618,11 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
                                                  criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
                     scores.save(scores_path + ".tmp")
                     os.replace(scores_path + ".tmp", scores_path)
-            model.prune_to(stage_config, scores)
+            if recipe.prune.streaming:
+                del model
+                model = _streamed_prune(parent, stage_config, scores, work_dir, run_args, recipe).to(device)
+            else:
+                model.prune_to(stage_config, scores)
 
         # 3. Distill from the original teacher; evaluate the freshly pruned model once first.
         checkpoints = os.path.join(work_dir, "checkpoints")
@@ -707,6 +712,25 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
     if is_main:
         _write_json(paths.trajectory, trajectory)
     return paths.output_dir
+
+
+def _streamed_prune(parent: str, target: SlimMoeConfig, scores, work_dir: str, run_args, recipe: Recipe):
+    """Prune the parent checkpoint on disk into `work_dir/pruned/` by streaming surgery (the main process, once; a
+    resumed stage reuses it) and load it: the same model `prune_to` gives, without slicing one in memory."""
+    from .modeling_slimmoe import SlimMoeForCausalLM
+    from .pruning.streaming import prune_checkpoint
+
+    pruned_dir = os.path.join(work_dir, "pruned")
+    with run_args.main_process_first(desc="streaming surgery"):
+        if not os.path.isfile(os.path.join(pruned_dir, "config.json")):  # written last-but-renamed: complete
+            source = parent
+            if not os.path.isdir(parent):  # a Hub id: the safetensors shards and config, downloaded once
+                from huggingface_hub import snapshot_download
+
+                source = snapshot_download(parent, revision=recipe.teacher.revision)
+            shutil.rmtree(pruned_dir, ignore_errors=True)
+            prune_checkpoint(source, pruned_dir, target, scores, card=False)
+    return SlimMoeForCausalLM.from_pretrained(pruned_dir, dtype=getattr(torch, recipe.teacher.dtype))
 
 
 class IterativeMaskCallback(TrainerCallback):

@@ -13,6 +13,7 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
     stages:         target + num_stages (geometric schedule) or explicit sizes; per-stage token or step budgets
     early_stopping: patience and min_delta on eval KL (never applied to the final stage)
     scoring:        sensitivity criterion, top_k, batch size
+    prune:          streaming (cut the parent checkpoint on disk tensor by tensor instead of in memory)
     distillation:   top_k, temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size, cache_teacher
     training:       any `transformers.TrainingArguments` field (optimizer, schedule, batch, logging ...)
     iterative:      the iterative-pruning baseline's mask schedule
@@ -128,6 +129,15 @@ class ScoringSettings:
 
 
 @dataclass
+class PruneSettings:
+    """How each stage's one-shot prune runs: `streaming: true` cuts the parent checkpoint on disk tensor by tensor
+    (`hf_slimmoe.pruning.streaming`, memory of about one tensor; the way to prune under FSDP, where no process holds
+    the whole model) and loads the result; `false` slices the model in memory (`prune_to`). Both give the same model."""
+
+    streaming: bool = False
+
+
+@dataclass
 class DistillationSettings:
     top_k: int = 8
     temperature: float = 1.0
@@ -159,6 +169,7 @@ class Recipe:
     stages: StageSettings = field(default_factory=StageSettings)
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    prune: PruneSettings = field(default_factory=PruneSettings)
     distillation: DistillationSettings = field(default_factory=DistillationSettings)
     training: dict[str, Any] = field(default_factory=dict)
     iterative: IterativeSettings = field(default_factory=IterativeSettings)

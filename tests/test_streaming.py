@@ -167,3 +167,24 @@ def test_streaming_prune_validates_target_scores_and_output_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="No config.json"):
         prune_checkpoint(tmp_path / "nowhere", tmp_path / "b", model.config, tied_scores())
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_compress_with_streaming_prune_saves_the_stages_prune_to_gives(tmp_path, caplog):
+    """`prune.streaming: true` cuts each parent checkpoint on disk; with the same teacher, scores and seed both runs
+    save bit-identical stages."""
+    from test_pipeline import tiny_recipe
+
+    from hf_slimmoe.pipeline import compress
+    from hf_slimmoe.recipe import recipe_from_dict
+
+    changes = dict(stages__budget__steps=[3, 3], early_stopping__enabled=False, data__eval_blocks=4)
+    streamed = recipe_from_dict(tiny_recipe(tmp_path / "streamed", prune={"streaming": True}, **changes))
+    with caplog.at_level("INFO", logger="hf_slimmoe.pruning.streaming"):
+        compress(streamed)
+    assert sum("Streaming surgery of" in r.message for r in caplog.records) == 2  # one per stage
+    in_memory = tiny_recipe(tmp_path / "in-memory", **changes)
+    in_memory["teacher"] = {"model": str(tmp_path / "streamed" / "teacher"), "license": "apache-2.0"}
+    compress(recipe_from_dict(in_memory))
+    for stage in ("stage-1", "stage-2"):
+        assert_same_tensors(tensors(tmp_path / "streamed" / stage), tensors(tmp_path / "in-memory" / stage))
+    assert not (tmp_path / "streamed" / ".stage-2.work").exists()
