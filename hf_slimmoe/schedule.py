@@ -138,11 +138,11 @@ def pinned_stages(source_config: SlimMoeConfig, sizes: Sequence[Mapping[str, int
     return stages
 
 
-def human_count(n: int) -> str:
-    """A parameter count with one decimal: 41.9B, 15.7B, 3.2M, 850K."""
+def human_count(n: int, digits: int = 1) -> str:
+    """A parameter count with `digits` decimals: 41.9B, 15.7B, 3.2M, 850.0K (41.87B with `digits=2`)."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
-            return f"{n / size:.1f}{unit}"
+            return f"{n / size:.{digits}f}{unit}"
     return str(n)
 
 
