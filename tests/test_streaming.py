@@ -1,5 +1,6 @@
-"""Streaming surgery: `slimmoe prune` cuts a sharded checkpoint tensor by tensor into exactly the tensors that loading,
-`prune_to` and `save_pretrained` give, in the per-expert and the fused layouts, and refuses bad input before writing."""
+"""Streaming surgery: `slimmoe prune` cuts a sharded checkpoint tensor by tensor into exactly the tensors that
+loading, `prune_to` and `save_pretrained` give, in the per-expert and the fused layouts, and refuses bad input before
+writing anything."""
 
 import filecmp
 import json
@@ -54,7 +55,8 @@ def test_stream_writer_writes_the_bytes_save_file_writes(tmp_path):
               "z": torch.randn(2, generator=generator), "h": torch.randn(4, 2, generator=generator).half(),
               "scalar": torch.tensor(1.5), "m": torch.ones(3, dtype=torch.bool)}
     save_file(values, tmp_path / "ref.safetensors", metadata={"format": "pt"})
-    names = {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16", torch.bool: "BOOL"}
+    names = {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16",
+             torch.bool: "BOOL"}
     writer = SafetensorsStreamWriter(tmp_path / "out.safetensors",
                                      {k: (names[v.dtype], list(v.shape)) for k, v in values.items()}, {"format": "pt"})
     for key in writer.order:

@@ -48,7 +48,8 @@ class SafetensorsStreamWriter:
 
     Args:
         path (`str`): the file to write.
-        specs (`dict[str, tuple[str, list[int]]]`): every tensor's safetensors dtype (`"BF16"`, `"F32"`, ...) and shape.
+        specs (`dict[str, tuple[str, list[int]]]`): every tensor's safetensors dtype (`"BF16"`, `"F32"`, ...)
+            and shape.
         metadata (`dict[str, str]`, *optional*): the header's `__metadata__` (e.g. `{"format": "pt"}`).
 
     Use [`order`] for the sequence in which tensors must be written, [`write`] once per tensor with an iterable of
@@ -80,7 +81,8 @@ class SafetensorsStreamWriter:
         """Append the data of tensor `name` (the next one in [`order`]) from its pieces, freeing each when written."""
         if self._next >= len(self.order) or self.order[self._next] != name:
             expected = self.order[self._next] if self._next < len(self.order) else "nothing (all written)"
-            raise ValueError(f"{self.path}: tensors must be written in data order; got {name!r}, expected {expected!r}.")
+            raise ValueError(f"{self.path}: tensors must be written in data order; got {name!r}, "
+                             f"expected {expected!r}.")
         written = 0
         for piece in pieces:
             if _safetensors_dtype(piece.dtype) != self.dtypes[name]:

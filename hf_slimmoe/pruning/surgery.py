@@ -189,5 +189,5 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
     return model
 
 
-__all__ = ["validate_prune_target", "prune_model", "slim_experts", "prune_attention_groups", "keep_indices", "group_rows",
-           "FIXED_FIELDS"]
+__all__ = ["validate_prune_target", "prune_model", "slim_experts", "prune_attention_groups", "keep_indices",
+           "group_rows", "FIXED_FIELDS"]
