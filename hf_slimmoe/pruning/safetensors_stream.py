@@ -90,6 +90,7 @@ class SafetensorsStreamWriter:
             data = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             self._file.write(data.data)
             written += data.nbytes
+            del piece, data  # before the next piece is produced
         if written != self.sizes[name]:
             raise ValueError(f"{self.path}: {name} received {written} bytes, its header declares {self.sizes[name]}.")
         self._next += 1

@@ -2,11 +2,12 @@
 
 [`prune_checkpoint`] writes the tensors that `from_pretrained` + `prune_to(target, scores)` + `save_pretrained` write,
 bit for bit, without loading the model. Scores and the target sizes fully determine every output tensor, so the input
-is read one tensor at a time through `safetensors.safe_open` lazy slices (only the kept rows and columns of a pruned
-tensor are read, a piece of at most `max_piece_bytes` at a time) and each output shard is written as a stream: its
-header is computed from the input headers before any weight is read, then each piece is appended as soon as it is cut
-(see `safetensors_stream`). Peak memory is a piece plus the pages of the tensor being read, whatever the checkpoint's
-size: a 84 GB Phi-3.5-MoE prunes on a machine with a few GB.
+is read one tensor at a time through `safetensors.safe_open` lazy slices, a block of at most `max_piece_bytes` at a
+time (only the pages of the kept rows and columns of a pruned tensor are touched), and each output shard is written as
+a stream: its header is computed from the input headers before any weight is read, then each piece is appended as
+soon as it is cut (see `safetensors_stream`). The input is opened per piece, so its memory-mapped pages never add up:
+peak memory is about a block of input plus a piece of output, whatever the checkpoint's size; an 84 GB Phi-3.5-MoE
+prunes on a machine with a few GB.
 
 The output mirrors the input: shard `k` holds the pruned tensors of input shard `k` under the same names and in the
 same key layout, with `model.safetensors.index.json` (or a single `model.safetensors` for a single-file input), the
@@ -266,45 +267,61 @@ def _index(cut: TensorCut, kept: dict[str, list], expert: int | None, full: int)
     return None if rows is None else rows.tolist()
 
 
-def tensor_pieces(handle, cut: TensorCut, kept: dict[str, list], max_piece_bytes: int) -> Iterator[torch.Tensor]:
-    """The output tensor of `cut` as pieces along dim 0 (storage order), each read from `handle`'s lazy slice."""
-    piece = handle.get_slice(cut.key)
-    if not cut.shape:
-        yield handle.get_tensor(cut.key)
-        return
+def piece_plan(cut: TensorCut, kept: dict[str, list], max_piece_bytes: int) -> Iterator[tuple]:
+    """How to read the output tensor of `cut` in pieces along dim 0, in storage order: `(rows, dim, index)` reads the
+    contiguous block `rows` (a slice of dim 0; `None` for the whole tensor) and keeps `index` along `dim` of it
+    (`index` `None`: the whole block). A block holds at most `max_piece_bytes` of input (one expert of a fused
+    tensor); blocks with no kept row are skipped."""
     rule = cut.rule
+    if not cut.shape:
+        yield None, None, None
+        return
     full = cut.shape[rule.dim] if rule is not None else None
     if rule is not None and rule.fused:  # one expert at a time, each with its own neurons
         for expert in range(cut.shape[0]):
             index = _index(cut, kept, expert, full)
-            select = (slice(None),) * (rule.dim - 1) + (index if index is not None else slice(None),)
-            yield piece[(expert,) + select].unsqueeze(0)
+            yield slice(expert, expert + 1), rule.dim, None if index is None else torch.tensor(index)
         return
     index = _index(cut, kept, None, full) if rule is not None else None
-    row_bytes = max(1, tensor_nbytes(cut.dtype, cut.out_shape[1:]))
-    step = max(1, max_piece_bytes // row_bytes)
-    if index is not None and rule.dim == 0:
-        for start in range(0, len(index), step):
-            yield piece[index[start:start + step]]
-        return
-    select = () if index is None else (slice(None),) * (rule.dim - 1) + (index,)
+    index = None if index is None else torch.tensor(index)
+    step = max(1, max_piece_bytes // max(1, tensor_nbytes(cut.dtype, cut.shape[1:])))
     for start in range(0, cut.shape[0], step):
-        yield piece[(slice(start, start + step),) + select]
+        if index is None or rule.dim != 0:
+            yield slice(start, start + step), None if index is None else rule.dim, index
+            continue
+        local = index[(index >= start) & (index < start + step)] - start
+        if local.numel():
+            yield slice(start, start + step), 0, local
+
+
+def tensor_pieces(path: str, cut: TensorCut, kept: dict[str, list], max_piece_bytes: int) -> Iterator[torch.Tensor]:
+    """The output tensor of `cut` as pieces along dim 0, each cut from a block read from the safetensors file `path`.
+
+    The file is opened per piece: safetensors memory-maps it and a block is read lazily, so only the pages of the kept
+    rows and columns are touched, and they leave the resident set with the mapping; resident memory never holds more
+    than about a block of input plus a piece of output, whatever the shard size.
+    """
+    from safetensors import safe_open
+
+    for rows, dim, index in piece_plan(cut, kept, max_piece_bytes):
+        with safe_open(path, "pt") as handle:
+            block = handle.get_tensor(cut.key) if rows is None else handle.get_slice(cut.key)[rows]
+            piece = block if index is None else block.index_select(dim, index)
+            del block
+        yield piece
+        del piece  # before the next block is read: one piece in flight
 
 
 def _write_shard(model_dir: str, staging: str, shard: str, cuts: list[TensorCut], metadata, kept,
                  max_piece_bytes: int, progress) -> int:
     """Write one output shard; returns its data bytes."""
-    from safetensors import safe_open
-
     by_key = {cut.key: cut for cut in cuts}
     writer = SafetensorsStreamWriter(os.path.join(staging, shard),
                                      {c.key: (c.dtype, c.out_shape) for c in cuts}, metadata)
     try:
-        with safe_open(os.path.join(model_dir, shard), "pt") as handle:
-            for key in writer.order:
-                writer.write(key, tensor_pieces(handle, by_key[key], kept, max_piece_bytes))
-                progress.update(1)
+        for key in writer.order:
+            writer.write(key, tensor_pieces(os.path.join(model_dir, shard), by_key[key], kept, max_piece_bytes))
+            progress.update(1)
     except BaseException:
         writer.abort()
         raise
@@ -453,4 +470,5 @@ def _numel(shape: list[int]) -> int:
 
 
 __all__ = ["prune_checkpoint", "SliceRule", "TensorCut", "EXPERT_LAYOUTS", "GQA_ATTENTION", "checkpoint_shards",
-           "read_headers", "plan_cuts", "kept_indices", "tensor_pieces", "read_source_config"]
+           "read_headers", "plan_cuts", "kept_indices", "piece_plan", "tensor_pieces",
+           "read_source_config"]
