@@ -184,8 +184,8 @@ Command: `python benchmarks/bench_streaming_prune.py --layers {args.layers} --sh
 Goal: streaming peak <= largest shard + 10% ({bound / gib:.2f} GiB): {met}{ratio}. Outputs: {same}.
 
 Peak RSS is the whole process's high-water mark (VmHWM at exit): Python, torch and transformers imports (the "above
-imports" column subtracts the resident set measured right before the work), every page of the memory-mapped input
-that was touched while its shard was open, and the pieces in flight (at most 64 MiB read and written at a time).
+imports" column subtracts the resident set measured right before the work), the pages of the memory-mapped input block
+being read (the file is opened per block of at most 64 MiB) and the piece being written.
 `in_memory` is `from_pretrained(dtype="auto")` + `prune_to` + `save_pretrained`, the way `slimmoe prune` worked before.
 """
 

@@ -43,6 +43,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_slimmoe import SlimMoeConfig
+from .distributed import fsdp_requested, is_sharded, shard_decoder_layers
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
 
@@ -385,6 +386,10 @@ def check(recipe: Recipe) -> SlimMoeConfig:
     if recipe.teacher.build is not None:
         _source_files(DataSource(glob=recipe.teacher.build.tokenizer_files), "teacher.build.tokenizer_files",
                       recipe_dir)
+    if recipe.method == "iterative" and (recipe.training.get("fsdp") or fsdp_requested()):
+        raise ValueError("method: iterative does not run under FSDP: its masks zero and read whole expert and "
+                         "attention weights between optimizer steps, and FSDP leaves each process one shard of them. "
+                         "Run the iterative baseline on one process or with DDP, or use multi-stage / one-stage.")
     teacher_config = read_teacher_config(recipe, offline_ok=True)
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
@@ -505,7 +510,6 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
 
     from .distillation import DistillationTrainer, cache_teacher_topk
     from .modeling_slimmoe import SlimMoeForCausalLM
-    from .pruning import SensitivityScores, compute_sensitivity
 
     # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
     # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
@@ -609,16 +613,8 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
                 top_k=recipe.scoring.top_k, mask_every_steps=recipe.iterative.mask_every_steps,
                 target_step=max(1, round(fraction * max_steps)), expert_multiple=recipe.stages.expert_multiple))
         else:
-            scores_path = os.path.join(work_dir, "scores.safetensors")
-            with run_args.main_process_first(desc="sensitivity scores"):
-                if os.path.isfile(scores_path):
-                    scores = SensitivityScores.load(scores_path)
-                else:
-                    scores = compute_sensitivity(model, calibration, teacher=scoring_teacher,
-                                                 criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
-                    scores.save(scores_path + ".tmp")
-                    os.replace(scores_path + ".tmp", scores_path)
-            if recipe.prune.streaming:
+            scores = _stage_scores(model, calibration, scoring_teacher, recipe, work_dir, run_args)
+            if recipe.prune.streaming or is_sharded(model):  # a sharded model is cut on disk, never in memory
                 del model
                 model = _streamed_prune(parent, stage_config, scores, work_dir, run_args, recipe).to(device)
             else:
@@ -712,6 +708,32 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
     if is_main:
         _write_json(paths.trajectory, trajectory)
     return paths.output_dir
+
+
+def _stage_scores(model, calibration: list[dict], teacher, recipe: Recipe, work_dir: str, run_args):
+    """The stage's sensitivity scores, computed once and saved in `work_dir` (a resumed stage prunes alike).
+
+    Under FSDP (several processes) the model is sharded one decoder layer per unit and every rank scores its share
+    of the calibration batches (`compute_sensitivity` sums them); otherwise the main process scores alone while the
+    others wait for its file."""
+    from .pruning import SensitivityScores, compute_sensitivity
+
+    path = os.path.join(work_dir, "scores.safetensors")
+    kwargs = dict(teacher=teacher, criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
+    if fsdp_requested(run_args) and run_args.world_size > 1:
+        torch.distributed.barrier()  # every rank looks for the file before the main one may write it
+        if os.path.isfile(path):
+            return SensitivityScores.load(path)
+        scores = compute_sensitivity(shard_decoder_layers(model), calibration, **kwargs)
+    else:
+        with run_args.main_process_first(desc="sensitivity scores"):
+            if os.path.isfile(path):
+                return SensitivityScores.load(path)
+            scores = compute_sensitivity(model, calibration, **kwargs)
+    if run_args.process_index == 0:
+        scores.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return scores
 
 
 def _streamed_prune(parent: str, target: SlimMoeConfig, scores, work_dir: str, run_args, recipe: Recipe):
