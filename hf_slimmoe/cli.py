@@ -193,7 +193,7 @@ def _run_score(args) -> int:
 
     from .modeling_slimmoe import SlimMoeForCausalLM
     from .pruning import compute_sensitivity
-    from .pruning.calibration import load_calibration_batches
+    from .data import load_calibration_batches
 
     batches = load_calibration_batches(args.data, args.tokenizer or args.model, max_length=args.max_length,
                                        num_examples=args.num_examples, batch_size=args.batch_size,
@@ -298,9 +298,9 @@ def _run_cache_teacher(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from .distillation import cache_teacher_topk
-    from .distillation.run import _maybe_tokenizer, load_token_dataset
+    from .data import load_token_dataset, load_tokenizer
 
-    tokenizer = _maybe_tokenizer(args.tokenizer or args.teacher)
+    tokenizer = load_tokenizer(args.tokenizer or args.teacher, required=False)
     dataset = load_token_dataset(args.data, tokenizer, args.text_column, args.max_length)
     import torch
 
@@ -627,7 +627,8 @@ def _run_eval(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import evaluate_model, load_eval_data, run_lm_eval
+    from .data import load_eval_data
+    from .evaluation import evaluate_model, run_lm_eval
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)

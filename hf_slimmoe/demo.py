@@ -20,23 +20,20 @@ model directory with tokenizer and model card), `trajectory.json` + `trajectory.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-from importlib import resources
 
 import yaml
 
 from .pipeline import RunPaths, build_teacher, is_finished_stage
-from .recipe import Recipe, recipe_from_dict, recipe_to_dict
+from .recipe import Recipe, demo_settings, recipe_from_dict, recipe_to_dict
 
 logger = logging.getLogger(__name__)
 
-DEMO_RECIPE = "demo.yaml"
 TEACHER_STAMP = "demo_teacher.json"  # written into a demo teacher directory: the fingerprint of its settings
 STEPS = ("corpus, tokenizer and teacher", "teacher top-k cache", "stage 1: score, prune, distill",
          "stage 2: score, prune, distill", "SFT with KD, then DPO", "evaluation and summary")
@@ -44,25 +41,6 @@ MODELS = ("teacher", "stage-1", "stage-2", "sft", "dpo")
 
 
 # ----------------------------------------------------------------------------------------------------- settings
-def _merge(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` merged in recursively (mappings merge, everything else replaces)."""
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def demo_settings(fast: bool = False) -> dict:
-    """The packaged demo recipe as a dict of sections `compress`, `sft`, `dpo`, `eval` (with `fast` merged in)."""
-    text = resources.files("hf_slimmoe").joinpath("recipes", DEMO_RECIPE).read_text(encoding="utf-8")
-    values = yaml.safe_load(text)
-    fast_overrides = values.pop("fast", {}) or {}
-    return _merge(values, fast_overrides) if fast else values
-
-
 def demo_recipe(output_dir: str, fast: bool = False) -> Recipe:
     """The compression recipe the demo runs, writing to `output_dir` (`fast`: the `--fast` variant)."""
     values = demo_settings(fast)["compress"]
@@ -292,5 +270,5 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     return summary
 
 
-__all__ = ["STEPS", "cache_root", "demo_recipe", "demo_settings", "ensure_teacher", "format_summary", "run_demo",
+__all__ = ["STEPS", "cache_root", "demo_recipe", "ensure_teacher", "format_summary", "run_demo",
            "teacher_fingerprint"]

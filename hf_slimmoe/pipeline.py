@@ -30,7 +30,6 @@ model while masks grow towards the target, then prunes physically once (see `Ite
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_slimmoe import SlimMoeConfig
+from .data import TokenCollator, batches, check_source, load_blocks, source_files
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
 
@@ -114,113 +114,6 @@ def _read_json(path: str):
         return json.load(f)
 
 
-# ----------------------------------------------------------------------------------------------------- data
-def _source_files(source: DataSource, key: str, recipe_dir: str | None) -> list[str]:
-    if source.glob is not None:
-        patterns = [source.glob] if isinstance(source.glob, str) else list(source.glob)
-        files = set()
-        for pattern in patterns:
-            expanded = expand_path(pattern, recipe_dir)
-            matches = globlib.glob(expanded, recursive=True)
-            if not matches:
-                raise FileNotFoundError(f"{key}.glob {pattern!r} ({expanded}) matches no file.")
-            files.update(matches)
-        files = sorted(files)
-    else:
-        files = [expand_path(p, recipe_dir) for p in source.paths]
-        missing = [p for p in files if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"{key}.paths: no such file(s): {', '.join(missing[:5])}.")
-    return files
-
-
-def check_source(source: DataSource, key: str, recipe_dir: str | None) -> None:
-    """Raise when a local data source does not exist (Hub datasets are only checked when loaded)."""
-    if source.type == "text_files":
-        _source_files(source, key, recipe_dir)
-    elif source.type == "disk" and not os.path.isdir(expand_path(source.path, recipe_dir)):
-        raise FileNotFoundError(f"{key}.path {source.path!r} is not a directory saved with datasets.save_to_disk.")
-
-
-def read_source(source: DataSource, key: str, recipe_dir: str | None):
-    """A `datasets.Dataset` of documents with the column `source.text_field` (or of pre-tokenized `input_ids`)."""
-    import datasets
-
-    if source.type == "text_files":
-        texts = []
-        for path in _source_files(source, key, recipe_dir):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
-        dataset = datasets.Dataset.from_dict({source.text_field: texts})
-    elif source.type == "disk":
-        dataset = datasets.load_from_disk(expand_path(source.path, recipe_dir))
-        if isinstance(dataset, datasets.DatasetDict):
-            if source.split not in dataset:
-                raise ValueError(f"{key}.split {source.split!r} is not in {source.path} (splits: {list(dataset)}).")
-            dataset = dataset[source.split]
-    else:
-        dataset = datasets.load_dataset(source.path, source.name, split=source.split)
-    if source.text_field not in dataset.column_names and "input_ids" not in dataset.column_names:
-        raise ValueError(f"{key}.text_field {source.text_field!r} is not a column of {source.path or source.glob} "
-                         f"(columns: {dataset.column_names}).")
-    if source.max_examples is not None:
-        dataset = dataset.select(range(min(source.max_examples, len(dataset))))
-    return dataset
-
-
-def pack(dataset, tokenizer, block_size: int, text_field: str, num_proc: int | None = None):
-    """Tokenize documents, join them with EOS and cut the stream into `input_ids` blocks of `block_size` tokens
-    (the remainder of each map batch is dropped)."""
-    eos = tokenizer.eos_token_id
-
-    def _pack(batch):
-        stream = []
-        for ids in tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            if eos is not None:
-                stream.append(eos)
-        usable = len(stream) // block_size * block_size
-        return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
-
-    return dataset.map(_pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, num_proc=num_proc,
-                       desc=f"Packing into {block_size}-token blocks")
-
-
-def load_blocks(recipe: Recipe, tokenizer) -> dict:
-    """Packed `train`, `eval` (or None) and `calibration` datasets, each a column `input_ids`."""
-    d, recipe_dir = recipe.data, _recipe_dir(recipe)
-    blocks = {}
-    for name in ("train", "eval", "calibration"):
-        source = getattr(d, name)
-        if source is None:
-            blocks[name] = blocks["train"] if name == "calibration" else None
-            continue
-        dataset = read_source(source, f"data.{name}", recipe_dir)
-        if "input_ids" in dataset.column_names:  # pre-tokenized blocks (e.g. a packed load_from_disk dataset): as is
-            dataset = dataset.select_columns(["input_ids"])
-        else:
-            dataset = pack(dataset, tokenizer, d.block_size, source.text_field, d.num_proc)
-        if len(dataset) == 0:
-            raise ValueError(f"data.{name} gives no block of data.block_size={d.block_size} tokens; add text or "
-                             "lower data.block_size.")
-        blocks[name] = dataset
-    if d.train_blocks is not None:
-        blocks["train"] = blocks["train"].select(range(min(d.train_blocks, len(blocks["train"]))))
-        if d.calibration is None:
-            blocks["calibration"] = blocks["train"]
-    if blocks["eval"] is not None and d.eval_blocks is not None:
-        blocks["eval"] = blocks["eval"].select(range(min(d.eval_blocks, len(blocks["eval"]))))
-    blocks["calibration"] = blocks["calibration"].select(range(min(d.calibration_blocks, len(blocks["calibration"]))))
-    logger.info("Data: %d train, %s eval, %d calibration blocks of %d tokens", len(blocks["train"]),
-                len(blocks["eval"]) if blocks["eval"] is not None else "no", len(blocks["calibration"]), d.block_size)
-    return blocks
-
-
-def calibration_batches(dataset, batch_size: int) -> list[dict]:
-    ids = torch.tensor(dataset["input_ids"], dtype=torch.long)
-    return [{"input_ids": ids[i:i + batch_size]} for i in range(0, len(ids), batch_size)]
-
-
 # ----------------------------------------------------------------------------------------------------- teacher
 def _train_tokenizer(files: list[str], vocab_size: int):
     """A byte-level BPE tokenizer trained on local text files, with `<|endoftext|>` as BOS, EOS and padding."""
@@ -246,9 +139,7 @@ def _pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .distillation import DistillationCollator
-
-    collate = DistillationCollator(pad_token_id=pad_token_id)
+    collate = TokenCollator(pad_token_id=pad_token_id)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=build.pretrain_learning_rate, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, 0, build.pretrain_steps)
@@ -286,7 +177,7 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     b = recipe.teacher.build
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    files = _source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", _recipe_dir(recipe))
+    files = source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", _recipe_dir(recipe))
     logger.info("Building the teacher: tokenizer (vocab %d) on %d files, then %d causal-LM steps", b.vocab_size,
                 len(files), b.pretrain_steps)
     tokenizer = _train_tokenizer(files, b.vocab_size)
@@ -382,7 +273,7 @@ def check(recipe: Recipe) -> SlimMoeConfig:
         if source is not None:
             check_source(source, f"data.{name}", recipe_dir)
     if recipe.teacher.build is not None:
-        _source_files(DataSource(glob=recipe.teacher.build.tokenizer_files), "teacher.build.tokenizer_files",
+        source_files(DataSource(glob=recipe.teacher.build.tokenizer_files), "teacher.build.tokenizer_files",
                       recipe_dir)
     teacher_config = read_teacher_config(recipe, offline_ok=True)
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
@@ -545,7 +436,7 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
                                               output_dir=os.path.join(paths.teacher_cache, "eval"),
                                               pad_token_id=tokenizer.pad_token_id or 0)
         online_teacher = None
-    calibration = calibration_batches(blocks["calibration"], recipe.scoring.batch_size)
+    calibration = batches(blocks["calibration"], recipe.scoring.batch_size, tokenizer.pad_token_id or 0)
 
     # Trajectory: the teacher point, then the points of every finished stage (read back from disk on resume).
     teacher_eval_path = os.path.join(paths.output_dir, "teacher_eval.json")
@@ -851,4 +742,4 @@ def _publish(stage_dir: str, recipe: Recipe) -> None:
         logger.warning("%s was not published; `slimmoe push %s` publishes it later.", stage_dir, recipe.output_dir)
 
 
-__all__ = ["compress", "check", "plan_text", "RunPaths", "is_finished_stage", "build_teacher", "load_blocks", "pack"]
+__all__ = ["compress", "check", "plan_text", "RunPaths", "is_finished_stage", "build_teacher"]

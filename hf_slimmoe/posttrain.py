@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset, load_from_disk
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
@@ -32,6 +32,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .data import is_teacher_value, load_dataset_splits, pad
 from .distillation.losses import teacher_topk_from_hidden, topk_kl_loss
 from .distillation.teacher_cache import FINGERPRINT_COLUMN, cache_teacher_topk, check_teacher_cache
 
@@ -219,25 +220,21 @@ def _check_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
 # ------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class _TeacherTopkCollator:
-    """Wraps TRL's collator: pads the cached `teacher_topk_*` columns like `input_ids` (right, or flattened)."""
+    """Wraps TRL's collator: pads the per-position `teacher_*` columns like `input_ids` (right, or flattened)."""
 
     collator: Callable
     padding_free: bool
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if TEACHER_TOPK_COLUMNS[0] not in examples[0]:
+        names = [name for name, value in examples[0].items() if is_teacher_value(name, value)]
+        if not names:
             return self.collator(examples)
-        cached = [{name: torch.as_tensor(ex.pop(name)) for name in TEACHER_TOPK_COLUMNS} for ex in examples]
+        cached = [{name: torch.as_tensor(ex.pop(name)) for name in names} for ex in examples]
         batch = self.collator(examples)
-        for name in TEACHER_TOPK_COLUMNS:
+        length = batch["input_ids"].size(1)
+        for name in names:
             rows = [c[name] for c in cached]  # each (T_i, k)
-            if self.padding_free:
-                rows = [torch.cat(rows)]
-            length = batch["input_ids"].size(1)
-            out = rows[0].new_zeros((len(rows), length, rows[0].size(-1)))  # (B, T, k)
-            for i, row in enumerate(rows):
-                out[i, : row.size(0)] = row[:length]
-            batch[name] = out
+            batch[name] = pad([torch.cat(rows)] if self.padding_free else rows, 0, length=length)  # (B, T, k)
         return batch
 
 
@@ -559,17 +556,7 @@ def load_train_eval(args: PostTrainArguments, kind: str) -> tuple[Dataset, Datas
         train, test = data["train"], data["test"] if args.dataset_test_split else None
     else:
         path = args.dataset_name
-        if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
-            splits = {args.dataset_train_split: load_from_disk(path)}
-        elif os.path.isfile(path):
-            builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(
-                os.path.splitext(path)[1]
-            )
-            if builder is None:
-                raise ValueError(f"Cannot read {path}: use a .json, .jsonl, .parquet or .csv file.")
-            splits = load_dataset(builder, data_files={args.dataset_train_split: path})
-        else:
-            splits = load_dataset(path, args.dataset_config)
+        splits = load_dataset_splits(path, args.dataset_config, args.dataset_train_split)
         if args.dataset_train_split not in splits:
             raise ValueError(f"{path} has no split {args.dataset_train_split!r}; it has {list(splits)}.")
         train = splits[args.dataset_train_split]

@@ -21,6 +21,7 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -28,6 +29,7 @@ import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Literal
 
 import yaml
@@ -501,4 +503,28 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
         yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
 
 
-__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "recipe_to_dict", "expand_path", "METHODS"]
+# ------------------------------------------------------------------------------------------------------ the demo
+DEMO_RECIPE = "demo.yaml"  # packaged in hf_slimmoe/recipes/
+
+
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in recursively (mappings merge, everything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def demo_settings(fast: bool = False) -> dict:
+    """The packaged demo recipe as a dict of sections `compress`, `sft`, `dpo`, `eval` (with `fast` merged in)."""
+    text = resources.files("hf_slimmoe").joinpath("recipes", DEMO_RECIPE).read_text(encoding="utf-8")
+    values = yaml.safe_load(text)
+    fast_overrides = values.pop("fast", {}) or {}
+    return merge_settings(values, fast_overrides) if fast else values
+
+
+__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "recipe_to_dict", "expand_path", "METHODS",
+           "demo_settings", "merge_settings"]

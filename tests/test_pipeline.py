@@ -268,7 +268,8 @@ def test_data_sources_text_files_disk_and_pretokenized(tmp_path):
     already has input_ids is used as is; calibration defaults to the training blocks."""
     import datasets
 
-    from hf_slimmoe.pipeline import _train_tokenizer, load_blocks
+    from hf_slimmoe.data import load_blocks
+    from hf_slimmoe.pipeline import _train_tokenizer
 
     (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
     tokenizer = _train_tokenizer([str(tmp_path / "a.txt")], 300)

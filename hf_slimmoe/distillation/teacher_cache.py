@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
+from ..data import collate_tokens, rows_of
 from .losses import teacher_topk_from_hidden
 
 logger = logging.getLogger(__name__)
@@ -203,25 +204,20 @@ def cache_teacher_topk(
                     continue
                 logger.warning("Shard %s does not match the dataset; recomputing it.", path)
             columns = {name: [] for name in CACHE_COLUMNS}
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                lengths = [len(ids) for ids in batch["input_ids"]]
-                input_ids = torch.full((len(lengths), max(lengths)), pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros_like(input_ids)
-                for row, ids in enumerate(batch["input_ids"]):
-                    input_ids[row, : len(ids)] = torch.as_tensor(ids)
-                    attention_mask[row, : len(ids)] = (
-                        torch.as_tensor(batch["attention_mask"][row]) if "attention_mask" in batch else 1
-                    )
+            inputs = rows.select_columns([c for c in ("input_ids", "attention_mask") if c in rows.column_names])
+            for features in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
+                batch = collate_tokens(features, pad_token_id, labels=False)  # (b, T) each
                 ids, logprobs = teacher_topk_from_model(
-                    teacher, input_ids.to(device), attention_mask.to(device), top_k, chunk_size=chunk_size
+                    teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device), top_k,
+                    chunk_size=chunk_size,
                 )  # (b, T, k) each
                 ids, logprobs = ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy()
-                for row, length in enumerate(lengths):
+                for row, feature in enumerate(features):
+                    length = len(feature["input_ids"])
                     columns[TOPK_IDS_COLUMN].append(ids[row, :length])
                     columns[TOPK_LOGPROBS_COLUMN].append(logprobs[row, :length])
-                    columns[FINGERPRINT_COLUMN].append(input_ids_fingerprint(batch["input_ids"][row]))
-                progress.update(len(lengths))
+                    columns[FINGERPRINT_COLUMN].append(input_ids_fingerprint(feature["input_ids"]))
+                progress.update(len(features))
             shard = Dataset.from_dict(columns, features=_CACHE_FEATURES)
             if path is not None:
                 shard.to_parquet(path + ".tmp")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from datasets import Dataset
@@ -14,6 +12,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
 from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 from trl.models.utils import _ForwardRedirection
 
+from ..data import TokenCollator
 from .config import DistillationConfig
 from .losses import chunked_cross_entropy, chunked_student_topk_stats, topk_kl_loss, topk_tail_kl
 from .teacher_cache import (
@@ -28,43 +27,11 @@ from .teacher_cache import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class DistillationCollator:
-    """
-    Right-pads rows of `input_ids` (+ optional `attention_mask` and teacher cache columns) into a batch.
-
-    Returns `input_ids`, `attention_mask` and `labels`, all `(B, T)`, and when the rows carry a cache,
-    `teacher_topk_ids` (int64) and `teacher_topk_logprobs` (float32), `(B, T, k)`. `labels` are the rows' own
-    `labels` when they have them (-100 marks tokens that are not distilled), else `input_ids` with padding at -100;
-    KD, CE and the evaluation metrics count position `t` when `labels[t + 1] != -100`.
-    """
-
-    pad_token_id: int = 0
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        batch_size, seq_len = len(features), max(lengths)
-        input_ids = torch.full((batch_size, seq_len), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)
-        for row, (feature, length) in enumerate(zip(features, lengths)):
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            mask = feature.get("attention_mask")
-            attention_mask[row, :length] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        if features[0].get("labels") is not None:  # e.g. prompt tokens masked with -100: only the rest is distilled
-            labels = torch.full((batch_size, seq_len), -100, dtype=torch.long)
-            for row, (feature, length) in enumerate(zip(features, lengths)):
-                labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if features[0].get(TOPK_IDS_COLUMN) is not None:
-            top_k = len(features[0][TOPK_IDS_COLUMN][0])
-            ids = torch.zeros((batch_size, seq_len, top_k), dtype=torch.long)
-            logprobs = torch.zeros((batch_size, seq_len, top_k), dtype=torch.float32)
-            for row, (feature, length) in enumerate(zip(features, lengths)):
-                ids[row, :length] = torch.as_tensor(feature[TOPK_IDS_COLUMN], dtype=torch.long)
-                logprobs[row, :length] = torch.as_tensor(feature[TOPK_LOGPROBS_COLUMN], dtype=torch.float32)
-            batch[TOPK_IDS_COLUMN], batch[TOPK_LOGPROBS_COLUMN] = ids, logprobs
-        return batch
+# The default collator of `DistillationTrainer`: right-pads `input_ids` (+ optional `attention_mask`, row `labels`,
+# teacher columns) and returns `input_ids`, `attention_mask` and `labels` `(B, T)` (the rows' own `labels` when they
+# have them, -100 marks tokens that are not distilled; else `input_ids` with padding at -100) and every teacher column
+# `(B, T, k)`. KD, CE and the evaluation metrics count position `t` when `labels[t + 1] != -100`.
+DistillationCollator = TokenCollator
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
