@@ -17,7 +17,8 @@ import torch
 
 from .data import TokenCollator, collate_tokens
 from .distillation.losses import chunked_cross_entropy
-from .distillation.teacher_cache import CACHE_COLUMNS, _backbone
+from .distillation.teacher_cache import CACHE_COLUMNS
+from .modeling_utils import backbone
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def perplexity(model, dataset, batch_size: int = 16, pad_token_id: int = 0, chun
         batch = collate_tokens([{"input_ids": ids} for ids in dataset[start:start + batch_size]["input_ids"]],
                                pad_token_id)  # (B, T) each
         batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = _backbone(model)(input_ids=batch["input_ids"],
+        hidden = backbone(model)(input_ids=batch["input_ids"],
                                   attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
         labels = batch["labels"][:, 1:]  # position t predicts token t+1; padding is -100
         total += float(chunked_cross_entropy(hidden, lm_head.weight, lm_head.bias, labels, chunk_size=chunk_size,

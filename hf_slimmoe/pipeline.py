@@ -43,6 +43,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_slimmoe import SlimMoeConfig
 from .data import TokenCollator, batches, check_source, load_blocks, source_files
+from .modeling_utils import check_tokenizer_vocabulary
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
 
@@ -285,10 +286,8 @@ def check(recipe: Recipe) -> SlimMoeConfig:
         if _is_local(local):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(local)
-            if len(tokenizer) > teacher_config.vocab_size:
-                raise ValueError(f"teacher.tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
-                                 f"{teacher_config.vocab_size}: teacher and student vocabularies must match.")
+            check_tokenizer_vocabulary(AutoTokenizer.from_pretrained(local), teacher_config.vocab_size,
+                                       "teacher.tokenizer")
     if recipe.method == "multi-stage" and recipe.early_stopping.enabled and recipe.data.eval is not None:
         t = recipe.training
         if t.get("save_steps", 500) % t.get("eval_steps", t.get("logging_steps", 10)) != 0:
@@ -411,9 +410,7 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
     dtype = getattr(torch, recipe.teacher.dtype)
     teacher = SlimMoeForCausalLM.from_pretrained(teacher_path, dtype=dtype, revision=recipe.teacher.revision)
     teacher.requires_grad_(False).eval()
-    if len(tokenizer) > teacher.config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
-                         f"{teacher.config.vocab_size}: teacher and student vocabularies must match.")
+    check_tokenizer_vocabulary(tokenizer, teacher.config.vocab_size)
     device = torch.device("cpu") if recipe.training.get("use_cpu") or not torch.cuda.is_available() else \
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if not is_deepspeed_zero3_enabled():  # ZeRO-3 keeps the teacher sharded; the trainer places it
@@ -625,12 +622,12 @@ class IterativeMaskCallback(TrainerCallback):
         self.scores = None
 
     def sizes_at(self, step: int) -> tuple[int, int]:
-        from .schedule import _geometric
+        from .schedule import geometric_size
 
         f = min(1.0, step / self.target_step)
-        return (_geometric(self.source.intermediate_size, self.target.intermediate_size, f, self.multiple)
+        return (geometric_size(self.source.intermediate_size, self.target.intermediate_size, f, self.multiple)
                 if f < 1 else self.target.intermediate_size,
-                _geometric(self.source.num_key_value_heads, self.target.num_key_value_heads, f, 1))
+                geometric_size(self.source.num_key_value_heads, self.target.num_key_value_heads, f, 1))
 
     def config_at(self, step: int) -> SlimMoeConfig:
         intermediate, groups = self.sizes_at(step)

@@ -33,8 +33,10 @@ from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .data import is_teacher_value, load_dataset_splits, pad
-from .distillation.losses import teacher_topk_from_hidden, topk_kl_loss
+from .distillation.losses import topk_kl_loss
 from .distillation.teacher_cache import FINGERPRINT_COLUMN, cache_teacher_topk, check_teacher_cache
+from .modeling_utils import (backbone, causal_lm, check_same_vocabulary, forward_hidden, teacher_topk_from_hidden,
+                             vocab_size)
 
 logger = logging.getLogger(__name__)
 
@@ -185,38 +187,6 @@ class PostTrainArguments:
         )
 
 
-# -------------------------------------------------------------------------------------------- teacher top-k
-def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers causal LM inside a PEFT model (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder (the module whose output feeds `lm_head`) of a causal LM, through PEFT if present."""
-    return _causal_lm(model).base_model
-
-
-def _forward_hidden(model: torch.nn.Module, backbone: torch.nn.Module, **inputs) -> Any:
-    """Run `model(**inputs)` (through any accelerate wrapper) and return (outputs, the backbone's last hidden state)."""
-    captured: dict[str, torch.Tensor] = {}
-    handle = backbone.register_forward_hook(lambda module, args, output: captured.__setitem__("hidden", output[0]))
-    try:
-        outputs = model(**inputs)
-    finally:
-        handle.remove()
-    return outputs, captured["hidden"]
-
-
-def _check_vocab(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
-    student_vocab = student.get_output_embeddings().weight.size(0)
-    teacher_vocab = teacher.get_output_embeddings().weight.size(0)
-    if student_vocab != teacher_vocab:
-        raise ValueError(
-            f"The teacher's vocabulary ({teacher_vocab} tokens) does not match the student's ({student_vocab}): "
-            "top-k distillation needs teacher and student to share one tokenizer."
-        )
-
-
 # ------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class _TeacherTopkCollator:
@@ -278,11 +248,11 @@ class SFTDistillationTrainer(SFTTrainer):
         if isinstance(teacher_model, str):
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **(args.model_init_kwargs or {}))
         if teacher_model is not None and isinstance(model, PreTrainedModel):
-            _check_vocab(model, teacher_model)  # before any data preparation
+            check_same_vocabulary(model, teacher_model)  # before any data preparation
         super().__init__(model, args=args, **kwargs)
         self.data_collator = _TeacherTopkCollator(self.data_collator, padding_free=bool(args.padding_free))
         if teacher_model is not None:
-            _check_vocab(self.accelerator.unwrap_model(self.model), teacher_model)
+            check_same_vocabulary(self.accelerator.unwrap_model(self.model), teacher_model)
             teacher_model.eval().requires_grad_(False)
         self.kd_enabled = args.ce_mix < 1.0
         train = self.train_dataset
@@ -291,8 +261,7 @@ class SFTDistillationTrainer(SFTTrainer):
             if self.eval_dataset is None:
                 teacher_model = None  # the cache replaces the teacher (kept only to evaluate online)
         elif self.kd_enabled and self._has_cache(train) and FINGERPRINT_COLUMN in train.column_names:
-            vocab_size = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0)
-            check_teacher_cache(train, vocab_size=vocab_size, top_k=args.top_k)
+            check_teacher_cache(train, vocab_size=vocab_size(self.accelerator.unwrap_model(self.model)), top_k=args.top_k)
         self.teacher_model = None
         if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset):
             raise ValueError(
@@ -340,7 +309,7 @@ class SFTDistillationTrainer(SFTTrainer):
                 f"The teacher cache stores log-probabilities at temperature 1, but temperature={self.args.temperature}:"
                 " drop `teacher_cache_dir` to run the teacher online, or use temperature 1."
             )
-        vocab_size = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0)
+        student_vocab = vocab_size(self.accelerator.unwrap_model(self.model))
         if not os.path.isdir(cache_dir):
             if teacher is None:
                 raise ValueError(
@@ -360,7 +329,7 @@ class SFTDistillationTrainer(SFTTrainer):
                 f"The teacher cache in {cache_dir} was made for other data than this run's formatted training set "
                 "(different rows or tokens); delete it or point `teacher_cache_dir` elsewhere."
             )
-        check_teacher_cache(cached, vocab_size=vocab_size, top_k=self.args.top_k)
+        check_teacher_cache(cached, vocab_size=student_vocab, top_k=self.args.top_k)
         logger.info("Distilling from the teacher top-k cache in %s", cache_dir)
         return cached.remove_columns([c for c in cached.column_names if c not in dataset.column_names
                                       and c not in TEACHER_TOPK_COLUMNS])
@@ -371,7 +340,7 @@ class SFTDistillationTrainer(SFTTrainer):
         teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "output_router_logits")}
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
         # `logits_to_keep=1`: the teacher's full logits are never built, its top-k is taken from its hidden states
-        _, hidden = _forward_hidden(self.teacher_model, _backbone(unwrapped), **teacher_inputs, logits_to_keep=1)
+        _, hidden = forward_hidden(self.teacher_model, backbone(unwrapped), **teacher_inputs, logits_to_keep=1)
         return teacher_topk_from_hidden(
             hidden[:, :-1], unwrapped.get_output_embeddings(), self.args.top_k, self.args.temperature,
             self.args.kd_chunk_size,
@@ -382,8 +351,8 @@ class SFTDistillationTrainer(SFTTrainer):
         teacher_logprobs: torch.Tensor,
     ) -> tuple[Any, torch.Tensor]:
         """Student forward with TRL's fused LM head, and the KD sum from its last hidden state (inside the wrapper)."""
-        outputs, hidden = _forward_hidden(student, _backbone(student), **inputs, fused_lm_head=True)
-        lm_head = _causal_lm(student).get_output_embeddings()
+        outputs, hidden = forward_hidden(student, backbone(student), **inputs, fused_lm_head=True)
+        lm_head = causal_lm(student).get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards: gather the head once for the chunked projection
             weight = weight.full_tensor()

@@ -59,7 +59,8 @@ def check_target(source_config: SlimMoeConfig, target_config: SlimMoeConfig) -> 
         )
 
 
-def _geometric(source: int, target: int, fraction: float, multiple: int) -> int:
+def geometric_size(source: int, target: int, fraction: float, multiple: int) -> int:
+    """`source * (target / source) ** fraction` rounded to a multiple of `multiple`, kept within `[target, source]`."""
     value = source * (target / source) ** fraction
     rounded = int(round(value / multiple)) * multiple
     return min(source, max(target, rounded))
@@ -92,9 +93,9 @@ def plan_stages(
         else:
             fraction = i / num_stages
             sizes = {
-                "intermediate_size": _geometric(source_config.intermediate_size, target_config.intermediate_size,
+                "intermediate_size": geometric_size(source_config.intermediate_size, target_config.intermediate_size,
                                                  fraction, expert_multiple),
-                "num_key_value_heads": _geometric(source_config.num_key_value_heads,
+                "num_key_value_heads": geometric_size(source_config.num_key_value_heads,
                                                   target_config.num_key_value_heads, fraction, 1),
             }
         sizes = {name: min(value, getattr(previous, name)) for name, value in sizes.items()}  # never grow back

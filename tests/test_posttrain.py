@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_slimmoe import SlimMoeForCausalLM
-from hf_slimmoe.distillation.losses import teacher_topk
+from hf_slimmoe.modeling_utils import teacher_topk
 from hf_slimmoe.posttrain import (
     CHAT_TEMPLATE,
     PostTrainArguments,

@@ -1,8 +1,9 @@
 """Distillation for SlimMoE: the chunked top-k KD loss, the distillation trainer and the teacher top-k cache."""
 
 from .config import DistillationConfig
-from .losses import chunked_cross_entropy, teacher_topk, teacher_topk_from_hidden, topk_kl_loss, topk_tail_kl
-from .teacher_cache import cache_teacher_topk, check_teacher_cache, input_ids_fingerprint, teacher_topk_from_model
+from ..modeling_utils import teacher_topk, teacher_topk_from_hidden, teacher_topk_from_model
+from .losses import chunked_cross_entropy, topk_kl_loss, topk_tail_kl
+from .teacher_cache import cache_teacher_topk, check_teacher_cache, input_ids_fingerprint
 from .run import DistillScriptArguments, run_distill
 from .trainer import DistillationCollator, DistillationTrainer
 

@@ -19,7 +19,7 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from tqdm.auto import tqdm
 
 from ..data import collate_tokens, rows_of
-from .losses import teacher_topk_from_hidden
+from ..modeling_utils import teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -41,42 +41,6 @@ def input_ids_fingerprint(input_ids) -> str:
     """Hex digest (16 characters) of a row's token ids, stored beside its cached teacher top-k."""
     array = np.asarray(input_ids, dtype=np.int64)
     return hashlib.blake2b(array.tobytes(), digest_size=8).hexdigest()
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    prefix = getattr(model, "base_model_prefix", "model")
-    backbone = getattr(model, prefix, None)
-    if backbone is None:
-        raise ValueError(f"{type(model).__name__} has no backbone attribute {prefix!r}; pass a causal LM model.")
-    return backbone
-
-
-@torch.no_grad()
-def teacher_topk_from_model(
-    teacher: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    top_k: int,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Teacher top-k ids and full-vocabulary log-probabilities at every position, without `(tokens, V)` logits.
-
-    Args:
-        teacher (`torch.nn.Module`): causal LM with a `base_model_prefix` backbone and output embeddings.
-        input_ids (`torch.Tensor`): `(B, T)`.
-        attention_mask (`torch.Tensor`, *optional*): `(B, T)`.
-        top_k (`int`): tokens kept per position.
-        temperature (`float`, *optional*, defaults to `1.0`): softmax temperature.
-        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: ids `(B, T, k)` int64 and log-probabilities `(B, T, k)` float32; position
-        `t` holds the teacher's prediction of token `t + 1`.
-    """
-    hidden = _backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    return teacher_topk_from_hidden(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
 
 
 def _shard_path(work_dir: str, index: int) -> str:

@@ -13,15 +13,14 @@ from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 from trl.models.utils import _ForwardRedirection
 
 from ..data import TokenCollator
+from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_model, vocab_size
 from .config import DistillationConfig
 from .losses import chunked_cross_entropy, chunked_student_topk_stats, topk_kl_loss, topk_tail_kl
 from .teacher_cache import (
     CACHE_COLUMNS,
     TOPK_IDS_COLUMN,
     TOPK_LOGPROBS_COLUMN,
-    _backbone,
     check_teacher_cache,
-    teacher_topk_from_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -32,10 +31,6 @@ logger = logging.getLogger(__name__)
 # have them, -100 marks tokens that are not distilled; else `input_ids` with padding at -100) and every teacher column
 # `(B, T, k)`. KD, CE and the evaluation metrics count position `t` when `labels[t + 1] != -100`.
 DistillationCollator = TokenCollator
-
-
-def _vocab_size(model: torch.nn.Module) -> int:
-    return model.get_output_embeddings().weight.size(0)
 
 
 class DistillationTrainer(Trainer):
@@ -120,14 +115,11 @@ class DistillationTrainer(Trainer):
 
     @staticmethod
     def _validate(model, teacher_model, args, train_dataset, eval_dataset) -> None:
-        vocab_size = _vocab_size(model)
-        if args.top_k > vocab_size:
-            raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({vocab_size}).")
-        if teacher_model is not None and _vocab_size(teacher_model) != vocab_size:
-            raise ValueError(
-                f"The teacher's vocabulary ({_vocab_size(teacher_model)}) differs from the student's ({vocab_size}): "
-                "distillation needs the same tokenizer; prune the student from this teacher."
-            )
+        student_vocab = vocab_size(model)
+        if args.top_k > student_vocab:
+            raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({student_vocab}).")
+        if teacher_model is not None:
+            check_same_vocabulary(model, teacher_model)
         datasets = {"train_dataset": train_dataset}
         if isinstance(eval_dataset, dict):
             datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
@@ -141,7 +133,7 @@ class DistillationTrainer(Trainer):
             has_cache = any(c in dataset.column_names for c in CACHE_COLUMNS)
             if has_cache or teacher_model is None:
                 try:
-                    check_teacher_cache(dataset, vocab_size=vocab_size, top_k=args.top_k)
+                    check_teacher_cache(dataset, vocab_size=student_vocab, top_k=args.top_k)
                 except ValueError as error:
                     if teacher_model is None and not has_cache:
                         raise ValueError(
@@ -178,7 +170,7 @@ class DistillationTrainer(Trainer):
         """Student backbone + chunked losses; runs inside the wrapper's forward. Returns raw sums over tokens."""
         args = self.args
         want_aux = args.aux_loss_coef > 0
-        outputs = _backbone(student)(
+        outputs = backbone(student)(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_router_logits=want_aux
         )
         hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
