@@ -533,7 +533,8 @@ def _add_posttrain(kind: str):
             kind,
             help=_POSTTRAIN_HELP[kind],
             description=f"{_POSTTRAIN_HELP[kind]}. RECIPE.yaml holds the fields of hf_slimmoe.posttrain."
-            "PostTrainArguments and of the trainer config (SFTDistillationConfig, or trl.DPOConfig for dpo), plus an "
+            "PostTrainScriptArguments, trl.ModelConfig and the trainer config (SFTDistillationConfig, or trl.DPOConfig "
+            "for dpo), plus an "
             "optional hub: section; any field can be overridden after it as --field value. "
             f"`slimmoe {kind} RECIPE.yaml --help` lists every field. Runs under `accelerate launch` unchanged.",
         )
