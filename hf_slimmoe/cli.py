@@ -16,13 +16,6 @@ import tempfile
 logger = logging.getLogger("hf_slimmoe")
 
 
-def _human(n: int) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 # ----------------------------------------------------------------------------------------------------- info
 def _add_info(subparsers) -> None:
     p = subparsers.add_parser(
@@ -80,8 +73,7 @@ def describe(path: str) -> dict:
     model_type = values.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{config_file} has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")}
-    config = SlimMoeConfig(**values)
+    config = SlimMoeConfig.from_config_dict(values)
     info = {
         "path": path,
         "model_type": model_type,
@@ -111,6 +103,8 @@ def _run_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    from .schedule import human_count
+
     rows = [
         ("checkpoint", info["path"]),
         ("model_type", info["model_type"]),
@@ -120,8 +114,9 @@ def _run_info(args) -> int:
         ("d_expert", info["intermediate_size"]),
         ("heads q/kv", f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
         ("vocab", info["vocab_size"]),
-        ("total parameters", f"{info['num_parameters']:,} ({_human(info['num_parameters'])})"),
-        ("active parameters", f"{info['num_active_parameters']:,} ({_human(info['num_active_parameters'])})"),
+        ("total parameters", f"{info['num_parameters']:,} ({human_count(info['num_parameters'], digits=2)})"),
+        ("active parameters",
+         f"{info['num_active_parameters']:,} ({human_count(info['num_active_parameters'], digits=2)})"),
     ]
     if info.get("stored_parameters") is not None:
         rows.append(("stored in safetensors", f"{info['stored_parameters']:,}"))
@@ -264,9 +259,11 @@ def _run_prune(args) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     after = model.config.num_parameters()
+    from .schedule import human_count
+
     print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {model.config.intermediate_size}, heads "
-          f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters {_human(before)} -> "
-          f"{_human(after)}")
+          f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters "
+          f"{human_count(before, digits=2)} -> {human_count(after, digits=2)}")
     return 0
 
 
@@ -474,13 +471,10 @@ def _run_plan(args) -> int:
         return 0
     if not args.teacher:
         raise ValueError("give RECIPE.yaml, or --teacher with --intermediate-size and/or --num-key-value-heads.")
-    info = describe(args.teacher)
+    describe(args.teacher)  # refuses a missing file or an unsupported model_type, naming it
     config_file = os.path.join(args.teacher, "config.json") if os.path.isdir(args.teacher) else args.teacher
     with open(config_file) as f:
-        values = {k: v for k, v in json.load(f).items() if k not in ("model_type", "transformers_version",
-                                                                      "architectures", "auto_map")}
-    values["head_dim"] = info["head_dim"]
-    teacher = SlimMoeConfig(**values)
+        teacher = SlimMoeConfig.from_config_dict(json.load(f))
     target = teacher.slimmed(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads)
     stages = plan_stages(teacher, target, args.num_stages, expert_multiple=args.expert_multiple)
     print(json.dumps(plan_rows(teacher, stages), indent=2) if args.json else format_plan(teacher, stages))

@@ -188,7 +188,8 @@ def load_token_dataset(path: str, tokenizer=None, text_column: str = "text", max
     A `Dataset` with `input_ids` from a `save_to_disk` directory, a `.jsonl` / `.json` file or a text file.
 
     A dataset that already has `input_ids` is returned unchanged (so a teacher cache built on it stays valid); text
-    (a `text_column` column, `.jsonl` records or the lines of a text file) is tokenized with `tokenizer` and truncated to `max_length` tokens, see [`tokenize_texts`].
+    (a `text_column` column, `.jsonl` records or the lines of a text file) is tokenized with `tokenizer` and truncated
+    to `max_length` tokens, see [`tokenize_texts`].
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"No data at {path}: pass a save_to_disk dataset directory or a .jsonl/.txt file.")

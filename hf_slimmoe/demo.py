@@ -123,7 +123,8 @@ def _write_yaml(path: str, values: dict) -> str:
 
 def _posttrain(kind: str, settings: dict, output_dir: str, parent: str, teacher: str | None = None) -> str:
     """Run the `sft` / `dpo` section of the demo recipe through `posttrain.run_recipe` (skipped when finished)."""
-    from .posttrain import CHAT_TEMPLATE, run_recipe
+    from .posttrain import run_recipe
+    from .tokenization import chat_template_path
 
     paths = RunPaths(output_dir)
     target = os.path.join(paths.output_dir, kind)
@@ -131,11 +132,8 @@ def _posttrain(kind: str, settings: dict, output_dir: str, parent: str, teacher:
         logger.info("%s is finished in %s; skipping it.", kind.upper(), target)
         return target
     values = {**settings[kind], "model_name_or_path": parent, "output_dir": target}
-    if kind == "sft":  # the demo tokenizer has no chat template of its own
-        template = os.path.join(paths.output_dir, "chat.jinja")
-        with open(template, "w", encoding="utf-8") as f:
-            f.write(CHAT_TEMPLATE)
-        values.update(teacher_model_name_or_path=teacher, chat_template_path=template)
+    if kind == "sft":  # the demo tokenizer has no chat template of its own: the packaged one
+        values.update(teacher_model_name_or_path=teacher, chat_template_path=chat_template_path())
     shutil.rmtree(target, ignore_errors=True)  # an unfinished run leaves no stage.json: start it again
     return run_recipe(kind, _write_yaml(os.path.join(paths.output_dir, f"{kind}.yaml"), values))
 

@@ -46,6 +46,7 @@ from .data import TokenCollator, batches, check_source, load_blocks, source_file
 from .modeling_utils import check_tokenizer_vocabulary
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
+from .tokenization import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -116,21 +117,6 @@ def _read_json(path: str):
 
 
 # ----------------------------------------------------------------------------------------------------- teacher
-def _train_tokenizer(files: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on local text files, with `<|endoftext|>` as BOS, EOS and padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = "<|endoftext|>"
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train(files, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
-
-
 def _pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
     """Causal-LM pre-training of the built teacher: AdamW, cosine decay, gradient clipping at 1, shuffled epochs.
 
@@ -181,7 +167,7 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     files = source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", _recipe_dir(recipe))
     logger.info("Building the teacher: tokenizer (vocab %d) on %d files, then %d causal-LM steps", b.vocab_size,
                 len(files), b.pretrain_steps)
-    tokenizer = _train_tokenizer(files, b.vocab_size)
+    tokenizer = train_bpe_tokenizer(files, b.vocab_size)
     if len(tokenizer) > b.vocab_size:
         raise ValueError(f"teacher.build.vocab_size={b.vocab_size} is smaller than the trained tokenizer "
                          f"({len(tokenizer)} tokens).")
@@ -231,10 +217,7 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConf
     if values.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"teacher.model {recipe.teacher.model!r} has model_type {values.get('model_type')!r}; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures",
-                                                           "auto_map")}
-    values.setdefault("head_dim", values.get("hidden_size", 4096) // values.get("num_attention_heads", 32))
-    actual = SlimMoeConfig(**values)
+    actual = SlimMoeConfig.from_config_dict(values)
     if declared is not None:
         for name in _ARCHITECTURE_FIELDS:
             if getattr(declared, name) != getattr(actual, name):
@@ -613,8 +596,7 @@ class IterativeMaskCallback(TrainerCallback):
         self.model, self.target, self.calibration, self.teacher = model, target, calibration, teacher
         self.criterion, self.top_k = criterion, top_k
         self.every, self.target_step, self.multiple = mask_every_steps, target_step, expert_multiple
-        self.source = SlimMoeConfig(**{k: v for k, v in model.config.to_dict().items()
-                                       if k not in ("model_type", "transformers_version", "architectures")})
+        self.source = SlimMoeConfig.from_config_dict(model.config.to_dict())
         c = self.source
         self.expert_keep = [torch.ones(c.num_local_experts, c.intermediate_size, dtype=torch.bool)
                             for _ in range(c.num_hidden_layers)]

@@ -176,10 +176,9 @@ class Recipe:
             values = {"vocab_size": self.teacher.build.vocab_size, **self.teacher.build.config}
         if values is None:
             return None
-        values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")}
         key = "teacher.architecture" if self.teacher.architecture is not None else "teacher.build.config"
         try:
-            return SlimMoeConfig(**values)
+            return SlimMoeConfig.from_config_dict(values)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{key}: {e}") from None
 

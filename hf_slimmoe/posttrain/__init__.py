@@ -20,7 +20,8 @@ from .config import (ATTENTION_PROJECTIONS, BUILTIN_DOCSTRINGS, EXPERT_PARAMETER
                      SFTDistillationConfig, lora_config)
 from .recipes import parse_recipe, run_recipe
 from .run import run_dpo, run_sft, save_lora
-from .tiny import CHAT_TEMPLATE, build_tiny_chat_model, build_tiny_tokenizer
+from ..tokenization import CHAT_TEMPLATE
+from .tiny import build_tiny_chat_model, build_tiny_tokenizer
 from .trainer import SFTDistillationTrainer
 
 __all__ = ["ATTENTION_PROJECTIONS", "BUILTIN_DOCSTRINGS", "CHAT_TEMPLATE", "EXPERT_PARAMETERS",

@@ -1,6 +1,6 @@
-"""Configuration of `slimmoe sft | lora | dpo`: [`SFTDistillationConfig`] (the SFT trainer's), TRL's `ModelConfig` (model
-and LoRA fields) and [`PostTrainScriptArguments`] (TRL's `ScriptArguments` plus the data and saving fields of these
-commands)."""
+"""Configuration of `slimmoe sft | lora | dpo`: [`SFTDistillationConfig`] (the SFT trainer's), TRL's `ModelConfig`
+(model and LoRA fields) and [`PostTrainScriptArguments`] (TRL's `ScriptArguments` plus the data and saving fields of
+these commands)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from trl import DPOConfig, ModelConfig
 from .config import PostTrainScriptArguments, SFTDistillationConfig
 from .run import run_dpo, run_sft
 
-# Defaults of `trl.ModelConfig` fields that differ in recipes: models load in the dtype they are stored in, and LoRA has
-# no dropout (PEFT's adapters on parameters, `lora_target_parameters`, work only without it)
+# Defaults of `trl.ModelConfig` fields that differ in recipes: models load in the dtype they are stored in, and LoRA
+# has no dropout (PEFT's adapters on parameters, `lora_target_parameters`, work only without it)
 MODEL_DEFAULTS = {"dtype": "auto", "lora_dropout": 0.0}
 
 

@@ -7,41 +7,22 @@ import os
 
 import torch
 
+from ..tokenization import CHAT_TEMPLATE, ENDOFTEXT, train_bpe_tokenizer
 from .chat_data import DOCSTRING_MODULES
 from .config import PostTrainScriptArguments
 
 logger = logging.getLogger(__name__)
 
-# Phi-style turns written as plain text, so it works with any tokenizer that has an EOS token; the assistant turn
-# is wrapped in {% generation %} so `assistant_only_loss=True` works too. Also shipped as recipes/templates/chat.jinja.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-
 
 def build_tiny_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on a few local standard-library sources, with a Phi-style chat template."""
+    """A byte-level BPE tokenizer trained on a few local standard-library sources, with the Phi-style chat template
+    `CHAT_TEMPLATE` (`<|end|>` ends a turn and is EOS, `<|pad|>` pads)."""
     import importlib
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    texts = [open(importlib.import_module(m).__file__, encoding="utf-8").read() for m in DOCSTRING_MODULES[:6]]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|end|>", pad_token="<|pad|>", bos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
-    )
+    files = [importlib.import_module(m).__file__ for m in DOCSTRING_MODULES[:6]]
+    specials = [ENDOFTEXT, "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    return train_bpe_tokenizer(files, vocab_size, specials, bos_token=ENDOFTEXT, eos_token="<|end|>",
+                               pad_token="<|pad|>", unk_token=ENDOFTEXT, chat_template=CHAT_TEMPLATE)
 
 
 def build_tiny_chat_model(directory: str, tokenizer=None, seed: int = 0, **config_overrides) -> str:
@@ -78,4 +59,4 @@ def maybe_tiny_init(args: PostTrainScriptArguments, *paths: str | None) -> None:
         build_tiny_chat_model(path, tokenizer, seed=seed)
 
 
-__all__ = ["CHAT_TEMPLATE", "build_tiny_chat_model", "build_tiny_tokenizer", "maybe_tiny_init"]
+__all__ = ["build_tiny_chat_model", "build_tiny_tokenizer", "maybe_tiny_init"]

@@ -20,8 +20,8 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..data import TEACHER_PREFIX, is_teacher_value, pad
 from ..distillation.losses import topk_kl_loss
-from ..distillation.teacher_cache import (FINGERPRINT_COLUMN, TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN, cache_teacher_topk,
-                                          check_teacher_cache)
+from ..distillation.teacher_cache import (FINGERPRINT_COLUMN, TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN,
+                                          cache_teacher_topk, check_teacher_cache)
 from ..modeling_utils import (backbone, causal_lm, check_same_vocabulary, forward_hidden, teacher_topk_from_hidden,
                               vocab_size)
 from .config import SFTDistillationConfig
