@@ -96,6 +96,18 @@ def _resume(config) -> str | None:
     return get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
 
 
+def _train_and_save(trainer, tokenizer, peft_config, merge_lora: bool) -> None:
+    """Train (resuming from the newest checkpoint), evaluate when there is evaluation data, and save the model to
+    `output_dir`: the whole model, or with LoRA the adapter and (`merge_lora`) the merged model."""
+    trainer.train(resume_from_checkpoint=_resume(trainer.args))
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
+    if peft_config is not None:
+        save_lora(trainer.model, trainer.args.output_dir, tokenizer, merge=merge_lora)
+    else:
+        trainer.save_model(trainer.args.output_dir)
+
+
 def run_sft(script_args: PostTrainScriptArguments, model_args: ModelConfig, config: SFTDistillationConfig,
             hub: dict[str, Any] | None = None) -> str:
     """SFT with top-k KD (and LoRA with `model_args.use_peft`): train, save a complete model to `config.output_dir`."""
@@ -114,15 +126,10 @@ def run_sft(script_args: PostTrainScriptArguments, model_args: ModelConfig, conf
         model=model, teacher_model=teacher, args=config, train_dataset=train, eval_dataset=test,
         processing_class=tokenizer, peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=_resume(config))
-    if test is not None:
-        trainer.evaluate()
+    _train_and_save(trainer, tokenizer, peft_config, script_args.merge_lora)
     training = {"top_k": config.top_k, "temperature": config.temperature, "ce_mix": config.ce_mix}
     if peft_config is not None:
         training.update(_lora_training(peft_config))
-        save_lora(trainer.model, config.output_dir, tokenizer, merge=script_args.merge_lora)
-    else:
-        trainer.save_model(config.output_dir)
     if trainer.accelerator.is_main_process:
         _finish(config.output_dir, "lora" if peft_config is not None else "sft", student_path, teacher_path, trainer,
                 script_args.dataset_name, training, hub)
@@ -166,13 +173,7 @@ def run_dpo(script_args: PostTrainScriptArguments, model_args: ModelConfig, conf
         model=model, ref_model=ref_model, args=config, train_dataset=train, eval_dataset=test,
         processing_class=tokenizer, peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=_resume(config))
-    if test is not None:
-        trainer.evaluate()
-    if peft_config is not None:
-        save_lora(trainer.model, config.output_dir, tokenizer, merge=script_args.merge_lora)
-    else:
-        trainer.save_model(config.output_dir)
+    _train_and_save(trainer, tokenizer, peft_config, script_args.merge_lora)
     if trainer.accelerator.is_main_process:
         training = {"beta": config.beta, "loss_type": list(config.loss_type)}
         if peft_config is not None:
