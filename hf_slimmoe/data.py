@@ -297,7 +297,7 @@ def pack(dataset, tokenizer, block_size: int, text_field: str, num_proc: int | N
 
 def load_blocks(recipe: Recipe, tokenizer) -> dict:
     """Packed `train`, `eval` (or None) and `calibration` datasets of a recipe, each a column `input_ids`."""
-    d, recipe_dir = recipe.data, os.path.dirname(recipe.source) if recipe.source else None
+    d, recipe_dir = recipe.data, recipe.directory
     blocks = {}
     for name in ("train", "eval", "calibration"):
         source = getattr(d, name)

@@ -168,6 +168,11 @@ class Recipe:
     source: str | None = field(default=None, metadata={"internal": True})  # the YAML file it was read from
 
     # -------------------------------------------------------------------------------------------- derived values
+    @property
+    def directory(self) -> str | None:
+        """The directory of the YAML file the recipe was read from (`{recipe_dir}`); None for a recipe made in code."""
+        return os.path.dirname(self.source) if self.source else None
+
     def teacher_config(self) -> SlimMoeConfig | None:
         """The teacher's architecture from the recipe alone (`teacher.architecture` or `teacher.build.config`), or
         None when only the checkpoint knows it."""

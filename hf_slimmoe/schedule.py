@@ -60,7 +60,8 @@ def check_target(source_config: SlimMoeConfig, target_config: SlimMoeConfig) -> 
 
 
 def geometric_size(source: int, target: int, fraction: float, multiple: int) -> int:
-    """`source * (target / source) ** fraction` rounded to a multiple of `multiple`, kept within `[target, source]`."""
+    """The size `fraction` of the way from `source` to `target` on a geometric scale, rounded to a multiple of
+    `multiple` and kept within [target, source]."""
     value = source * (target / source) ** fraction
     rounded = int(round(value / multiple)) * multiple
     return min(source, max(target, rounded))
@@ -94,9 +95,9 @@ def plan_stages(
             fraction = i / num_stages
             sizes = {
                 "intermediate_size": geometric_size(source_config.intermediate_size, target_config.intermediate_size,
-                                                 fraction, expert_multiple),
+                                                     fraction, expert_multiple),
                 "num_key_value_heads": geometric_size(source_config.num_key_value_heads,
-                                                  target_config.num_key_value_heads, fraction, 1),
+                                                      target_config.num_key_value_heads, fraction, 1),
             }
         sizes = {name: min(value, getattr(previous, name)) for name, value in sizes.items()}  # never grow back
         previous = source_config.slimmed(**sizes)
@@ -199,4 +200,5 @@ def format_plan(source_config: SlimMoeConfig, stages: Sequence[SlimMoeConfig], b
     return "\n".join(lines)
 
 
-__all__ = ["plan_stages", "pinned_stages", "check_target", "plan_rows", "format_plan", "human_count"]
+__all__ = ["plan_stages", "pinned_stages", "check_target", "plan_rows", "format_plan", "human_count",
+           "geometric_size"]

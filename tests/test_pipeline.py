@@ -298,7 +298,7 @@ def test_iterative_masks_compute_what_the_pruned_model_computes():
     import torch
 
     from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
-    from hf_slimmoe.pipeline import IterativeMaskCallback
+    from hf_slimmoe.pruning.iterative import IterativeMaskCallback
 
     config = SlimMoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,

@@ -18,13 +18,13 @@ Every output directory gets a `stage.json` (lineage: parent model, teacher, trai
 from .chat_data import docstring_datasets, load_train_eval
 from .config import (ATTENTION_PROJECTIONS, BUILTIN_DOCSTRINGS, EXPERT_PARAMETERS, PostTrainScriptArguments,
                      SFTDistillationConfig, lora_config)
-from .recipes import parse_recipe, run_recipe
+from .recipes import MODEL_DEFAULTS, parse_recipe, run_recipe
 from .run import run_dpo, run_sft, save_lora
 from ..tokenization import CHAT_TEMPLATE
 from .tiny import build_tiny_chat_model, build_tiny_tokenizer
 from .trainer import SFTDistillationTrainer
 
-__all__ = ["ATTENTION_PROJECTIONS", "BUILTIN_DOCSTRINGS", "CHAT_TEMPLATE", "EXPERT_PARAMETERS",
+__all__ = ["ATTENTION_PROJECTIONS", "MODEL_DEFAULTS", "BUILTIN_DOCSTRINGS", "CHAT_TEMPLATE", "EXPERT_PARAMETERS",
            "PostTrainScriptArguments", "SFTDistillationConfig", "SFTDistillationTrainer", "build_tiny_chat_model",
            "build_tiny_tokenizer", "docstring_datasets", "load_train_eval", "lora_config", "parse_recipe",
            "run_dpo", "run_recipe", "run_sft", "save_lora"]

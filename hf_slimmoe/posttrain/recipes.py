@@ -54,8 +54,6 @@ def parse_recipe(
         keys = ", ".join(k.lstrip("-") for k in unknown[::2])
         raise ValueError(f"Unknown key(s) in {recipe}: {keys}; `slimmoe {kind} RECIPE --help` lists the fields.")
     script_args, model_args, config = parser.parse_args_into_dataclasses(args=list(overrides or []))
-    if not model_args.model_name_or_path:
-        raise ValueError(f"model_name_or_path is required (a key of {recipe} or --model_name_or_path).")
     if kind == "lora":
         model_args.use_peft = True
     return script_args, model_args, config, hub

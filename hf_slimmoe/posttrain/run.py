@@ -23,7 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 def _check_model_paths(**paths: str | None) -> None:
-    """Fail before any work on a local model path that does not exist (a Hub id is `owner/name`)."""
+    """Fail before any work on a missing `model_name_or_path`, or a local model path that does not exist (a Hub id is
+    `owner/name`)."""
+    if not paths.get("model_name_or_path"):
+        raise ValueError("model_name_or_path is required (a recipe key, or --model_name_or_path).")
     for what, path in paths.items():
         if path and not os.path.isdir(path) and (path.count("/") != 1 or path.startswith((".", "/"))):
             raise FileNotFoundError(
