@@ -22,6 +22,7 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -29,6 +30,7 @@ import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Literal
 
 import yaml
@@ -177,6 +179,11 @@ class Recipe:
     source: str | None = field(default=None, metadata={"internal": True})  # the YAML file it was read from
 
     # -------------------------------------------------------------------------------------------- derived values
+    @property
+    def directory(self) -> str | None:
+        """The directory of the YAML file the recipe was read from (`{recipe_dir}`); None for a recipe made in code."""
+        return os.path.dirname(self.source) if self.source else None
+
     def teacher_config(self) -> SlimMoeConfig | None:
         """The teacher's architecture from the recipe alone (`teacher.architecture` or `teacher.build.config`), or
         None when only the checkpoint knows it."""
@@ -185,10 +192,9 @@ class Recipe:
             values = {"vocab_size": self.teacher.build.vocab_size, **self.teacher.build.config}
         if values is None:
             return None
-        values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")}
         key = "teacher.architecture" if self.teacher.architecture is not None else "teacher.build.config"
         try:
-            return SlimMoeConfig(**values)
+            return SlimMoeConfig.from_config_dict(values)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{key}: {e}") from None
 
@@ -512,4 +518,28 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
         yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
 
 
-__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "recipe_to_dict", "expand_path", "METHODS"]
+# ------------------------------------------------------------------------------------------------------ the demo
+DEMO_RECIPE = "demo.yaml"  # packaged in hf_slimmoe/recipes/
+
+
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in recursively (mappings merge, everything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def demo_settings(fast: bool = False) -> dict:
+    """The packaged demo recipe as a dict of sections `compress`, `sft`, `dpo`, `eval` (with `fast` merged in)."""
+    text = resources.files("hf_slimmoe").joinpath("recipes", DEMO_RECIPE).read_text(encoding="utf-8")
+    values = yaml.safe_load(text)
+    fast_overrides = values.pop("fast", {}) or {}
+    return merge_settings(values, fast_overrides) if fast else values
+
+
+__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "recipe_to_dict", "expand_path", "METHODS",
+           "demo_settings", "merge_settings"]

@@ -32,9 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 
-from ..distillation.losses import chunked_cross_entropy, teacher_topk_from_hidden, topk_kl_loss
-from ..distillation.teacher_cache import teacher_topk_from_model
+from ..distillation.losses import chunked_cross_entropy, topk_kl_loss
 from ..distributed import all_reduce_sum, call_through_forward, full_tensor, is_sharded, rank_and_world, rank_share
+from ..modeling_utils import check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -254,12 +254,7 @@ def compute_sensitivity(
         raise ValueError(f"compute_sensitivity: top_k={top_k!r} must be an integer in [1, {config.vocab_size}].")
     self_teacher = teacher is None or teacher is model
     if criterion == "kd" and not self_teacher:
-        teacher_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
-        if teacher_vocab != config.vocab_size:
-            raise ValueError(
-                f"compute_sensitivity: the teacher's vocab_size ({teacher_vocab}) differs from the model's "
-                f"({config.vocab_size}); top-k KD needs the same tokenizer and vocabulary."
-            )
+        check_same_vocabulary(model, teacher)
     coef = config.router_aux_loss_coef if aux_loss_coef is None else float(aux_loss_coef)
     device = next(model.parameters()).device
     down_projs, o_projs = _scored_parameters(model)

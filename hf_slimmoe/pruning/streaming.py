@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .safetensors_stream import SafetensorsStreamWriter, tensor_nbytes
-from .surgery import group_rows, keep_indices, validate_prune_target
+from .surgery import gqa_rows, keep_indices, validate_prune_target
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def kept_indices(config, target, scores) -> dict[str, list]:
         rows = (None, None)
         if target.num_key_value_heads != config.num_key_value_heads:
             groups = keep_indices(scores.kv_groups[layer], target.num_key_value_heads)
-            rows = group_rows(groups, per_group, config.head_dim)
+            rows = gqa_rows(groups, per_group, config.head_dim)
         kept["q"].append(rows[0])
         kept["kv"].append(rows[1])
     return kept
