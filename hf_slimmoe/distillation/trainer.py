@@ -13,6 +13,7 @@ from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 from trl.models.utils import _ForwardRedirection
 
 from ..data import TokenCollator
+from ..distributed import call_through_forward
 from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_model, vocab_size
 from .config import DistillationConfig
 from .losses import chunked_cross_entropy, chunked_student_topk_stats, topk_kl_loss, topk_tail_kl
@@ -158,9 +159,9 @@ class DistillationTrainer(Trainer):
             raise ValueError("The batch carries no teacher cache and the trainer has no teacher model.")
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         teacher.eval()
-        return teacher_topk_from_model(
-            teacher, inputs["input_ids"], inputs["attention_mask"], top_k, self.args.temperature,
-            self.args.kd_chunk_size,
+        return call_through_forward(  # an FSDP2-sharded teacher gathers its root (embeddings, LM head) there
+            teacher, teacher_topk_from_model, teacher, inputs["input_ids"], inputs["attention_mask"], top_k,
+            self.args.temperature, self.args.kd_chunk_size,
         )
 
     def _student_losses(
