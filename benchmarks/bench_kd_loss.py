@@ -60,7 +60,7 @@ def setup(args):
 
     from hf_slimmoe import SlimMoeForCausalLM, cache_teacher_samples, cache_teacher_topk, compute_sensitivity
     from hf_slimmoe.demo import demo_recipe, ensure_teacher
-    from hf_slimmoe.pipeline import calibration_batches, load_blocks
+    from hf_slimmoe.data import batches, load_blocks
 
     shared = os.path.join(args.output_dir, "shared")
     teacher_dir = ensure_teacher(shared)
@@ -86,7 +86,7 @@ def setup(args):
                                    ("samples-16", "train-samples16",
                                     ["teacher_sample_ids", "teacher_sample_fingerprint"]))}
     sizes["input_ids"] = arrow_bytes_per_token(blocks["train"], ["input_ids"])
-    scores = compute_sensitivity(teacher, calibration_batches(blocks["calibration"], recipe.scoring.batch_size),
+    scores = compute_sensitivity(teacher, batches(blocks["calibration"], recipe.scoring.batch_size, pad),
                                  teacher=None, criterion="kd", top_k=8, show_progress=False)
     width = round(teacher.config.intermediate_size * args.expert_fraction)
     pruned_config = teacher.config.slimmed(intermediate_size=width)

@@ -1,13 +1,12 @@
 """Distillation for SlimMoE: the chunked KD losses, the distillation trainer, the teacher caches (top-k, samples)."""
 
 from .config import DistillationConfig
+from ..modeling_utils import teacher_topk, teacher_topk_from_hidden, teacher_topk_from_model
 from .losses import (
     chunked_cross_entropy,
     full_kl_loss,
     sampled_kd_loss,
     teacher_samples_from_hidden,
-    teacher_topk,
-    teacher_topk_from_hidden,
     topk_kl_loss,
     topk_tail_kl,
     topk_tail_kl_loss,
@@ -21,9 +20,8 @@ from .teacher_cache import (
     sample_uniforms,
     teacher_fingerprint,
     teacher_samples_from_model,
-    teacher_topk_from_model,
 )
-from .run import DistillScriptArguments, load_token_dataset, run_distill
+from .run import DistillScriptArguments, run_distill
 from .trainer import DistillationCollator, DistillationTrainer
 
 __all__ = [
@@ -38,7 +36,6 @@ __all__ = [
     "chunked_cross_entropy",
     "full_kl_loss",
     "input_ids_fingerprint",
-    "load_token_dataset",
     "run_distill",
     "sample_uniforms",
     "sampled_kd_loss",

@@ -29,7 +29,9 @@ import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
-from .losses import teacher_samples_from_hidden, teacher_topk_from_hidden
+from ..data import collate_tokens, rows_of
+from ..modeling_utils import backbone, teacher_topk_from_model, vocab_size
+from .losses import teacher_samples_from_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +58,6 @@ def input_ids_fingerprint(input_ids) -> str:
     """Hex digest (16 characters) of a row's token ids, stored beside its cached teacher targets."""
     array = np.asarray(input_ids, dtype=np.int64)
     return hashlib.blake2b(array.tobytes(), digest_size=8).hexdigest()
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    prefix = getattr(model, "base_model_prefix", "model")
-    backbone = getattr(model, prefix, None)
-    if backbone is None:
-        raise ValueError(f"{type(model).__name__} has no backbone attribute {prefix!r}; pass a causal LM model.")
-    return backbone
 
 
 # ------------------------------------------------------------------------------------------ teacher identity
@@ -105,7 +99,7 @@ def _teacher_record(teacher: torch.nn.Module) -> dict:
     config = getattr(teacher, "config", None)
     return {"fingerprint": teacher_fingerprint(teacher),
             "name_or_path": getattr(config, "_name_or_path", None) or None,
-            "vocab_size": teacher.get_output_embeddings().weight.size(0)}
+            "vocab_size": vocab_size(teacher)}
 
 
 def cache_metadata(dataset: Dataset) -> dict[str, dict]:
@@ -130,34 +124,6 @@ def _set_cache_metadata(dataset: Dataset, kind: str, record: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ teacher targets
-@torch.no_grad()
-def teacher_topk_from_model(
-    teacher: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    top_k: int,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Teacher top-k ids and full-vocabulary log-probabilities at every position, without `(tokens, V)` logits.
-
-    Args:
-        teacher (`torch.nn.Module`): causal LM with a `base_model_prefix` backbone and output embeddings.
-        input_ids (`torch.Tensor`): `(B, T)`.
-        attention_mask (`torch.Tensor`, *optional*): `(B, T)`.
-        top_k (`int`): tokens kept per position.
-        temperature (`float`, *optional*, defaults to `1.0`): softmax temperature.
-        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: ids `(B, T, k)` int64 and log-probabilities `(B, T, k)` float32; position
-        `t` holds the teacher's prediction of token `t + 1`.
-    """
-    hidden = _backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    return teacher_topk_from_hidden(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
-
-
 def _row_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
     """Per row of a right-padded batch: the position after its last attended token."""
     if attention_mask is None:
@@ -203,7 +169,7 @@ def teacher_samples_from_model(
     Returns:
         `torch.Tensor`: `(B, T, S)` int64; position `t` holds draws of the teacher's prediction of token `t + 1`.
     """
-    hidden = _backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    hidden = backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     uniforms = sample_uniforms(input_ids, attention_mask, num_samples, seed)  # (B, T, S)
     return teacher_samples_from_hidden(hidden, teacher.get_output_embeddings(), uniforms, temperature, chunk_size)
 
@@ -375,17 +341,6 @@ def _shard_path(work_dir: str, index: int) -> str:
     return os.path.join(work_dir, f"shard-{index:05d}.parquet")
 
 
-def _padded_batch(batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    lengths = [len(ids) for ids in batch["input_ids"]]
-    input_ids = torch.full((len(lengths), max(lengths)), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(batch["input_ids"]):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids)
-        attention_mask[row, : len(ids)] = torch.as_tensor(batch["attention_mask"][row]) if "attention_mask" in batch \
-            else 1
-    return input_ids, attention_mask, lengths
-
-
 def _reuse_finished(output_dir: str, dataset: Dataset, kind: _Kind, record: dict, teacher) -> Dataset:
     """Load a finished cache directory, refusing it when it was made for other data, teacher or settings."""
     cached = load_from_disk(output_dir)
@@ -439,15 +394,16 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
                     continue
                 logger.warning("Shard %s does not match the dataset; recomputing it.", path)
             columns = {name: [] for name in kind.columns}
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                input_ids, attention_mask, lengths = _padded_batch(batch, pad_token_id)
-                arrays = compute(input_ids, attention_mask)  # each (b, T, width) numpy
-                for row, length in enumerate(lengths):
+            inputs = rows.select_columns([c for c in ("input_ids", "attention_mask") if c in rows.column_names])
+            for features in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
+                batch = collate_tokens(features, pad_token_id, labels=False)  # (b, T) each
+                arrays = compute(batch["input_ids"], batch["attention_mask"])  # each (b, T, width) numpy
+                for row, feature in enumerate(features):
+                    length = len(feature["input_ids"])
                     for name, array in zip(kind.columns[:-1], arrays):
                         columns[name].append(array[row, :length])
-                    columns[kind.fingerprint_column].append(input_ids_fingerprint(batch["input_ids"][row]))
-                progress.update(len(lengths))
+                    columns[kind.fingerprint_column].append(input_ids_fingerprint(feature["input_ids"]))
+                progress.update(len(features))
             shard = Dataset.from_dict(columns, features=features)
             if path is not None:
                 shard.to_parquet(path + ".tmp")
@@ -532,9 +488,9 @@ def cache_teacher_topk(
     Returns:
         `datasets.Dataset`: `dataset` with the three cache columns (replacing any previous ones).
     """
-    vocab_size = teacher.get_output_embeddings().weight.size(0)
-    if not 0 < top_k <= vocab_size:
-        raise ValueError(f"top_k={top_k} must be between 1 and the teacher's vocabulary size ({vocab_size}).")
+    vocab = vocab_size(teacher)
+    if not 0 < top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must be between 1 and the teacher's vocabulary size ({vocab}).")
     device = teacher.get_output_embeddings().weight.device
     record = {"kind": "topk", "teacher": _teacher_record(teacher), "top_k": top_k, "temperature": 1.0}
 
@@ -587,9 +543,8 @@ def cache_teacher_samples(
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive.")
-    lm_head = teacher.get_output_embeddings()
-    vocab_size, device = lm_head.weight.size(0), lm_head.weight.device
-    id_type = "uint16" if vocab_size <= 2**16 else "int32"
+    device = teacher.get_output_embeddings().weight.device
+    id_type = "uint16" if vocab_size(teacher) <= 2**16 else "int32"
     features = Features({SAMPLE_IDS_COLUMN: List(List(Value(id_type), length=num_samples)),
                          SAMPLE_FINGERPRINT_COLUMN: Value("string")})
     record = {"kind": "samples", "teacher": _teacher_record(teacher), "num_samples": num_samples,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +13,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
 from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 from trl.models.utils import _ForwardRedirection
 
+from ..data import TokenCollator
+from ..distributed import call_through_forward
+from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_hidden, vocab_size
 from .config import DistillationConfig
 from .losses import (
     chunked_cross_entropy,
@@ -21,7 +23,6 @@ from .losses import (
     full_kl_loss,
     sampled_kd_loss,
     teacher_samples_from_hidden,
-    teacher_topk_from_hidden,
     topk_kl_loss,
     topk_tail_kl,
     topk_tail_kl_loss,
@@ -31,7 +32,6 @@ from .teacher_cache import (
     SAMPLE_IDS_COLUMN,
     TOPK_IDS_COLUMN,
     TOPK_LOGPROBS_COLUMN,
-    _backbone,
     cache_kinds,
     check_teacher_cache,
     sample_uniforms,
@@ -41,48 +41,12 @@ logger = logging.getLogger(__name__)
 _KIND_LABEL = {"topk": "top-k", "samples": "samples"}
 
 
-@dataclass
-class DistillationCollator:
-    """
-    Right-pads rows of `input_ids` (+ optional `attention_mask` and teacher cache columns) into a batch.
-
-    Returns `input_ids`, `attention_mask` and `labels`, all `(B, T)`, and when the rows carry a cache,
-    `teacher_topk_ids` (int64) and `teacher_topk_logprobs` (float32), `(B, T, k)`, and / or `teacher_sample_ids`
-    (int64, `(B, T, S)`). `labels` are the rows' own `labels` when they have them (-100 marks tokens that are not
-    distilled), else `input_ids` with padding at -100; KD, CE and the evaluation metrics count position `t` when
-    `labels[t + 1] != -100`.
-    """
-
-    pad_token_id: int = 0
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        batch_size, seq_len = len(features), max(lengths)
-        input_ids = torch.full((batch_size, seq_len), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)
-        for row, (feature, length) in enumerate(zip(features, lengths)):
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            mask = feature.get("attention_mask")
-            attention_mask[row, :length] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        if features[0].get("labels") is not None:  # e.g. prompt tokens masked with -100: only the rest is distilled
-            labels = torch.full((batch_size, seq_len), -100, dtype=torch.long)
-            for row, (feature, length) in enumerate(zip(features, lengths)):
-                labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for column, dtype in ((TOPK_IDS_COLUMN, torch.long), (TOPK_LOGPROBS_COLUMN, torch.float32),
-                              (SAMPLE_IDS_COLUMN, torch.long)):
-            if features[0].get(column) is not None:
-                width = len(features[0][column][0])
-                values = torch.zeros((batch_size, seq_len, width), dtype=dtype)  # (B, T, k) or (B, T, S)
-                for row, (feature, length) in enumerate(zip(features, lengths)):
-                    values[row, :length] = torch.as_tensor(feature[column], dtype=dtype)
-                batch[column] = values
-        return batch
-
-
-def _vocab_size(model: torch.nn.Module) -> int:
-    return model.get_output_embeddings().weight.size(0)
+# The default collator of `DistillationTrainer`: right-pads `input_ids` (+ optional `attention_mask`, row `labels`,
+# teacher columns) and returns `input_ids`, `attention_mask` and `labels` `(B, T)` (the rows' own `labels` when they
+# have them, -100 marks tokens that are not distilled; else `input_ids` with padding at -100) and every teacher column
+# `(B, T, k)` (`teacher_topk_ids` / `teacher_topk_logprobs`, `teacher_sample_ids`). KD, CE and the evaluation metrics
+# count position `t` when `labels[t + 1] != -100`.
+DistillationCollator = TokenCollator
 
 
 def use_fp32_master_weights(model: torch.nn.Module) -> torch.dtype | None:
@@ -224,14 +188,11 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
 
     @staticmethod
     def _validate(model, teacher_model, args, train_dataset, eval_dataset) -> None:
-        vocab_size = _vocab_size(model)
-        if args.top_k > vocab_size:
-            raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({vocab_size}).")
-        if teacher_model is not None and _vocab_size(teacher_model) != vocab_size:
-            raise ValueError(
-                f"The teacher's vocabulary ({_vocab_size(teacher_model)}) differs from the student's ({vocab_size}): "
-                "distillation needs the same tokenizer; prune the student from this teacher."
-            )
+        student_vocab = vocab_size(model)
+        if args.top_k > student_vocab:
+            raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({student_vocab}).")
+        if teacher_model is not None:
+            check_same_vocabulary(model, teacher_model)
         if args.kd_loss == "full" and teacher_model is None:
             raise ValueError(
                 "kd_loss='full' computes the full-vocabulary KL from the teacher's logits, so it needs the teacher "
@@ -248,7 +209,7 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
             if "input_ids" not in dataset.column_names:
                 raise ValueError(f"{name} has no 'input_ids' column (columns: {dataset.column_names}).")
             if kd_loss != "full":
-                DistillationTrainer._validate_cache(name, dataset, kd_loss, teacher_model, args, vocab_size)
+                DistillationTrainer._validate_cache(name, dataset, kd_loss, teacher_model, args, student_vocab)
 
     @staticmethod
     def _validate_cache(name, dataset, kd_loss, teacher_model, args, vocab_size) -> None:
@@ -297,10 +258,18 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
                              "teacher model.")
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         teacher.eval()
-        with torch.no_grad():
-            hidden = _backbone(teacher)(input_ids=inputs["input_ids"],
-                                        attention_mask=inputs["attention_mask"]).last_hidden_state  # (B, T, H_t)
+        # an FSDP2-sharded teacher gathers its root (embeddings, LM head) inside its own forward
+        targets.update(call_through_forward(teacher, self._online_targets, teacher, inputs, missing))
+        return targets
+
+    @torch.no_grad()
+    def _online_targets(self, teacher, inputs: dict[str, torch.Tensor], missing: set[str]) -> dict[str, Any]:
+        """The `missing` teacher targets (see `_teacher_targets`) from one forward of the teacher."""
+        args = self.args
+        hidden = backbone(teacher)(input_ids=inputs["input_ids"],
+                                   attention_mask=inputs["attention_mask"]).last_hidden_state  # (B, T, H_t)
         lm_head = teacher.get_output_embeddings()
+        targets: dict[str, Any] = {}
         if "topk" in missing:
             targets["topk"] = teacher_topk_from_hidden(hidden, lm_head, args.top_k, args.temperature,
                                                        args.kd_chunk_size)
@@ -309,8 +278,13 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
             uniforms = sample_uniforms(inputs["input_ids"], inputs["attention_mask"], args.kd_samples, seed)
             targets["samples"] = teacher_samples_from_hidden(hidden, lm_head, uniforms, args.temperature,
                                                              args.kd_chunk_size)
-        if "full" in missing:
-            targets["full"] = (hidden, lm_head.weight, lm_head.bias)
+        if "full" in missing:  # the head is used after this forward: a copy when FSDP2 reshards it afterwards
+            from torch.distributed.fsdp import FSDPModule
+
+            weight, bias = lm_head.weight, lm_head.bias
+            if isinstance(teacher, FSDPModule):
+                weight, bias = weight.detach().clone(), None if bias is None else bias.detach().clone()
+            targets["full"] = (hidden, weight, bias)
         return targets
 
     def _kd_sum(self, hidden, weight, bias, targets: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
@@ -362,7 +336,7 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         """Student backbone + chunked losses; runs inside the wrapper's forward. Returns raw sums over tokens."""
         args = self.args
         want_aux = args.aux_loss_coef > 0
-        outputs = _backbone(student)(
+        outputs = backbone(student)(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_router_logits=want_aux
         )
         hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1

@@ -46,13 +46,13 @@ class CacheTeacherCommand(Command):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from ...data import load_token_dataset, load_tokenizer
         from ...distillation import cache_teacher_samples, cache_teacher_topk
-        from ...distillation.run import _maybe_tokenizer, load_token_dataset
 
         if args.kd_loss != "sampled" and args.temperature != 1.0:
             raise ValueError(f"--temperature {args.temperature}: a top-k cache stores log-probabilities at "
                              "temperature 1; drop --temperature or use --kd-loss sampled.")
-        tokenizer = _maybe_tokenizer(args.tokenizer or args.teacher)
+        tokenizer = load_tokenizer(args.tokenizer or args.teacher, required=False)
         dataset = load_token_dataset(args.data, tokenizer, args.text_column, args.max_length)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher).to(device)
