@@ -395,15 +395,15 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
                 logger.warning("Shard %s does not match the dataset; recomputing it.", path)
             columns = {name: [] for name in kind.columns}
             inputs = rows.select_columns([c for c in ("input_ids", "attention_mask") if c in rows.column_names])
-            for features in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
-                batch = collate_tokens(features, pad_token_id, labels=False)  # (b, T) each
+            for examples in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
+                batch = collate_tokens(examples, pad_token_id, labels=False)  # (b, T) each
                 arrays = compute(batch["input_ids"], batch["attention_mask"])  # each (b, T, width) numpy
-                for row, feature in enumerate(features):
-                    length = len(feature["input_ids"])
+                for row, example in enumerate(examples):
+                    length = len(example["input_ids"])
                     for name, array in zip(kind.columns[:-1], arrays):
                         columns[name].append(array[row, :length])
-                    columns[kind.fingerprint_column].append(input_ids_fingerprint(feature["input_ids"]))
-                progress.update(len(features))
+                    columns[kind.fingerprint_column].append(input_ids_fingerprint(example["input_ids"]))
+                progress.update(len(examples))
             shard = Dataset.from_dict(columns, features=features)
             if path is not None:
                 shard.to_parquet(path + ".tmp")
