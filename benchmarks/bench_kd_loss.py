@@ -68,6 +68,8 @@ def setup(args):
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = SlimMoeForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
     blocks = load_blocks(recipe, tokenizer)
+    if args.train_blocks:  # the first blocks only (enough for the steps: every cached draw is then used once)
+        blocks["train"] = blocks["train"].select(range(min(args.train_blocks, len(blocks["train"]))))
     cache = os.path.join(shared, "teacher_cache")
     pad = tokenizer.pad_token_id or 0
     caches = {"topk": cache_teacher_topk(teacher, blocks["train"], top_k=8, pad_token_id=pad,
@@ -226,6 +228,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--expert-fraction", type=float, default=0.25)
+    parser.add_argument("--train-blocks", type=int, default=None,
+                        help="cache and train on the first N train blocks (default: all)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
