@@ -85,12 +85,13 @@ class SlimMoeConfig(PhimoeConfig):
         return cls(**values)
 
     def to_phimoe(self) -> PhimoeConfig:
-        """A stock `PhimoeConfig` with the same sizes; `head_dim` travels as an attribute stock PhiMoE reads."""
+        """A stock `PhimoeConfig` with the same sizes; `head_dim` travels as an attribute stock PhiMoE reads, and
+        `architectures` is `PhiMoEForCausalLM`, the name vLLM and SGLang register."""
         values = self.to_dict()
         for key in ("model_type", "transformers_version", "architectures", "auto_map"):
             values.pop(key, None)
         config = PhimoeConfig(**values)
-        config.architectures = ["PhimoeForCausalLM"]
+        config.architectures = ["PhiMoEForCausalLM"]  # the name vLLM registers; transformers loads by model_type
         return config
 
     # ------------------------------------------------------------------ slimming

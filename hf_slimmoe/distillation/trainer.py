@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
-from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 from trl.models.utils import _ForwardRedirection
 
+from ..architectures import get_architecture
 from .config import DistillationConfig
 from .losses import chunked_cross_entropy, chunked_student_topk_stats, topk_kl_loss, topk_tail_kl
 from .teacher_cache import (
@@ -153,6 +153,10 @@ class DistillationTrainer(Trainer):
 
     @staticmethod
     def _validate(model, teacher_model, args, train_dataset, eval_dataset) -> None:
+        arch = get_architecture(model.config)
+        if args.aux_loss_coef > 0 and arch.aux_loss is None:
+            logger.warning("aux_loss_coef=%g is ignored: %s models train without a load-balancing loss.",
+                           args.aux_loss_coef, arch.model_type)
         vocab_size = _vocab_size(model)
         if args.top_k > vocab_size:
             raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({vocab_size}).")
@@ -210,7 +214,9 @@ class DistillationTrainer(Trainer):
     ) -> dict[str, torch.Tensor]:
         """Student backbone + chunked losses; runs inside the wrapper's forward. Returns raw sums over tokens."""
         args = self.args
-        want_aux = args.aux_loss_coef > 0
+        arch = get_architecture(student.config)
+        aux_loss = arch.aux_loss_function()  # the family's own load-balancing loss (None: trained without one)
+        want_aux = args.aux_loss_coef > 0 and aux_loss is not None
         outputs = _backbone(student)(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_router_logits=want_aux
         )
@@ -230,8 +236,8 @@ class DistillationTrainer(Trainer):
         }
         zero = torch.zeros((), device=weight.device)
         if want_aux:
-            result["aux"] = load_balancing_loss_func(
-                outputs.router_logits, student.config.num_local_experts, student.config.num_experts_per_tok,
+            result["aux"] = aux_loss(
+                outputs.router_logits, arch.num_experts_of(student.config), arch.top_k_of(student.config),
                 inputs["attention_mask"],
             )
         else:
