@@ -68,9 +68,10 @@ def _checkpoint_tensor_count(directory: str) -> int | None:
 
 
 def describe(path: str) -> dict:
-    """Architecture and parameter counts of a checkpoint directory or a config.json, as a dict."""
-    from .configuration_slimmoe import SlimMoeConfig
-    from .modeling_slimmoe import SUPPORTED_MODEL_TYPES
+    """Architecture and parameter counts of a checkpoint directory or a config.json of any supported family, as a
+    dict (`intermediate_size` / `num_local_experts`: the routed experts' width and count, whatever the family calls
+    them)."""
+    from .architectures import SUPPORTED_MODEL_TYPES, config_from_dict, count_parameters, get_architecture
 
     config_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(config_file):
@@ -80,22 +81,24 @@ def describe(path: str) -> dict:
     model_type = values.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{config_file} has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")}
-    config = SlimMoeConfig(**values)
+    config = config_from_dict(values)
+    arch = get_architecture(config)
+    total, active = count_parameters(config)
     info = {
         "path": path,
         "model_type": model_type,
         "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
-        "num_local_experts": config.num_local_experts,
-        "num_experts_per_tok": config.num_experts_per_tok,
-        "intermediate_size": config.intermediate_size,
+        "num_local_experts": arch.num_experts_of(config),
+        "num_experts_per_tok": arch.top_k_of(config),
+        "intermediate_size": arch.expert_width_of(config),
+        "shared_expert_width": arch.shared_width_of(config),
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
+        "head_dim": arch.head_dim_of(config),
         "vocab_size": config.vocab_size,
-        "num_parameters": config.num_parameters(),
-        "num_active_parameters": config.num_active_parameters(),
+        "num_parameters": total,
+        "num_active_parameters": active,
     }
     if os.path.isdir(path):
         info["stored_parameters"] = _checkpoint_tensor_count(path)
@@ -118,6 +121,7 @@ def _run_info(args) -> int:
         ("hidden size", info["hidden_size"]),
         ("experts", f"{info['num_local_experts']} (top-{info['num_experts_per_tok']})"),
         ("d_expert", info["intermediate_size"]),
+        *([("d_shared (shared experts)", info["shared_expert_width"])] if info["shared_expert_width"] else []),
         ("heads q/kv", f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
         ("vocab", info["vocab_size"]),
         ("total parameters", f"{info['num_parameters']:,} ({_human(info['num_parameters'])})"),
@@ -447,7 +451,8 @@ def _add_plan(subparsers) -> None:
     )
     p.add_argument("recipe", nargs="?", help="a compression recipe YAML (e.g. recipes/phi-tiny-moe.yaml)")
     p.add_argument("--teacher", help="checkpoint directory or config.json of the model to compress (without RECIPE)")
-    p.add_argument("--intermediate-size", type=int, help="target expert width d_expert (without RECIPE)")
+    p.add_argument("--intermediate-size", type=int,
+                   help="target routed-expert width d_expert, whatever the family calls it (without RECIPE)")
     p.add_argument("--num-key-value-heads", type=int, help="target number of GQA groups (without RECIPE)")
     p.add_argument("--num-stages", type=int, default=2, help="number of stages T (without RECIPE; default 2)")
     p.add_argument("--expert-multiple", type=int, default=64,
@@ -456,7 +461,7 @@ def _add_plan(subparsers) -> None:
 
 
 def _run_plan(args) -> int:
-    from .configuration_slimmoe import SlimMoeConfig
+    from .architectures import config_from_dict, slim_config
     from .schedule import format_plan, plan_rows, plan_stages
 
     if args.recipe:
@@ -474,14 +479,11 @@ def _run_plan(args) -> int:
         return 0
     if not args.teacher:
         raise ValueError("give RECIPE.yaml, or --teacher with --intermediate-size and/or --num-key-value-heads.")
-    info = describe(args.teacher)
+    describe(args.teacher)  # names a missing file or an unsupported family
     config_file = os.path.join(args.teacher, "config.json") if os.path.isdir(args.teacher) else args.teacher
     with open(config_file) as f:
-        values = {k: v for k, v in json.load(f).items() if k not in ("model_type", "transformers_version",
-                                                                      "architectures", "auto_map")}
-    values["head_dim"] = info["head_dim"]
-    teacher = SlimMoeConfig(**values)
-    target = teacher.slimmed(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads)
+        teacher = config_from_dict(json.load(f))
+    target = slim_config(teacher, expert_width=args.intermediate_size, num_key_value_heads=args.num_key_value_heads)
     stages = plan_stages(teacher, target, args.num_stages, expert_multiple=args.expert_multiple)
     print(json.dumps(plan_rows(teacher, stages), indent=2) if args.json else format_plan(teacher, stages))
     return 0

@@ -141,21 +141,20 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _config_summary(config: dict | None) -> dict[str, Any]:
-    """Sizes and analytic parameter counts of a config.json (slimmoe or phimoe)."""
+    """Sizes and exact parameter counts of a config.json of any supported family (`intermediate_size` and
+    `num_local_experts` hold the routed experts' width and count, whatever the family calls them)."""
     if not config:
         return {}
     summary = {k: config.get(k) for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads",
                                            "num_hidden_layers", "num_local_experts", "num_experts_per_tok")}
     try:
-        from .configuration_slimmoe import SlimMoeConfig
+        from .architectures import config_from_dict, count_parameters, get_architecture
 
-        values = {k: v for k, v in config.items()
-                  if k not in ("model_type", "transformers_version", "architectures", "auto_map")}
-        if values.get("head_dim") is None and values.get("hidden_size") and values.get("num_attention_heads"):
-            values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-        cfg = SlimMoeConfig(**values)
-        summary["num_parameters"] = cfg.num_parameters()
-        summary["num_active_parameters"] = cfg.num_active_parameters()
+        cfg = config_from_dict(config)
+        arch = get_architecture(cfg)
+        summary.update(intermediate_size=arch.expert_width_of(cfg), num_local_experts=arch.num_experts_of(cfg),
+                       num_experts_per_tok=arch.top_k_of(cfg), model_type=cfg.model_type)
+        summary["num_parameters"], summary["num_active_parameters"] = count_parameters(cfg)
     except Exception as e:  # a config we cannot count (e.g. a LoRA adapter config) still gets a card
         logger.debug("Could not count parameters of the config: %s", e)
     return summary
@@ -379,7 +378,10 @@ def write_model_card(
         if key not in known and isinstance(value, (int, float)) and not isinstance(value, bool):
             evaluation_rows.append((key.replace("_", " "), _fmt(value)))
 
-    tags = ["slimmoe", "moe", "mixture-of-experts", "pruning", "distillation", "phimoe", f"arxiv:{PAPER_ID}"]
+    family = model_summary.get("model_type") or "phimoe"
+    stock = family not in ("phimoe", "slimmoe")  # other families are stored as stock checkpoints of their type
+    tags = ["slimmoe", "moe", "mixture-of-experts", "pruning", "distillation", "phimoe" if not stock else family,
+            f"arxiv:{PAPER_ID}"]
     if not is_stage:
         tags.append(method)
     card_data = ModelCardData(
@@ -401,6 +403,8 @@ def write_model_card(
         model_id=repo_id or str(model_dir),
         revision_arg=f', revision="{revision}"' if revision else "",
         export_dir=f"{model_name}-phimoe",
+        stock_model_type=family if stock else None,
+        stock_architecture=(config or {}).get("architectures", [family])[0] if stock else None,
         teacher=teacher,
         teacher_url=_hub_url(teacher),
         parent=parent,

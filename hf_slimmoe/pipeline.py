@@ -42,14 +42,15 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .architectures import SLIMMOE_TYPES, config_from_dict, count_parameters, get_architecture, load_model, new_model
 from .configuration_slimmoe import SlimMoeConfig
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
 
 logger = logging.getLogger(__name__)
 
-_ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok")
+_ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                        "head_dim")  # + the family's expert width, expert count and top-k fields
 
 
 # ----------------------------------------------------------------------------------------------------- layout
@@ -273,12 +274,10 @@ def _pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
 def build_teacher(recipe: Recipe, directory: str) -> str:
     """Make the tiny local teacher of `teacher.build` in `directory` (once; reused when complete) and return it.
 
-    A byte-level BPE tokenizer is trained on `teacher.build.tokenizer_files`, a `SlimMoeForCausalLM` is initialised
-    with `teacher.build.config` (seeded by `seed`) and trained for `pretrain_steps` with the causal LM loss on
+    A byte-level BPE tokenizer is trained on `teacher.build.tokenizer_files`, a model of the family of
+    `teacher.build.config` (`model_type`, SlimMoE by default) is initialised with it (seeded by `seed`) and trained for `pretrain_steps` with the causal LM loss on
     `data.train`, so that distilling from it is meaningful.
     """
-    from .modeling_slimmoe import SlimMoeForCausalLM
-
     if is_finished_stage(directory) or (os.path.isfile(os.path.join(directory, "config.json"))
                                         and os.path.isfile(os.path.join(directory, "tokenizer.json"))):
         logger.info("Using the teacher built earlier in %s", directory)
@@ -296,7 +295,7 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     torch.manual_seed(recipe.seed)
     config = recipe.teacher_config()
     config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
-    model = SlimMoeForCausalLM(config)
+    model = new_model(config)
     if b.pretrain_steps > 0:
         train = load_blocks(recipe, tokenizer)["train"]
         device = "cpu" if recipe.training.get("use_cpu", False) or not torch.cuda.is_available() else "cuda"
@@ -306,7 +305,7 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
-    logger.info("Saved the built teacher (%s parameters) to %s", human_count(config.num_parameters()), directory)
+    logger.info("Saved the built teacher (%s parameters) to %s", human_count(count_parameters(config)[0]), directory)
     return directory
 
 
@@ -314,10 +313,10 @@ def _is_local(path: str) -> bool:
     return os.path.isdir(expand_path(path))
 
 
-def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConfig:
-    """The teacher's configuration: from `teacher.architecture` / `teacher.build`, checked against the checkpoint's
-    config.json when it can be read (a local path, or the Hub unless offline)."""
-    from .modeling_slimmoe import SUPPORTED_MODEL_TYPES
+def read_teacher_config(recipe: Recipe, offline_ok: bool = False):
+    """The teacher's configuration (any supported family): from `teacher.architecture` / `teacher.build`, checked
+    against the checkpoint's config.json when it can be read (a local path, or the Hub unless offline)."""
+    from .architectures import SUPPORTED_MODEL_TYPES
 
     declared = recipe.teacher_config()
     if recipe.teacher.model == BUILD_TEACHER:
@@ -339,12 +338,13 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConf
     if values.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"teacher.model {recipe.teacher.model!r} has model_type {values.get('model_type')!r}; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures",
-                                                           "auto_map")}
-    values.setdefault("head_dim", values.get("hidden_size", 4096) // values.get("num_attention_heads", 32))
-    actual = SlimMoeConfig(**values)
+    actual = config_from_dict(values)
     if declared is not None:
-        for name in _ARCHITECTURE_FIELDS:
+        arch = get_architecture(actual)
+        if get_architecture(declared).stock_model_type != arch.stock_model_type:
+            raise ValueError(f"teacher.architecture.model_type={declared.model_type!r} but the checkpoint "
+                             f"{recipe.teacher.model} has {actual.model_type!r}; fix the recipe.")
+        for name in (*_ARCHITECTURE_FIELDS, arch.expert_width, arch.num_experts, arch.top_k):
             if getattr(declared, name) != getattr(actual, name):
                 raise ValueError(f"teacher.architecture.{name}={getattr(declared, name)} but the checkpoint "
                                  f"{recipe.teacher.model} has {getattr(actual, name)}; fix the recipe.")
@@ -385,6 +385,9 @@ def check(recipe: Recipe) -> SlimMoeConfig:
         _source_files(DataSource(glob=recipe.teacher.build.tokenizer_files), "teacher.build.tokenizer_files",
                       recipe_dir)
     teacher_config = read_teacher_config(recipe, offline_ok=True)
+    if recipe.method == "iterative" and teacher_config.model_type not in SLIMMOE_TYPES:
+        raise ValueError(f"method: iterative masks PhiMoE / SlimMoE teachers only; the teacher is "
+                         f"{teacher_config.model_type!r}: use multi-stage or one-stage.")
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
     recipe.gradient_accumulation_steps(world_size())
@@ -457,8 +460,9 @@ def _last_checkpoint(directory: str) -> str | None:
 
 def _point(stage: int, tokens: int, step: int, config: SlimMoeConfig, metrics: dict | None) -> dict:
     metrics = metrics or {}
-    return {"stage": stage, "tokens": int(tokens), "step": int(step), "num_parameters": config.num_parameters(),
-            "num_active_parameters": config.num_active_parameters(), "eval_kl": metrics.get("eval_kl"),
+    total, active = count_parameters(config)
+    return {"stage": stage, "tokens": int(tokens), "step": int(step), "num_parameters": total,
+            "num_active_parameters": active, "eval_kl": metrics.get("eval_kl"),
             "eval_topk_kl": metrics.get("eval_topk_kl"), "eval_perplexity": metrics.get("eval_perplexity"),
             "eval_top1_agreement": metrics.get("eval_top1_agreement")}
 
@@ -503,8 +507,7 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
     from transformers import AutoTokenizer, set_seed
 
     from .distillation import DistillationTrainer, cache_teacher_topk
-    from .modeling_slimmoe import SlimMoeForCausalLM
-    from .pruning import SensitivityScores, compute_sensitivity
+    from .pruning import SensitivityScores, compute_sensitivity, prune_to
 
     # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
     # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
@@ -518,7 +521,7 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
     teacher_path, tokenizer_path = _teacher_paths(recipe, paths)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     dtype = getattr(torch, recipe.teacher.dtype)
-    teacher = SlimMoeForCausalLM.from_pretrained(teacher_path, dtype=dtype, revision=recipe.teacher.revision)
+    teacher = load_model(teacher_path, dtype=dtype, revision=recipe.teacher.revision)  # its own family's class
     teacher.requires_grad_(False).eval()
     if len(tokenizer) > teacher.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
@@ -557,17 +560,19 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
         if is_main:
             shutil.rmtree(os.path.join(paths.output_dir, ".teacher-eval"), ignore_errors=True)
             _write_json(teacher_eval_path, teacher_metrics)
+    teacher_total, teacher_active = count_parameters(teacher.config)
     trajectory = {
         "teacher": {"name": recipe.teacher.model if recipe.teacher.model != BUILD_TEACHER else teacher_path,
-                    "num_parameters": teacher.config.num_parameters(),
-                    "num_active_parameters": teacher.config.num_active_parameters()},
+                    "num_parameters": teacher_total, "num_active_parameters": teacher_active},
         "points": [_point(0, 0, 0, teacher.config, teacher_metrics)],
     }
+    arch = get_architecture(teacher)
     teacher_summary = {name: getattr(teacher.config, name) for name in (
-        "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "num_local_experts",
-        "num_experts_per_tok")}
-    teacher_summary.update(num_parameters=teacher.config.num_parameters(),
-                           num_active_parameters=teacher.config.num_active_parameters())
+        "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
+    teacher_summary.update(intermediate_size=arch.expert_width_of(teacher.config),  # the expert width, any family
+                           num_local_experts=arch.num_experts_of(teacher.config),
+                           num_experts_per_tok=arch.top_k_of(teacher.config), model_type=teacher.config.model_type,
+                           num_parameters=teacher_total, num_active_parameters=teacher_active)
 
     parent, tokens_done, steps_done = teacher_path, 0, 0
     for i, (stage_config, max_steps) in enumerate(zip(stage_configs, stage_steps), start=1):
@@ -591,14 +596,14 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
         early = (recipe.method == "multi-stage" and not last_stage and recipe.early_stopping.enabled
                  and eval_set is not None)
         logger.info("Stage %d/%d: %s -> d_expert %d, heads %d/%d (%s parameters), %d steps%s", i, num_stages, parent,
-                    stage_config.intermediate_size, stage_config.num_attention_heads, stage_config.num_key_value_heads,
-                    human_count(stage_config.num_parameters()), max_steps,
+                    arch.expert_width_of(stage_config), stage_config.num_attention_heads,
+                    stage_config.num_key_value_heads, human_count(count_parameters(stage_config)[0]), max_steps,
                     ", early stopping on eval KL" if early else "")
         set_seed(recipe.seed + i)
 
         # 1. Score the current model against the original teacher, once per stage (saved, so a resume prunes alike),
         # 2. and prune it one-shot to the stage size. The iterative baseline masks during training instead.
-        model = SlimMoeForCausalLM.from_pretrained(parent, dtype=dtype).to(device)
+        model = load_model(parent, dtype=dtype).to(device)
         scoring_teacher = None if parent == teacher_path else teacher  # stage 1: the model is the teacher
         callbacks, scores = [], None
         if recipe.method == "iterative":
@@ -617,7 +622,7 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
                                                  criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
                     scores.save(scores_path + ".tmp")
                     os.replace(scores_path + ".tmp", scores_path)
-            model.prune_to(stage_config, scores)
+            prune_to(model, stage_config, scores)
 
         # 3. Distill from the original teacher; evaluate the freshly pruned model once first.
         checkpoints = os.path.join(work_dir, "checkpoints")
@@ -734,7 +739,7 @@ class IterativeMaskCallback(TrainerCallback):
         self.scores = None
 
     def sizes_at(self, step: int) -> tuple[int, int]:
-        from .schedule import _geometric
+        from .schedule import geometric as _geometric
 
         f = min(1.0, step / self.target_step)
         return (_geometric(self.source.intermediate_size, self.target.intermediate_size, f, self.multiple)

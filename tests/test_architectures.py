@@ -102,7 +102,7 @@ def test_count_parameters_equals_the_materialized_count(model_type):
     model = tiny(model_type)
     assert count_parameters(model.config) == materialized(model)
     heads = 2 if get_architecture(model_type).attention_prunable else None
-    small = slim_config(model.config, expert_width=12, num_key_value_heads=heads)  # 12 divides the shared widths
+    small = slim_config(model.config, expert_width=12, num_key_value_heads=heads)
     assert count_parameters(small) == materialized(AutoModelForCausalLM.from_config(small))
 
 
@@ -138,7 +138,7 @@ def test_slim_config_keeps_the_class_and_heads_per_group():
     ("qwen3_moe", dict(shared_expert_width=8), "shared_expert_width"),
     ("qwen2_moe", dict(shared_expert_width=32), "shared_expert_width"),
     ("deepseek_v3", dict(expert_width=16, shared_expert_width=24), "shared_expert_width"),
-    ("deepseek_v2", dict(expert_width=20), "shared_expert_width"),  # 48 is kept, not a multiple of 20
+    ("deepseek_v2", dict(expert_width=20, shared_expert_width=30), "shared_expert_width"),
     ("olmoe", dict(num_key_value_heads=2), "num_key_value_heads.*q_norm"),
     ("deepseek_v3", dict(num_key_value_heads=4), "num_key_value_heads.*latent attention"),
 ])
@@ -149,9 +149,9 @@ def test_slim_config_refuses_naming_the_field(model_type, kwargs, field):
 
 def test_deepseek_shared_width_follows_the_expert_count_field():
     config = tiny("deepseek_v2").config  # moe width 24 x 2 shared experts = 48
-    small = slim_config(config, expert_width=16)  # keeps the shared width: 48 = 16 x 3
-    assert (small.moe_intermediate_size, small.n_shared_experts) == (16, 3)
-    assert slim_config(config, expert_width=16, shared_expert_width=32).n_shared_experts == 2
+    small = slim_config(config, expert_width=16)  # the count is kept: the shared experts narrow with the routed ones
+    assert (small.moe_intermediate_size, small.n_shared_experts) == (16, 2)
+    assert slim_config(config, expert_width=16, shared_expert_width=48).n_shared_experts == 3
 
 
 # ----------------------------------------------------------------------------------------------- scores

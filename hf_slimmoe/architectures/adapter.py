@@ -177,6 +177,25 @@ class MoeArchitecture:
             return getattr(config, shared.width)
         return self.expert_width_of(config) * getattr(config, shared.count)
 
+    def fixed_fields(self) -> tuple[str, ...]:
+        """Every configuration field structured pruning keeps (sizes, expert count, top-k, biases, dense layers and,
+        for MLA, the latent ranks and head widths)."""
+        dense = self.dense_layers
+        mla = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+        names = ("hidden_size", "vocab_size", "num_hidden_layers", self.num_experts, self.top_k, "head_dim",
+                 self.qkv_bias, self.o_bias, self.lm_head_bias, self.mlp_bias, "tie_word_embeddings",
+                 dense.listed, dense.sparse_step, dense.first_k, dense.width, *(mla if self.attention_kind == "mla"
+                                                                               else ()))
+        return tuple(dict.fromkeys(name for name in names if name))
+
+    def pruned_fields(self) -> tuple[str, ...]:
+        """The configuration fields pruning changes: expert width, heads and the shared expert's width (or
+        count)."""
+        shared = self.shared_expert
+        names = (self.expert_width, "num_key_value_heads", "num_attention_heads",
+                 shared.width or shared.count if shared else None)
+        return tuple(name for name in names if name)
+
     def flag(self, config, name: str | None) -> bool:
         return bool(name and getattr(config, name, False))
 

@@ -19,8 +19,8 @@ def _check_size(name: str, value, current: int) -> None:
 
 
 def _shared_values(arch: MoeArchitecture, config, expert_width: int, shared_width: int | None) -> dict:
-    """Configuration values that give the shared expert width `shared_width` (`None`: keep it) next to experts of
-    width `expert_width`."""
+    """Configuration values that give the shared expert width `shared_width` next to experts of width
+    `expert_width`; `None` keeps the shared expert's own size field (Qwen2-MoE's width, DeepSeek's count)."""
     spec, current = arch.shared_expert, arch.shared_width_of(config)
     if spec is None:
         if shared_width is not None:
@@ -29,17 +29,19 @@ def _shared_values(arch: MoeArchitecture, config, expert_width: int, shared_widt
         return {}
     if shared_width is not None:
         _check_size("shared_expert_width", shared_width, current)
-    wanted = current if shared_width is None else shared_width
     if spec.width:
-        return {spec.width: wanted}
-    if wanted % expert_width:  # the family derives the shared width as expert width * count
+        return {} if shared_width is None else {spec.width: shared_width}
+    # The family sizes its shared experts as expert width x count (DeepSeek): without a shared width the count is
+    # kept (the shared experts follow the routed width); a given width must be a multiple of the expert width.
+    if shared_width is None:
+        return {}
+    if shared_width % expert_width:
         raise ValueError(
             f"slim_config: {arch.model_type} sizes its shared experts as {arch.expert_width} x {spec.count}, so "
-            f"shared_expert_width must be a multiple of expert_width={expert_width}; it is "
-            f"{'kept at ' if shared_width is None else ''}{wanted}. Pass shared_expert_width= a multiple of "
-            f"{expert_width} (e.g. {max(1, wanted // expert_width) * expert_width})."
+            f"shared_expert_width={shared_width} must be a multiple of expert_width={expert_width} (e.g. "
+            f"{max(1, shared_width // expert_width) * expert_width})."
         )
-    return {spec.count: wanted // expert_width}
+    return {spec.count: shared_width // expert_width}
 
 
 def slim_config(config, expert_width: int | None = None, num_key_value_heads: int | None = None,
@@ -63,7 +65,9 @@ def slim_config(config, expert_width: int | None = None, num_key_value_heads: in
         `ValueError`: naming the field, for a size that is not a positive integer no larger than the current one,
             a `num_attention_heads` that breaks the heads-per-group rule, attention pruning on a family whose
             attention cannot lose GQA groups, a shared width on a family without shared experts, or (DeepSeek) a
-            shared width that is not a multiple of the expert width.
+            shared width that is not a multiple of the expert width. (DeepSeek sizes its shared experts as
+            `moe_intermediate_size x n_shared_experts`: without `shared_expert_width` the count is kept and the
+            shared experts narrow with the routed ones.)
     """
     arch = get_architecture(config)
     values = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARGUMENTS}

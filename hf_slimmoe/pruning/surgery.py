@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Fields a pruning target shares with the model whatever the family (the family adds its expert count, top-k, bias
-# flags and dense-layer fields): structured pruning never changes them.
-FIXED_FIELDS = ("hidden_size", "vocab_size", "num_hidden_layers", "head_dim", "tie_word_embeddings")
 # Module attributes that cache an expert / MLP width and must follow the pruned tensors.
 _WIDTH_ATTRIBUTES = ("intermediate_dim", "intermediate_size", "ffn_dim")
 
@@ -47,34 +44,13 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-_ATTENTION_FIELDS = {"gqa": (), "mla": ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
-                                         "v_head_dim")}
-
-
-def fixed_fields(arch: MoeArchitecture) -> tuple[str, ...]:
-    """Every configuration field of family `arch` that pruning keeps."""
-    dense = arch.dense_layers
-    names = ("hidden_size", "vocab_size", "num_hidden_layers", arch.num_experts, arch.top_k, "head_dim",
-             arch.qkv_bias, arch.o_bias, arch.lm_head_bias, arch.mlp_bias, "tie_word_embeddings",
-             dense.listed, dense.sparse_step, dense.first_k, dense.width, *_ATTENTION_FIELDS[arch.attention_kind])
-    return tuple(dict.fromkeys(name for name in names if name))
-
-
-def pruned_fields(arch: MoeArchitecture) -> tuple[str, ...]:
-    """The configuration fields pruning changes: expert width, heads and the shared expert's width (or count)."""
-    shared = arch.shared_expert
-    names = (arch.expert_width, "num_key_value_heads", "num_attention_heads",
-             shared.width or shared.count if shared else None)
-    return tuple(name for name in names if name)
-
-
 def _check_sizes(arch: MoeArchitecture, config, target) -> None:
     """Target sizes: positive, fixed fields kept, nothing wider, whole GQA groups, attention prunable."""
-    for name in pruned_fields(arch):
+    for name in arch.pruned_fields():
         value = getattr(target, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"prune_to: target {name} must be a positive integer, got {value!r}.")
-    for name in fixed_fields(arch):
+    for name in arch.fixed_fields():
         now = _head_dim(config) if name == "head_dim" else getattr(config, name, None)
         wanted = _head_dim(target) if name == "head_dim" else getattr(target, name, None)
         if now != wanted:
@@ -83,7 +59,7 @@ def _check_sizes(arch: MoeArchitecture, config, target) -> None:
                 "the experts and removes whole GQA groups. Build the target with `slim_config(model.config, ...)` "
                 "(or `model.config.slimmed(...)`)."
             )
-    widths = [(name, getattr(config, name), getattr(target, name)) for name in pruned_fields(arch)]
+    widths = [(name, getattr(config, name), getattr(target, name)) for name in arch.pruned_fields()]
     if arch.shared_expert is not None:
         widths.append(("shared expert width", arch.shared_width_of(config), arch.shared_width_of(target)))
     for name, now, wanted in widths:
@@ -283,7 +259,7 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
     )
     if arch.attention_kind == "gqa":
         config.head_dim = _head_dim(config)
-    for name in pruned_fields(arch):
+    for name in arch.pruned_fields():
         setattr(config, name, getattr(target, name))
     return model
 
@@ -313,4 +289,4 @@ def prune_to(model: PreTrainedModel, target: PretrainedConfig, scores: Sensitivi
 
 
 __all__ = ["validate_prune_target", "prune_model", "prune_to", "slim_experts", "slim_glu", "prune_attention_groups",
-           "gate_up_index", "keep_indices", "replace_parameter", "fixed_fields", "pruned_fields", "experts_kernel_fits", "FIXED_FIELDS"]
+           "gate_up_index", "keep_indices", "replace_parameter", "experts_kernel_fits"]
