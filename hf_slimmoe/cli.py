@@ -53,7 +53,8 @@ def _checkpoint_tensor_count(directory: str) -> int | None:
     """Parameters stored in a directory's safetensors files, read from their headers only."""
     from safetensors import safe_open
 
-    files = [f for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
+    files = [f for f in sorted(os.listdir(directory))  # the weights, not a stage's scores.safetensors
+             if f.endswith(".safetensors") and f.startswith("model")]
     if not files:
         return None
     total = 0
