@@ -345,9 +345,9 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False):
             raise ValueError(f"teacher.architecture.model_type={declared.model_type!r} but the checkpoint "
                              f"{recipe.teacher.model} has {actual.model_type!r}; fix the recipe.")
         for name in (*_ARCHITECTURE_FIELDS, arch.expert_width, arch.num_experts, arch.top_k):
-            if getattr(declared, name) != getattr(actual, name):
-                raise ValueError(f"teacher.architecture.{name}={getattr(declared, name)} but the checkpoint "
-                                 f"{recipe.teacher.model} has {getattr(actual, name)}; fix the recipe.")
+            if getattr(declared, name, None) != getattr(actual, name, None):
+                raise ValueError(f"teacher.architecture.{name}={getattr(declared, name, None)} but the checkpoint "
+                                 f"{recipe.teacher.model} has {getattr(actual, name, None)}; fix the recipe.")
     return actual
 
 

@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from test_pipeline import TINY
+from test_pipeline import RECIPES, TINY
 
 from hf_slimmoe.cli import main
 from hf_slimmoe.pipeline import is_finished_stage
@@ -78,3 +78,46 @@ def test_two_stage_compression_of_a_qwen3_moe_and_a_mixtral_teacher(tmp_path, ca
     result = subprocess.run([sys.executable, "-c", STOCK_LOAD, *finals], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["Qwen3MoeForCausalLM"] * 2 + ["MixtralForCausalLM"] * 2
+
+
+# Published sizes (model cards / papers), in billions: total, and active with the embedding table (we count it as
+# active, as the SlimMoE paper does; OpenAI and DeepSeek publish active counts without it).
+PUBLISHED = {
+    "qwen3-30b-a3b.yaml": ("qwen3_moe", 30.5, 3.35, 0.0),  # "30.5B in total and 3.3B activated"
+    "mixtral-8x7b.yaml": ("mixtral", 46.7, 12.9, 0.0),
+    "olmoe-1b-7b.yaml": ("olmoe", 6.9, 1.3, 0.0),  # 6.9B total, 1.3B active
+    "gpt-oss-20b.yaml": ("gpt_oss", 20.9, 3.6, 201088 * 2880 / 1e9),  # 20.91B total, 3.61B active w/o embeddings
+    "deepseek-v2-lite.yaml": ("deepseek_v2", 15.7, 2.4, 102400 * 2048 / 1e9),  # 15.7B total, 2.4B active
+}
+
+
+def test_real_recipes_plan_without_downloading_and_match_published_sizes(capsys):
+    from hf_slimmoe import count_parameters
+    from hf_slimmoe.recipe import load_recipe
+
+    for name, (model_type, total, active, embedding) in PUBLISHED.items():
+        recipe = load_recipe(os.path.join(RECIPES, name))
+        teacher = recipe.teacher_config()
+        assert teacher.model_type == model_type
+        counted_total, counted_active = count_parameters(teacher)
+        assert round(counted_total / 1e9, 1) == total, name
+        assert abs(counted_active / 1e9 - embedding - active) < 0.06, (name, counted_active)
+        stages = recipe.stage_configs(teacher)
+        assert len(stages) == 2 and count_parameters(stages[-1])[0] < counted_total / 2
+        assert main(["plan", os.path.join(RECIPES, name)]) == 0
+        assert f"total parameters: {total}B -> " in capsys.readouterr().out
+
+
+def test_mixtral_recipe_is_the_rebuttal_setting():
+    """20% of the MoE parameters and 50% of the attention parameters of Mixtral-8x7B are kept."""
+    from hf_slimmoe.architectures import get_architecture
+    from hf_slimmoe.architectures.accounting import parameter_groups
+    from hf_slimmoe.recipe import load_recipe
+
+    recipe = load_recipe(os.path.join(RECIPES, "mixtral-8x7b.yaml"))
+    teacher = recipe.teacher_config()
+    target = recipe.stage_configs(teacher)[-1]
+    arch = get_architecture(teacher)
+    before, after = parameter_groups(arch, teacher), parameter_groups(arch, target)
+    assert round(after["experts"] / before["experts"], 2) == 0.20
+    assert after["attention"] / before["attention"] == 0.5
