@@ -196,7 +196,7 @@ def _add_score(subparsers) -> None:
 def _run_score(args) -> int:
     import torch
 
-    from .modeling_slimmoe import SlimMoeForCausalLM
+    from .architectures import load_model
     from .pruning import compute_sensitivity
     from .pruning.calibration import load_calibration_batches
 
@@ -205,7 +205,7 @@ def _run_score(args) -> int:
                                        text_column=args.text_column)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = SlimMoeForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    model = load_model(args.model, dtype=dtype).to(device)  # any supported family
     teacher = None
     if args.teacher is not None and args.criterion == "kd":
         from transformers import AutoModelForCausalLM
@@ -229,12 +229,15 @@ def _add_prune(subparsers) -> None:
         "--intermediate-size neurons, every layer its highest-scoring --num-key-value-heads GQA groups (with their "
         "query heads). Writes a complete model directory (weights, config, generation config, tokenizer).",
     )
-    p.add_argument("model", help="SlimMoE or PhiMoE checkpoint directory")
+    p.add_argument("model", help="checkpoint directory of any supported MoE family (SlimMoE, PhiMoE, Mixtral, ...)")
     p.add_argument("--scores", required=True, help="scores file written by `slimmoe score`")
     p.add_argument("--output-dir", required=True, help="directory to write the pruned model to")
-    p.add_argument("--intermediate-size", type=int, default=None, help="new expert width (default: unchanged)")
+    p.add_argument("--intermediate-size", type=int, default=None,
+                   help="new routed-expert width, whatever the family calls it (default: unchanged)")
     p.add_argument("--num-key-value-heads", type=int, default=None,
                    help="GQA groups to keep; query heads follow (default: unchanged)")
+    p.add_argument("--shared-expert-width", type=int, default=None,
+                   help="new shared-expert width (Qwen2-MoE, DeepSeek; default: the family's rule, see slim_config)")
 
 
 def _run_prune(args) -> int:
@@ -242,17 +245,17 @@ def _run_prune(args) -> int:
 
     from transformers import AutoTokenizer
 
-    from .modeling_slimmoe import SlimMoeForCausalLM
-    from .pruning import SensitivityScores
+    from .architectures import count_parameters, get_architecture, load_model, slim_config
+    from .pruning import SensitivityScores, prune_to
 
     scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before loading the model
     if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir} exists and is not empty; choose a new directory.")
-    model = SlimMoeForCausalLM.from_pretrained(args.model, dtype="auto")
-    before = model.config.num_parameters()
-    target = model.config.slimmed(intermediate_size=args.intermediate_size,
-                                  num_key_value_heads=args.num_key_value_heads)
-    model.prune_to(target, scores)
+    model = load_model(args.model, dtype="auto")
+    before = count_parameters(model.config)[0]
+    target = slim_config(model.config, expert_width=args.intermediate_size,
+                         num_key_value_heads=args.num_key_value_heads, shared_expert_width=args.shared_expert_width)
+    prune_to(model, target, scores)
     parent = os.path.dirname(os.path.abspath(args.output_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".prune-", dir=parent)  # complete, then renamed: never half-written
@@ -268,8 +271,9 @@ def _run_prune(args) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    after = model.config.num_parameters()
-    print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {model.config.intermediate_size}, heads "
+    after = count_parameters(model.config)[0]
+    width = get_architecture(model).expert_width_of(model.config)
+    print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {width}, heads "
           f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters {_human(before)} -> "
           f"{_human(after)}")
     return 0

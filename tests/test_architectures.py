@@ -367,3 +367,26 @@ def test_drop_experts_refuses_group_limited_routing():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="n_group=2"):
         drop_experts(model, 2, [torch.zeros(0)] + [torch.ones(4)] * 2)
+
+
+def test_cli_score_and_prune_a_stock_qwen2_moe(tmp_path, capsys):
+    from datasets import Dataset
+
+    from hf_slimmoe.cli import main
+
+    model = tiny("qwen2_moe")
+    model.save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, VOCAB, (12,), generator=generator).tolist() for _ in range(6)]
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "calib"))
+    assert main(["score", str(tmp_path / "model"), "--data", str(tmp_path / "calib"), "--output",
+                 str(tmp_path / "scores.safetensors"), "--batch-size", "3"]) == 0
+    assert main(["prune", str(tmp_path / "model"), "--scores", str(tmp_path / "scores.safetensors"),
+                 "--output-dir", str(tmp_path / "pruned"), "--intermediate-size", "16", "--num-key-value-heads", "2",
+                 "--shared-expert-width", "8"]) == 0
+    assert "intermediate_size 16" in capsys.readouterr().out
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and (config["moe_intermediate_size"],
+                                                    config["shared_expert_intermediate_size"]) == (16, 8)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert count_parameters(pruned.config) == materialized(pruned)
