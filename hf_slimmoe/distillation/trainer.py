@@ -153,10 +153,11 @@ class DistillationTrainer(Trainer):
 
     @staticmethod
     def _validate(model, teacher_model, args, train_dataset, eval_dataset) -> None:
-        arch = get_architecture(model.config)
-        if args.aux_loss_coef > 0 and arch.aux_loss is None:
-            logger.warning("aux_loss_coef=%g is ignored: %s models train without a load-balancing loss.",
-                           args.aux_loss_coef, arch.model_type)
+        if args.aux_loss_coef > 0:  # the load-balancing loss needs a supported MoE family (any model without it)
+            arch = get_architecture(model.config)
+            if arch.aux_loss is None:
+                logger.warning("aux_loss_coef=%g is ignored: %s models train without a load-balancing loss.",
+                               args.aux_loss_coef, arch.model_type)
         vocab_size = _vocab_size(model)
         if args.top_k > vocab_size:
             raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({vocab_size}).")
@@ -214,9 +215,9 @@ class DistillationTrainer(Trainer):
     ) -> dict[str, torch.Tensor]:
         """Student backbone + chunked losses; runs inside the wrapper's forward. Returns raw sums over tokens."""
         args = self.args
-        arch = get_architecture(student.config)
-        aux_loss = arch.aux_loss_function()  # the family's own load-balancing loss (None: trained without one)
-        want_aux = args.aux_loss_coef > 0 and aux_loss is not None
+        arch = get_architecture(student.config) if args.aux_loss_coef > 0 else None
+        aux_loss = arch and arch.aux_loss_function()  # the family's own load-balancing loss (None: trained without)
+        want_aux = aux_loss is not None
         outputs = _backbone(student)(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_router_logits=want_aux
         )
