@@ -49,7 +49,7 @@ logger = logging.getLogger("bench_reproduction")
 # ------------------------------------------------------------------------------------------------ setup
 def base_recipe(args):
     """The recipe every run derives from, with a local teacher path (built / trained once, then reused)."""
-    from hf_slimmoe.pipeline import build_teacher
+    from hf_slimmoe.teacher import build_teacher
     from hf_slimmoe.recipe import BUILD_TEACHER, load_recipe, recipe_from_dict, recipe_to_dict
 
     shared = os.path.join(args.output_dir, "shared")
@@ -180,10 +180,10 @@ def distill(model, recipe, data, out: str, steps: int) -> dict:
     from transformers import set_seed
 
     from hf_slimmoe import DistillationTrainer
-    from hf_slimmoe.pipeline import _training_args
+    from hf_slimmoe.pipeline import training_args
 
     set_seed(recipe.seed)
-    args = _training_args(recipe, out, max_steps=steps, early_stopping=False)
+    args = training_args(recipe, out, max_steps=steps, early_stopping=False)
     args.save_strategy = args.eval_strategy = "no"  # only the evaluations below
     trainer = DistillationTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"],
                                   processing_class=data["tokenizer"])

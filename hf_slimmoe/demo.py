@@ -5,7 +5,7 @@ and `fast`: the overrides of `--fast`). Corpus: this machine's Python standard l
 the top-level modules; held-out: the packages email/, http/, urllib/, xml/). The steps:
 
     [1/6] corpus, tokenizer and teacher    a byte-level BPE tokenizer and a small SlimMoE teacher trained on the
-                                           train modules (`pipeline.build_teacher`), cached across runs
+                                           train modules (`teacher.build_teacher`), cached across runs
                                            (see `ensure_teacher`)
     [2/6] teacher top-k cache              the teacher's top-8 on the train and held-out blocks (`cache_teacher_topk`)
     [3/6] stage 1, [4/6] stage 2           `pipeline.compress` on the demo recipe: score, prune, distill, save, card
@@ -31,7 +31,8 @@ from importlib import resources
 
 import yaml
 
-from .pipeline import RunPaths, build_teacher, is_finished_stage
+from .pipeline import RunPaths, is_finished_stage
+from .teacher import build_teacher
 from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def ensure_teacher(output_dir: str, fast: bool = False) -> str:
     """
     Build or reuse the demo's trained teacher and tokenizer; returns `OUTPUT_DIR/teacher`.
 
-    The teacher is built once per setting by `pipeline.build_teacher` into `cache_root()/demo-teacher-<fingerprint>/`
+    The teacher is built once per setting by `teacher.build_teacher` into `cache_root()/demo-teacher-<fingerprint>/`
     (see `teacher_fingerprint`) and copied to `OUTPUT_DIR/teacher/`, where `pipeline.compress` finds it. A second
     run, in this or any other output directory, starts from the cached teacher without training it again.
     """
@@ -224,7 +225,7 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .distillation import cache_teacher_topk
-    from .hub import plot_trajectory
+    from .trajectory import plot_trajectory
     from .pipeline import compress, load_blocks
 
     settings = demo_settings(fast)

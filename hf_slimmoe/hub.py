@@ -26,6 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from .trajectory import plot_trajectory
+
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("repo-per-stage", "branch-per-stage")
@@ -245,55 +247,6 @@ _EVAL_METRICS = (  # stage.json eval key, label, model-index metric type
     ("perplexity", "perplexity", "perplexity"),
     ("top1_agreement", "top-1 agreement with the teacher", "accuracy"),
 )
-
-
-# --------------------------------------------------------------------------------------------------- plot
-def plot_trajectory(trajectory: dict, path: str | os.PathLike) -> Path | None:
-    """Write the compression trajectory (parameters and eval KL / perplexity against cumulative training tokens,
-    one point per stage, stage 0 the teacher) to a PNG; returns its path, or `None` if there are no points."""
-    points = sorted(trajectory.get("points") or [], key=lambda p: (p.get("tokens") or 0, p.get("stage") or 0))
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens = [p.get("tokens") or 0 for p in points]
-    fig, (ax_params, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
-    # A stage's size holds from the end of the previous stage (where it was pruned) to the end of its own training.
-    ax_params.plot(tokens, [p.get("num_parameters") for p in points], "o-", drawstyle="steps-pre", label="total")
-    ax_params.plot(tokens, [p.get("num_active_parameters") for p in points], "s--", drawstyle="steps-pre",
-                   label="active")
-    for p, x in zip(points, tokens):
-        ax_params.annotate(f"stage {p.get('stage')}" if p.get("stage") else "teacher", (x, p.get("num_parameters")),
-                           textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax_params.set(xlabel="training tokens", ylabel="parameters", title="Model size")
-    ax_params.legend()
-
-    def series(key):
-        xs, ys = zip(*[(x, p[key]) for p, x in zip(points, tokens) if p.get(key) is not None] or [((), ())])
-        return list(xs), list(ys)
-
-    xs, ys = series("eval_kl")
-    handles = []
-    if xs:
-        handles += ax_eval.plot(xs, ys, "o-", color="C2", label="eval KL to teacher")
-    ax_eval.set(xlabel="training tokens", ylabel="KL", title="Evaluation")
-    xs, ys = series("eval_perplexity")
-    if xs:
-        ax_ppl = ax_eval.twinx()
-        handles += ax_ppl.plot(xs, ys, "s--", color="C3", label="eval perplexity")
-        ax_ppl.set_ylabel("perplexity")
-    if handles:
-        ax_eval.legend(handles=handles, loc="best")
-    else:
-        ax_eval.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_eval.transAxes)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------- card

@@ -171,6 +171,11 @@ class Recipe:
     source: str | None = field(default=None, metadata={"internal": True})  # the YAML file it was read from
 
     # -------------------------------------------------------------------------------------------- derived values
+    @property
+    def directory(self) -> str | None:
+        """The directory of the YAML file the recipe was read from (`{recipe_dir}`); None for a recipe made in code."""
+        return os.path.dirname(self.source) if self.source else None
+
     def teacher_config(self):
         """The teacher's configuration from the recipe alone (`teacher.architecture` or `teacher.build.config`; its
         `model_type` picks the family, SlimMoE / PhiMoE by default), or None when only the checkpoint knows it."""

@@ -90,7 +90,7 @@ def check_target(source_config, target_config) -> None:
                          f"({arch.attention_refusal}); slim the experts only.")
 
 
-def geometric(source: int, target: int, fraction: float, multiple: int) -> int:
+def geometric_size(source: int, target: int, fraction: float, multiple: int) -> int:
     """`source * (target / source) ** fraction` rounded to a multiple of `multiple`, within `[target, source]`."""
     value = source * (target / source) ** fraction
     rounded = int(round(value / multiple)) * multiple
@@ -133,7 +133,7 @@ def plan_stages(source_config, target_config, num_stages: int, expert_multiple: 
         if i == num_stages:
             sizes = dict(target)
         else:
-            sizes = {name: geometric(source[name], target[name], i / num_stages, multiples[name]) for name in source}
+            sizes = {name: geometric_size(source[name], target[name], i / num_stages, multiples[name]) for name in source}
         sizes = {name: min(value, previous[name]) for name, value in sizes.items()}  # never grow back
         stages.append(slim_config(source_config, **_stage_arguments(arch, sizes, target_config)))
         previous = stage_sizes(stages[-1])
@@ -178,11 +178,11 @@ def pinned_stages(source_config, sizes: Sequence[Mapping[str, int]]) -> list:
     return stages
 
 
-def human_count(n: int) -> str:
-    """A parameter count with one decimal: 41.9B, 15.7B, 3.2M, 850K."""
+def human_count(n: int, digits: int = 1) -> str:
+    """A parameter count with `digits` decimals: 41.9B, 15.7B, 3.2M, 850.0K (41.87B with `digits=2`)."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
-            return f"{n / size:.1f}{unit}"
+            return f"{n / size:.{digits}f}{unit}"
     return str(n)
 
 
@@ -244,4 +244,4 @@ def format_plan(source_config, stages: Sequence, budgets: Sequence[str] | None =
 
 
 __all__ = ["plan_stages", "pinned_stages", "check_target", "plan_rows", "format_plan", "human_count", "stage_sizes",
-           "size_keys", "geometric", "SIZE_NAMES"]
+           "size_keys", "geometric_size", "SIZE_NAMES"]

@@ -145,6 +145,30 @@ def _set_width(module: nn.Module, value: int) -> None:
             setattr(module, name, value)
 
 
+def expert_neurons(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a fused experts module's weights with one row per neuron: `(gate, up, down)`, each
+    `[num_experts, width, hidden]`. Row `i` of expert `e` in all three is neuron `i` of that expert, whatever the
+    layout (gate half first or interleaved, transposed or not: the module's `@use_experts_implementation` flags)."""
+    transposed = getattr(experts, "is_transposed", False)
+    gate_up = experts.gate_up_proj.transpose(1, 2) if transposed else experts.gate_up_proj  # [E, 2I, H]
+    down = experts.down_proj if transposed else experts.down_proj.transpose(1, 2)  # [E, I, H]
+    if getattr(experts, "is_concatenated", True):
+        size = down.shape[1]
+        return gate_up[:, :size], gate_up[:, size:], down
+    return gate_up[:, 0::2], gate_up[:, 1::2], down
+
+
+def gqa_rows(groups: torch.Tensor, heads_per_group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the GQA groups `groups` (`[G]`): `(q_rows, kv_rows)`, where `q_rows`
+    (`[G * heads_per_group * head_dim]`) index `q_proj`'s outputs and `o_proj`'s inputs, and `kv_rows`
+    (`[G * head_dim]`) index `k_proj`'s and `v_proj`'s outputs."""
+    offsets = torch.arange(head_dim, device=groups.device)
+    kv_rows = (groups[:, None] * head_dim + offsets).reshape(-1)
+    q_heads = (groups[:, None] * heads_per_group + torch.arange(heads_per_group, device=groups.device)).reshape(-1)
+    q_rows = (q_heads[:, None] * head_dim + offsets).reshape(-1)
+    return q_rows, kv_rows
+
+
 def gate_up_index(keep: torch.Tensor, old_size: int, concatenated: bool) -> torch.Tensor:
     """Positions in a fused `gate_up` axis of the neurons `keep` (`[E, I_new]`): `[E, 2 * I_new]`, gate half first
     (`i` and `I + i`) or interleaved (`2i`, `2i + 1`) as the experts store them."""
@@ -201,11 +225,8 @@ def prune_attention_groups(attention: nn.Module, keep_groups: torch.Tensor, head
                            query_head_parameters: tuple[str, ...] = ()) -> None:
     """Keep the GQA groups `keep_groups` (ascending) of a GQA attention module: their KV heads and their query heads
     (with the per-query-head parameters named in `query_head_parameters`, e.g. gpt-oss's `sinks`)."""
-    head_dim = attention.head_dim
-    offsets = torch.arange(head_dim)
-    kv_rows = (keep_groups[:, None] * head_dim + offsets).reshape(-1)  # [kept_groups * head_dim]
+    q_rows, kv_rows = gqa_rows(keep_groups, heads_per_group, attention.head_dim)
     q_heads = (keep_groups[:, None] * heads_per_group + torch.arange(heads_per_group)).reshape(-1)
-    q_rows = (q_heads[:, None] * head_dim + offsets).reshape(-1)  # [kept_groups * heads_per_group * head_dim]
     _slice_linear(attention.q_proj, q_rows, dim=0)
     _slice_linear(attention.k_proj, kv_rows, dim=0)
     _slice_linear(attention.v_proj, kv_rows, dim=0)
@@ -289,4 +310,4 @@ def prune_to(model: PreTrainedModel, target: PretrainedConfig, scores: Sensitivi
 
 
 __all__ = ["validate_prune_target", "prune_model", "prune_to", "slim_experts", "slim_glu", "prune_attention_groups",
-           "gate_up_index", "keep_indices", "replace_parameter", "experts_kernel_fits"]
+           "gate_up_index", "keep_indices", "replace_parameter", "experts_kernel_fits", "expert_neurons", "gqa_rows"]

@@ -1,0 +1,37 @@
+"""`slimmoe compress`: run a compression recipe, stage by stage (score, prune, distill, save, card, push)."""
+
+from __future__ import annotations
+
+from .base import Command
+
+
+class CompressCommand(Command):
+    name = "compress"
+    help = "run a compression recipe: score -> prune -> distill -> save -> card -> push, stage by stage"
+    description = (
+        "Run a SlimMoE compression recipe (see recipes/). Every finished stage is saved to OUTPUT_DIR/stage-i/ as a "
+        "Hub-ready model; re-running the same command after an interruption continues from the last finished stage "
+        "and the latest checkpoint of the running one. Under `accelerate launch` it trains on all processes."
+    )
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("recipe", help="recipe YAML file")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="check everything (files, sizes, vocabulary, training arguments) and print the plan; "
+                            "no compute")
+        parser.add_argument("--output-dir", help="override the recipe's output_dir")
+
+    def run(self, args, extra_args) -> int:
+        from ...pipeline import compress, plan_text
+        from ...recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        if args.output_dir:
+            recipe.output_dir = args.output_dir
+        output_dir = compress(recipe, dry_run=args.dry_run)
+        if args.dry_run:
+            print(plan_text(recipe))
+            print(f"{args.recipe}: OK (dry run; nothing computed). Output would go to {output_dir}")
+        else:
+            print(f"Compressed model stages are in {output_dir}")
+        return 0

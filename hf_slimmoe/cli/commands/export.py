@@ -1,0 +1,37 @@
+"""`slimmoe export`: a stock `model_type: phimoe` checkpoint that plain transformers loads without this plugin."""
+
+from __future__ import annotations
+
+import logging
+
+from .base import Command
+
+logger = logging.getLogger("hf_slimmoe")
+
+
+class ExportCommand(Command):
+    name = "export"
+    help = "write a stock model_type: phimoe checkpoint that plain transformers loads without this plugin"
+    description = (
+        "Load a SlimMoE (or PhiMoE) checkpoint and save it as a stock PhiMoE checkpoint (config.json with model_type "
+        "phimoe and an explicit head_dim; safetensors in the per-expert key layout), with its tokenizer and generation "
+        "config, loadable by AutoModelForCausalLM with no remote code."
+    )
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("model", help="SlimMoE or PhiMoE checkpoint directory")
+        parser.add_argument("output_dir", help="directory to write the stock checkpoint to")
+
+    def run(self, args, extra_args) -> int:
+        from transformers import AutoTokenizer
+
+        from ...modeling_slimmoe import SlimMoeForCausalLM
+
+        model = SlimMoeForCausalLM.from_pretrained(args.model)
+        model.export_phimoe(args.output_dir)
+        try:
+            AutoTokenizer.from_pretrained(args.model).save_pretrained(args.output_dir)
+        except (OSError, ValueError):
+            logger.warning("No tokenizer found in %s; exported the model only.", args.model)
+        print(f"exported {args.model} -> {args.output_dir} (model_type phimoe)")
+        return 0

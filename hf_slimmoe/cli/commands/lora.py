@@ -1,0 +1,14 @@
+"""`slimmoe lora`: LoRA fine-tuning (PEFT; optionally the fused expert parameters), adapter saved and merged."""
+
+from __future__ import annotations
+
+from .sft import SFTCommand
+
+
+class LoraCommand(SFTCommand):
+    name = "lora"
+    help = "LoRA fine-tuning (PEFT; optionally the fused expert parameters), adapter saved and merged"
+
+    def train(self, script_args, config, hub) -> str:
+        script_args.use_lora = True
+        return super().train(script_args, config, hub)
