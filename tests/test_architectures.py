@@ -390,3 +390,21 @@ def test_cli_score_and_prune_a_stock_qwen2_moe(tmp_path, capsys):
                                                     config["shared_expert_intermediate_size"]) == (16, 8)
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert count_parameters(pruned.config) == materialized(pruned)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_expert_neuron_views_address_what_slimming_keeps(model_type):
+    """`expert_neurons` (the iterative masks' views) and `slim_experts` agree on which rows form neuron i, for the
+    gate-first layout and gpt-oss's transposed, interleaved one."""
+    from hf_slimmoe.pruning.surgery import expert_neurons, slim_experts
+
+    model = tiny(model_type)
+    arch = get_architecture(model)
+    experts = arch.experts_of(next(iter(arch.moe_blocks(model).values())))
+    before = [w.detach().clone() for w in expert_neurons(experts)]  # each [E, I, H]
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.stack([torch.randperm(24, generator=generator)[:16].sort().values for _ in range(4)])  # [E, 16]
+    slim_experts(experts, keep)
+    for old, new in zip(before, expert_neurons(experts)):
+        assert new.shape == (4, 16, 32)
+        assert torch.equal(new, torch.stack([old[e, keep[e]] for e in range(4)]))
