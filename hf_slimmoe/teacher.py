@@ -17,8 +17,10 @@ import shutil
 import torch
 
 from .architectures import config_from_dict, count_parameters, get_architecture, new_model
+from .data import TokenCollator, load_blocks, source_files
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path
 from .schedule import human_count
+from .tokenization import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -27,21 +29,6 @@ ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_at
 
 
 # ----------------------------------------------------------------------------------------------------- building
-def train_tokenizer(files: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on local text files, with `<|endoftext|>` as BOS, EOS and padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = "<|endoftext|>"
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train(files, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
-
-
 def pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
     """Causal-LM pre-training of the built teacher: AdamW, cosine decay, gradient clipping at 1, shuffled epochs.
 
@@ -51,9 +38,7 @@ def pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .distillation import DistillationCollator
-
-    collate = DistillationCollator(pad_token_id=pad_token_id)
+    collate = TokenCollator(pad_token_id=pad_token_id)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=build.pretrain_learning_rate, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, 0, build.pretrain_steps)
@@ -88,7 +73,6 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     `teacher.build.config` (`model_type`; SlimMoE by default) is initialised with it (seeded by `seed`) and trained
     for `pretrain_steps` with the causal LM loss on `data.train`, so that distilling from it is meaningful.
     """
-    from .pipeline import _source_files, load_blocks  # the data layer; moves to hf_slimmoe/data.py
 
     if is_built_teacher(directory):
         logger.info("Using the teacher built earlier in %s", directory)
@@ -96,10 +80,10 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     b = recipe.teacher.build
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    files = _source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", recipe.directory)
+    files = source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", recipe.directory)
     logger.info("Building the teacher: tokenizer (vocab %d) on %d files, then %d causal-LM steps", b.vocab_size,
                 len(files), b.pretrain_steps)
-    tokenizer = train_tokenizer(files, b.vocab_size)
+    tokenizer = train_bpe_tokenizer(files, b.vocab_size)
     if len(tokenizer) > b.vocab_size:
         raise ValueError(f"teacher.build.vocab_size={b.vocab_size} is smaller than the trained tokenizer "
                          f"({len(tokenizer)} tokens).")
@@ -173,4 +157,4 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False):
     return actual
 
 
-__all__ = ["build_teacher", "read_teacher_config", "teacher_paths", "train_tokenizer", "pretrain", "is_built_teacher"]
+__all__ = ["build_teacher", "read_teacher_config", "teacher_paths", "pretrain", "is_built_teacher"]

@@ -7,11 +7,11 @@ import os
 
 from transformers import CONFIG_MAPPING
 
+from ..configuration_slimmoe import config_fields
 from .registry import get_architecture
 
 logger = logging.getLogger(__name__)
 
-_NOT_ARGUMENTS = ("model_type", "transformers_version", "architectures", "auto_map")
 
 
 def stock_config(config):
@@ -19,7 +19,7 @@ def stock_config(config):
     configuration class, the server-side `architectures` name (vLLM's registry) and, for GQA attention, an explicit
     `head_dim` (after pruning heads it is no longer `hidden_size // num_attention_heads`)."""
     arch = get_architecture(config)
-    values = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARGUMENTS}
+    values = config_fields(config.to_dict())
     if arch.attention_kind == "gqa":
         values["head_dim"] = arch.head_dim_of(config)
     stock = CONFIG_MAPPING[arch.stock_model_type](**values)

@@ -10,13 +10,12 @@ import os
 
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
-from ..configuration_slimmoe import SlimMoeConfig
+from ..configuration_slimmoe import SlimMoeConfig, config_fields
 from ..modeling_slimmoe import SlimMoeForCausalLM
 from .registry import get_architecture
 
 #: Families the pipeline runs as SlimMoE (`SlimMoeConfig` / `SlimMoeForCausalLM`).
 SLIMMOE_TYPES = ("phimoe", "slimmoe")
-_NOT_ARGUMENTS = ("model_type", "transformers_version", "architectures", "auto_map")
 
 
 def config_from_dict(values: dict, default_model_type: str = "slimmoe"):
@@ -28,12 +27,9 @@ def config_from_dict(values: dict, default_model_type: str = "slimmoe"):
     """
     model_type = values.get("model_type") or default_model_type
     get_architecture(model_type)
-    kwargs = {k: v for k, v in values.items() if k not in _NOT_ARGUMENTS}
     if model_type in SLIMMOE_TYPES:
-        if kwargs.get("head_dim") is None:
-            kwargs["head_dim"] = kwargs.get("hidden_size", 4096) // kwargs.get("num_attention_heads", 32)
-        return SlimMoeConfig(**kwargs)
-    return CONFIG_MAPPING[model_type](**kwargs)
+        return SlimMoeConfig.from_config_dict(values)
+    return CONFIG_MAPPING[model_type](**config_fields(values))
 
 
 def new_model(config):

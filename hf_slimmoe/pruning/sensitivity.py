@@ -34,8 +34,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architectures import get_architecture
-from ..distillation.losses import chunked_cross_entropy, teacher_topk_from_hidden, topk_kl_loss
-from ..distillation.teacher_cache import teacher_topk_from_model
+from ..distillation.losses import chunked_cross_entropy, topk_kl_loss
+from ..distributed import all_reduce_sum, call_through_forward, full_tensor, is_sharded, rank_and_world, rank_share
+from ..modeling_utils import check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,12 @@ def compute_sensitivity(
     tokens (the loss is chunked over the vocabulary) and the model's `requires_grad` flags, `.grad` and train/eval
     mode are restored afterwards.
 
+    Under FSDP2 (`model` sharded with `fully_shard`, e.g. by [`~hf_slimmoe.distributed.shard_decoder_layers`]) every
+    rank passes the same batches and scores its share of them (`batches[rank::world_size]`, padded so every rank
+    steps in lockstep); each loss runs inside the root's forward, the gradient shards are summed over ranks and
+    gathered one weight at a time, and every rank returns the same scores as one process would on all batches (to
+    float rounding). An FSDP2-sharded `teacher` is run through its own forward.
+
     Args:
         model (`PreTrainedModel`):
             The model to score (the student): any supported MoE family (`SlimMoeForCausalLM`, `MixtralForCausalLM`,
@@ -240,12 +247,15 @@ def compute_sensitivity(
     params = [p for per_layer in scored.values() for p in per_layer.values()]
     scored_ids = {id(p) for p in params}
 
-    # Only the scored weights require gradients; their gradients are summed over batches into float32 buffers.
+    # Only the scored weights require gradients. Single process: their gradients are summed over batches into float32
+    # buffers by hooks. FSDP2 accumulates the reduce-scattered gradient shards in `.grad` itself (hooks on the shards
+    # would never fire).
     was_training = model.training
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_grads = [(p, p.grad) for p in params]
     teacher_was_training = None if self_teacher else teacher.training
-    buffers = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
+    sharded, world_size = is_sharded(model), rank_and_world()[1]
+    buffers = {} if sharded else {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
     hooks = []
 
     def _accumulate(buffer):
@@ -263,17 +273,26 @@ def compute_sensitivity(
             p.requires_grad_(id(p) in scored_ids)
         for p in params:
             p.grad = None
-            hooks.append(p.register_post_accumulate_grad_hook(_accumulate(buffers[id(p)])))
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for raw in tqdm(batches, total=total, desc=f"Sensitivity ({criterion})", unit="batch",
-                        disable=not show_progress):
-            loss, num_tokens = _batch_loss(model, _as_batch(raw, device), None if self_teacher else teacher,
-                                           criterion, top_k, chunk_size, aux_loss, coef)
+            if not sharded:
+                hooks.append(p.register_post_accumulate_grad_hook(_accumulate(buffers[id(p)])))
+        # FSDP2: each rank takes its share of the batches, all ranks step in lockstep
+        work = rank_share(list(batches)) if sharded else ((raw, True) for raw in batches)
+        total = len(work) if sharded else (len(batches) if hasattr(batches, "__len__") else None)
+        for raw, counted in tqdm(work, total=total, desc=f"Sensitivity ({criterion})", unit="batch",
+                                 disable=not show_progress):
+            # Through the root's forward: under FSDP2 the LM head is gathered there and reduce-scattered after.
+            loss, num_tokens = call_through_forward(model, _batch_loss, model, _as_batch(raw, device),
+                                                    None if self_teacher else teacher, criterion, top_k, chunk_size,
+                                                    aux_loss, coef)
+            if not counted:  # a padding step of this rank: it runs the collectives and adds nothing
+                loss, num_tokens = loss * 0.0, 0
             if loss.requires_grad:
                 loss.backward()
             total_tokens += num_tokens
-            num_batches += 1
+            num_batches += int(counted)
             del loss
+        if sharded:  # the reduce-scattered shards: the mean over ranks of their sums
+            buffers = {id(p): p.grad for p in params}
     finally:
         for hook in hooks:
             hook.remove()
@@ -285,9 +304,11 @@ def compute_sensitivity(
         if teacher_was_training is not None:
             teacher.train(teacher_was_training)
 
+    if sharded:
+        total_tokens, num_batches = int(all_reduce_sum(total_tokens)), int(all_reduce_sum(num_batches))
     if num_batches == 0 or total_tokens == 0:
         raise ValueError("compute_sensitivity: the calibration set is empty (no batches or no counted tokens).")
-    scores = _neuron_scores(model, scored, buffers, total_tokens)
+    scores = _neuron_scores(model, scored, buffers, total_tokens, world_size if sharded else None)
     logger.info("Scored %d layers on %d tokens in %d batches (criterion=%s, top_k=%d, aux coef=%g)",
                 config.num_hidden_layers, total_tokens, num_batches, criterion, top_k, coef)
     return SensitivityScores(
@@ -306,12 +327,7 @@ def _check_arguments(model: nn.Module, teacher: nn.Module | None, criterion: str
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
         raise ValueError(f"compute_sensitivity: top_k={top_k!r} must be an integer in [1, {config.vocab_size}].")
     if criterion == "kd" and teacher is not None and teacher is not model:
-        teacher_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
-        if teacher_vocab != config.vocab_size:
-            raise ValueError(
-                f"compute_sensitivity: the teacher's vocab_size ({teacher_vocab}) differs from the model's "
-                f"({config.vocab_size}); top-k KD needs the same tokenizer and vocabulary."
-            )
+        check_same_vocabulary(model, teacher)
     return arch
 
 
@@ -335,8 +351,8 @@ def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Mo
             ids, logprobs = teacher_topk_from_hidden(hidden.detach(), lm_head, top_k, chunk_size=chunk_size)
         else:
             teacher_device = next(teacher.parameters()).device
-            ids, logprobs = teacher_topk_from_model(  # [B, T, k], no [B, T, V] teacher logits
-                teacher, input_ids.to(teacher_device),
+            ids, logprobs = call_through_forward(  # [B, T, k], no [B, T, V] teacher logits
+                teacher, teacher_topk_from_model, teacher, input_ids.to(teacher_device),
                 None if attention_mask is None else attention_mask.to(teacher_device), top_k, chunk_size=chunk_size,
             )
             ids, logprobs = ids.to(device), logprobs.to(device)
@@ -358,8 +374,10 @@ def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Mo
 
 @torch.no_grad()
 def _neuron_scores(model: nn.Module, scored: dict[str, dict[int, nn.Parameter]], buffers: dict[int, torch.Tensor],
-                   total_tokens: int) -> dict[str, list[torch.Tensor]]:
-    """Eq. 2 on the gradient of the mean loss over the set, then Eq. 4 (l2 over a neuron's entries), per layer."""
+                   total_tokens: int, world_size: int | None = None) -> dict[str, list[torch.Tensor]]:
+    """Eq. 2 on the gradient of the mean loss over the set, then Eq. 4 (l2 over a neuron's entries), per layer.
+    With `world_size` (FSDP2) every weight and its gradient shard are gathered one at a time; the shards hold the
+    mean over ranks, the loss is their sum."""
     arch, config = get_architecture(model), model.config
     blocks = arch.moe_blocks(model)
     out = {name: [] for name in scored}
@@ -369,7 +387,10 @@ def _neuron_scores(model: nn.Module, scored: dict[str, dict[int, nn.Parameter]],
             if param is None:  # a dense layer: no experts to score
                 out[name].append(torch.zeros((0, 0) if name == "experts" else (0,)))
                 continue
-            s = (buffers[id(param)] / total_tokens * param.float()).abs_()
+            weight, grad = param, buffers[id(param)]
+            if world_size is not None:
+                weight, grad = full_tensor(param), full_tensor(grad) * world_size
+            s = (grad / total_tokens * weight.float()).abs_()
             if name == "experts":  # [E, H, I] (or [E, I, H] transposed) -> [E, I]
                 hidden_axis = 2 if getattr(arch.experts_of(blocks[layer]), "is_transposed", False) else 1
                 out[name].append(torch.linalg.vector_norm(s, dim=hidden_axis).cpu())

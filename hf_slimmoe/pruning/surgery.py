@@ -135,6 +135,7 @@ def keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set `module.name` to a new parameter holding `value`, keeping the old one's `requires_grad`."""
     old = getattr(module, name)
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 

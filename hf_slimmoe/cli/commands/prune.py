@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -9,7 +10,7 @@ import tempfile
 
 from .base import Command
 
-logger = logging.getLogger("hf_slimmoe")
+logger = logging.getLogger(__name__)
 
 
 class PruneCommand(Command):
@@ -18,7 +19,12 @@ class PruneCommand(Command):
     description = (
         "Prune a checkpoint with scores from `slimmoe score`: every expert keeps its highest-scoring "
         "--intermediate-size neurons, every layer its highest-scoring --num-key-value-heads GQA groups (with their "
-        "query heads). Writes a complete model directory (weights, config, generation config, tokenizer)."
+        "query heads). SlimMoE / PhiMoE checkpoints stream: the (sharded) safetensors checkpoint is read one tensor at "
+        "a time and the pruned shards are written as it goes, so checkpoints larger than memory prune on a small "
+        "machine; the output (weights in the input's layout and shard split, index, config, generation config, "
+        "tokenizer, stage.json and card) holds exactly the tensors loading, pruning and saving the model would. "
+        "Checkpoints of the other supported families (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, gpt-oss) are pruned in "
+        "memory and saved as stock checkpoints of their family."
     )
 
     def add_arguments(self, parser) -> None:
@@ -33,13 +39,42 @@ class PruneCommand(Command):
                             help="new shared-expert width (Qwen2-MoE, DeepSeek; default: the family's rule)")
 
     def run(self, args, extra_args) -> int:
+        from ...architectures import SLIMMOE_TYPES
+        from ...pruning import SensitivityScores
+
+        scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before reading the checkpoint
+        config_file = os.path.join(args.model, "config.json")
+        model_type = None
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                model_type = json.load(f).get("model_type")
+        if model_type in SLIMMOE_TYPES or not os.path.isfile(config_file):
+            return self.run_streaming(args, scores)
+        return self.run_in_memory(args, scores)
+
+    @staticmethod
+    def run_streaming(args, scores) -> int:
+        from ...pruning.streaming import prune_checkpoint, read_source_config
+        from ...schedule import human_count
+
+        config = read_source_config(args.model)
+        target = config.slimmed(intermediate_size=args.intermediate_size,
+                                num_key_value_heads=args.num_key_value_heads)
+        prune_checkpoint(args.model, args.output_dir, target, scores)  # streams: one tensor in memory at a time
+        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {target.intermediate_size}, heads "
+              f"{target.num_attention_heads}/{target.num_key_value_heads}, parameters "
+              f"{human_count(config.num_parameters(), digits=2)} -> {human_count(target.num_parameters(), digits=2)}")
+        return 0
+
+    @staticmethod
+    def run_in_memory(args, scores) -> int:
+        """Load, `prune_to`, save (complete, then renamed into place): a stock checkpoint of the model's family."""
         from transformers import AutoTokenizer
 
         from ...architectures import count_parameters, get_architecture, load_model, slim_config
-        from ...pruning import SensitivityScores, prune_to
+        from ...pruning import prune_to
         from ...schedule import human_count
 
-        scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before loading the model
         if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
             raise ValueError(f"--output-dir {args.output_dir} exists and is not empty; choose a new directory.")
         model = load_model(args.model, dtype="auto")
