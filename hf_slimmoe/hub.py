@@ -6,7 +6,10 @@ rendered from `templates/slimmoe_model_card.md` through `huggingface_hub.ModelCa
 `huggingface_hub` client: one repository per stage, or one repository with a branch per stage, as `HubSettings` says.
 
 Publishing never loses work: a failed push (no network, server error, no token) logs a warning and returns `False`,
-the directory stays complete on disk and `slimmoe push OUTPUT_DIR` publishes it later. Pushing an unchanged directory
+the directory stays complete on disk and `slimmoe push OUTPUT_DIR` publishes it later. It never hangs either: while
+publishing, every request of `huggingface_hub`'s shared HTTP client times out after `HF_HUB_DOWNLOAD_TIMEOUT` seconds
+(huggingface_hub's own setting, 10 by default: its default for requests that set no timeout of their own), and the
+client's bounded retries (`http_backoff`: at most 5, for uploads and commits) are the only retries. Pushing an unchanged directory
 again makes no commit: local files are compared with the remote ones (sha256 of LFS files, git blob ids of the others)
 before anything is uploaded. The token is resolved by `huggingface_hub` (argument, `HF_TOKEN`, then the login cache)
 and never written to a file, a card, a log record or an error message.
@@ -14,6 +17,7 @@ and never written to a file, a card, a log record or an error message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +25,7 @@ import logging
 import os
 import re
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -495,6 +500,32 @@ def _commit_message(info: dict, config_summary: dict, files: list[str]) -> tuple
     return title, description
 
 
+@contextlib.contextmanager
+def hub_timeouts() -> Iterator[float]:
+    """
+    Give every request of `huggingface_hub`'s shared HTTP client (`get_session()`) a timeout for the duration of the
+    block: `huggingface_hub.constants.HF_HUB_DOWNLOAD_TIMEOUT` seconds (env `HF_HUB_DOWNLOAD_TIMEOUT`) to connect,
+    send a chunk or receive one. The client otherwise waits forever on calls such as `create_repo` or
+    `create_commit` (only downloads and `whoami` take a timeout argument). Yields the timeout in seconds; the
+    client's previous setting is restored afterwards.
+    """
+    from huggingface_hub import constants, get_session
+
+    session = get_session()
+    previous = session.timeout
+    seconds = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    session.timeout = seconds
+    try:
+        yield seconds
+    finally:
+        session.timeout = previous
+
+
+def _transport_error(error: Exception) -> bool:
+    """An error of the HTTP client itself (timeout, connection refused or reset), not an answer of the server."""
+    return type(error).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11", "hf_xet")
+
+
 def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: str | None = None) -> bool:
     """Push one saved model directory (weights, tokenizer, config, card, plot, JSON files) to the Hub.
 
@@ -504,10 +535,11 @@ def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: st
     to `HF_TOKEN` or the login cache.
 
     Returns `True` when the remote holds the directory's files afterwards (pushed now or already), `False` when the
-    push failed for a network, server or authentication reason; that failure is logged as a warning, never raised.
+    push failed for a network, server or authentication reason (including a Hub that does not answer within
+    `HF_HUB_DOWNLOAD_TIMEOUT` seconds, see `hub_timeouts`); that failure is logged as a warning, never raised.
     A directory that is not a complete saved model, or settings without a `repo_id`, raise a `ValueError`.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
     from huggingface_hub.utils import get_token
 
@@ -524,51 +556,66 @@ def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: st
     secret = token or get_token()
     api = HfApi(token=token)
     where = f"{settings.repo_id} (stage {stage})"
+    later = "The stage stays complete on disk; run `slimmoe push` on the output directory to publish it later."
+    timeout = None
     try:
-        user = api.whoami()["name"] if settings.needs_user else None
-        repo_id, branch = settings.target(stage, user=user)
-        where = repo_id + (f"@{branch}" if branch else "")
-        parent_repo_id = None
-        if isinstance(stage, int) and stage > 1:
-            parent_repo_id = "@".join(x for x in settings.target(stage - 1, user=user) if x)
-        write_model_card(stage_dir, repo_id=repo_id, revision=branch, parent_repo_id=parent_repo_id)
-
-        api.create_repo(repo_id, private=settings.private, exist_ok=True)
-        if branch is not None:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        remote = api.model_info(repo_id, revision=branch, files_metadata=True)
-        siblings = {s.rfilename: s for s in remote.siblings or []}
-        changed = [p for p in _publishable_files(stage_dir)
-                   if not _unchanged(p, siblings.get(p.relative_to(stage_dir).as_posix()))]
-        if not changed:
-            logger.info("%s is up to date with %s: nothing to push.", stage_dir, where)
-            return True
-        names = [p.relative_to(stage_dir).as_posix() for p in changed]
-        title, description = _commit_message(info, _config_summary(_read_json(stage_dir / "config.json")), names)
-        commit = api.create_commit(
-            repo_id,
-            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p))
-                        for name, p in zip(names, changed)],
-            commit_message=title,
-            commit_description=description,
-            revision=branch,
-        )
-        logger.info("Pushed %d file(s) of %s to %s (commit %s).", len(names), stage_dir, where, commit.oid)
-        return True
+        with hub_timeouts() as timeout:
+            user = api.whoami()["name"] if settings.needs_user else None
+            repo_id, branch = settings.target(stage, user=user)
+            where = repo_id + (f"@{branch}" if branch else "")
+            return _push(api, stage_dir, settings, info, user, repo_id, branch)
     except LocalTokenNotFoundError:
         logger.warning("Could not push %s to %s: no Hugging Face token found. Set HF_TOKEN or run `hf auth login`, "
                        "then run `slimmoe push` on the output directory.", stage_dir, where)
     except (HfHubHTTPError, OSError, ValueError) as e:  # ValueError: malformed server answers, LFS batch errors
-        logger.warning("Could not push %s to %s: %s: %s. The stage stays complete on disk; run `slimmoe push` on "
-                       "the output directory to publish it later.", stage_dir, where, type(e).__name__,
-                       _redact(str(e), secret))
+        logger.warning("Could not push %s to %s: %s: %s. %s", stage_dir, where, type(e).__name__,
+                       _redact(str(e), secret), later)
     except Exception as e:  # transport errors of the HTTP client (connection refused, timeouts, ...)
-        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "h11", "hf_xet"):
+        if not _transport_error(e):
             raise
-        logger.warning("Could not push %s to %s: %s: %s. The stage stays complete on disk; run `slimmoe push` on "
-                       "the output directory to publish it later.", stage_dir, where, type(e).__name__,
-                       _redact(str(e), secret))
+        if "timeout" in type(e).__name__.lower():
+            logger.warning("Could not push %s to %s: the Hub at %s did not answer within %g s (%s). %s Set "
+                           "HF_HUB_DOWNLOAD_TIMEOUT to wait longer on a slow connection.", stage_dir, where,
+                           constants.ENDPOINT, timeout, type(e).__name__, later)
+        else:
+            logger.warning("Could not push %s to %s: %s: %s. %s", stage_dir, where, type(e).__name__,
+                           _redact(str(e), secret), later)
     return False
+
+
+def _push(api, stage_dir: Path, settings: HubSettings, info: dict, user: str | None, repo_id: str,
+          branch: str | None) -> bool:
+    """The Hub calls of `publish_stage` after the target is known: card, repository, branch, changed files, commit."""
+    from huggingface_hub import CommitOperationAdd
+
+    stage = info.get("stage", info.get("method", "final"))
+    where = repo_id + (f"@{branch}" if branch else "")
+    parent_repo_id = None
+    if isinstance(stage, int) and stage > 1:
+        parent_repo_id = "@".join(x for x in settings.target(stage - 1, user=user) if x)
+    write_model_card(stage_dir, repo_id=repo_id, revision=branch, parent_repo_id=parent_repo_id)
+
+    api.create_repo(repo_id, private=settings.private, exist_ok=True)
+    if branch is not None:
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    remote = api.model_info(repo_id, revision=branch, files_metadata=True)
+    siblings = {s.rfilename: s for s in remote.siblings or []}
+    changed = [p for p in _publishable_files(stage_dir)
+               if not _unchanged(p, siblings.get(p.relative_to(stage_dir).as_posix()))]
+    if not changed:
+        logger.info("%s is up to date with %s: nothing to push.", stage_dir, where)
+        return True
+    names = [p.relative_to(stage_dir).as_posix() for p in changed]
+    title, description = _commit_message(info, _config_summary(_read_json(stage_dir / "config.json")), names)
+    commit = api.create_commit(
+        repo_id,
+        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in zip(names, changed)],
+        commit_message=title,
+        commit_description=description,
+        revision=branch,
+    )
+    logger.info("Pushed %d file(s) of %s to %s (commit %s).", len(names), stage_dir, where, commit.oid)
+    return True
 
 
 def stage_dirs(output_dir: str | os.PathLike) -> list[Path]:

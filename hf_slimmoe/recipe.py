@@ -477,8 +477,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     with open(path, encoding="utf-8") as f:
         try:
             values = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # a binary file fails to decode as UTF-8
+            raise ValueError(f"{path} is not a valid YAML text file: {e}") from None
     try:
         return recipe_from_dict(values, source=os.path.abspath(path))
     except ValueError as e:

@@ -351,6 +351,7 @@ trainer.train()
 final = torch.cat([p.detach().flatten() for p in student.parameters()])
 torch.save({{"wrapper": type(trainer.model_wrapped).__name__, "initial": initial, "final": final}},
            os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+torch.distributed.destroy_process_group()  # its gloo threads must not outlive the interpreter (exit status 0)
 """
 
 

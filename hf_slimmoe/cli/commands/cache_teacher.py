@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Command
+from .base import Command, check_model_path, check_output_dir, positive_int
 
 
 class CacheTeacherCommand(Command):
@@ -20,10 +20,10 @@ class CacheTeacherCommand(Command):
         parser.add_argument("teacher", help="teacher checkpoint directory (PhiMoE or SlimMoE)")
         parser.add_argument("data", help="dataset directory or .jsonl/.txt file")
         parser.add_argument("output", help="directory to write the cached dataset to")
-        parser.add_argument("--top-k", type=int, default=8, help="teacher tokens kept per position (default: 8)")
-        parser.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward (default: 8)")
-        parser.add_argument("--shard-size", type=int, default=512, help="rows per resumable shard (default: 512)")
-        parser.add_argument("--max-length", type=int, default=512, help="tokens kept per example of text data")
+        parser.add_argument("--top-k", type=positive_int, default=8, help="teacher tokens kept per position (default: 8)")
+        parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per teacher forward (default: 8)")
+        parser.add_argument("--shard-size", type=positive_int, default=512, help="rows per resumable shard (default: 512)")
+        parser.add_argument("--max-length", type=positive_int, default=512, help="tokens kept per example of text data")
         parser.add_argument("--text-column", default="text", help="text field of .jsonl files / text datasets")
         parser.add_argument("--tokenizer", help="tokenizer directory for text data (default: the teacher directory)")
         parser.add_argument("--device", help="device of the teacher (default: cuda if available, else cpu)")
@@ -35,6 +35,8 @@ class CacheTeacherCommand(Command):
         from ...distillation import cache_teacher_topk
         from ...distillation.run import _maybe_tokenizer, load_token_dataset
 
+        check_model_path(args.teacher, "TEACHER")
+        check_output_dir(args.output, "OUTPUT", resumable=True)  # a finished or partial cache is reused
         tokenizer = _maybe_tokenizer(args.tokenizer or args.teacher)
         dataset = load_token_dataset(args.data, tokenizer, args.text_column, args.max_length)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Command
+from .base import Command, check_output_dir
 
 
 class CompressCommand(Command):
@@ -28,6 +28,7 @@ class CompressCommand(Command):
         recipe = load_recipe(args.recipe)
         if args.output_dir:
             recipe.output_dir = args.output_dir
+        check_output_dir(recipe.output_dir, "output_dir", resumable=True)
         output_dir = compress(recipe, dry_run=args.dry_run)
         if args.dry_run:
             print(plan_text(recipe))

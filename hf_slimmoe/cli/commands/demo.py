@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from .base import Command
+from .base import Command, check_output_dir, positive_int
 
 
 class DemoCommand(Command):
@@ -23,18 +23,17 @@ class DemoCommand(Command):
     def add_arguments(self, parser) -> None:
         parser.add_argument("output_dir", nargs="?", help="output directory (default: outputs/demo, or outputs/demo-fast)")
         parser.add_argument("--fast", action="store_true", help="a smaller run of about a minute (the CI smoke test)")
-        parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, all cores); on "
+        parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice, all cores); on "
                             "a machine shared with other jobs, --threads 1 avoids threads waiting on a busy core")
 
     def run(self, args, extra_args) -> int:
         from ...demo import run_demo
 
         output_dir = args.output_dir or ("outputs/demo-fast" if args.fast else "outputs/demo")
+        check_output_dir(output_dir, "OUTPUT_DIR", resumable=True)
         if args.threads is not None:
             import torch
 
-            if args.threads < 1:
-                raise ValueError(f"--threads must be at least 1, got {args.threads}.")
             torch.set_num_threads(args.threads)
         start = time.perf_counter()
 

@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 
-from .base import Command
+from .base import Command, check_safetensors_header
 
 logger = logging.getLogger("hf_slimmoe")
 
@@ -35,6 +35,7 @@ def checkpoint_tensor_count(directory: str) -> int | None:
         return None
     total = 0
     for name in files:
+        check_safetensors_header(os.path.join(directory, name))
         with safe_open(os.path.join(directory, name), "pt") as f:
             for key in f.keys():
                 numel = 1

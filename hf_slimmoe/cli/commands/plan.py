@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .base import Command
+from .base import Command, positive_int
 from .info import describe
 
 
@@ -21,10 +21,10 @@ class PlanCommand(Command):
     def add_arguments(self, parser) -> None:
         parser.add_argument("recipe", nargs="?", help="a compression recipe YAML (e.g. recipes/phi-tiny-moe.yaml)")
         parser.add_argument("--teacher", help="checkpoint directory or config.json of the model to compress (without RECIPE)")
-        parser.add_argument("--intermediate-size", type=int, help="target expert width d_expert (without RECIPE)")
-        parser.add_argument("--num-key-value-heads", type=int, help="target number of GQA groups (without RECIPE)")
-        parser.add_argument("--num-stages", type=int, default=2, help="number of stages T (without RECIPE; default 2)")
-        parser.add_argument("--expert-multiple", type=int, default=64,
+        parser.add_argument("--intermediate-size", type=positive_int, help="target expert width d_expert (without RECIPE)")
+        parser.add_argument("--num-key-value-heads", type=positive_int, help="target number of GQA groups (without RECIPE)")
+        parser.add_argument("--num-stages", type=positive_int, default=2, help="number of stages T (without RECIPE; default 2)")
+        parser.add_argument("--expert-multiple", type=positive_int, default=64,
                             help="round intermediate expert widths to a multiple of this (without RECIPE; default 64)")
         parser.add_argument("--json", action="store_true", help="print the rows as JSON")
 

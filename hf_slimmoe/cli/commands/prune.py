@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 
-from .base import Command
+from .base import Command, check_model_path, check_output_dir, positive_int, staged_directory
 
 logger = logging.getLogger("hf_slimmoe")
 
@@ -25,8 +22,9 @@ class PruneCommand(Command):
         parser.add_argument("model", help="SlimMoE or PhiMoE checkpoint directory")
         parser.add_argument("--scores", required=True, help="scores file written by `slimmoe score`")
         parser.add_argument("--output-dir", required=True, help="directory to write the pruned model to")
-        parser.add_argument("--intermediate-size", type=int, default=None, help="new expert width (default: unchanged)")
-        parser.add_argument("--num-key-value-heads", type=int, default=None,
+        parser.add_argument("--intermediate-size", type=positive_int, default=None,
+                            help="new expert width (default: unchanged)")
+        parser.add_argument("--num-key-value-heads", type=positive_int, default=None,
                             help="GQA groups to keep; query heads follow (default: unchanged)")
 
     def run(self, args, extra_args) -> int:
@@ -36,29 +34,20 @@ class PruneCommand(Command):
         from ...pruning import SensitivityScores
         from ...schedule import human_count
 
+        check_model_path(args.model, "MODEL")
+        check_output_dir(args.output_dir, "--output-dir")
         scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before loading the model
-        if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
-            raise ValueError(f"--output-dir {args.output_dir} exists and is not empty; choose a new directory.")
         model = SlimMoeForCausalLM.from_pretrained(args.model, dtype="auto")
         before = model.config.num_parameters()
         target = model.config.slimmed(intermediate_size=args.intermediate_size,
                                       num_key_value_heads=args.num_key_value_heads)
         model.prune_to(target, scores)
-        parent = os.path.dirname(os.path.abspath(args.output_dir))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".prune-", dir=parent)  # complete, then renamed: never half-written
-        try:
+        with staged_directory(args.output_dir) as staging:  # complete, then renamed: never half-written
             model.save_pretrained(staging)
             try:
                 AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
             except (OSError, ValueError):
                 logger.warning("No tokenizer found in %s; saved the model only.", args.model)
-            if os.path.isdir(args.output_dir):
-                os.rmdir(args.output_dir)
-            os.replace(staging, args.output_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         after = model.config.num_parameters()
         print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {model.config.intermediate_size}, heads "
               f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 
 from .base import Command
 
@@ -18,7 +19,8 @@ class PushCommand(Command):
         "Push every complete OUTPUT_DIR/stage-N/ to the Hub as the `hub:` section of OUTPUT_DIR/recipe.yaml says (repo "
         "per stage or branch per stage, private or public), regenerating each card with its Hub id. Unchanged stages "
         "make no new commit, so re-running after a failed push publishes only what is missing. The token comes from "
-        "HF_TOKEN or `hf auth login`; the endpoint from HF_ENDPOINT. Exit status 1 if any push failed."
+        "HF_TOKEN or `hf auth login`; the endpoint from HF_ENDPOINT. Every request times out after HF_HUB_DOWNLOAD_TIMEOUT "
+        "seconds (default 10), with huggingface_hub's bounded retries. Exit status 1 if any push failed."
     )
 
     def add_arguments(self, parser) -> None:
@@ -54,4 +56,8 @@ class PushCommand(Command):
         print(f"pushed (or already up to date): {', '.join(pushed) or 'none'}")
         print(f"skipped (incomplete): {', '.join(skipped) or 'none'}")
         print(f"failed: {', '.join(failed) or 'none'}")
+        if failed:
+            print(f"slimmoe push: error: {len(failed)} stage(s) not pushed ({', '.join(failed)}; the warnings above say "
+                  f"why); they stay complete on disk: run `slimmoe push {args.output_dir}` again to publish them.",
+                  file=sys.stderr)
         return 1 if failed else 0
