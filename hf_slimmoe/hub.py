@@ -31,6 +31,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from .trajectory import plot_trajectory
+
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("repo-per-stage", "branch-per-stage")
@@ -46,6 +48,7 @@ _METHOD_TITLES = {
     "sft": "supervised fine-tuning with top-k distillation",
     "dpo": "direct preference optimization",
     "lora": "LoRA fine-tuning",
+    "prune": "one-shot pruning by sensitivity scores, not distilled",
 }
 
 
@@ -154,25 +157,12 @@ def _config_summary(config: dict | None) -> dict[str, Any]:
     try:
         from .configuration_slimmoe import SlimMoeConfig
 
-        values = {k: v for k, v in config.items()
-                  if k not in ("model_type", "transformers_version", "architectures", "auto_map")}
-        if values.get("head_dim") is None and values.get("hidden_size") and values.get("num_attention_heads"):
-            values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-        cfg = SlimMoeConfig(**values)
+        cfg = SlimMoeConfig.from_config_dict(config)
         summary["num_parameters"] = cfg.num_parameters()
         summary["num_active_parameters"] = cfg.num_active_parameters()
     except Exception as e:  # a config we cannot count (e.g. a LoRA adapter config) still gets a card
         logger.debug("Could not count parameters of the config: %s", e)
     return summary
-
-
-def _human(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:,}" if isinstance(n, int) else f"{n:g}"
 
 
 def _fmt(value: Any) -> str:
@@ -200,6 +190,8 @@ def _hub_url(name: str | None) -> str | None:
 
 
 def _architecture_rows(model: dict, teacher: dict) -> list[dict[str, str]]:
+    from .schedule import human_count
+
     rows = []
 
     def ratio(a, b):
@@ -207,7 +199,7 @@ def _architecture_rows(model: dict, teacher: dict) -> list[dict[str, str]]:
 
     def row(name, key, human=False):
         a, b = model.get(key), teacher.get(key)
-        show = _human if human else _fmt
+        show = (lambda value: human_count(value, digits=2)) if human else _fmt
         rows.append({"name": name, "model": show(a), "teacher": show(b), "ratio": ratio(a, b)})
 
     row("d_expert (expert width)", "intermediate_size")
@@ -251,55 +243,6 @@ _EVAL_METRICS = (  # stage.json eval key, label, model-index metric type
     ("perplexity", "perplexity", "perplexity"),
     ("top1_agreement", "top-1 agreement with the teacher", "accuracy"),
 )
-
-
-# --------------------------------------------------------------------------------------------------- plot
-def plot_trajectory(trajectory: dict, path: str | os.PathLike) -> Path | None:
-    """Write the compression trajectory (parameters and eval KL / perplexity against cumulative training tokens,
-    one point per stage, stage 0 the teacher) to a PNG; returns its path, or `None` if there are no points."""
-    points = sorted(trajectory.get("points") or [], key=lambda p: (p.get("tokens") or 0, p.get("stage") or 0))
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens = [p.get("tokens") or 0 for p in points]
-    fig, (ax_params, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
-    # A stage's size holds from the end of the previous stage (where it was pruned) to the end of its own training.
-    ax_params.plot(tokens, [p.get("num_parameters") for p in points], "o-", drawstyle="steps-pre", label="total")
-    ax_params.plot(tokens, [p.get("num_active_parameters") for p in points], "s--", drawstyle="steps-pre",
-                   label="active")
-    for p, x in zip(points, tokens):
-        ax_params.annotate(f"stage {p.get('stage')}" if p.get("stage") else "teacher", (x, p.get("num_parameters")),
-                           textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax_params.set(xlabel="training tokens", ylabel="parameters", title="Model size")
-    ax_params.legend()
-
-    def series(key):
-        xs, ys = zip(*[(x, p[key]) for p, x in zip(points, tokens) if p.get(key) is not None] or [((), ())])
-        return list(xs), list(ys)
-
-    xs, ys = series("eval_kl")
-    handles = []
-    if xs:
-        handles += ax_eval.plot(xs, ys, "o-", color="C2", label="eval KL to teacher")
-    ax_eval.set(xlabel="training tokens", ylabel="KL", title="Evaluation")
-    xs, ys = series("eval_perplexity")
-    if xs:
-        ax_ppl = ax_eval.twinx()
-        handles += ax_ppl.plot(xs, ys, "s--", color="C3", label="eval perplexity")
-        ax_ppl.set_ylabel("perplexity")
-    if handles:
-        ax_eval.legend(handles=handles, loc="best")
-    else:
-        ax_eval.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_eval.transAxes)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------- card
@@ -483,6 +426,8 @@ def _redact(text: str, secret: str | None) -> str:
 
 
 def _commit_message(info: dict, config_summary: dict, files: list[str]) -> tuple[str, str]:
+    from .schedule import human_count
+
     stage, num_stages, method = info.get("stage"), info.get("num_stages"), info.get("method")
     what = f"stage {stage}/{num_stages}" if stage is not None else (method or "model")
     sizes = []
@@ -491,7 +436,7 @@ def _commit_message(info: dict, config_summary: dict, files: list[str]) -> tuple
     if config_summary.get("num_attention_heads") is not None:
         sizes.append(f"heads {config_summary['num_attention_heads']}/{config_summary['num_key_value_heads']}")
     if config_summary.get("num_parameters"):
-        sizes.append(f"{_human(config_summary['num_parameters'])} params")
+        sizes.append(f"{human_count(config_summary['num_parameters'], digits=2)} params")
     kl = (info.get("eval") or {}).get("kl")
     if kl is not None:
         sizes.append(f"eval KL {kl:.4g}")

@@ -11,7 +11,8 @@
                                                                                # early-stopped on eval KL (not last)
         save OUTPUT_DIR/stage-i/ (a Hub-ready repo + scores + stage.json + trajectory.json + card); publish
 
-Everything a run writes is on disk, and the disk is the truth when the same command runs again:
+`Run` holds what the stages share (teacher, tokenizer, data, progress) and `StageRunner` does one stage, one method
+per step. Everything a run writes is on disk, and the disk is the truth when the same command runs again:
 
     OUTPUT_DIR/recipe.yaml          the resolved recipe
     OUTPUT_DIR/trajectory.json      every evaluation so far (tokens, parameter counts, eval KL / perplexity / top-1)
@@ -24,32 +25,34 @@ Everything a run writes is on disk, and the disk is the truth when the same comm
 A finished `stage-i/` is skipped; a running stage re-uses its saved scores (so it prunes to the same model) and
 continues from its latest complete Trainer checkpoint. The baselines of the paper's Section 4.2 share the loop:
 `one-stage` prunes straight to the target and distills with the total budget; `iterative` distills the full-size
-model while masks grow towards the target, then prunes physically once (see `IterativeMaskCallback`).
+model while masks grow towards the target, then prunes physically once (see `pruning.iterative`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers import EarlyStoppingCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_slimmoe import SlimMoeConfig
+from .data import batches, check_source, load_blocks, source_files
+from .distributed import fsdp_requested, is_sharded, shard_decoder_layers
+from .modeling_utils import check_tokenizer_vocabulary
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
+from .teacher import build_teacher, is_local, read_teacher_config, teacher_paths
+from .trajectory import TrajectoryLogger, point, stage_points
 
 logger = logging.getLogger(__name__)
-
-_ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok")
 
 
 # ----------------------------------------------------------------------------------------------------- layout
@@ -84,6 +87,10 @@ class RunPaths:
     def recipe(self) -> str:
         return os.path.join(self.output_dir, "recipe.yaml")
 
+    @property
+    def teacher_eval(self) -> str:
+        return os.path.join(self.output_dir, "teacher_eval.json")
+
 
 def world_size() -> int:
     """Number of training processes (`WORLD_SIZE`, set by `accelerate launch` / `torchrun`; 1 otherwise)."""
@@ -92,272 +99,24 @@ def world_size() -> int:
 
 def is_finished_stage(directory: str) -> bool:
     """A stage directory is finished when it exists under its final name with stage.json, config.json and weights
-    (stage directories are only ever renamed into place once complete)."""
+    (one model.safetensors or a sharded index; stage directories are only ever renamed into place once complete)."""
     return (os.path.isfile(os.path.join(directory, "stage.json"))
             and os.path.isfile(os.path.join(directory, "config.json"))
-            and os.path.isfile(os.path.join(directory, "model.safetensors")))
+            and (os.path.isfile(os.path.join(directory, "model.safetensors"))
+                 or os.path.isfile(os.path.join(directory, "model.safetensors.index.json"))))
 
 
-def _recipe_dir(recipe: Recipe) -> str | None:
-    return os.path.dirname(recipe.source) if recipe.source else None
-
-
-def _write_json(path: str, value) -> None:
+def write_json(path: str, value) -> None:
+    """Write `value` as JSON atomically (a temporary file renamed into place)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2)
     os.replace(tmp, path)
 
 
-def _read_json(path: str):
+def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-# ----------------------------------------------------------------------------------------------------- data
-def _source_files(source: DataSource, key: str, recipe_dir: str | None) -> list[str]:
-    if source.glob is not None:
-        patterns = [source.glob] if isinstance(source.glob, str) else list(source.glob)
-        files = set()
-        for pattern in patterns:
-            expanded = expand_path(pattern, recipe_dir)
-            matches = globlib.glob(expanded, recursive=True)
-            if not matches:
-                raise FileNotFoundError(f"{key}.glob {pattern!r} ({expanded}) matches no file.")
-            files.update(matches)
-        files = sorted(files)
-    else:
-        files = [expand_path(p, recipe_dir) for p in source.paths]
-        missing = [p for p in files if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"{key}.paths: no such file(s): {', '.join(missing[:5])}.")
-    return files
-
-
-def check_source(source: DataSource, key: str, recipe_dir: str | None) -> None:
-    """Raise when a local data source does not exist (Hub datasets are only checked when loaded)."""
-    if source.type == "text_files":
-        _source_files(source, key, recipe_dir)
-    elif source.type == "disk" and not os.path.isdir(expand_path(source.path, recipe_dir)):
-        raise FileNotFoundError(f"{key}.path {source.path!r} is not a directory saved with datasets.save_to_disk.")
-
-
-def read_source(source: DataSource, key: str, recipe_dir: str | None):
-    """A `datasets.Dataset` of documents with the column `source.text_field` (or of pre-tokenized `input_ids`)."""
-    import datasets
-
-    if source.type == "text_files":
-        texts = []
-        for path in _source_files(source, key, recipe_dir):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
-        dataset = datasets.Dataset.from_dict({source.text_field: texts})
-    elif source.type == "disk":
-        dataset = datasets.load_from_disk(expand_path(source.path, recipe_dir))
-        if isinstance(dataset, datasets.DatasetDict):
-            if source.split not in dataset:
-                raise ValueError(f"{key}.split {source.split!r} is not in {source.path} (splits: {list(dataset)}).")
-            dataset = dataset[source.split]
-    else:
-        dataset = datasets.load_dataset(source.path, source.name, split=source.split)
-    if source.text_field not in dataset.column_names and "input_ids" not in dataset.column_names:
-        raise ValueError(f"{key}.text_field {source.text_field!r} is not a column of {source.path or source.glob} "
-                         f"(columns: {dataset.column_names}).")
-    if source.max_examples is not None:
-        dataset = dataset.select(range(min(source.max_examples, len(dataset))))
-    return dataset
-
-
-def pack(dataset, tokenizer, block_size: int, text_field: str, num_proc: int | None = None):
-    """Tokenize documents, join them with EOS and cut the stream into `input_ids` blocks of `block_size` tokens
-    (the remainder of each map batch is dropped)."""
-    eos = tokenizer.eos_token_id
-
-    def _pack(batch):
-        stream = []
-        for ids in tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            if eos is not None:
-                stream.append(eos)
-        usable = len(stream) // block_size * block_size
-        return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
-
-    return dataset.map(_pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, num_proc=num_proc,
-                       desc=f"Packing into {block_size}-token blocks")
-
-
-def load_blocks(recipe: Recipe, tokenizer) -> dict:
-    """Packed `train`, `eval` (or None) and `calibration` datasets, each a column `input_ids`."""
-    d, recipe_dir = recipe.data, _recipe_dir(recipe)
-    blocks = {}
-    for name in ("train", "eval", "calibration"):
-        source = getattr(d, name)
-        if source is None:
-            blocks[name] = blocks["train"] if name == "calibration" else None
-            continue
-        dataset = read_source(source, f"data.{name}", recipe_dir)
-        if "input_ids" in dataset.column_names:  # pre-tokenized blocks (e.g. a packed load_from_disk dataset): as is
-            dataset = dataset.select_columns(["input_ids"])
-        else:
-            dataset = pack(dataset, tokenizer, d.block_size, source.text_field, d.num_proc)
-        if len(dataset) == 0:
-            raise ValueError(f"data.{name} gives no block of data.block_size={d.block_size} tokens; add text or "
-                             "lower data.block_size.")
-        blocks[name] = dataset
-    if d.train_blocks is not None:
-        blocks["train"] = blocks["train"].select(range(min(d.train_blocks, len(blocks["train"]))))
-        if d.calibration is None:
-            blocks["calibration"] = blocks["train"]
-    if blocks["eval"] is not None and d.eval_blocks is not None:
-        blocks["eval"] = blocks["eval"].select(range(min(d.eval_blocks, len(blocks["eval"]))))
-    blocks["calibration"] = blocks["calibration"].select(range(min(d.calibration_blocks, len(blocks["calibration"]))))
-    logger.info("Data: %d train, %s eval, %d calibration blocks of %d tokens", len(blocks["train"]),
-                len(blocks["eval"]) if blocks["eval"] is not None else "no", len(blocks["calibration"]), d.block_size)
-    return blocks
-
-
-def calibration_batches(dataset, batch_size: int) -> list[dict]:
-    ids = torch.tensor(dataset["input_ids"], dtype=torch.long)
-    return [{"input_ids": ids[i:i + batch_size]} for i in range(0, len(ids), batch_size)]
-
-
-# ----------------------------------------------------------------------------------------------------- teacher
-def _train_tokenizer(files: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on local text files, with `<|endoftext|>` as BOS, EOS and padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = "<|endoftext|>"
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train(files, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
-
-
-def _pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
-    """Causal-LM pre-training of the built teacher: AdamW, cosine decay, gradient clipping at 1, shuffled epochs.
-
-    A plain loop on this process alone, not a Trainer: under `torchrun` / `accelerate launch` the teacher is built by
-    the main process while the others wait, and a Trainer would wrap the model in DDP and wait for them forever.
-    """
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    from .distillation import DistillationCollator
-
-    collate = DistillationCollator(pad_token_id=pad_token_id)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=build.pretrain_learning_rate, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, 0, build.pretrain_steps)
-    device = next(model.parameters()).device
-    order: list[int] = []
-    model.train()
-    for _ in tqdm(range(build.pretrain_steps), desc="Pre-training the teacher", unit="step"):
-        if len(order) < build.pretrain_batch_size:  # a new shuffled epoch
-            order += torch.randperm(len(dataset), generator=generator).tolist()
-        rows, order = order[:build.pretrain_batch_size], order[build.pretrain_batch_size:]
-        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in rows]).items()}
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    logger.info("Teacher pre-training: last batch loss %.3f", loss.item())
-
-
-def build_teacher(recipe: Recipe, directory: str) -> str:
-    """Make the tiny local teacher of `teacher.build` in `directory` (once; reused when complete) and return it.
-
-    A byte-level BPE tokenizer is trained on `teacher.build.tokenizer_files`, a `SlimMoeForCausalLM` is initialised
-    with `teacher.build.config` (seeded by `seed`) and trained for `pretrain_steps` with the causal LM loss on
-    `data.train`, so that distilling from it is meaningful.
-    """
-    from .modeling_slimmoe import SlimMoeForCausalLM
-
-    if is_finished_stage(directory) or (os.path.isfile(os.path.join(directory, "config.json"))
-                                        and os.path.isfile(os.path.join(directory, "tokenizer.json"))):
-        logger.info("Using the teacher built earlier in %s", directory)
-        return directory
-    b = recipe.teacher.build
-    tmp = directory + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    files = _source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", _recipe_dir(recipe))
-    logger.info("Building the teacher: tokenizer (vocab %d) on %d files, then %d causal-LM steps", b.vocab_size,
-                len(files), b.pretrain_steps)
-    tokenizer = _train_tokenizer(files, b.vocab_size)
-    if len(tokenizer) > b.vocab_size:
-        raise ValueError(f"teacher.build.vocab_size={b.vocab_size} is smaller than the trained tokenizer "
-                         f"({len(tokenizer)} tokens).")
-    torch.manual_seed(recipe.seed)
-    config = recipe.teacher_config()
-    config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
-    model = SlimMoeForCausalLM(config)
-    if b.pretrain_steps > 0:
-        train = load_blocks(recipe, tokenizer)["train"]
-        device = "cpu" if recipe.training.get("use_cpu", False) or not torch.cuda.is_available() else "cuda"
-        _pretrain(model.to(device), train, b, recipe.seed, tokenizer.pad_token_id)
-        model.to("cpu")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    logger.info("Saved the built teacher (%s parameters) to %s", human_count(config.num_parameters()), directory)
-    return directory
-
-
-def _is_local(path: str) -> bool:
-    return os.path.isdir(expand_path(path))
-
-
-def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConfig:
-    """The teacher's configuration: from `teacher.architecture` / `teacher.build`, checked against the checkpoint's
-    config.json when it can be read (a local path, or the Hub unless offline)."""
-    from .modeling_slimmoe import SUPPORTED_MODEL_TYPES
-
-    declared = recipe.teacher_config()
-    if recipe.teacher.model == BUILD_TEACHER:
-        return declared
-    from transformers import PretrainedConfig
-
-    model = expand_path(recipe.teacher.model, _recipe_dir(recipe))
-    if not _is_local(model) and (model.startswith((".", "/", "~")) or model.count("/") > 1):
-        raise FileNotFoundError(f"teacher.model {recipe.teacher.model!r} is neither a directory nor a Hub id.")
-    try:
-        values, _ = PretrainedConfig.get_config_dict(model, revision=recipe.teacher.revision)
-    except (OSError, ValueError) as e:
-        if declared is not None and offline_ok:
-            logger.warning("Could not read the teacher's config.json (%s); using teacher.architecture instead.",
-                           str(e).splitlines()[0])
-            return declared
-        raise FileNotFoundError(
-            f"teacher.model {recipe.teacher.model!r}: cannot read its config.json ({e}).") from None
-    if values.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"teacher.model {recipe.teacher.model!r} has model_type {values.get('model_type')!r}; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures",
-                                                           "auto_map")}
-    values.setdefault("head_dim", values.get("hidden_size", 4096) // values.get("num_attention_heads", 32))
-    actual = SlimMoeConfig(**values)
-    if declared is not None:
-        for name in _ARCHITECTURE_FIELDS:
-            if getattr(declared, name) != getattr(actual, name):
-                raise ValueError(f"teacher.architecture.{name}={getattr(declared, name)} but the checkpoint "
-                                 f"{recipe.teacher.model} has {getattr(actual, name)}; fix the recipe.")
-    return actual
-
-
-def _teacher_paths(recipe: Recipe, paths: RunPaths) -> tuple[str, str]:
-    if recipe.teacher.model == BUILD_TEACHER:
-        return paths.teacher, paths.teacher
-    model = recipe.teacher.model
-    model = expand_path(model, _recipe_dir(recipe)) if _is_local(expand_path(model, _recipe_dir(recipe))) else model
-    tokenizer = recipe.teacher.tokenizer or model
-    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -376,28 +135,23 @@ def plan_text(recipe: Recipe, teacher_config: SlimMoeConfig | None = None) -> st
 def check(recipe: Recipe) -> SlimMoeConfig:
     """Everything `--dry-run` checks, before any compute: data files, teacher config and sizes, tokenizer and
     vocabulary, stage sizes, budgets, training arguments, Hub settings. Returns the teacher's configuration."""
-    recipe_dir = _recipe_dir(recipe)
+    recipe_dir = recipe.directory
     for name in ("train", "eval", "calibration"):
         source = getattr(recipe.data, name)
         if source is not None:
             check_source(source, f"data.{name}", recipe_dir)
     if recipe.teacher.build is not None:
-        _source_files(DataSource(glob=recipe.teacher.build.tokenizer_files), "teacher.build.tokenizer_files",
+        source_files(DataSource(glob=recipe.teacher.build.tokenizer_files), "teacher.build.tokenizer_files",
                       recipe_dir)
+    if recipe.method == "iterative" and (recipe.training.get("fsdp") or fsdp_requested()):
+        raise ValueError("method: iterative does not run under FSDP: its masks zero and read whole expert and "
+                         "attention weights between optimizer steps, and FSDP leaves each process one shard of them. "
+                         "Run the iterative baseline on one process or with DDP, or use multi-stage / one-stage.")
     teacher_config = read_teacher_config(recipe, offline_ok=True)
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
     recipe.gradient_accumulation_steps(world_size())
-    if recipe.teacher.model != BUILD_TEACHER:
-        tokenizer_path = recipe.teacher.tokenizer or recipe.teacher.model
-        local = expand_path(tokenizer_path, recipe_dir)
-        if _is_local(local):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(local)
-            if len(tokenizer) > teacher_config.vocab_size:
-                raise ValueError(f"teacher.tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
-                                 f"{teacher_config.vocab_size}: teacher and student vocabularies must match.")
+    check_teacher_tokenizer(recipe, teacher_config)
     if recipe.method == "multi-stage" and recipe.early_stopping.enabled and recipe.data.eval is not None:
         t = recipe.training
         if t.get("save_steps", 500) % t.get("eval_steps", t.get("logging_steps", 10)) != 0:
@@ -408,7 +162,7 @@ def check(recipe: Recipe) -> SlimMoeConfig:
     if not torch.cuda.is_available() and (recipe.training.get("bf16") or recipe.training.get("fp16")):
         logger.warning("No GPU here: training.bf16 / fp16 are not checked on this machine.")
         checked = dataclasses.replace(recipe, training={**recipe.training, "bf16": False, "fp16": False})
-    _training_args(checked, os.path.join(recipe.output_dir, ".dry-run"), max_steps=1, early_stopping=False)
+    training_args(checked, os.path.join(recipe.output_dir, ".dry-run"), max_steps=1, early_stopping=False)
     if recipe.hub.get("push_to_hub"):
         from .hub import HubSettings
 
@@ -416,7 +170,20 @@ def check(recipe: Recipe) -> SlimMoeConfig:
     return teacher_config
 
 
-def _training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stopping: bool):
+def check_teacher_tokenizer(recipe: Recipe, teacher_config: SlimMoeConfig) -> None:
+    """Raise when a local teacher tokenizer has more tokens than the teacher's vocabulary."""
+    if recipe.teacher.model == BUILD_TEACHER:
+        return
+    local = expand_path(recipe.teacher.tokenizer or recipe.teacher.model, recipe.directory)
+    if is_local(local):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        check_tokenizer_vocabulary(tokenizer, teacher_config.vocab_size, "teacher.tokenizer")
+
+
+def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stopping: bool):
+    """The `DistillationConfig` of a stage (or of an evaluation) from the recipe's `training` and `distillation`."""
     from .distillation import DistillationConfig
 
     d, has_eval = recipe.distillation, recipe.data.eval is not None
@@ -435,8 +202,7 @@ def _training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stoppi
         raise ValueError(f"training: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------------- loop
-def _last_checkpoint(directory: str) -> str | None:
+def last_checkpoint(directory: str) -> str | None:
     """The newest checkpoint-N that was completely written (its trainer_state.json exists); incomplete ones are
     removed, so a process killed while saving resumes from the previous checkpoint."""
     if not os.path.isdir(directory):
@@ -455,37 +221,402 @@ def _last_checkpoint(directory: str) -> str | None:
     return None
 
 
-def _point(stage: int, tokens: int, step: int, config: SlimMoeConfig, metrics: dict | None) -> dict:
-    metrics = metrics or {}
-    return {"stage": stage, "tokens": int(tokens), "step": int(step), "num_parameters": config.num_parameters(),
-            "num_active_parameters": config.num_active_parameters(), "eval_kl": metrics.get("eval_kl"),
-            "eval_topk_kl": metrics.get("eval_topk_kl"), "eval_perplexity": metrics.get("eval_perplexity"),
-            "eval_top1_agreement": metrics.get("eval_top1_agreement")}
-
-
-def _eval_only(model, teacher, eval_dataset, recipe: Recipe, output_dir: str, tokenizer) -> dict | None:
+def evaluate_only(model, teacher, eval_dataset, recipe: Recipe, output_dir: str, tokenizer) -> dict | None:
     """`DistillationTrainer.evaluate()` of `model` against the teacher (online or cached) without training."""
     from .distillation import DistillationTrainer
 
     if eval_dataset is None:
         return None
-    args = _training_args(recipe, output_dir, max_steps=1, early_stopping=False)
+    args = training_args(recipe, output_dir, max_steps=1, early_stopping=False)
     trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, eval_dataset=eval_dataset,
                                   processing_class=tokenizer)
     return trainer.evaluate()
 
 
-class _TrajectoryLogger(TrainerCallback):
-    """Writes OUTPUT_DIR/trajectory.json after every evaluation, so the run's progress is on disk while it trains."""
+# ----------------------------------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """What the stages of a run share: the recipe, the original teacher, the data, and the progress so far.
 
-    def __init__(self, write):
-        self.write = write
+    `args` are the run's training arguments (they give the process index and `main_process_first`); `online_teacher`
+    is the teacher the trainers run, `None` when its top-k is cached in `train` / `eval_set`; `parent` is the model
+    the next stage starts from, `tokens_done` / `steps_done` the training spent by the stages before it.
+    """
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.is_world_process_zero:
-            self.write(state)
+    recipe: Recipe
+    paths: RunPaths
+    args: Any
+    teacher: Any
+    teacher_path: str
+    tokenizer: Any
+    device: torch.device
+    train: Any = None
+    eval_set: Any = None
+    calibration: list[dict] = field(default_factory=list)
+    online_teacher: Any = None
+    trajectory: dict = field(default_factory=dict)
+    teacher_summary: dict = field(default_factory=dict)
+    parent: str = ""
+    tokens_done: int = 0
+    steps_done: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.args.process_index == 0  # only the main process writes run files
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.recipe.teacher.dtype)
+
+    @property
+    def per_step(self) -> int:
+        return self.recipe.tokens_per_step(world_size())
+
+    @property
+    def teacher_name(self) -> str:
+        return self.trajectory["teacher"]["name"]
+
+    def advance(self, stage_dir: str, tokens: int, steps: int) -> None:
+        """The next stage starts from `stage_dir`, after `tokens` / `steps` more training."""
+        self.parent, self.tokens_done, self.steps_done = stage_dir, self.tokens_done + tokens, self.steps_done + steps
+
+    def skip_finished_stage(self, i: int, num_stages: int) -> None:
+        """Take a finished `stage-i/` as it is: its trajectory and training spent are read back from disk."""
+        final_dir = self.paths.stage(i)
+        info = read_json(os.path.join(final_dir, "stage.json"))
+        self.trajectory = read_json(os.path.join(final_dir, "trajectory.json"))
+        if self.is_main:
+            shutil.rmtree(self.paths.work(i), ignore_errors=True)
+        logger.info("Stage %d/%d is finished in %s; skipping it.", i, num_stages, final_dir)
+        self.advance(final_dir, info["training"]["tokens"], info["training"]["steps"])
 
 
+def run_device(recipe: Recipe) -> torch.device:
+    """This process's device: the CPU with `training.use_cpu` or without CUDA, else the GPU of `LOCAL_RANK`."""
+    if recipe.training.get("use_cpu") or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def prepare_output_dir(recipe: Recipe, paths: RunPaths) -> None:
+    """Create OUTPUT_DIR with the resolved recipe, and the built teacher for `teacher.model: build`."""
+    os.makedirs(paths.output_dir, exist_ok=True)
+    save_recipe(recipe, paths.recipe)
+    if recipe.teacher.model == BUILD_TEACHER:
+        build_teacher(recipe, paths.teacher)
+
+
+def load_teacher(recipe: Recipe, paths: RunPaths) -> tuple[Any, Any, str]:
+    """The original teacher (frozen, in eval mode, on this process's device unless ZeRO-3 shards it), its tokenizer
+    and its path."""
+    from transformers import AutoTokenizer
+
+    from .modeling_slimmoe import SlimMoeForCausalLM
+
+    teacher_path, tokenizer_path = teacher_paths(recipe, paths.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    teacher = SlimMoeForCausalLM.from_pretrained(teacher_path, dtype=getattr(torch, recipe.teacher.dtype),
+                                                 revision=recipe.teacher.revision)
+    teacher.requires_grad_(False).eval()
+    check_tokenizer_vocabulary(tokenizer, teacher.config.vocab_size)
+    if not is_deepspeed_zero3_enabled():  # ZeRO-3 keeps the teacher sharded; the trainer places it
+        teacher.to(run_device(recipe))
+    return teacher, tokenizer, teacher_path
+
+
+def cache_teacher(run: Run) -> None:
+    """With `distillation.cache_teacher`, add the original teacher's top-k to the train / eval blocks (computed once
+    for every stage, in OUTPUT_DIR/teacher_cache/); the trainers then run without the teacher."""
+    from .distillation import cache_teacher_topk
+
+    if not run.recipe.distillation.cache_teacher:
+        return
+    top_k, pad_token_id = run.recipe.distillation.top_k, run.tokenizer.pad_token_id or 0
+    with run.args.main_process_first(desc="caching the teacher's top-k"):
+        run.train = cache_teacher_topk(run.teacher, run.train, top_k=top_k, pad_token_id=pad_token_id,
+                                       output_dir=os.path.join(run.paths.teacher_cache, "train"))
+        if run.eval_set is not None:
+            run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
+                                              output_dir=os.path.join(run.paths.teacher_cache, "eval"))
+    run.online_teacher = None
+
+
+def start_trajectory(run: Run) -> None:
+    """The trajectory's first point, the teacher against itself (evaluated once, kept in teacher_eval.json), and the
+    teacher's sizes every stage.json records."""
+    config, paths = run.teacher.config, run.paths
+    if os.path.isfile(paths.teacher_eval):
+        metrics = read_json(paths.teacher_eval)
+    else:
+        scratch = os.path.join(paths.output_dir, ".teacher-eval")
+        metrics = evaluate_only(run.teacher, run.online_teacher, run.eval_set, run.recipe, scratch, run.tokenizer) or {}
+        if run.is_main:
+            shutil.rmtree(scratch, ignore_errors=True)
+            write_json(paths.teacher_eval, metrics)
+    name = run.recipe.teacher.model if run.recipe.teacher.model != BUILD_TEACHER else run.teacher_path
+    run.trajectory = {
+        "teacher": {"name": name, "num_parameters": config.num_parameters(),
+                    "num_active_parameters": config.num_active_parameters()},
+        "points": [point(0, 0, 0, config, metrics)],
+    }
+    run.teacher_summary = {name: getattr(config, name) for name in (
+        "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "num_local_experts",
+        "num_experts_per_tok")}
+    run.teacher_summary.update(num_parameters=config.num_parameters(),
+                               num_active_parameters=config.num_active_parameters())
+
+
+def start_run(recipe: Recipe, paths: RunPaths) -> Run:
+    """Everything the stages share, made or read back from OUTPUT_DIR: the resolved recipe, the (built) teacher and
+    its tokenizer, the data blocks, the teacher cache and the trajectory's teacher point."""
+    # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
+    # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
+    args = training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)
+    with args.main_process_first(desc="preparing the run"):
+        prepare_output_dir(recipe, paths)
+    teacher, tokenizer, teacher_path = load_teacher(recipe, paths)
+    blocks = load_blocks(recipe, tokenizer)
+    run = Run(recipe, paths, args, teacher, teacher_path, tokenizer, run_device(recipe), train=blocks["train"],
+              eval_set=blocks["eval"], online_teacher=teacher, parent=teacher_path)
+    cache_teacher(run)
+    run.calibration = batches(blocks["calibration"], recipe.scoring.batch_size, tokenizer.pad_token_id or 0)
+    start_trajectory(run)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------- a stage
+class StageRunner:
+    """One stage of the loop on a `Run`, one method per step of the paper's procedure.
+
+    Every step leaves its result on disk (scores and the pruned model's evaluation under `.stage-i.work/`, Trainer
+    checkpoints under `.stage-i.work/checkpoints/`, the saved stage under `.stage-i.tmp/`), so a killed stage resumes
+    where it was. Only the main process writes files; every process trains and takes part in saving the weights.
+    """
+
+    def __init__(self, run: Run, index: int, config: SlimMoeConfig, max_steps: int, num_stages: int):
+        self.run, self.index, self.config, self.max_steps, self.num_stages = run, index, config, max_steps, num_stages
+        self.final_dir, self.tmp_dir, self.work_dir = run.paths.stage(index), run.paths.tmp(index), run.paths.work(index)
+        self.checkpoints = os.path.join(self.work_dir, "checkpoints")
+        recipe = run.recipe
+        self.early = (recipe.method == "multi-stage" and index < num_stages and recipe.early_stopping.enabled
+                      and run.eval_set is not None)
+        self.model = self.scores = self.trainer = self.iterative = None
+        self.callbacks: list = []
+        self.metrics: dict = {}
+        self.steps = 0
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens of this stage."""
+        return self.steps * self.run.per_step
+
+    def load_parent(self) -> None:
+        """The previous stage's model (the teacher for stage 1) on this process's device; a half-written
+        `.stage-i.tmp/` of an earlier attempt is removed."""
+        from transformers import set_seed
+
+        from .modeling_slimmoe import SlimMoeForCausalLM
+
+        run, c = self.run, self.config
+        if run.is_main:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)  # a half-written stage is never reused
+        os.makedirs(self.work_dir, exist_ok=True)
+        logger.info("Stage %d/%d: %s -> d_expert %d, heads %d/%d (%s parameters), %d steps%s", self.index,
+                    self.num_stages, run.parent, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                    human_count(c.num_parameters()), self.max_steps, ", early stopping on eval KL" if self.early else "")
+        set_seed(run.recipe.seed + self.index)
+        self.model = SlimMoeForCausalLM.from_pretrained(run.parent, dtype=run.dtype).to(run.device)
+
+    def score(self) -> None:
+        """Sensitivity scores of the model against the original teacher (Eq. 2-4), once per stage: saved in the work
+        directory, so a resumed stage prunes to the same model. The iterative baseline scores during `distill`."""
+        from .pruning import SensitivityScores, compute_sensitivity
+
+        run, recipe = self.run, self.run.recipe
+        if recipe.method == "iterative":
+            return
+        path = os.path.join(self.work_dir, "scores.safetensors")
+        teacher = None if run.parent == run.teacher_path else run.teacher  # stage 1: the model is the teacher
+        kwargs = dict(teacher=teacher, criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
+        if fsdp_requested(run.args) and run.args.world_size > 1:
+            # FSDP: every rank scores its share of the batches on a model sharded one decoder layer per unit
+            torch.distributed.barrier()  # every rank looks for the file before the main one may write it
+            if os.path.isfile(path):
+                self.scores = SensitivityScores.load(path)
+                return
+            self.scores = compute_sensitivity(shard_decoder_layers(self.model), run.calibration, **kwargs)
+        else:
+            with run.args.main_process_first(desc="sensitivity scores"):
+                if os.path.isfile(path):
+                    self.scores = SensitivityScores.load(path)
+                    return
+                self.scores = compute_sensitivity(self.model, run.calibration, **kwargs)
+        if run.is_main:
+            self.scores.save(path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def prune(self) -> None:
+        """One-shot structured pruning to the stage size (the iterative baseline prunes after `distill`): in memory,
+        or with `prune.streaming` (and always for a model sharded while scoring) by streaming surgery of the parent
+        checkpoint on disk into `.stage-i.work/pruned/`, which is then loaded; both give the same model."""
+        if self.scores is None:
+            return
+        if self.run.recipe.prune.streaming or is_sharded(self.model):
+            self.model = None
+            self.model = self.streamed_prune().to(self.run.device)
+        else:
+            self.model.prune_to(self.config, self.scores)
+
+    def streamed_prune(self):
+        """Streaming surgery of the parent checkpoint (the main process, once; a resumed stage reuses it), loaded."""
+        from .modeling_slimmoe import SlimMoeForCausalLM
+        from .pruning.streaming import prune_checkpoint
+
+        run, pruned_dir = self.run, os.path.join(self.work_dir, "pruned")
+        with run.args.main_process_first(desc="streaming surgery"):
+            if not os.path.isfile(os.path.join(pruned_dir, "config.json")):  # renamed into place complete
+                source = run.parent
+                if not os.path.isdir(source):  # a Hub id: its config and safetensors shards, downloaded once
+                    from huggingface_hub import snapshot_download
+
+                    source = snapshot_download(source, revision=run.recipe.teacher.revision)
+                shutil.rmtree(pruned_dir, ignore_errors=True)
+                prune_checkpoint(source, pruned_dir, self.config, self.scores, card=False)
+        return SlimMoeForCausalLM.from_pretrained(pruned_dir, dtype=run.dtype)
+
+    def distill(self) -> None:
+        """Distill from the original teacher, continuing from the latest complete checkpoint, with early stopping on
+        eval KL in the intermediate stages; the freshly pruned model is evaluated once first."""
+        from .distillation import DistillationTrainer
+
+        run, recipe = self.run, self.run.recipe
+        pruned = point(self.index, run.tokens_done, run.steps_done, self.model.config, self.evaluate_pruned())
+        base = [*run.trajectory["points"], pruned]
+        args = training_args(recipe, self.checkpoints, max_steps=self.max_steps, early_stopping=self.early)
+        if recipe.method == "iterative":
+            self.iterative = self.iterative_callback()
+            self.callbacks.append(self.iterative)
+        if self.early:
+            self.callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping.patience,
+                                                        early_stopping_threshold=recipe.early_stopping.min_delta))
+        self.callbacks.append(TrajectoryLogger(lambda state: write_json(
+            run.paths.trajectory, {**run.trajectory, "points": self.points(base, state)})))
+        trainer = DistillationTrainer(model=self.model, teacher_model=run.online_teacher, args=args,
+                                      train_dataset=run.train, eval_dataset=run.eval_set,
+                                      processing_class=run.tokenizer, callbacks=self.callbacks)
+        resume = last_checkpoint(self.checkpoints)
+        if resume:
+            logger.info("Resuming stage %d from %s", self.index, resume)
+        trainer.train(resume_from_checkpoint=resume)
+        self.trainer, self.model = trainer, trainer.model
+        if self.iterative is not None:
+            self.model, self.scores = self.iterative.finalize(self.model)
+        self.metrics = trainer.evaluate() if run.eval_set is not None else {}
+        self.steps = trainer.state.global_step
+        self.record_trajectory(base)
+
+    def evaluate_pruned(self) -> dict:
+        """Eval metrics of the model before distillation (kept in the work directory for a resume)."""
+        run, path = self.run, os.path.join(self.work_dir, "pruned_eval.json")
+        if os.path.isfile(path):
+            return read_json(path)
+        metrics = evaluate_only(self.model, run.online_teacher, run.eval_set, run.recipe, self.checkpoints,
+                                run.tokenizer) or {}
+        if run.is_main:
+            write_json(path, metrics)
+        return metrics
+
+    def iterative_callback(self):
+        """The iterative baseline's masks, reaching the target after the multi-stage run's share of the budget."""
+        from .pruning.iterative import IterativeMaskCallback
+
+        recipe = self.run.recipe
+        fraction = recipe.iterative.target_fraction or multi_stage_init_fraction(recipe)
+        return IterativeMaskCallback(
+            self.model, self.config, self.run.calibration, teacher=self.run.teacher, criterion=recipe.scoring.criterion,
+            top_k=recipe.scoring.top_k, mask_every_steps=recipe.iterative.mask_every_steps,
+            target_step=max(1, round(fraction * self.max_steps)), expert_multiple=recipe.stages.expert_multiple)
+
+    def points(self, base: list[dict], state) -> list[dict]:
+        """`base` and one trajectory point per evaluation of this stage's training so far."""
+        run = self.run
+        config_at = self.iterative.config_at if self.iterative is not None else (lambda step: self.config)
+        return stage_points(base, state.log_history, self.index, run.tokens_done, run.steps_done, run.per_step,
+                            config_at)
+
+    def record_trajectory(self, base: list[dict]) -> None:
+        """The run's trajectory up to the end of this stage; the final evaluation is a point of its own unless the
+        last training step was evaluated."""
+        run = self.run
+        run.trajectory = {**run.trajectory, "points": self.points(base, self.trainer.state)}
+        end_step = run.steps_done + self.steps
+        if run.eval_set is not None and run.trajectory["points"][-1]["step"] != end_step:
+            run.trajectory["points"].append(point(self.index, run.tokens_done + self.tokens, end_step, self.config,
+                                                  self.metrics))
+
+    def save(self) -> None:
+        """Write the stage as a complete Hub-ready repository under `.stage-i.tmp/`: weights (every process takes
+        part, for ZeRO-3 / FSDP), tokenizer, scores, stage.json and trajectory.json (the main process)."""
+        self.trainer.save_model(self.tmp_dir)
+        if not self.run.is_main:
+            return
+        self.run.tokenizer.save_pretrained(self.tmp_dir)
+        pickled_args = os.path.join(self.tmp_dir, "training_args.bin")
+        if os.path.exists(pickled_args):  # a pickle; recipe and stage.json say it all
+            os.remove(pickled_args)
+        self.scores.save(os.path.join(self.tmp_dir, "scores.safetensors"))
+        write_json(os.path.join(self.tmp_dir, "stage.json"), self.stage_info())
+        write_json(os.path.join(self.tmp_dir, "trajectory.json"), self.run.trajectory)
+
+    def stage_info(self) -> dict:
+        """stage.json: lineage, training spent and settings, final evaluation."""
+        run, recipe, args, m = self.run, self.run.recipe, self.trainer.args, self.metrics
+        stopped = self.steps < self.max_steps
+        return {
+            "stage": self.index, "num_stages": self.num_stages, "method": recipe.method, "teacher": run.teacher_name,
+            "parent": run.parent if run.parent != run.teacher_path else run.teacher_name, "recipe": recipe.name,
+            "license": recipe.teacher.license, "datasets": dataset_ids(recipe), "teacher_config": run.teacher_summary,
+            "training": {
+                "tokens": self.tokens, "steps": self.steps, "learning_rate": args.learning_rate, "top_k": args.top_k,
+                "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef, "ce_weight": args.ce_weight,
+                "early_stopped": stopped, "stopped_at_step": self.steps if stopped else None,
+                "max_steps": self.max_steps,
+            },
+            "eval": {"kl": m.get("eval_kl"), "topk_kl": m.get("eval_topk_kl"), "perplexity": m.get("eval_perplexity"),
+                     "top1_agreement": m.get("eval_top1_agreement")},
+        }
+
+    def card(self) -> None:
+        """The model card (README.md) and trajectory.png of the saved stage."""
+        if self.run.is_main:
+            write_card(self.tmp_dir)
+
+    def move_into_place(self) -> None:
+        """Rename `.stage-i.tmp/` to `stage-i/`: from here on the stage is finished and never recomputed."""
+        run = self.run
+        if not run.is_main:
+            return
+        os.replace(self.tmp_dir, self.final_dir)
+        write_json(run.paths.trajectory, run.trajectory)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        logger.info("Stage %d/%d saved to %s (%d steps, %s tokens, eval KL %s)", self.index, self.num_stages,
+                    self.final_dir, self.steps, human_count(self.tokens), self.metrics.get("eval_kl"))
+
+    def push(self) -> None:
+        """Publish the stage when the recipe's `hub.push_to_hub` says so (a failed push only warns)."""
+        if self.run.is_main:
+            publish(self.final_dir, self.run.recipe)
+
+    def finish(self) -> None:
+        """Wait for every process, then let the next stage start from this one."""
+        if self.trainer.accelerator.num_processes > 1:
+            self.trainer.accelerator.wait_for_everyone()
+        self.run.advance(self.final_dir, self.tokens, self.steps)
+        self.trainer = self.model = self.iterative = None
+        self.callbacks = []
+
+
+# ----------------------------------------------------------------------------------------------------- the loop
 def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
     """Run (or with `dry_run`, only check and plan) a recipe; returns the output directory. Re-running continues.
     `on_stage_start(i, num_stages)`, when given, is called as stage `i` begins (or is found finished)."""
@@ -493,334 +624,45 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
     if dry_run:
         return recipe.output_dir
     paths = RunPaths(recipe.output_dir)
-    planned = range(1, len(recipe.stage_configs(teacher_config)) + 1)
-    if all(is_finished_stage(paths.stage(i)) for i in planned):
-        logger.info("All %d stages of %s are finished in %s; nothing to do.", len(planned), recipe.name,
-                    paths.output_dir)
+    num_stages = len(recipe.stage_configs(teacher_config))
+    if all(is_finished_stage(paths.stage(i)) for i in range(1, num_stages + 1)):
+        logger.info("All %d stages of %s are finished in %s; nothing to do.", num_stages, recipe.name, paths.output_dir)
         return paths.output_dir
     logger.info("Plan:\n%s", plan_text(recipe, teacher_config))
 
-    from transformers import AutoTokenizer, set_seed
-
-    from .distillation import DistillationTrainer, cache_teacher_topk
-    from .modeling_slimmoe import SlimMoeForCausalLM
-    from .pruning import SensitivityScores, compute_sensitivity
-
-    # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
-    # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
-    run_args = _training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)
-    is_main = run_args.process_index == 0  # only the main process writes run files
-    with run_args.main_process_first(desc="preparing the run"):
-        os.makedirs(paths.output_dir, exist_ok=True)
-        save_recipe(recipe, paths.recipe)
-        if recipe.teacher.model == BUILD_TEACHER:
-            build_teacher(recipe, paths.teacher)
-    teacher_path, tokenizer_path = _teacher_paths(recipe, paths)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    dtype = getattr(torch, recipe.teacher.dtype)
-    teacher = SlimMoeForCausalLM.from_pretrained(teacher_path, dtype=dtype, revision=recipe.teacher.revision)
-    teacher.requires_grad_(False).eval()
-    if len(tokenizer) > teacher.config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
-                         f"{teacher.config.vocab_size}: teacher and student vocabularies must match.")
-    device = torch.device("cpu") if recipe.training.get("use_cpu") or not torch.cuda.is_available() else \
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if not is_deepspeed_zero3_enabled():  # ZeRO-3 keeps the teacher sharded; the trainer places it
-        teacher.to(device)
-    stage_configs = recipe.stage_configs(teacher.config)
-    stage_steps = recipe.stage_steps(world_size())
-    per_step = recipe.tokens_per_step(world_size())
-    num_stages = len(stage_configs)
-
-    blocks = load_blocks(recipe, tokenizer)
-    train, eval_set = blocks["train"], blocks["eval"]
-    online_teacher = teacher
-    if recipe.distillation.cache_teacher:  # the original teacher's top-k, computed once for every stage
-        with run_args.main_process_first(desc="caching the teacher's top-k"):
-            train = cache_teacher_topk(teacher, train, top_k=recipe.distillation.top_k,
-                                       output_dir=os.path.join(paths.teacher_cache, "train"),
-                                       pad_token_id=tokenizer.pad_token_id or 0)
-            if eval_set is not None:
-                eval_set = cache_teacher_topk(teacher, eval_set, top_k=recipe.distillation.top_k,
-                                              output_dir=os.path.join(paths.teacher_cache, "eval"),
-                                              pad_token_id=tokenizer.pad_token_id or 0)
-        online_teacher = None
-    calibration = calibration_batches(blocks["calibration"], recipe.scoring.batch_size)
-
-    # Trajectory: the teacher point, then the points of every finished stage (read back from disk on resume).
-    teacher_eval_path = os.path.join(paths.output_dir, "teacher_eval.json")
-    if os.path.isfile(teacher_eval_path):
-        teacher_metrics = _read_json(teacher_eval_path)
-    else:
-        teacher_metrics = _eval_only(teacher, online_teacher, eval_set, recipe,
-                                     os.path.join(paths.output_dir, ".teacher-eval"), tokenizer) or {}
-        if is_main:
-            shutil.rmtree(os.path.join(paths.output_dir, ".teacher-eval"), ignore_errors=True)
-            _write_json(teacher_eval_path, teacher_metrics)
-    trajectory = {
-        "teacher": {"name": recipe.teacher.model if recipe.teacher.model != BUILD_TEACHER else teacher_path,
-                    "num_parameters": teacher.config.num_parameters(),
-                    "num_active_parameters": teacher.config.num_active_parameters()},
-        "points": [_point(0, 0, 0, teacher.config, teacher_metrics)],
-    }
-    teacher_summary = {name: getattr(teacher.config, name) for name in (
-        "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "num_local_experts",
-        "num_experts_per_tok")}
-    teacher_summary.update(num_parameters=teacher.config.num_parameters(),
-                           num_active_parameters=teacher.config.num_active_parameters())
-
-    parent, tokens_done, steps_done = teacher_path, 0, 0
-    for i, (stage_config, max_steps) in enumerate(zip(stage_configs, stage_steps), start=1):
-        final_dir, tmp_dir, work_dir = paths.stage(i), paths.tmp(i), paths.work(i)
+    run = start_run(recipe, paths)
+    stages = zip(recipe.stage_configs(run.teacher.config), recipe.stage_steps(world_size()))
+    for i, (stage_config, max_steps) in enumerate(stages, start=1):
         if on_stage_start is not None:
             on_stage_start(i, num_stages)
-        if is_finished_stage(final_dir):
-            info = _read_json(os.path.join(final_dir, "stage.json"))
-            trajectory = _read_json(os.path.join(final_dir, "trajectory.json"))
-            tokens_done += info["training"]["tokens"]
-            steps_done += info["training"]["steps"]
-            if is_main:
-                shutil.rmtree(work_dir, ignore_errors=True)
-            logger.info("Stage %d/%d is finished in %s; skipping it.", i, num_stages, final_dir)
-            parent = final_dir
+        if is_finished_stage(paths.stage(i)):
+            run.skip_finished_stage(i, num_stages)
             continue
-        if is_main:
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # a half-written stage is never reused
-        os.makedirs(work_dir, exist_ok=True)
-        last_stage = i == num_stages
-        early = (recipe.method == "multi-stage" and not last_stage and recipe.early_stopping.enabled
-                 and eval_set is not None)
-        logger.info("Stage %d/%d: %s -> d_expert %d, heads %d/%d (%s parameters), %d steps%s", i, num_stages, parent,
-                    stage_config.intermediate_size, stage_config.num_attention_heads, stage_config.num_key_value_heads,
-                    human_count(stage_config.num_parameters()), max_steps,
-                    ", early stopping on eval KL" if early else "")
-        set_seed(recipe.seed + i)
-
-        # 1. Score the current model against the original teacher, once per stage (saved, so a resume prunes alike),
-        # 2. and prune it one-shot to the stage size. The iterative baseline masks during training instead.
-        model = SlimMoeForCausalLM.from_pretrained(parent, dtype=dtype).to(device)
-        scoring_teacher = None if parent == teacher_path else teacher  # stage 1: the model is the teacher
-        callbacks, scores = [], None
-        if recipe.method == "iterative":
-            fraction = recipe.iterative.target_fraction or _multi_stage_init_fraction(recipe)
-            callbacks.append(IterativeMaskCallback(
-                model, stage_config, calibration, teacher=teacher, criterion=recipe.scoring.criterion,
-                top_k=recipe.scoring.top_k, mask_every_steps=recipe.iterative.mask_every_steps,
-                target_step=max(1, round(fraction * max_steps)), expert_multiple=recipe.stages.expert_multiple))
-        else:
-            scores_path = os.path.join(work_dir, "scores.safetensors")
-            with run_args.main_process_first(desc="sensitivity scores"):
-                if os.path.isfile(scores_path):
-                    scores = SensitivityScores.load(scores_path)
-                else:
-                    scores = compute_sensitivity(model, calibration, teacher=scoring_teacher,
-                                                 criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
-                    scores.save(scores_path + ".tmp")
-                    os.replace(scores_path + ".tmp", scores_path)
-            model.prune_to(stage_config, scores)
-
-        # 3. Distill from the original teacher; evaluate the freshly pruned model once first.
-        checkpoints = os.path.join(work_dir, "checkpoints")
-        pruned_eval_path = os.path.join(work_dir, "pruned_eval.json")
-        if os.path.isfile(pruned_eval_path):
-            pruned_metrics = _read_json(pruned_eval_path)
-        else:
-            pruned_metrics = _eval_only(model, online_teacher, eval_set, recipe, checkpoints, tokenizer) or {}
-            if is_main:
-                _write_json(pruned_eval_path, pruned_metrics)
-        args = _training_args(recipe, checkpoints, max_steps=max_steps, early_stopping=early)
-        if early:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping.patience,
-                                                   early_stopping_threshold=recipe.early_stopping.min_delta))
-        base_points = list(trajectory["points"])
-        base_points.append(_point(i, tokens_done, steps_done, model.config, pruned_metrics))
-
-        config_at = callbacks[0].config_at if recipe.method == "iterative" else (lambda step, c=stage_config: c)
-
-        def stage_points(state, base=base_points, t0=tokens_done, s0=steps_done, stage=i, config_at=config_at):
-            points, seen = list(base), set()
-            for entry in state.log_history:  # the evaluations during training (one per step)
-                if "eval_kl" in entry and entry["step"] not in seen:
-                    seen.add(entry["step"])
-                    points.append(_point(stage, t0 + entry["step"] * per_step, s0 + entry["step"],
-                                         config_at(entry["step"]), entry))
-            return points
-
-        def write_progress(state):
-            _write_json(paths.trajectory, {**trajectory, "points": stage_points(state)})
-
-        callbacks.append(_TrajectoryLogger(write_progress))
-        trainer = DistillationTrainer(model=model, teacher_model=online_teacher, args=args, train_dataset=train,
-                                      eval_dataset=eval_set, processing_class=tokenizer, callbacks=callbacks)
-        resume = _last_checkpoint(checkpoints)
-        if resume:
-            logger.info("Resuming stage %d from %s", i, resume)
-        trainer.train(resume_from_checkpoint=resume)
-        model = trainer.model
-        if recipe.method == "iterative":
-            model, scores = callbacks[0].finalize(model)
-        final_metrics = trainer.evaluate() if eval_set is not None else {}
-        steps = trainer.state.global_step
-        stage_tokens = steps * per_step
-        trajectory = {**trajectory, "points": stage_points(trainer.state)}
-        if eval_set is not None and trajectory["points"][-1]["step"] != steps_done + steps:  # no eval at the last step
-            trajectory["points"].append(_point(i, tokens_done + stage_tokens, steps_done + steps, stage_config,
-                                               final_metrics))
-
-        # 4. Save the stage as a complete Hub-ready repository under a temporary name, then rename it into place.
-        trainer.save_model(tmp_dir)  # every rank takes part (ZeRO-3 / FSDP gather); the main process writes
-        if not trainer.is_world_process_zero():
-            trainer.accelerator.wait_for_everyone()
-            parent, tokens_done, steps_done = final_dir, tokens_done + stage_tokens, steps_done + steps
-            continue
-        tokenizer.save_pretrained(tmp_dir)
-        if os.path.exists(os.path.join(tmp_dir, "training_args.bin")):  # a pickle; recipe and stage.json say it all
-            os.remove(os.path.join(tmp_dir, "training_args.bin"))
-        scores.save(os.path.join(tmp_dir, "scores.safetensors"))
-        info = {
-            "stage": i, "num_stages": num_stages, "method": recipe.method, "teacher": trajectory["teacher"]["name"],
-            "parent": parent if parent != teacher_path else trajectory["teacher"]["name"], "recipe": recipe.name,
-            "license": recipe.teacher.license, "datasets": _dataset_ids(recipe), "teacher_config": teacher_summary,
-            "training": {
-                "tokens": stage_tokens, "steps": steps, "learning_rate": args.learning_rate,
-                "top_k": args.top_k, "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef,
-                "ce_weight": args.ce_weight, "early_stopped": steps < max_steps,
-                "stopped_at_step": steps if steps < max_steps else None, "max_steps": max_steps,
-            },
-            "eval": {"kl": final_metrics.get("eval_kl"), "topk_kl": final_metrics.get("eval_topk_kl"),
-                     "perplexity": final_metrics.get("eval_perplexity"),
-                     "top1_agreement": final_metrics.get("eval_top1_agreement")},
-        }
-        _write_json(os.path.join(tmp_dir, "stage.json"), info)
-        _write_json(os.path.join(tmp_dir, "trajectory.json"), trajectory)
-        _write_card(tmp_dir)
-        os.replace(tmp_dir, final_dir)
-        _write_json(paths.trajectory, trajectory)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        logger.info("Stage %d/%d saved to %s (%d steps, %s tokens, eval KL %s)", i, num_stages, final_dir, steps,
-                    human_count(stage_tokens), info["eval"]["kl"])
-        _publish(final_dir, recipe)
-        if trainer.accelerator.num_processes > 1:
-            trainer.accelerator.wait_for_everyone()
-        parent, tokens_done, steps_done = final_dir, tokens_done + stage_tokens, steps_done + steps
-        del trainer, model
-    if is_main:
-        _write_json(paths.trajectory, trajectory)
+        stage = StageRunner(run, i, stage_config, max_steps, num_stages)
+        stage.load_parent()      # the previous stage's model (the teacher for stage 1)
+        stage.score()            # Eq. 2-4 against the original teacher
+        stage.prune()            # one-shot to the stage size
+        stage.distill()          # top-k KD from the original teacher
+        stage.save()             # a complete Hub-ready repository under .stage-i.tmp/
+        stage.card()
+        stage.move_into_place()  # .stage-i.tmp/ -> stage-i/
+        stage.push()
+        stage.finish()
+    if run.is_main:
+        write_json(paths.trajectory, run.trajectory)
     return paths.output_dir
 
 
-class IterativeMaskCallback(TrainerCallback):
-    """The iterative-pruning baseline (paper Section 4.2, after Liang et al. 2023 without layer-wise distillation).
-
-    The full-size model is distilled while masks remove its lowest-scoring expert neurons and GQA groups gradually:
-    the unmasked sizes shrink geometrically (the schedule of `plan_stages`, in continuous time) from the full size at
-    step 0 to the target at `target_step`. Every `mask_every_steps` the sensitivity scores of the masked model are
-    recomputed on the calibration batches and the masks grow; masked weights are zeroed after every optimizer step,
-    which makes the masked model compute exactly what the pruned one would. `finalize()` prunes physically.
-    On resume the masks are read back from the zeroed weights of the checkpoint.
-    """
-
-    def __init__(self, model, target: SlimMoeConfig, calibration: list[dict], teacher, criterion: str, top_k: int,
-                 mask_every_steps: int, target_step: int, expert_multiple: int):
-        self.model, self.target, self.calibration, self.teacher = model, target, calibration, teacher
-        self.criterion, self.top_k = criterion, top_k
-        self.every, self.target_step, self.multiple = mask_every_steps, target_step, expert_multiple
-        self.source = SlimMoeConfig(**{k: v for k, v in model.config.to_dict().items()
-                                       if k not in ("model_type", "transformers_version", "architectures")})
-        c = self.source
-        self.expert_keep = [torch.ones(c.num_local_experts, c.intermediate_size, dtype=torch.bool)
-                            for _ in range(c.num_hidden_layers)]
-        self.group_keep = [torch.ones(c.num_key_value_heads, dtype=torch.bool) for _ in range(c.num_hidden_layers)]
-        self.scores = None
-
-    def sizes_at(self, step: int) -> tuple[int, int]:
-        from .schedule import _geometric
-
-        f = min(1.0, step / self.target_step)
-        return (_geometric(self.source.intermediate_size, self.target.intermediate_size, f, self.multiple)
-                if f < 1 else self.target.intermediate_size,
-                _geometric(self.source.num_key_value_heads, self.target.num_key_value_heads, f, 1))
-
-    def config_at(self, step: int) -> SlimMoeConfig:
-        intermediate, groups = self.sizes_at(step)
-        return self.source.slimmed(intermediate_size=intermediate, num_key_value_heads=groups)
-
-    def _update_masks(self, step: int) -> None:
-        from .pruning import compute_sensitivity
-
-        intermediate, groups = self.sizes_at(step)
-        if intermediate == int(self.expert_keep[0][0].sum()) and groups == int(self.group_keep[0].sum()):
-            return
-        self.scores = compute_sensitivity(self.model, self.calibration, teacher=self.teacher,
-                                          criterion=self.criterion, top_k=self.top_k, show_progress=False)
-        for layer in range(self.source.num_hidden_layers):
-            experts = self.scores.experts[layer].masked_fill(~self.expert_keep[layer], float("-inf"))
-            keep = torch.zeros_like(self.expert_keep[layer])
-            self.expert_keep[layer] = keep.scatter(1, experts.topk(intermediate, dim=1).indices, True)
-            kv = self.scores.kv_groups[layer].masked_fill(~self.group_keep[layer], float("-inf"))
-            self.group_keep[layer] = torch.zeros_like(self.group_keep[layer]).scatter(0, kv.topk(groups).indices, True)
-        logger.info("Iterative pruning at step %d: masks keep d_expert %d, %d KV groups", step, intermediate, groups)
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        c, head_dim = self.source, self.source.head_dim
-        per_group = c.num_attention_heads // c.num_key_value_heads
-        for layer, block in enumerate(self.model.model.layers):
-            drop = ~self.expert_keep[layer].to(block.mlp.experts.down_proj.device)  # [E, I]
-            block.mlp.experts.gate_up_proj.data[:, :c.intermediate_size][drop] = 0
-            block.mlp.experts.gate_up_proj.data[:, c.intermediate_size:][drop] = 0
-            block.mlp.experts.down_proj.data.transpose(1, 2)[drop] = 0
-            attention = block.self_attn
-            for g in torch.nonzero(~self.group_keep[layer]).flatten().tolist():
-                kv = slice(g * head_dim, (g + 1) * head_dim)
-                q = slice(g * per_group * head_dim, (g + 1) * per_group * head_dim)
-                for proj, rows in ((attention.q_proj, q), (attention.k_proj, kv), (attention.v_proj, kv)):
-                    proj.weight.data[rows] = 0
-                    if proj.bias is not None:
-                        proj.bias.data[rows] = 0
-                attention.o_proj.weight.data[:, q] = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step > 0:  # resumed: the checkpoint's zeroed units are the masks
-            c = self.source
-            for layer, block in enumerate(self.model.model.layers):
-                self.expert_keep[layer] = block.mlp.experts.down_proj.detach().abs().sum(dim=1).cpu() > 0
-                o = block.self_attn.o_proj.weight.detach().abs().sum(dim=0).cpu()  # [heads * head_dim]
-                self.group_keep[layer] = o.view(c.num_key_value_heads, -1).sum(dim=1) > 0
-        self._update_masks(state.global_step)
-        self.apply_masks()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step >= self.target_step:
-            self._update_masks(state.global_step)
-        self.apply_masks()
-
-    def finalize(self, model):
-        """Reach the target masks if training stopped before `target_step`, then prune physically to the target.
-        Returns the pruned model and the mask scores used (kept units score 1 + their last sensitivity)."""
-        from .pruning import SensitivityScores
-
-        self.model = model
-        self._update_masks(self.target_step)
-        self.apply_masks()
-        last = self.scores
-        experts = [keep.float() * (1 + (last.experts[i].clamp(min=0) if last else 0))
-                   for i, keep in enumerate(self.expert_keep)]
-        groups = [keep.float() * (1 + (last.kv_groups[i].clamp(min=0) if last else 0))
-                  for i, keep in enumerate(self.group_keep)]
-        scores = SensitivityScores(experts=experts, kv_groups=groups, metadata={"method": "iterative"})
-        model.prune_to(self.target, scores)
-        return model, scores
-
-
-def _multi_stage_init_fraction(recipe: Recipe) -> float:
+# ----------------------------------------------------------------------------------------------------- helpers
+def multi_stage_init_fraction(recipe: Recipe) -> float:
     """Fraction of the total budget that multi-stage spends before its last stage (where iterative pruning reaches
     the target, as in the paper's Section 4.2)."""
     steps = recipe.stages.budget.steps or recipe.stages.budget.tokens
     return sum(steps[:-1]) / sum(steps) if len(steps) > 1 else 0.5
 
 
-def _dataset_ids(recipe: Recipe) -> list[str]:
+def dataset_ids(recipe: Recipe) -> list[str]:
+    """The data sources of a recipe as the card lists them (Hub ids, directories, or file globs)."""
     ids = []
     for name in ("train", "eval", "calibration"):
         source = getattr(recipe.data, name)
@@ -833,7 +675,7 @@ def _dataset_ids(recipe: Recipe) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _write_card(stage_dir: str) -> None:
+def write_card(stage_dir: str) -> None:
     try:
         from .hub import write_model_card
     except ImportError:
@@ -842,7 +684,7 @@ def _write_card(stage_dir: str) -> None:
     write_model_card(stage_dir)
 
 
-def _publish(stage_dir: str, recipe: Recipe) -> None:
+def publish(stage_dir: str, recipe: Recipe) -> None:
     if not recipe.hub.get("push_to_hub"):
         return
     from .hub import HubSettings, publish_stage
@@ -851,4 +693,5 @@ def _publish(stage_dir: str, recipe: Recipe) -> None:
         logger.warning("%s was not published; `slimmoe push %s` publishes it later.", stage_dir, recipe.output_dir)
 
 
-__all__ = ["compress", "check", "plan_text", "RunPaths", "is_finished_stage", "build_teacher", "load_blocks", "pack"]
+__all__ = ["compress", "check", "plan_text", "RunPaths", "Run", "StageRunner", "is_finished_stage", "build_teacher",
+           "read_teacher_config", "training_args"]

@@ -59,7 +59,9 @@ def check_target(source_config: SlimMoeConfig, target_config: SlimMoeConfig) -> 
         )
 
 
-def _geometric(source: int, target: int, fraction: float, multiple: int) -> int:
+def geometric_size(source: int, target: int, fraction: float, multiple: int) -> int:
+    """The size `fraction` of the way from `source` to `target` on a geometric scale, rounded to a multiple of
+    `multiple` and kept within [target, source]."""
     value = source * (target / source) ** fraction
     rounded = int(round(value / multiple)) * multiple
     return min(source, max(target, rounded))
@@ -92,10 +94,10 @@ def plan_stages(
         else:
             fraction = i / num_stages
             sizes = {
-                "intermediate_size": _geometric(source_config.intermediate_size, target_config.intermediate_size,
-                                                 fraction, expert_multiple),
-                "num_key_value_heads": _geometric(source_config.num_key_value_heads,
-                                                  target_config.num_key_value_heads, fraction, 1),
+                "intermediate_size": geometric_size(source_config.intermediate_size, target_config.intermediate_size,
+                                                     fraction, expert_multiple),
+                "num_key_value_heads": geometric_size(source_config.num_key_value_heads,
+                                                      target_config.num_key_value_heads, fraction, 1),
             }
         sizes = {name: min(value, getattr(previous, name)) for name, value in sizes.items()}  # never grow back
         previous = source_config.slimmed(**sizes)
@@ -138,12 +140,14 @@ def pinned_stages(source_config: SlimMoeConfig, sizes: Sequence[Mapping[str, int
     return stages
 
 
-def human_count(n: int, digits: int = 1) -> str:
-    """A parameter count with `digits` decimals: 41.9B, 15.7B, 3.2M, 850.0K (41.87B with `digits=2`)."""
+def human_count(n: int | float | None, digits: int = 1) -> str:
+    """A count with `digits` decimals and a unit: 41.9B, 15.7B, 3.2M, 850K; below 1,000 as it is; `None`: "-"."""
+    if n is None:
+        return "-"
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
+        if abs(n) >= size:
             return f"{n / size:.{digits}f}{unit}"
-    return str(n)
+    return f"{n:,}" if isinstance(n, int) else f"{n:g}"
 
 
 def plan_rows(source_config: SlimMoeConfig, stages: Sequence[SlimMoeConfig]) -> list[dict]:
@@ -196,4 +200,5 @@ def format_plan(source_config: SlimMoeConfig, stages: Sequence[SlimMoeConfig], b
     return "\n".join(lines)
 
 
-__all__ = ["plan_stages", "pinned_stages", "check_target", "plan_rows", "format_plan", "human_count"]
+__all__ = ["plan_stages", "pinned_stages", "check_target", "plan_rows", "format_plan", "human_count",
+           "geometric_size"]

@@ -89,7 +89,7 @@ def validate_prune_target(config: PretrainedConfig, target: PretrainedConfig, sc
                 )
 
 
-def _keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+def keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` highest scores along the last dim, in ascending (original) order.
 
     A stable sort makes ties deterministic: among equal scores the lower index is kept.
@@ -98,25 +98,41 @@ def _keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return order[..., :keep].sort(dim=-1).values
 
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set `module.name` to a new parameter holding `value`, keeping the old one's `requires_grad`."""
     old = getattr(module, name)
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def expert_neurons(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a fused experts module's weights with one row per neuron: `(gate, up, down)`, each
+    `[num_experts, intermediate, hidden]`. Row `i` of expert `e` in all three is neuron `i` of that expert."""
+    size = experts.down_proj.shape[-1]
+    gate_up = experts.gate_up_proj  # [E, 2I, H], gate half first
+    return gate_up[:, :size], gate_up[:, size:], experts.down_proj.transpose(1, 2)  # down_proj: [E, H, I]
+
+
+def gqa_rows(groups: torch.Tensor, heads_per_group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the GQA groups `groups` (`[G]`): `(q_rows, kv_rows)`, where `q_rows`
+    (`[G * heads_per_group * head_dim]`) index `q_proj`'s outputs and `o_proj`'s inputs, and `kv_rows`
+    (`[G * head_dim]`) index `k_proj`'s and `v_proj`'s outputs."""
+    offsets = torch.arange(head_dim, device=groups.device)
+    kv_rows = (groups[:, None] * head_dim + offsets).reshape(-1)
+    q_heads = (groups[:, None] * heads_per_group + torch.arange(heads_per_group, device=groups.device)).reshape(-1)
+    q_rows = (q_heads[:, None] * head_dim + offsets).reshape(-1)
+    return q_rows, kv_rows
 
 
 def slim_experts(experts: nn.Module, keep: torch.Tensor) -> None:
     """Keep, per expert, the neurons `keep` (`[num_experts, new_intermediate]`, ascending) of a fused experts module."""
     num_experts, new_size = keep.shape
-    old_size = experts.down_proj.shape[-1]
     hidden = experts.down_proj.shape[1]
     keep = keep.to(experts.down_proj.device)
     with torch.no_grad():
         rows = keep[:, :, None].expand(num_experts, new_size, hidden)  # [E, I_new, H]
-        gate_up = experts.gate_up_proj  # [E, 2I, H], gate half first
-        gate = gate_up[:, :old_size].gather(1, rows)
-        up = gate_up[:, old_size:].gather(1, rows)
-        _replace(experts, "gate_up_proj", torch.cat([gate, up], dim=1))  # [E, 2I_new, H]
-        cols = keep[:, None, :].expand(num_experts, hidden, new_size)  # [E, H, I_new]
-        _replace(experts, "down_proj", experts.down_proj.gather(2, cols))  # [E, H, I_new]
+        gate, up, down = (weight.gather(1, rows) for weight in expert_neurons(experts))  # each [E, I_new, H]
+        replace_parameter(experts, "gate_up_proj", torch.cat([gate, up], dim=1))  # [E, 2I_new, H]
+        replace_parameter(experts, "down_proj", down.transpose(1, 2))  # [E, H, I_new]
     experts.intermediate_dim = new_size
 
 
@@ -124,9 +140,9 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
     """Keep `index` along `dim` of `linear.weight` ([out, in]); the bias follows the output dim."""
     index = index.to(linear.weight.device)
     with torch.no_grad():
-        _replace(linear, "weight", linear.weight.index_select(dim, index))
+        replace_parameter(linear, "weight", linear.weight.index_select(dim, index))
         if dim == 0 and linear.bias is not None:
-            _replace(linear, "bias", linear.bias.index_select(0, index))
+            replace_parameter(linear, "bias", linear.bias.index_select(0, index))
     if dim == 0:
         linear.out_features = index.numel()
     else:
@@ -135,11 +151,7 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
 
 def prune_attention_groups(attention: nn.Module, keep_groups: torch.Tensor, heads_per_group: int) -> None:
     """Keep the GQA groups `keep_groups` (ascending) of a `PhimoeAttention`: their KV heads and their query heads."""
-    head_dim = attention.head_dim
-    offsets = torch.arange(head_dim)
-    kv_rows = (keep_groups[:, None] * head_dim + offsets).reshape(-1)  # [kept_groups * head_dim]
-    q_heads = (keep_groups[:, None] * heads_per_group + torch.arange(heads_per_group)).reshape(-1)
-    q_rows = (q_heads[:, None] * head_dim + offsets).reshape(-1)  # [kept_groups * heads_per_group * head_dim]
+    q_rows, kv_rows = gqa_rows(keep_groups, heads_per_group, attention.head_dim)
     _slice_linear(attention.q_proj, q_rows, dim=0)
     _slice_linear(attention.k_proj, kv_rows, dim=0)
     _slice_linear(attention.v_proj, kv_rows, dim=0)
@@ -165,10 +177,10 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
     layers = model.model.layers
     for index, layer in enumerate(layers):
         if new_size != config.intermediate_size:
-            slim_experts(layer.mlp.experts, _keep_indices(scores.experts[index], new_size))
+            slim_experts(layer.mlp.experts, keep_indices(scores.experts[index], new_size))
             layer.mlp.ffn_dim = new_size
         if new_groups != config.num_key_value_heads:
-            prune_attention_groups(layer.self_attn, _keep_indices(scores.kv_groups[index], new_groups),
+            prune_attention_groups(layer.self_attn, keep_indices(scores.kv_groups[index], new_groups),
                                    heads_per_group)
     logger.info(
         "Pruned %d layers: intermediate_size %d -> %d, attention heads %d/%d -> %d/%d (head_dim %d)",
@@ -182,4 +194,5 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
     return model
 
 
-__all__ = ["validate_prune_target", "prune_model", "slim_experts", "prune_attention_groups", "FIXED_FIELDS"]
+__all__ = ["validate_prune_target", "prune_model", "slim_experts", "prune_attention_groups", "expert_neurons",
+           "gqa_rows", "FIXED_FIELDS"]

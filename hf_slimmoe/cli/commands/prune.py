@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
-from .base import Command, check_model_path, check_output_dir, positive_int, staged_directory
-
-logger = logging.getLogger("hf_slimmoe")
+from .base import Command, check_model_path, check_output_dir, positive_int
 
 
 class PruneCommand(Command):
@@ -15,7 +11,10 @@ class PruneCommand(Command):
     description = (
         "Prune a checkpoint with scores from `slimmoe score`: every expert keeps its highest-scoring "
         "--intermediate-size neurons, every layer its highest-scoring --num-key-value-heads GQA groups (with their "
-        "query heads). Writes a complete model directory (weights, config, generation config, tokenizer)."
+        "query heads). Streams: reads the (sharded) safetensors checkpoint one tensor at a time and writes the pruned "
+        "shards as it goes, so checkpoints larger than memory prune on a small machine; the output (weights in the "
+        "input's layout and shard split, index, config, generation config, tokenizer, stage.json and card) holds "
+        "exactly the tensors loading, pruning and saving the model would."
     )
 
     def add_arguments(self, parser) -> None:
@@ -28,28 +27,18 @@ class PruneCommand(Command):
                             help="GQA groups to keep; query heads follow (default: unchanged)")
 
     def run(self, args, extra_args) -> int:
-        from transformers import AutoTokenizer
-
-        from ...modeling_slimmoe import SlimMoeForCausalLM
         from ...pruning import SensitivityScores
+        from ...pruning.streaming import prune_checkpoint, read_source_config
         from ...schedule import human_count
 
         check_model_path(args.model, "MODEL")
         check_output_dir(args.output_dir, "--output-dir")
-        scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before loading the model
-        model = SlimMoeForCausalLM.from_pretrained(args.model, dtype="auto")
-        before = model.config.num_parameters()
-        target = model.config.slimmed(intermediate_size=args.intermediate_size,
-                                      num_key_value_heads=args.num_key_value_heads)
-        model.prune_to(target, scores)
-        with staged_directory(args.output_dir) as staging:  # complete, then renamed: never half-written
-            model.save_pretrained(staging)
-            try:
-                AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
-            except (OSError, ValueError):
-                logger.warning("No tokenizer found in %s; saved the model only.", args.model)
-        after = model.config.num_parameters()
-        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {model.config.intermediate_size}, heads "
-              f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters "
-              f"{human_count(before, digits=2)} -> {human_count(after, digits=2)}")
+        scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before reading the checkpoint
+        config = read_source_config(args.model)
+        target = config.slimmed(intermediate_size=args.intermediate_size,
+                                num_key_value_heads=args.num_key_value_heads)
+        prune_checkpoint(args.model, args.output_dir, target, scores)  # streams: one tensor in memory at a time
+        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {target.intermediate_size}, heads "
+              f"{target.num_attention_heads}/{target.num_key_value_heads}, parameters "
+              f"{human_count(config.num_parameters(), digits=2)} -> {human_count(target.num_parameters(), digits=2)}")
         return 0

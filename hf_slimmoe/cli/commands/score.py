@@ -40,7 +40,7 @@ class ScoreCommand(Command):
 
         from ...modeling_slimmoe import SlimMoeForCausalLM
         from ...pruning import compute_sensitivity
-        from ...pruning.calibration import load_calibration_batches
+        from ...data import load_calibration_batches
 
         check_model_path(args.model, "MODEL")
         if args.teacher is not None:

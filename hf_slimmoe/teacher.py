@@ -1,0 +1,156 @@
+"""The teacher of a compression run: where it is, what its configuration is, and (for `teacher.model: build`) how a
+tiny local one is made.
+
+`build_teacher` trains a byte-level BPE tokenizer on `teacher.build.tokenizer_files` and pre-trains a
+`SlimMoeForCausalLM` with the causal LM loss on `data.train`, so that distilling from it is meaningful on a CPU.
+`read_teacher_config` gives the teacher's configuration before anything is downloaded or built, checked against the
+checkpoint's `config.json` when it can be read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+
+from .configuration_slimmoe import SlimMoeConfig
+from .data import TokenCollator, load_blocks, source_files
+from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path
+from .schedule import human_count
+from .tokenization import train_bpe_tokenizer
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok")
+
+
+# ----------------------------------------------------------------------------------------------------- building
+def pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
+    """Causal-LM pre-training of the built teacher: AdamW, cosine decay, gradient clipping at 1, shuffled epochs.
+
+    A plain loop on this process alone, not a Trainer: under `torchrun` / `accelerate launch` the teacher is built by
+    the main process while the others wait, and a Trainer would wrap the model in DDP and wait for them forever.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    collate = TokenCollator(pad_token_id=pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=build.pretrain_learning_rate, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 0, build.pretrain_steps)
+    device = next(model.parameters()).device
+    order: list[int] = []
+    model.train()
+    for _ in tqdm(range(build.pretrain_steps), desc="Pre-training the teacher", unit="step"):
+        if len(order) < build.pretrain_batch_size:  # a new shuffled epoch
+            order += torch.randperm(len(dataset), generator=generator).tolist()
+        rows, order = order[:build.pretrain_batch_size], order[build.pretrain_batch_size:]
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in rows]).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    logger.info("Teacher pre-training: last batch loss %.3f", loss.item())
+
+
+def is_built_teacher(directory: str) -> bool:
+    """A built teacher is complete once its directory holds a config and a tokenizer (it is renamed into place)."""
+    return (os.path.isfile(os.path.join(directory, "config.json"))
+            and os.path.isfile(os.path.join(directory, "tokenizer.json")))
+
+
+def build_teacher(recipe: Recipe, directory: str) -> str:
+    """Make the tiny local teacher of `teacher.build` in `directory` (once; reused when complete) and return it.
+
+    A byte-level BPE tokenizer is trained on `teacher.build.tokenizer_files`, a `SlimMoeForCausalLM` is initialised
+    with `teacher.build.config` (seeded by `seed`) and trained for `pretrain_steps` with the causal LM loss on
+    `data.train`, so that distilling from it is meaningful.
+    """
+    from .modeling_slimmoe import SlimMoeForCausalLM
+
+    if is_built_teacher(directory):
+        logger.info("Using the teacher built earlier in %s", directory)
+        return directory
+    b = recipe.teacher.build
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    files = source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", recipe.directory)
+    logger.info("Building the teacher: tokenizer (vocab %d) on %d files, then %d causal-LM steps", b.vocab_size,
+                len(files), b.pretrain_steps)
+    tokenizer = train_bpe_tokenizer(files, b.vocab_size)
+    if len(tokenizer) > b.vocab_size:
+        raise ValueError(f"teacher.build.vocab_size={b.vocab_size} is smaller than the trained tokenizer "
+                         f"({len(tokenizer)} tokens).")
+    torch.manual_seed(recipe.seed)
+    config = recipe.teacher_config()
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    model = SlimMoeForCausalLM(config)
+    if b.pretrain_steps > 0:
+        train = load_blocks(recipe, tokenizer)["train"]
+        device = "cpu" if recipe.training.get("use_cpu", False) or not torch.cuda.is_available() else "cuda"
+        pretrain(model.to(device), train, b, recipe.seed, tokenizer.pad_token_id)
+        model.to("cpu")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    logger.info("Saved the built teacher (%s parameters) to %s", human_count(config.num_parameters()), directory)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------- locating
+def is_local(path: str) -> bool:
+    return os.path.isdir(expand_path(path))
+
+
+def teacher_paths(recipe: Recipe, built_dir: str) -> tuple[str, str]:
+    """Where the teacher's weights and its tokenizer load from (`built_dir` for `teacher.model: build`)."""
+    if recipe.teacher.model == BUILD_TEACHER:
+        return built_dir, built_dir
+    model = recipe.teacher.model
+    local = expand_path(model, recipe.directory)
+    model = local if is_local(local) else model
+    return model, recipe.teacher.tokenizer or model
+
+
+def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConfig:
+    """The teacher's configuration: from `teacher.architecture` / `teacher.build`, checked against the checkpoint's
+    config.json when it can be read (a local path, or the Hub unless offline)."""
+    from .modeling_slimmoe import SUPPORTED_MODEL_TYPES
+
+    declared = recipe.teacher_config()
+    if recipe.teacher.model == BUILD_TEACHER:
+        return declared
+    from transformers import PretrainedConfig
+
+    model = expand_path(recipe.teacher.model, recipe.directory)
+    if not is_local(model) and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise FileNotFoundError(f"teacher.model {recipe.teacher.model!r} is neither a directory nor a Hub id.")
+    try:
+        values, _ = PretrainedConfig.get_config_dict(model, revision=recipe.teacher.revision)
+    except (OSError, ValueError) as e:
+        if declared is not None and offline_ok:
+            logger.warning("Could not read the teacher's config.json (%s); using teacher.architecture instead.",
+                           str(e).splitlines()[0])
+            return declared
+        raise FileNotFoundError(
+            f"teacher.model {recipe.teacher.model!r}: cannot read its config.json ({e}).") from None
+    if values.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"teacher.model {recipe.teacher.model!r} has model_type {values.get('model_type')!r}; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+    actual = SlimMoeConfig.from_config_dict(values)
+    if declared is not None:
+        for name in ARCHITECTURE_FIELDS:
+            if getattr(declared, name) != getattr(actual, name):
+                raise ValueError(f"teacher.architecture.{name}={getattr(declared, name)} but the checkpoint "
+                                 f"{recipe.teacher.model} has {getattr(actual, name)}; fix the recipe.")
+    return actual
+
+
+__all__ = ["build_teacher", "read_teacher_config", "teacher_paths", "pretrain", "is_built_teacher"]
