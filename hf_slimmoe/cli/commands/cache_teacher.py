@@ -35,10 +35,10 @@ class CacheTeacherCommand(Command):
         from ...distillation import cache_teacher_topk
         from ...data import load_token_dataset, load_tokenizer
 
-        check_model_path(args.teacher, "TEACHER")
         check_output_dir(args.output, "OUTPUT", resumable=True)  # a finished or partial cache is reused
         tokenizer = load_tokenizer(args.tokenizer or args.teacher, required=False)
-        dataset = load_token_dataset(args.data, tokenizer, args.text_column, args.max_length)
+        dataset = load_token_dataset(args.data, tokenizer, args.text_column, args.max_length)  # data errors first
+        check_model_path(args.teacher, "TEACHER")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher).to(device)
         pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
