@@ -91,15 +91,16 @@ def main() -> None:
     rows.append(f"| `-X importtime`: cumulative time of `hf_slimmoe` | {profiles[base][1]:.2f} s | "
                 f"{profiles[new][1]:.2f} s | {profiles[new][1] / profiles[base][1]:.3f}x |")
     rows.append(f"| `-X importtime`: modules imported | {profiles[base][0]} | {profiles[new][0]} | |")
-    rows.append(f"| heavy packages in `sys.modules` after `import hf_slimmoe` | {', '.join(profiles[base][2]) or 'none'} "
-                f"| {', '.join(profiles[new][2]) or 'none'} | |")
+    heavy = [", ".join(profiles[tree][2]) or "none" for tree in (base, new)]
+    rows.append(f"| heavy packages in `sys.modules` after `import hf_slimmoe` | {heavy[0]} | {heavy[1]} | |")
     help_time = statistics.median(times["`slimmoe --help`", new])
     load = os.getloadavg()[0]
     markdown = "\n".join([
         "## Start-up: `slimmoe --help` and `import hf_slimmoe` (`benchmarks/bench_startup.py`)",
         "",
         f"Median wall time of {args.rounds} interleaved runs per command and tree; Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} CPU cores, load average {load:.1f} at the end. Command: `python benchmarks/bench_startup.py`.",
+        f"{os.cpu_count()} CPU cores, load average {load:.1f} at the end. "
+        "Command: `python benchmarks/bench_startup.py`.",
         "",
         *rows,
         "",

@@ -9,10 +9,11 @@ Publishing never loses work: a failed push (no network, server error, no token) 
 the directory stays complete on disk and `slimmoe push OUTPUT_DIR` publishes it later. It never hangs either: while
 publishing, every request of `huggingface_hub`'s shared HTTP client times out after `HF_HUB_DOWNLOAD_TIMEOUT` seconds
 (huggingface_hub's own setting, 10 by default: its default for requests that set no timeout of their own), and the
-client's bounded retries (`http_backoff`: at most 5, for uploads and commits) are the only retries. Pushing an unchanged directory
-again makes no commit: local files are compared with the remote ones (sha256 of LFS files, git blob ids of the others)
-before anything is uploaded. The token is resolved by `huggingface_hub` (argument, `HF_TOKEN`, then the login cache)
-and never written to a file, a card, a log record or an error message.
+client's bounded retries (`http_backoff`: at most 5, for uploads and commits) are the only retries.
+
+Pushing an unchanged directory again makes no commit: local files are compared with the remote ones (sha256 of LFS
+files, git blob ids of the others) before anything is uploaded. The token is resolved by `huggingface_hub` (argument,
+`HF_TOKEN`, then the login cache) and never written to a file, a card, a log record or an error message.
 """
 
 from __future__ import annotations

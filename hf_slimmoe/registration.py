@@ -1,4 +1,5 @@
-"""Registration of `model_type: "slimmoe"` with transformers' Auto classes, without importing torch at `import hf_slimmoe`.
+"""Registration of `model_type: "slimmoe"` with transformers' Auto classes, without importing torch on
+`import hf_slimmoe`.
 
 `AutoConfig.register` and `AutoModelForCausalLM.register` need the classes, and the classes need torch and
 transformers' modeling code (seconds of imports, which `slimmoe --help` should not pay). So `import hf_slimmoe` only

@@ -361,7 +361,8 @@ def _make_handler(hub: LocalHub):
 
 
 class SilentServer:
-    """A server that accepts connections on 127.0.0.1 and never answers; `with SilentServer() as s:` serves `s.endpoint`.
+    """A server that accepts connections on 127.0.0.1 and never answers; `with SilentServer() as s:` serves at
+    `s.endpoint`.
 
     Connections are held open (unread) until the server closes, like a stalled proxy or an overloaded endpoint.
     """

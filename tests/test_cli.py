@@ -126,8 +126,8 @@ def test_missing_model_directory_is_named(tmp_path, capsys):
 
 
 def test_non_positive_sizes_are_refused_before_any_work(capsys):
-    for argv in (["eval", "m", "--block-size", "0"], ["score", "m", "--data", "d", "--output", "o", "--batch-size",
-                                                         "-1"], ["demo", "--threads", "0"], ["eval", "m", "--top-k", "x"]):
+    for argv in (["eval", "m", "--block-size", "0"], ["demo", "--threads", "0"], ["eval", "m", "--top-k", "x"],
+                 ["score", "m", "--data", "d", "--output", "o", "--batch-size", "-1"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2

@@ -1,4 +1,5 @@
-"""`import hf_slimmoe` is light, every public name still imports, and "slimmoe" reaches the Auto classes in any order."""
+"""`import hf_slimmoe` is light, every public name still imports, and "slimmoe" reaches the Auto classes in any
+import order."""
 
 import subprocess
 import sys

@@ -1,4 +1,5 @@
-"""What every `slimmoe` sub-command shares: the `Command` base class and the YAML + flags parsing of config dataclasses.
+"""What every `slimmoe` sub-command shares: the `Command` base class, the YAML + flags parsing of config dataclasses,
+and the checks of paths and sizes that run before any work.
 
 Modules in this package import nothing heavy at module level (no torch, transformers, TRL, datasets): `slimmoe --help`
 builds every command's parser, and only the command that runs imports what it needs, inside `run`.
@@ -113,7 +114,8 @@ class DataclassCommand(Command):
         unknown = parser.set_defaults_with_config(**values)
         if unknown:
             keys = ", ".join(key.lstrip("-") for key in unknown[::2])
-            raise ValueError(f"Unknown key(s) in {config_path}: {keys}; `slimmoe {self.name} --help` lists the fields.")
+            raise ValueError(f"Unknown key(s) in {config_path}: {keys}; `slimmoe {self.name} --help` lists the "
+                             "fields.")
         return tuple(parser.parse_args_into_dataclasses(args=argv)), sections
 
 
@@ -187,7 +189,8 @@ def check_output_dir(path: str, name: str, overwrite: bool = False, resumable: b
 def check_output_file(path: str, name: str) -> None:
     """Check a file a command writes: not a directory, and its directory can be created."""
     if os.path.isdir(path):
-        raise ValueError(f"{name} {path} is a directory: pass a file path, e.g. {os.path.join(path, 'scores.safetensors')}.")
+        example = os.path.join(path, "scores.safetensors")
+        raise ValueError(f"{name} {path} is a directory: pass a file path, e.g. {example}.")
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise ValueError(f"{name} {path}: {parent} is a file, not a directory.")

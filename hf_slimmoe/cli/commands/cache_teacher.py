@@ -9,21 +9,24 @@ class CacheTeacherCommand(Command):
     name = "cache-teacher"
     help = "run the teacher once over a dataset and store its top-k ids/log-probs per token (resumable)"
     description = (
-        "Run the teacher once over DATA and save DATA plus the columns teacher_topk_ids (int32), teacher_topk_logprobs "
-        "(log-probs relative to the full vocabulary) and teacher_topk_fingerprint (a digest of each row's input_ids) "
-        "to OUTPUT with `datasets.save_to_disk`. Every distillation stage then trains without a teacher forward. "
-        "Interrupted runs continue from OUTPUT.partial/ when re-run. DATA: a save_to_disk directory with input_ids "
-        "(or a text column), or a .jsonl/.txt file tokenized with the teacher's tokenizer."
+        "Run the teacher once over DATA and save DATA plus the columns teacher_topk_ids (int32), "
+        "teacher_topk_logprobs (log-probs relative to the full vocabulary) and teacher_topk_fingerprint (a digest of "
+        "each row's input_ids) to OUTPUT with `datasets.save_to_disk`. Every distillation stage then trains without a "
+        "teacher forward. Interrupted runs continue from OUTPUT.partial/ when re-run. DATA: a save_to_disk directory "
+        "with input_ids (or a text column), or a .jsonl/.txt file tokenized with the teacher's tokenizer."
     )
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("teacher", help="teacher checkpoint directory (PhiMoE or SlimMoE)")
         parser.add_argument("data", help="dataset directory or .jsonl/.txt file")
         parser.add_argument("output", help="directory to write the cached dataset to")
-        parser.add_argument("--top-k", type=positive_int, default=8, help="teacher tokens kept per position (default: 8)")
+        parser.add_argument("--top-k", type=positive_int, default=8,
+                            help="teacher tokens kept per position (default: 8)")
         parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per teacher forward (default: 8)")
-        parser.add_argument("--shard-size", type=positive_int, default=512, help="rows per resumable shard (default: 512)")
-        parser.add_argument("--max-length", type=positive_int, default=512, help="tokens kept per example of text data")
+        parser.add_argument("--shard-size", type=positive_int, default=512,
+                            help="rows per resumable shard (default: 512)")
+        parser.add_argument("--max-length", type=positive_int, default=512,
+                            help="tokens kept per example of text data")
         parser.add_argument("--text-column", default="text", help="text field of .jsonl files / text datasets")
         parser.add_argument("--tokenizer", help="tokenizer directory for text data (default: the teacher directory)")
         parser.add_argument("--device", help="device of the teacher (default: cuda if available, else cpu)")

@@ -14,9 +14,9 @@ class DistillCommand(DataclassCommand):
         "Distill --student on --dataset with top-k KD from the teacher (--teacher_model_name_or_path, or the teacher "
         "cache columns of `slimmoe cache-teacher` in the dataset) plus the MoE load-balancing loss, and save the "
         "result to --output_dir. Every field of DistillationConfig (transformers' TrainingArguments plus top_k, "
-        "temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size) is a flag; --config FILE.yaml (or FILE.yaml "
-        "as the first argument) sets any of them, and flags given on the command line override the file. Runs "
-        "unchanged under `torchrun` / `accelerate launch`."
+        "temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size) is a flag; --config FILE.yaml (or "
+        "FILE.yaml as the first argument) sets any of them, and flags given on the command line override the file. "
+        "Runs unchanged under `torchrun` / `accelerate launch`."
     )
 
     def dataclass_types(self) -> tuple[type, ...]:

@@ -14,8 +14,8 @@ class ExportCommand(Command):
     help = "write a stock model_type: phimoe checkpoint that plain transformers loads without this plugin"
     description = (
         "Load a SlimMoE (or PhiMoE) checkpoint and save it as a stock PhiMoE checkpoint (config.json with model_type "
-        "phimoe and an explicit head_dim; safetensors in the per-expert key layout), with its tokenizer and generation "
-        "config, loadable by AutoModelForCausalLM with no remote code."
+        "phimoe and an explicit head_dim; safetensors in the per-expert key layout), with its tokenizer and "
+        "generation config, loadable by AutoModelForCausalLM with no remote code."
     )
 
     def add_arguments(self, parser) -> None:

@@ -57,7 +57,8 @@ def describe(path: str) -> dict:
         values = json.load(f)
     model_type = values.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{config_file} has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+        raise ValueError(f"{config_file} has model_type {model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
     config = SlimMoeConfig.from_config_dict(values)
     info = {
         "path": path,
@@ -111,7 +112,8 @@ class InfoCommand(Command):
             ("hidden size", info["hidden_size"]),
             ("experts", f"{info['num_local_experts']} (top-{info['num_experts_per_tok']})"),
             ("d_expert", info["intermediate_size"]),
-            ("heads q/kv", f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
+            ("heads q/kv",
+             f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
             ("vocab", info["vocab_size"]),
             ("total parameters", f"{total:,} ({human_count(total, digits=2)})"),
             ("active parameters", f"{active:,} ({human_count(active, digits=2)})"),
