@@ -90,7 +90,7 @@ def shared_data(recipe, args):
     from transformers import AutoTokenizer
 
     from hf_slimmoe import SlimMoeForCausalLM, cache_teacher_topk
-    from hf_slimmoe.pipeline import load_blocks
+    from hf_slimmoe.data import load_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.model)
     teacher = SlimMoeForCausalLM.from_pretrained(recipe.teacher.model, dtype=torch.float32).eval()
@@ -153,12 +153,12 @@ def run_schedules(base, to_dict, data, args) -> dict:
 def surgery(variant: str, fraction: float, data, recipe, args):
     """The teacher with `fraction` of its expert parameters kept by `variant`, or None when impossible."""
     from hf_slimmoe import SlimMoeForCausalLM, compute_sensitivity
-    from hf_slimmoe.pipeline import calibration_batches
+    from hf_slimmoe.data import batches
     from hf_slimmoe.pruning import drop_experts, expert_activation_frequency, expert_scores_from_sensitivity
 
     model = SlimMoeForCausalLM.from_pretrained(recipe.teacher.model, dtype=torch.float32)
     config = model.config
-    calibration = calibration_batches(data["calibration"], recipe.scoring.batch_size)
+    calibration = batches(data["calibration"], recipe.scoring.batch_size)
     if variant.startswith("slim"):
         width = round(config.intermediate_size * fraction)
         scores = compute_sensitivity(model, calibration, teacher=None, criterion=variant.split("-")[1],

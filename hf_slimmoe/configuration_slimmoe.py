@@ -11,6 +11,14 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PhimoeConfig
 
+# Keys of a config dict (`to_dict()`, config.json) that name the class, the library version or remote code, not a size
+CONFIG_METADATA_KEYS = ("model_type", "transformers_version", "architectures", "auto_map")
+
+
+def config_fields(values: dict) -> dict:
+    """The configuration fields of a config dict, without its `CONFIG_METADATA_KEYS`."""
+    return {k: v for k, v in values.items() if k not in CONFIG_METADATA_KEYS}
+
 
 @strict
 class SlimMoeConfig(PhimoeConfig):
@@ -69,6 +77,12 @@ class SlimMoeConfig(PhimoeConfig):
 
     # ------------------------------------------------------------------ stock interop
     @classmethod
+    def from_config_dict(cls, values: dict) -> "SlimMoeConfig":
+        """A SlimMoeConfig from a PhiMoE or SlimMoE config dict (a config.json, or `to_dict()`): the metadata keys are
+        dropped and a missing `head_dim` is `hidden_size // num_attention_heads`."""
+        return cls(**config_fields(values))
+
+    @classmethod
     def from_phimoe(cls, config: PhimoeConfig) -> "SlimMoeConfig":
         """Build a SlimMoeConfig from a stock `PhimoeConfig` (for example Phi-3.5-MoE's), fixing `head_dim`."""
         if config.model_type not in ("phimoe", "slimmoe"):
@@ -76,20 +90,11 @@ class SlimMoeConfig(PhimoeConfig):
                 f"Cannot build a SlimMoeConfig from a configuration of model_type {config.model_type!r}; "
                 "supported: 'phimoe' (Phi-3.5-MoE, Phi-mini-MoE, Phi-tiny-MoE) and 'slimmoe'."
             )
-        values = config.to_dict()
-        values.pop("model_type", None)
-        values.pop("transformers_version", None)
-        values.pop("architectures", None)
-        if values.get("head_dim") is None:
-            values["head_dim"] = config.hidden_size // config.num_attention_heads
-        return cls(**values)
+        return cls.from_config_dict(config.to_dict())
 
     def to_phimoe(self) -> PhimoeConfig:
         """A stock `PhimoeConfig` with the same sizes; `head_dim` travels as an attribute stock PhiMoE reads."""
-        values = self.to_dict()
-        for key in ("model_type", "transformers_version", "architectures", "auto_map"):
-            values.pop(key, None)
-        config = PhimoeConfig(**values)
+        config = PhimoeConfig(**config_fields(self.to_dict()))
         config.architectures = ["PhimoeForCausalLM"]
         return config
 
@@ -113,9 +118,7 @@ class SlimMoeConfig(PhimoeConfig):
                     f"slimmed(): {name}={value} is larger than the current {name}={current}; slimming only removes "
                     "neurons and heads."
                 )
-        values = self.to_dict()
-        for key in ("model_type", "transformers_version"):
-            values.pop(key, None)
+        values = config_fields(self.to_dict())
         if intermediate_size is not None:
             values["intermediate_size"] = intermediate_size
         if num_key_value_heads is not None:

@@ -20,24 +20,21 @@ model directory with tokenizer and model card), `trajectory.json` + `trajectory.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-from importlib import resources
 
 import yaml
 
 from .pipeline import RunPaths, is_finished_stage
+from .recipe import Recipe, demo_settings, recipe_from_dict, recipe_to_dict
 from .teacher import BUILD_RECORD, build_teacher
-from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 
 logger = logging.getLogger(__name__)
 
-DEMO_RECIPE = "demo.yaml"
 TEACHER_STAMP = "demo_teacher.json"  # written into a demo teacher directory: the fingerprint of its settings
 STEPS = ("corpus, tokenizer and teacher", "teacher top-k cache", "stage 1: score, prune, distill",
          "stage 2: score, prune, distill", "SFT with KD, then DPO", "evaluation and summary")
@@ -45,25 +42,6 @@ MODELS = ("teacher", "stage-1", "stage-2", "sft", "dpo")
 
 
 # ----------------------------------------------------------------------------------------------------- settings
-def _merge(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` merged in recursively (mappings merge, everything else replaces)."""
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def demo_settings(fast: bool = False) -> dict:
-    """The packaged demo recipe as a dict of sections `compress`, `sft`, `dpo`, `eval` (with `fast` merged in)."""
-    text = resources.files("hf_slimmoe").joinpath("recipes", DEMO_RECIPE).read_text(encoding="utf-8")
-    values = yaml.safe_load(text)
-    fast_overrides = values.pop("fast", {}) or {}
-    return _merge(values, fast_overrides) if fast else values
-
-
 def demo_recipe(output_dir: str, fast: bool = False) -> Recipe:
     """The compression recipe the demo runs, writing to `output_dir` (`fast`: the `--fast` variant)."""
     values = demo_settings(fast)["compress"]
@@ -146,7 +124,8 @@ def _write_yaml(path: str, values: dict) -> str:
 
 def _posttrain(kind: str, settings: dict, output_dir: str, parent: str, teacher: str | None = None) -> str:
     """Run the `sft` / `dpo` section of the demo recipe through `posttrain.run_recipe` (skipped when finished)."""
-    from .posttrain import CHAT_TEMPLATE, run_recipe
+    from .posttrain import run_recipe
+    from .tokenization import chat_template_path
 
     paths = RunPaths(output_dir)
     target = os.path.join(paths.output_dir, kind)
@@ -154,11 +133,8 @@ def _posttrain(kind: str, settings: dict, output_dir: str, parent: str, teacher:
         logger.info("%s is finished in %s; skipping it.", kind.upper(), target)
         return target
     values = {**settings[kind], "model_name_or_path": parent, "output_dir": target}
-    if kind == "sft":  # the demo tokenizer has no chat template of its own
-        template = os.path.join(paths.output_dir, "chat.jinja")
-        with open(template, "w", encoding="utf-8") as f:
-            f.write(CHAT_TEMPLATE)
-        values.update(teacher_model_name_or_path=teacher, chat_template_path=template)
+    if kind == "sft":  # the demo tokenizer has no chat template of its own: the packaged one
+        values.update(teacher_model_name_or_path=teacher, chat_template_path=chat_template_path())
     shutil.rmtree(target, ignore_errors=True)  # an unfinished run leaves no stage.json: start it again
     return run_recipe(kind, _write_yaml(os.path.join(paths.output_dir, f"{kind}.yaml"), values))
 
@@ -224,9 +200,10 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .data import load_blocks
     from .distillation import cache_teacher_topk
+    from .pipeline import compress
     from .trajectory import plot_trajectory
-    from .pipeline import compress, load_blocks
 
     settings = demo_settings(fast)
     recipe = demo_recipe(output_dir, fast)
@@ -293,5 +270,5 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     return summary
 
 
-__all__ = ["STEPS", "cache_root", "demo_recipe", "demo_settings", "ensure_teacher", "format_summary", "run_demo",
+__all__ = ["STEPS", "cache_root", "demo_recipe", "ensure_teacher", "format_summary", "run_demo",
            "teacher_fingerprint"]

@@ -15,8 +15,10 @@ import time
 
 import torch
 
+from .data import TokenCollator, collate_tokens
 from .distillation.losses import chunked_cross_entropy
-from .distillation.teacher_cache import CACHE_COLUMNS, _backbone
+from .distillation.teacher_cache import CACHE_COLUMNS
+from .modeling_utils import backbone
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +39,12 @@ def perplexity(model, dataset, batch_size: int = 16, pad_token_id: int = 0, chun
     lm_head = model.get_output_embeddings()
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        rows = dataset[start:start + batch_size]["input_ids"]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(rows):
-            input_ids[i, :len(ids)] = torch.as_tensor(ids)
-            attention_mask[i, :len(ids)] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # position t predicts token t+1
+        batch = collate_tokens([{"input_ids": ids} for ids in dataset[start:start + batch_size]["input_ids"]],
+                               pad_token_id)  # (B, T) each
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = backbone(model)(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
+        labels = batch["labels"][:, 1:]  # position t predicts token t+1; padding is -100
         total += float(chunked_cross_entropy(hidden, lm_head.weight, lm_head.bias, labels, chunk_size=chunk_size,
                                              reduction="sum"))
         count += int((labels != -100).sum())
@@ -84,71 +82,17 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
 
     from transformers import PrinterCallback
 
-    from .distillation import DistillationCollator, DistillationConfig, DistillationTrainer
+    from .distillation import DistillationConfig, DistillationTrainer
 
     with tempfile.TemporaryDirectory(prefix="slimmoe-eval-") as tmp:
         args = DistillationConfig(output_dir=tmp, per_device_eval_batch_size=batch_size, top_k=top_k,
                                   use_cpu=model.device.type == "cpu", report_to=[], disable_tqdm=True)
         trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, eval_dataset=dataset,
-                                      data_collator=DistillationCollator(pad_token_id=pad_token_id))
+                                      data_collator=TokenCollator(pad_token_id=pad_token_id))
         trainer.remove_callback(PrinterCallback)  # the metrics are returned, not printed
         metrics = trainer.evaluate()
     return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_kl"], "topk_kl": metrics["eval_topk_kl"],
             "top1_agreement": metrics["eval_top1_agreement"]}
-
-
-def load_eval_data(tokenizer, data: str | None = None, block_size: int = 128, max_blocks: int | None = None,
-                   text_column: str = "text"):
-    """
-    Evaluation rows of `input_ids` for `slimmoe eval`.
-
-    `data`: `None` (the demo's held-out standard-library modules, see `hf_slimmoe/recipes/demo.yaml`), a
-    `save_to_disk` directory (rows of `input_ids`, possibly with a teacher cache, or text) or a `.jsonl` file (one row
-    per record, truncated to `block_size`), any other file (`.txt`, `.py`) or a plain directory of such files (read
-    whole, tokenized and packed into `block_size`-token blocks). At most `max_blocks` rows are kept, the first ones.
-    """
-    import os
-
-    from .pipeline import pack, read_source
-    from .recipe import DataSource
-
-    if data is None:
-        from .demo import demo_settings
-
-        source = DataSource(**demo_settings()["compress"]["data"]["eval"])
-    elif not os.path.exists(data):
-        raise FileNotFoundError(f"No evaluation data at {data}: pass a text/.jsonl file or a directory.")
-    elif data.endswith((".jsonl", ".json")) or os.path.isfile(os.path.join(data, "dataset_info.json")) or \
-            os.path.isfile(os.path.join(data, "state.json")):
-        source = None
-    elif os.path.isdir(data):
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(data) for name in names
-                       if not name.startswith("."))
-        if not files:
-            raise FileNotFoundError(f"{data} holds no file to evaluate on.")
-        source = DataSource(paths=files)
-    else:
-        source = DataSource(paths=[data])
-    if source is None:
-        from .distillation.run import load_token_dataset
-
-        dataset = load_token_dataset(data, tokenizer, text_column, max_length=block_size)
-    else:
-        documents = read_source(source, "data", None)
-        # pack a growing prefix of the documents until it gives max_blocks blocks: the same first blocks as packing
-        # them all (one stream, joined in order), without tokenizing text that is not evaluated
-        count = len(documents) if max_blocks is None else min(len(documents), 4)
-        while True:
-            dataset = pack(documents.select(range(count)), tokenizer, block_size, source.text_field)
-            if count == len(documents) or len(dataset) >= max_blocks:
-                break
-            count = min(len(documents), count * 2)
-        if len(dataset) == 0:
-            raise ValueError(f"{data or 'the held-out data'} gives no block of {block_size} tokens; "
-                             "lower --block-size.")
-    if max_blocks is not None:
-        dataset = dataset.select(range(min(max_blocks, len(dataset))))
-    return dataset
 
 
 def _lm_eval_task_names(path: str) -> list[str]:
@@ -225,4 +169,4 @@ def measure_speed(model, input_ids: torch.Tensor, new_tokens: int = 32, repeats:
     return {"prefill_tokens_per_s": input_ids.numel() / best_prefill, "decode_tokens_per_s": new_tokens / best_decode}
 
 
-__all__ = ["evaluate_model", "has_teacher_cache", "load_eval_data", "measure_speed", "perplexity", "run_lm_eval"]
+__all__ = ["evaluate_model", "has_teacher_cache", "measure_speed", "perplexity", "run_lm_eval"]

@@ -43,6 +43,7 @@ _METHOD_TITLES = {
     "sft": "supervised fine-tuning with top-k distillation",
     "dpo": "direct preference optimization",
     "lora": "LoRA fine-tuning",
+    "prune": "one-shot pruning by sensitivity scores, not distilled",
 }
 
 
@@ -151,25 +152,12 @@ def _config_summary(config: dict | None) -> dict[str, Any]:
     try:
         from .configuration_slimmoe import SlimMoeConfig
 
-        values = {k: v for k, v in config.items()
-                  if k not in ("model_type", "transformers_version", "architectures", "auto_map")}
-        if values.get("head_dim") is None and values.get("hidden_size") and values.get("num_attention_heads"):
-            values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-        cfg = SlimMoeConfig(**values)
+        cfg = SlimMoeConfig.from_config_dict(config)
         summary["num_parameters"] = cfg.num_parameters()
         summary["num_active_parameters"] = cfg.num_active_parameters()
     except Exception as e:  # a config we cannot count (e.g. a LoRA adapter config) still gets a card
         logger.debug("Could not count parameters of the config: %s", e)
     return summary
-
-
-def _human(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:,}" if isinstance(n, int) else f"{n:g}"
 
 
 def _fmt(value: Any) -> str:
@@ -197,6 +185,8 @@ def _hub_url(name: str | None) -> str | None:
 
 
 def _architecture_rows(model: dict, teacher: dict) -> list[dict[str, str]]:
+    from .schedule import human_count
+
     rows = []
 
     def ratio(a, b):
@@ -204,7 +194,7 @@ def _architecture_rows(model: dict, teacher: dict) -> list[dict[str, str]]:
 
     def row(name, key, human=False):
         a, b = model.get(key), teacher.get(key)
-        show = _human if human else _fmt
+        show = (lambda value: human_count(value, digits=2)) if human else _fmt
         rows.append({"name": name, "model": show(a), "teacher": show(b), "ratio": ratio(a, b)})
 
     row("d_expert (expert width)", "intermediate_size")
@@ -434,6 +424,8 @@ def _redact(text: str, secret: str | None) -> str:
 
 
 def _commit_message(info: dict, config_summary: dict, files: list[str]) -> tuple[str, str]:
+    from .schedule import human_count
+
     stage, num_stages, method = info.get("stage"), info.get("num_stages"), info.get("method")
     what = f"stage {stage}/{num_stages}" if stage is not None else (method or "model")
     sizes = []
@@ -442,7 +434,7 @@ def _commit_message(info: dict, config_summary: dict, files: list[str]) -> tuple
     if config_summary.get("num_attention_heads") is not None:
         sizes.append(f"heads {config_summary['num_attention_heads']}/{config_summary['num_key_value_heads']}")
     if config_summary.get("num_parameters"):
-        sizes.append(f"{_human(config_summary['num_parameters'])} params")
+        sizes.append(f"{human_count(config_summary['num_parameters'], digits=2)} params")
     kl = (info.get("eval") or {}).get("kl")
     if kl is not None:
         sizes.append(f"eval KL {kl:.4g}")

@@ -115,12 +115,7 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
                     f"{' and '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)} checkpoints (Phi-3.5-MoE, Phi-mini-MoE, "
                     "Phi-tiny-MoE and models compressed by hf_slimmoe)."
                 )
-            config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version",
-                                                                            "architectures", "auto_map")}
-            if config_dict.get("head_dim") is None:
-                config_dict["head_dim"] = config_dict.get("hidden_size", 4096) // config_dict.get(
-                    "num_attention_heads", 32)
-            config = SlimMoeConfig(**config_dict)
+            config = SlimMoeConfig.from_config_dict(config_dict)
         elif not isinstance(config, SlimMoeConfig):
             config = SlimMoeConfig.from_phimoe(config)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)

@@ -31,7 +31,6 @@ model while masks grow towards the target, then prunes physically once (see `pru
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import json
 import logging
 import os
@@ -45,6 +44,9 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_slimmoe import SlimMoeConfig
+from .data import batches, check_source, load_blocks, source_files
+from .distributed import fsdp_requested, is_sharded, shard_decoder_layers
+from .modeling_utils import check_tokenizer_vocabulary
 from .outputs import RunLock, check_weights
 from .provenance import check_output_dir, open_output_dir, run_record
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
@@ -99,14 +101,11 @@ def world_size() -> int:
 
 def is_finished_stage(directory: str) -> bool:
     """A stage directory is finished when it exists under its final name with stage.json, config.json and weights
-    (stage directories are only ever renamed into place once complete)."""
+    (one model.safetensors or a sharded index; stage directories are only ever renamed into place once complete)."""
     return (os.path.isfile(os.path.join(directory, "stage.json"))
             and os.path.isfile(os.path.join(directory, "config.json"))
-            and os.path.isfile(os.path.join(directory, "model.safetensors")))
-
-
-def _recipe_dir(recipe: Recipe) -> str | None:
-    return recipe.directory
+            and (os.path.isfile(os.path.join(directory, "model.safetensors"))
+                 or os.path.isfile(os.path.join(directory, "model.safetensors.index.json"))))
 
 
 def write_json(path: str, value) -> None:
@@ -120,114 +119,6 @@ def write_json(path: str, value) -> None:
 def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-# ----------------------------------------------------------------------------------------------------- data
-def _source_files(source: DataSource, key: str, recipe_dir: str | None) -> list[str]:
-    if source.glob is not None:
-        patterns = [source.glob] if isinstance(source.glob, str) else list(source.glob)
-        files = set()
-        for pattern in patterns:
-            expanded = expand_path(pattern, recipe_dir)
-            matches = globlib.glob(expanded, recursive=True)
-            if not matches:
-                raise FileNotFoundError(f"{key}.glob {pattern!r} ({expanded}) matches no file.")
-            files.update(matches)
-        files = sorted(files)
-    else:
-        files = [expand_path(p, recipe_dir) for p in source.paths]
-        missing = [p for p in files if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"{key}.paths: no such file(s): {', '.join(missing[:5])}.")
-    return files
-
-
-def check_source(source: DataSource, key: str, recipe_dir: str | None) -> None:
-    """Raise when a local data source does not exist (Hub datasets are only checked when loaded)."""
-    if source.type == "text_files":
-        _source_files(source, key, recipe_dir)
-    elif source.type == "disk" and not os.path.isdir(expand_path(source.path, recipe_dir)):
-        raise FileNotFoundError(f"{key}.path {source.path!r} is not a directory saved with datasets.save_to_disk.")
-
-
-def read_source(source: DataSource, key: str, recipe_dir: str | None):
-    """A `datasets.Dataset` of documents with the column `source.text_field` (or of pre-tokenized `input_ids`)."""
-    import datasets
-
-    if source.type == "text_files":
-        texts = []
-        for path in _source_files(source, key, recipe_dir):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
-        dataset = datasets.Dataset.from_dict({source.text_field: texts})
-    elif source.type == "disk":
-        dataset = datasets.load_from_disk(expand_path(source.path, recipe_dir))
-        if isinstance(dataset, datasets.DatasetDict):
-            if source.split not in dataset:
-                raise ValueError(f"{key}.split {source.split!r} is not in {source.path} (splits: {list(dataset)}).")
-            dataset = dataset[source.split]
-    else:
-        dataset = datasets.load_dataset(source.path, source.name, split=source.split)
-    if source.text_field not in dataset.column_names and "input_ids" not in dataset.column_names:
-        raise ValueError(f"{key}.text_field {source.text_field!r} is not a column of {source.path or source.glob} "
-                         f"(columns: {dataset.column_names}).")
-    if source.max_examples is not None:
-        dataset = dataset.select(range(min(source.max_examples, len(dataset))))
-    return dataset
-
-
-def pack(dataset, tokenizer, block_size: int, text_field: str, num_proc: int | None = None):
-    """Tokenize documents, join them with EOS and cut the stream into `input_ids` blocks of `block_size` tokens
-    (the remainder of each map batch is dropped)."""
-    eos = tokenizer.eos_token_id
-
-    def _pack(batch):
-        stream = []
-        for ids in tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            if eos is not None:
-                stream.append(eos)
-        usable = len(stream) // block_size * block_size
-        return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
-
-    return dataset.map(_pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, num_proc=num_proc,
-                       desc=f"Packing into {block_size}-token blocks")
-
-
-def load_blocks(recipe: Recipe, tokenizer) -> dict:
-    """Packed `train`, `eval` (or None) and `calibration` datasets, each a column `input_ids`."""
-    d, recipe_dir = recipe.data, _recipe_dir(recipe)
-    blocks = {}
-    for name in ("train", "eval", "calibration"):
-        source = getattr(d, name)
-        if source is None:
-            blocks[name] = blocks["train"] if name == "calibration" else None
-            continue
-        dataset = read_source(source, f"data.{name}", recipe_dir)
-        if "input_ids" in dataset.column_names:  # pre-tokenized blocks (e.g. a packed load_from_disk dataset): as is
-            dataset = dataset.select_columns(["input_ids"])
-        else:
-            dataset = pack(dataset, tokenizer, d.block_size, source.text_field, d.num_proc)
-        if len(dataset) == 0:
-            raise ValueError(f"data.{name} gives no block of data.block_size={d.block_size} tokens; add text or "
-                             "lower data.block_size.")
-        blocks[name] = dataset
-    if d.train_blocks is not None:
-        blocks["train"] = blocks["train"].select(range(min(d.train_blocks, len(blocks["train"]))))
-        if d.calibration is None:
-            blocks["calibration"] = blocks["train"]
-    if blocks["eval"] is not None and d.eval_blocks is not None:
-        blocks["eval"] = blocks["eval"].select(range(min(d.eval_blocks, len(blocks["eval"]))))
-    blocks["calibration"] = blocks["calibration"].select(range(min(d.calibration_blocks, len(blocks["calibration"]))))
-    logger.info("Data: %d train, %s eval, %d calibration blocks of %d tokens", len(blocks["train"]),
-                len(blocks["eval"]) if blocks["eval"] is not None else "no", len(blocks["calibration"]), d.block_size)
-    return blocks
-
-
-def calibration_batches(dataset, batch_size: int) -> list[dict]:
-    ids = torch.tensor(dataset["input_ids"], dtype=torch.long)
-    return [{"input_ids": ids[i:i + batch_size]} for i in range(0, len(ids), batch_size)]
-
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -252,8 +143,12 @@ def check(recipe: Recipe) -> SlimMoeConfig:
         if source is not None:
             check_source(source, f"data.{name}", recipe_dir)
     if recipe.teacher.build is not None:
-        _source_files(DataSource(glob=recipe.teacher.build.tokenizer_files), "teacher.build.tokenizer_files",
+        source_files(DataSource(glob=recipe.teacher.build.tokenizer_files), "teacher.build.tokenizer_files",
                       recipe_dir)
+    if recipe.method == "iterative" and (recipe.training.get("fsdp") or fsdp_requested()):
+        raise ValueError("method: iterative does not run under FSDP: its masks zero and read whole expert and "
+                         "attention weights between optimizer steps, and FSDP leaves each process one shard of them. "
+                         "Run the iterative baseline on one process or with DDP, or use multi-stage / one-stage.")
     teacher_config = read_teacher_config(recipe, offline_ok=True)
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
@@ -289,9 +184,7 @@ def check_teacher_files(recipe: Recipe, teacher_config: SlimMoeConfig) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(local)
-        if len(tokenizer) > teacher_config.vocab_size:
-            raise ValueError(f"teacher.tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
-                             f"{teacher_config.vocab_size}: teacher and student vocabularies must match.")
+        check_tokenizer_vocabulary(tokenizer, teacher_config.vocab_size, "teacher.tokenizer")
 
 
 def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stopping: bool):
@@ -461,9 +354,7 @@ def load_teacher(recipe: Recipe, paths: RunPaths) -> tuple[Any, Any, str]:
     teacher = SlimMoeForCausalLM.from_pretrained(teacher_path, dtype=getattr(torch, recipe.teacher.dtype),
                                                  revision=recipe.teacher.revision)
     teacher.requires_grad_(False).eval()
-    if len(tokenizer) > teacher.config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
-                         f"{teacher.config.vocab_size}: teacher and student vocabularies must match.")
+    check_tokenizer_vocabulary(tokenizer, teacher.config.vocab_size)
     if not is_deepspeed_zero3_enabled():  # ZeRO-3 keeps the teacher sharded; the trainer places it
         teacher.to(run_device(recipe))
     return teacher, tokenizer, teacher_path
@@ -522,7 +413,7 @@ def start_run(recipe: Recipe, paths: RunPaths, args, record: dict, reuse_stale: 
     run = Run(recipe, paths, args, teacher, teacher_path, tokenizer, run_device(recipe), train=blocks["train"],
               eval_set=blocks["eval"], online_teacher=teacher, record=record, parent=teacher_path)
     cache_teacher(run)
-    run.calibration = calibration_batches(blocks["calibration"], recipe.scoring.batch_size)
+    run.calibration = batches(blocks["calibration"], recipe.scoring.batch_size, tokenizer.pad_token_id or 0)
     start_trajectory(run)
     return run
 
@@ -580,19 +471,52 @@ class StageRunner:
             return
         path = os.path.join(self.work_dir, "scores.safetensors")
         teacher = None if run.parent == run.teacher_path else run.teacher  # stage 1: the model is the teacher
-        with run.args.main_process_first(desc="sensitivity scores"):
+        kwargs = dict(teacher=teacher, criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
+        if fsdp_requested(run.args) and run.args.world_size > 1:
+            # FSDP: every rank scores its share of the batches on a model sharded one decoder layer per unit
+            torch.distributed.barrier()  # every rank looks for the file before the main one may write it
             if os.path.isfile(path):
                 self.scores = SensitivityScores.load(path)
-            else:
-                self.scores = compute_sensitivity(self.model, run.calibration, teacher=teacher,
-                                                  criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
-                self.scores.save(path + ".tmp")
-                os.replace(path + ".tmp", path)
+                return
+            self.scores = compute_sensitivity(shard_decoder_layers(self.model), run.calibration, **kwargs)
+        else:
+            with run.args.main_process_first(desc="sensitivity scores"):
+                if os.path.isfile(path):
+                    self.scores = SensitivityScores.load(path)
+                    return
+                self.scores = compute_sensitivity(self.model, run.calibration, **kwargs)
+        if run.is_main:
+            self.scores.save(path + ".tmp")
+            os.replace(path + ".tmp", path)
 
     def prune(self) -> None:
-        """One-shot structured pruning to the stage size (the iterative baseline prunes after `distill`)."""
-        if self.scores is not None:
+        """One-shot structured pruning to the stage size (the iterative baseline prunes after `distill`): in memory,
+        or with `prune.streaming` (and always for a model sharded while scoring) by streaming surgery of the parent
+        checkpoint on disk into `.stage-i.work/pruned/`, which is then loaded; both give the same model."""
+        if self.scores is None:
+            return
+        if self.run.recipe.prune.streaming or is_sharded(self.model):
+            self.model = None
+            self.model = self.streamed_prune().to(self.run.device)
+        else:
             self.model.prune_to(self.config, self.scores)
+
+    def streamed_prune(self):
+        """Streaming surgery of the parent checkpoint (the main process, once; a resumed stage reuses it), loaded."""
+        from .modeling_slimmoe import SlimMoeForCausalLM
+        from .pruning.streaming import prune_checkpoint
+
+        run, pruned_dir = self.run, os.path.join(self.work_dir, "pruned")
+        with run.args.main_process_first(desc="streaming surgery"):
+            if not os.path.isfile(os.path.join(pruned_dir, "config.json")):  # renamed into place complete
+                source = run.parent
+                if not os.path.isdir(source):  # a Hub id: its config and safetensors shards, downloaded once
+                    from huggingface_hub import snapshot_download
+
+                    source = snapshot_download(source, revision=run.recipe.teacher.revision)
+                shutil.rmtree(pruned_dir, ignore_errors=True)
+                prune_checkpoint(source, pruned_dir, self.config, self.scores, card=False)
+        return SlimMoeForCausalLM.from_pretrained(pruned_dir, dtype=run.dtype)
 
     def distill(self) -> None:
         """Distill from the original teacher, continuing from the latest complete checkpoint, with early stopping on
@@ -835,4 +759,4 @@ def publish(stage_dir: str, recipe: Recipe) -> None:
 
 
 __all__ = ["compress", "check", "plan_text", "RunPaths", "Run", "StageRunner", "is_finished_stage", "build_teacher",
-           "load_blocks", "pack", "read_teacher_config", "training_args"]
+           "read_teacher_config", "training_args"]

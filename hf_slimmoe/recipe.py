@@ -13,6 +13,7 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
     stages:         target + num_stages (geometric schedule) or explicit sizes; per-stage token or step budgets
     early_stopping: patience and min_delta on eval KL (never applied to the final stage)
     scoring:        sensitivity criterion, top_k, batch size
+    prune:          streaming (cut the parent checkpoint on disk tensor by tensor instead of in memory)
     distillation:   top_k, temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size, cache_teacher
     training:       any `transformers.TrainingArguments` field (optimizer, schedule, batch, logging ...)
     iterative:      the iterative-pruning baseline's mask schedule
@@ -21,6 +22,7 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -28,6 +30,7 @@ import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Literal
 
 import yaml
@@ -128,6 +131,15 @@ class ScoringSettings:
 
 
 @dataclass
+class PruneSettings:
+    """How each stage's one-shot prune runs: `streaming: true` cuts the parent checkpoint on disk tensor by tensor
+    (`hf_slimmoe.pruning.streaming`, memory of about one tensor; the way to prune under FSDP, where no process holds
+    the whole model) and loads the result; `false` slices the model in memory (`prune_to`). Both give the same model."""
+
+    streaming: bool = False
+
+
+@dataclass
 class DistillationSettings:
     top_k: int = 8
     temperature: float = 1.0
@@ -159,6 +171,7 @@ class Recipe:
     stages: StageSettings = field(default_factory=StageSettings)
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    prune: PruneSettings = field(default_factory=PruneSettings)
     distillation: DistillationSettings = field(default_factory=DistillationSettings)
     training: dict[str, Any] = field(default_factory=dict)
     iterative: IterativeSettings = field(default_factory=IterativeSettings)
@@ -179,10 +192,9 @@ class Recipe:
             values = {"vocab_size": self.teacher.build.vocab_size, **self.teacher.build.config}
         if values is None:
             return None
-        values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")}
         key = "teacher.architecture" if self.teacher.architecture is not None else "teacher.build.config"
         try:
-            return SlimMoeConfig(**values)
+            return SlimMoeConfig.from_config_dict(values)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{key}: {e}") from None
 
@@ -506,4 +518,28 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
         yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
 
 
-__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "recipe_to_dict", "expand_path", "METHODS"]
+# ------------------------------------------------------------------------------------------------------ the demo
+DEMO_RECIPE = "demo.yaml"  # packaged in hf_slimmoe/recipes/
+
+
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in recursively (mappings merge, everything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def demo_settings(fast: bool = False) -> dict:
+    """The packaged demo recipe as a dict of sections `compress`, `sft`, `dpo`, `eval` (with `fast` merged in)."""
+    text = resources.files("hf_slimmoe").joinpath("recipes", DEMO_RECIPE).read_text(encoding="utf-8")
+    values = yaml.safe_load(text)
+    fast_overrides = values.pop("fast", {}) or {}
+    return merge_settings(values, fast_overrides) if fast else values
+
+
+__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "recipe_to_dict", "expand_path", "METHODS",
+           "demo_settings", "merge_settings"]

@@ -140,12 +140,14 @@ def pinned_stages(source_config: SlimMoeConfig, sizes: Sequence[Mapping[str, int
     return stages
 
 
-def human_count(n: int, digits: int = 1) -> str:
-    """A parameter count with `digits` decimals: 41.9B, 15.7B, 3.2M, 850.0K (41.87B with `digits=2`)."""
+def human_count(n: int | float | None, digits: int = 1) -> str:
+    """A count with `digits` decimals and a unit: 41.9B, 15.7B, 3.2M, 850K; below 1,000 as it is; `None`: "-"."""
+    if n is None:
+        return "-"
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
+        if abs(n) >= size:
             return f"{n / size:.{digits}f}{unit}"
-    return str(n)
+    return f"{n:,}" if isinstance(n, int) else f"{n:g}"
 
 
 def plan_rows(source_config: SlimMoeConfig, stages: Sequence[SlimMoeConfig]) -> list[dict]:

@@ -17,9 +17,11 @@ import shutil
 import torch
 
 from .configuration_slimmoe import SlimMoeConfig
+from .data import TokenCollator, load_blocks, source_files
 from .outputs import differences
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, recipe_to_dict
 from .schedule import human_count
+from .tokenization import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -29,21 +31,6 @@ ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hi
 
 
 # ----------------------------------------------------------------------------------------------------- building
-def train_tokenizer(files: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on local text files, with `<|endoftext|>` as BOS, EOS and padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = "<|endoftext|>"
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train(files, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special)
-
-
 def pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
     """Causal-LM pre-training of the built teacher: AdamW, cosine decay, gradient clipping at 1, shuffled epochs.
 
@@ -53,9 +40,7 @@ def pretrain(model, dataset, build, seed: int, pad_token_id: int) -> None:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .distillation import DistillationCollator
-
-    collate = DistillationCollator(pad_token_id=pad_token_id)
+    collate = TokenCollator(pad_token_id=pad_token_id)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=build.pretrain_learning_rate, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, 0, build.pretrain_steps)
@@ -119,7 +104,6 @@ def build_teacher(recipe: Recipe, directory: str, reuse_stale: bool = False) -> 
     earlier is reused when they match, and refused with the differences named otherwise (unless `reuse_stale`).
     """
     from .modeling_slimmoe import SlimMoeForCausalLM
-    from .pipeline import _source_files, load_blocks  # the data layer; moves to hf_slimmoe/data.py
 
     if is_built_teacher(directory):
         found = build_differences(recipe, directory)
@@ -131,10 +115,10 @@ def build_teacher(recipe: Recipe, directory: str, reuse_stale: bool = False) -> 
     b = recipe.teacher.build
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    files = _source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", recipe.directory)
+    files = source_files(DataSource(glob=b.tokenizer_files), "teacher.build.tokenizer_files", recipe.directory)
     logger.info("Building the teacher: tokenizer (vocab %d) on %d files, then %d causal-LM steps", b.vocab_size,
                 len(files), b.pretrain_steps)
-    tokenizer = train_tokenizer(files, b.vocab_size)
+    tokenizer = train_bpe_tokenizer(files, b.vocab_size)
     if len(tokenizer) > b.vocab_size:
         raise ValueError(f"teacher.build.vocab_size={b.vocab_size} is smaller than the trained tokenizer "
                          f"({len(tokenizer)} tokens).")
@@ -197,10 +181,7 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConf
     if values.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"teacher.model {recipe.teacher.model!r} has model_type {values.get('model_type')!r}; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures",
-                                                           "auto_map")}
-    values.setdefault("head_dim", values.get("hidden_size", 4096) // values.get("num_attention_heads", 32))
-    actual = SlimMoeConfig(**values)
+    actual = SlimMoeConfig.from_config_dict(values)
     if declared is not None:
         for name in ARCHITECTURE_FIELDS:
             if getattr(declared, name) != getattr(actual, name):
@@ -209,5 +190,5 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConf
     return actual
 
 
-__all__ = ["build_teacher", "build_settings", "build_differences", "read_teacher_config", "teacher_paths",
-           "train_tokenizer", "pretrain", "is_built_teacher", "BUILD_RECORD"]
+__all__ = ["build_teacher", "build_settings", "build_differences", "read_teacher_config", "teacher_paths", "pretrain",
+           "is_built_teacher", "BUILD_RECORD"]

@@ -12,15 +12,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_slimmoe.cli import main
 from hf_slimmoe.demo import MODELS, demo_recipe, ensure_teacher, run_demo, teacher_fingerprint
-from hf_slimmoe.pipeline import _source_files
+from hf_slimmoe.data import source_files
 
 
 def test_demo_corpus_is_split_by_module_into_disjoint_train_and_held_out_sets():
     for fast in (False, True):
         recipe = demo_recipe("unused", fast=fast)
-        train = _source_files(recipe.data.train, "data.train", None)
-        held_out = _source_files(recipe.data.eval, "data.eval", None)
-        tokenizer_files = _source_files(type(recipe.data.train)(glob=recipe.teacher.build.tokenizer_files), "t", None)
+        train = source_files(recipe.data.train, "data.train", None)
+        held_out = source_files(recipe.data.eval, "data.eval", None)
+        tokenizer_files = source_files(type(recipe.data.train)(glob=recipe.teacher.build.tokenizer_files), "t", None)
         assert len(train) > 100 and len(held_out) > 20
         assert not set(train) & set(held_out) and not set(tokenizer_files) & set(held_out)
         assert len({os.path.dirname(f) for f in train}) == 1  # top-level modules only

@@ -248,7 +248,7 @@ def test_bad_recipe_file_through_the_cli(tmp_path, capsys):
 
 def test_vocabulary_mismatch_is_caught_before_compute(tmp_path):
     """A teacher checkpoint whose tokenizer is larger than its vocabulary is refused by the dry run."""
-    from hf_slimmoe.teacher import train_tokenizer
+    from hf_slimmoe.tokenization import train_bpe_tokenizer
     from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
     import sysconfig
 
@@ -256,7 +256,7 @@ def test_vocabulary_mismatch_is_caught_before_compute(tmp_path):
     config = SlimMoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
     SlimMoeForCausalLM(config).save_pretrained(teacher)
-    train_tokenizer([os.path.join(sysconfig.get_paths()["stdlib"], "json", "decoder.py")], 300).save_pretrained(
+    train_bpe_tokenizer([os.path.join(sysconfig.get_paths()["stdlib"], "json", "decoder.py")], 300).save_pretrained(
         teacher)
     values = tiny_recipe(tmp_path / "out", teacher={"model": str(teacher)})
     with pytest.raises(ValueError, match="teacher and student vocabularies must match"):
@@ -268,11 +268,11 @@ def test_data_sources_text_files_disk_and_pretokenized(tmp_path):
     already has input_ids is used as is; calibration defaults to the training blocks."""
     import datasets
 
-    from hf_slimmoe.pipeline import load_blocks
-    from hf_slimmoe.teacher import train_tokenizer
+    from hf_slimmoe.data import load_blocks
+    from hf_slimmoe.tokenization import train_bpe_tokenizer
 
     (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
-    tokenizer = train_tokenizer([str(tmp_path / "a.txt")], 300)
+    tokenizer = train_bpe_tokenizer([str(tmp_path / "a.txt")], 300)
     datasets.Dataset.from_dict({"body": ["print('hello')\n" * 50] * 3}).save_to_disk(str(tmp_path / "docs"))
     datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 5}).save_to_disk(str(tmp_path / "blocks"))
     values = tiny_recipe(tmp_path / "out", data={

@@ -8,15 +8,16 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_slimmoe import SlimMoeForCausalLM
-from hf_slimmoe.distillation.losses import teacher_topk
+from hf_slimmoe.modeling_utils import teacher_topk
 from hf_slimmoe.posttrain import (
     CHAT_TEMPLATE,
-    PostTrainArguments,
+    EXPERT_PARAMETERS,
     SFTDistillationConfig,
     SFTDistillationTrainer,
     build_tiny_chat_model,
     build_tiny_tokenizer,
     docstring_datasets,
+    lora_config,
     parse_recipe,
     save_lora,
 )
@@ -108,6 +109,20 @@ def test_sft_kd_loss_goes_down(tiny, tmp_path):
     assert len(logged) == 12 and logged[-1] < logged[0]
 
 
+def test_sft_trainer_keeps_its_own_metrics_and_refuses_other_losses(tiny, tmp_path):
+    """The KD term is added to SFTTrainer's own loss: its metrics (token count, entropy, accuracy, aux) stay as TRL
+    computes them, next to kd_loss / ce_loss; a loss TRL computes differently is refused rather than mixed wrongly."""
+    trainer = _trainer(tiny, tmp_path, max_steps=2, router_aux_loss_coef=0.01)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "kd_loss" in h]
+    assert len(logged) == 2
+    assert {"ce_loss", "entropy", "mean_token_accuracy", "num_tokens", "aux_loss"} <= set(logged[-1])
+    assert logged[-1]["num_tokens"] == trainer._total_train_tokens > 0
+    with pytest.raises(ValueError, match="loss_type='nll'"):
+        _trainer(tiny, tmp_path, loss_type="dft")
+    assert not _trainer(tiny, tmp_path, loss_type="dft", ce_mix=1.0).kd_enabled
+
+
 def test_cached_teacher_equals_online_and_is_validated(tiny, tmp_path):
     cache_dir = str(tmp_path / "cache")
     online = _trainer(tiny, tmp_path)
@@ -161,15 +176,17 @@ def test_plain_sft_when_ce_mix_is_one(tiny, tmp_path):
 def test_lora_trains_only_adapters_and_merges_into_a_checkpoint(tiny, tmp_path):
     from peft import PeftModel
 
-    args = PostTrainArguments(model_name_or_path=tiny["student"], use_lora=True, lora_r=4, lora_alpha=8,
-                              lora_target_experts=True)
+    from trl import ModelConfig
+
+    args = ModelConfig(model_name_or_path=tiny["student"], use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                       lora_target_parameters=list(EXPERT_PARAMETERS))
     base = SlimMoeForCausalLM.from_pretrained(tiny["student"])
     original = {k: v.clone() for k, v in base.state_dict().items()}
     torch.manual_seed(0)
     trainer = SFTDistillationTrainer(
         model=base, teacher_model=SlimMoeForCausalLM.from_pretrained(tiny["teacher"]),
         args=_config(tmp_path, max_steps=6),
-        train_dataset=tiny["sft"], processing_class=tiny["tokenizer"], peft_config=args.lora_config(),
+        train_dataset=tiny["sft"], processing_class=tiny["tokenizer"], peft_config=lora_config(args),
     )
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -267,10 +284,10 @@ def test_cli_sft_then_dpo_chain_writes_complete_cards_and_publishes(tiny, tmp_pa
 
 def test_real_recipes_parse():
     for kind, name in (("sft", "sft.yaml"), ("dpo", "dpo.yaml")):
-        args, config, hub = parse_recipe(kind, os.path.join(RECIPES, name), ["--bf16", "false", "--use_cpu", "true"])
+        _, _, config, hub = parse_recipe(kind, os.path.join(RECIPES, name), ["--bf16", "false", "--use_cpu", "true"])
         assert hub["push_to_hub"] and "{stage}" in hub["repo_id"]
         assert config.weight_decay == 1e-4
-    args, config, _ = parse_recipe("sft", os.path.join(RECIPES, "sft.yaml"), ["--bf16", "false", "--use_cpu", "true"])
+    _, _, config, _ = parse_recipe("sft", os.path.join(RECIPES, "sft.yaml"), ["--bf16", "false", "--use_cpu", "true"])
     assert (config.learning_rate, config.top_k, config.ce_mix) == (2e-6, 8, 0.0)
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 64 == 1536
 

@@ -100,14 +100,14 @@ def test_stages_without_provenance_are_not_reused(finished_run, tmp_path):
 
 def local_teacher(directory, seed):
     from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
-    from hf_slimmoe.teacher import train_tokenizer
+    from hf_slimmoe.tokenization import train_bpe_tokenizer
     import sysconfig
 
     config = SlimMoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
     torch.manual_seed(seed)
     SlimMoeForCausalLM(config).save_pretrained(directory)
-    train_tokenizer([os.path.join(sysconfig.get_paths()["stdlib"], "json", "decoder.py")], 300).save_pretrained(
+    train_bpe_tokenizer([os.path.join(sysconfig.get_paths()["stdlib"], "json", "decoder.py")], 300).save_pretrained(
         directory)
 
 

@@ -1,61 +1,13 @@
 """Top-k knowledge-distillation loss (SlimMoE Eq. 3), computed from hidden states in chunks of tokens.
 
 The teacher is summarised per token by its top-k token ids and their log-probabilities *relative to its full
-vocabulary* (`logit - logsumexp(all logits)`), which is what [`teacher_topk`] returns and what the teacher cache
-stores. The loss is `KL(p_teacher_topk || p_student)` where the teacher's probabilities outside its top-k are 0.
+vocabulary* (`logit - logsumexp(all logits)`), which is what `hf_slimmoe.modeling_utils.teacher_topk` returns and what the
+teacher cache stores. The loss is `KL(p_teacher_topk || p_student)` where the teacher's probabilities outside its top-k are 0.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def teacher_topk(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Top-k token ids of a teacher's logits and their log-probabilities relative to the full vocabulary.
-
-    Args:
-        logits (`torch.Tensor`):
-            Teacher logits of shape `(..., V)`.
-        top_k (`int`):
-            Number of tokens kept per position; at most `V`.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature: log-probabilities are those of `softmax(logits / temperature)`.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: ids (`int64`, shape `(..., top_k)`, by decreasing probability) and
-        log-probabilities (`float32`, shape `(..., top_k)`), `logit / T - logsumexp(all logits / T)`.
-    """
-    vocab_size = logits.size(-1)
-    if not 0 < top_k <= vocab_size:
-        raise ValueError(f"top_k={top_k} must be between 1 and the vocabulary size ({vocab_size}).")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive.")
-    scaled = logits.float() / temperature  # (..., V)
-    values, ids = scaled.topk(top_k, dim=-1)  # (..., k)
-    logprobs = values - torch.logsumexp(scaled, dim=-1, keepdim=True)  # (..., k)
-    return ids.long(), logprobs
-
-
-@torch.no_grad()
-def teacher_topk_from_hidden(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float = 1.0, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    [`teacher_topk`] of `lm_head(hidden)` for hidden states `(..., H)`, projecting `chunk_size` tokens at a time, so
-    the teacher's `(tokens, V)` logits are never held for all tokens at once.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: ids `(..., k)` int64 and log-probabilities `(..., k)` float32.
-    """
-    flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
-    ids = torch.empty(flat.size(0), top_k, dtype=torch.long, device=flat.device)
-    logprobs = torch.empty(flat.size(0), top_k, dtype=torch.float32, device=flat.device)
-    for start in range(0, flat.size(0), chunk_size):
-        ids[start:start + chunk_size], logprobs[start:start + chunk_size] = teacher_topk(
-            lm_head(flat[start:start + chunk_size]), top_k, temperature)  # (C, V) -> (C, k)
-    shape = (*hidden.shape[:-1], top_k)
-    return ids.view(shape), logprobs.view(shape)
 
 
 def _chunk_logits(

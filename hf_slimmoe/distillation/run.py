@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
-from datasets import Dataset, DatasetDict, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from ..data import load_token_dataset, load_tokenizer
 from .config import DistillationConfig
 from .trainer import DistillationTrainer
 
@@ -51,48 +50,9 @@ class DistillScriptArguments:
             raise ValueError("`student` and `dataset` are required (as flags or YAML keys).")
 
 
-def load_token_dataset(path: str, tokenizer=None, text_column: str = "text", max_length: int = 512) -> Dataset:
-    """
-    A dataset with `input_ids` from a `save_to_disk` directory or a `.jsonl` / `.txt` file.
-
-    Datasets that already have `input_ids` are returned unchanged (so a teacher cache built on them stays valid);
-    text is tokenized with `tokenizer` and truncated to `max_length` tokens.
-    """
-    from ..pruning.calibration import _read_texts
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No data at {path}: pass a save_to_disk dataset directory or a .jsonl/.txt file.")
-    if os.path.isdir(path):
-        dataset = load_from_disk(path)
-        if isinstance(dataset, DatasetDict):
-            raise ValueError(f"{path} holds a DatasetDict with splits {list(dataset)}; pass one split's directory.")
-        if "input_ids" in dataset.column_names:
-            return dataset
-        if text_column not in dataset.column_names:
-            raise ValueError(f"{path} has neither 'input_ids' nor a {text_column!r} column "
-                             f"(columns: {dataset.column_names}); pass --text_column.")
-        texts = dataset[text_column]
-    else:
-        texts = _read_texts(path, text_column)
-    if tokenizer is None:
-        raise ValueError(f"{path} holds text: a tokenizer is needed (pass --tokenizer or put one in the student dir).")
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    rows = [ids for ids in encoded["input_ids"] if len(ids) > 1]
-    if not rows:
-        raise ValueError(f"{path} gave no example with at least two tokens.")
-    return Dataset.from_dict({"input_ids": rows})
-
-
-def _maybe_tokenizer(path: str):
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
-
-
 def run_distill(script_args: DistillScriptArguments, config: DistillationConfig) -> dict[str, float]:
     """Distill `script_args.student` into `config.output_dir`; returns the final evaluation metrics (if any)."""
-    tokenizer = _maybe_tokenizer(script_args.tokenizer or script_args.student)
+    tokenizer = load_tokenizer(script_args.tokenizer or script_args.student, required=False)
     train_dataset = load_token_dataset(script_args.dataset, tokenizer, script_args.text_column,
                                        script_args.max_length)
     eval_dataset = None

@@ -18,7 +18,8 @@ import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
-from .losses import teacher_topk_from_hidden
+from ..data import collate_tokens, rows_of
+from ..modeling_utils import teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,42 +41,6 @@ def input_ids_fingerprint(input_ids) -> str:
     """Hex digest (16 characters) of a row's token ids, stored beside its cached teacher top-k."""
     array = np.asarray(input_ids, dtype=np.int64)
     return hashlib.blake2b(array.tobytes(), digest_size=8).hexdigest()
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    prefix = getattr(model, "base_model_prefix", "model")
-    backbone = getattr(model, prefix, None)
-    if backbone is None:
-        raise ValueError(f"{type(model).__name__} has no backbone attribute {prefix!r}; pass a causal LM model.")
-    return backbone
-
-
-@torch.no_grad()
-def teacher_topk_from_model(
-    teacher: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    top_k: int,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Teacher top-k ids and full-vocabulary log-probabilities at every position, without `(tokens, V)` logits.
-
-    Args:
-        teacher (`torch.nn.Module`): causal LM with a `base_model_prefix` backbone and output embeddings.
-        input_ids (`torch.Tensor`): `(B, T)`.
-        attention_mask (`torch.Tensor`, *optional*): `(B, T)`.
-        top_k (`int`): tokens kept per position.
-        temperature (`float`, *optional*, defaults to `1.0`): softmax temperature.
-        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: ids `(B, T, k)` int64 and log-probabilities `(B, T, k)` float32; position
-        `t` holds the teacher's prediction of token `t + 1`.
-    """
-    hidden = _backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    return teacher_topk_from_hidden(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
 
 
 def _shard_path(work_dir: str, index: int) -> str:
@@ -203,25 +168,20 @@ def cache_teacher_topk(
                     continue
                 logger.warning("Shard %s does not match the dataset; recomputing it.", path)
             columns = {name: [] for name in CACHE_COLUMNS}
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                lengths = [len(ids) for ids in batch["input_ids"]]
-                input_ids = torch.full((len(lengths), max(lengths)), pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros_like(input_ids)
-                for row, ids in enumerate(batch["input_ids"]):
-                    input_ids[row, : len(ids)] = torch.as_tensor(ids)
-                    attention_mask[row, : len(ids)] = (
-                        torch.as_tensor(batch["attention_mask"][row]) if "attention_mask" in batch else 1
-                    )
+            inputs = rows.select_columns([c for c in ("input_ids", "attention_mask") if c in rows.column_names])
+            for features in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
+                batch = collate_tokens(features, pad_token_id, labels=False)  # (b, T) each
                 ids, logprobs = teacher_topk_from_model(
-                    teacher, input_ids.to(device), attention_mask.to(device), top_k, chunk_size=chunk_size
+                    teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device), top_k,
+                    chunk_size=chunk_size,
                 )  # (b, T, k) each
                 ids, logprobs = ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy()
-                for row, length in enumerate(lengths):
+                for row, feature in enumerate(features):
+                    length = len(feature["input_ids"])
                     columns[TOPK_IDS_COLUMN].append(ids[row, :length])
                     columns[TOPK_LOGPROBS_COLUMN].append(logprobs[row, :length])
-                    columns[FINGERPRINT_COLUMN].append(input_ids_fingerprint(batch["input_ids"][row]))
-                progress.update(len(lengths))
+                    columns[FINGERPRINT_COLUMN].append(input_ids_fingerprint(feature["input_ids"]))
+                progress.update(len(features))
             shard = Dataset.from_dict(columns, features=_CACHE_FEATURES)
             if path is not None:
                 shard.to_parquet(path + ".tmp")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from datasets import Dataset
@@ -14,61 +12,25 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
 from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 from trl.models.utils import _ForwardRedirection
 
+from ..data import TokenCollator
+from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_model, vocab_size
 from .config import DistillationConfig
 from .losses import chunked_cross_entropy, chunked_student_topk_stats, topk_kl_loss, topk_tail_kl
 from .teacher_cache import (
     CACHE_COLUMNS,
     TOPK_IDS_COLUMN,
     TOPK_LOGPROBS_COLUMN,
-    _backbone,
     check_teacher_cache,
-    teacher_topk_from_model,
 )
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class DistillationCollator:
-    """
-    Right-pads rows of `input_ids` (+ optional `attention_mask` and teacher cache columns) into a batch.
-
-    Returns `input_ids`, `attention_mask` and `labels`, all `(B, T)`, and when the rows carry a cache,
-    `teacher_topk_ids` (int64) and `teacher_topk_logprobs` (float32), `(B, T, k)`. `labels` are the rows' own
-    `labels` when they have them (-100 marks tokens that are not distilled), else `input_ids` with padding at -100;
-    KD, CE and the evaluation metrics count position `t` when `labels[t + 1] != -100`.
-    """
-
-    pad_token_id: int = 0
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        batch_size, seq_len = len(features), max(lengths)
-        input_ids = torch.full((batch_size, seq_len), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)
-        for row, (feature, length) in enumerate(zip(features, lengths)):
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            mask = feature.get("attention_mask")
-            attention_mask[row, :length] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        if features[0].get("labels") is not None:  # e.g. prompt tokens masked with -100: only the rest is distilled
-            labels = torch.full((batch_size, seq_len), -100, dtype=torch.long)
-            for row, (feature, length) in enumerate(zip(features, lengths)):
-                labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if features[0].get(TOPK_IDS_COLUMN) is not None:
-            top_k = len(features[0][TOPK_IDS_COLUMN][0])
-            ids = torch.zeros((batch_size, seq_len, top_k), dtype=torch.long)
-            logprobs = torch.zeros((batch_size, seq_len, top_k), dtype=torch.float32)
-            for row, (feature, length) in enumerate(zip(features, lengths)):
-                ids[row, :length] = torch.as_tensor(feature[TOPK_IDS_COLUMN], dtype=torch.long)
-                logprobs[row, :length] = torch.as_tensor(feature[TOPK_LOGPROBS_COLUMN], dtype=torch.float32)
-            batch[TOPK_IDS_COLUMN], batch[TOPK_LOGPROBS_COLUMN] = ids, logprobs
-        return batch
-
-
-def _vocab_size(model: torch.nn.Module) -> int:
-    return model.get_output_embeddings().weight.size(0)
+# The default collator of `DistillationTrainer`: right-pads `input_ids` (+ optional `attention_mask`, row `labels`,
+# teacher columns) and returns `input_ids`, `attention_mask` and `labels` `(B, T)` (the rows' own `labels` when they
+# have them, -100 marks tokens that are not distilled; else `input_ids` with padding at -100) and every teacher column
+# `(B, T, k)`. KD, CE and the evaluation metrics count position `t` when `labels[t + 1] != -100`.
+DistillationCollator = TokenCollator
 
 
 class DistillationTrainer(Trainer):
@@ -153,14 +115,11 @@ class DistillationTrainer(Trainer):
 
     @staticmethod
     def _validate(model, teacher_model, args, train_dataset, eval_dataset) -> None:
-        vocab_size = _vocab_size(model)
-        if args.top_k > vocab_size:
-            raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({vocab_size}).")
-        if teacher_model is not None and _vocab_size(teacher_model) != vocab_size:
-            raise ValueError(
-                f"The teacher's vocabulary ({_vocab_size(teacher_model)}) differs from the student's ({vocab_size}): "
-                "distillation needs the same tokenizer; prune the student from this teacher."
-            )
+        student_vocab = vocab_size(model)
+        if args.top_k > student_vocab:
+            raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({student_vocab}).")
+        if teacher_model is not None:
+            check_same_vocabulary(model, teacher_model)
         datasets = {"train_dataset": train_dataset}
         if isinstance(eval_dataset, dict):
             datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
@@ -174,7 +133,7 @@ class DistillationTrainer(Trainer):
             has_cache = any(c in dataset.column_names for c in CACHE_COLUMNS)
             if has_cache or teacher_model is None:
                 try:
-                    check_teacher_cache(dataset, vocab_size=vocab_size, top_k=args.top_k)
+                    check_teacher_cache(dataset, vocab_size=student_vocab, top_k=args.top_k)
                 except ValueError as error:
                     if teacher_model is None and not has_cache:
                         raise ValueError(
@@ -211,7 +170,7 @@ class DistillationTrainer(Trainer):
         """Student backbone + chunked losses; runs inside the wrapper's forward. Returns raw sums over tokens."""
         args = self.args
         want_aux = args.aux_loss_coef > 0
-        outputs = _backbone(student)(
+        outputs = backbone(student)(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_router_logits=want_aux
         )
         hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1

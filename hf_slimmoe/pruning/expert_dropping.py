@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .sensitivity import SensitivityScores
-from .surgery import _keep_indices, _replace
+from .surgery import keep_indices, replace_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,12 @@ def drop_experts(model: nn.Module, num_experts: int, expert_scores: list[torch.T
             f"{[tuple(s.shape) for s in expert_scores]}."
         )
     for layer, scores in zip(layers, expert_scores):
-        keep = _keep_indices(scores, num_experts).to(layer.mlp.router.weight.device)  # [num_experts], ascending
+        keep = keep_indices(scores, num_experts).to(layer.mlp.router.weight.device)  # [num_experts], ascending
         experts, router = layer.mlp.experts, layer.mlp.router
         with torch.no_grad():
-            _replace(router, "weight", router.weight.index_select(0, keep))  # [E_new, H]
-            _replace(experts, "gate_up_proj", experts.gate_up_proj.index_select(0, keep))  # [E_new, 2I, H]
-            _replace(experts, "down_proj", experts.down_proj.index_select(0, keep))  # [E_new, H, I]
+            replace_parameter(router, "weight", router.weight.index_select(0, keep))  # [E_new, H]
+            replace_parameter(experts, "gate_up_proj", experts.gate_up_proj.index_select(0, keep))  # [E_new, 2I, H]
+            replace_parameter(experts, "down_proj", experts.down_proj.index_select(0, keep))  # [E_new, H, I]
         router.out_features = router.num_experts = num_experts
         experts.num_experts = layer.mlp.num_experts = num_experts
     logger.info("Dropped experts: %d -> %d per layer", config.num_local_experts, num_experts)

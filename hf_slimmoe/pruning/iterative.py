@@ -36,8 +36,7 @@ class IterativeMaskCallback(TrainerCallback):
         self.model, self.target, self.calibration, self.teacher = model, target, calibration, teacher
         self.criterion, self.top_k = criterion, top_k
         self.every, self.target_step, self.multiple = mask_every_steps, target_step, expert_multiple
-        self.source = SlimMoeConfig(**{k: v for k, v in model.config.to_dict().items()
-                                       if k not in ("model_type", "transformers_version", "architectures")})
+        self.source = SlimMoeConfig.from_config_dict(model.config.to_dict())
         c = self.source
         self.expert_keep = [torch.ones(c.num_local_experts, c.intermediate_size, dtype=torch.bool)
                             for _ in range(c.num_hidden_layers)]

@@ -32,8 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 
-from ..distillation.losses import chunked_cross_entropy, teacher_topk_from_hidden, topk_kl_loss
-from ..distillation.teacher_cache import teacher_topk_from_model
+from ..distillation.losses import chunked_cross_entropy, topk_kl_loss
+from ..distributed import all_reduce_sum, call_through_forward, full_tensor, is_sharded, rank_and_world, rank_share
+from ..modeling_utils import check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,44 @@ def _cached_topk(batch: dict[str, torch.Tensor], top_k: int):
     return ids, logprobs
 
 
+def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None, criterion: str,
+                top_k: int, coef: float, chunk_size: int) -> tuple[torch.Tensor, int]:
+    """The summed scoring loss of one batch and its number of counted tokens (`teacher=None`: the model itself)."""
+    config, lm_head = model.config, model.lm_head
+    input_ids = batch["input_ids"]  # [B, T]
+    attention_mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True,
+                          use_cache=False)
+    hidden = outputs.last_hidden_state  # [B, T, H]
+    if criterion == "kd":
+        num_tokens = int(mask.sum())
+        if "teacher_topk_ids" in batch and "teacher_topk_logprobs" in batch:
+            ids, logprobs = _cached_topk(batch, top_k)
+        elif teacher is None:
+            ids, logprobs = teacher_topk_from_hidden(hidden.detach(), lm_head, top_k, chunk_size=chunk_size)
+        else:
+            teacher_device = next(teacher.parameters()).device
+            ids, logprobs = call_through_forward(  # [B, T, k], no [B, T, V] teacher logits
+                teacher, teacher_topk_from_model, teacher, input_ids.to(teacher_device),
+                None if attention_mask is None else attention_mask.to(teacher_device), top_k, chunk_size=chunk_size,
+            )
+            ids, logprobs = ids.to(hidden.device), logprobs.to(hidden.device)
+        loss = topk_kl_loss(hidden, lm_head.weight, lm_head.bias, ids, logprobs, mask,
+                            chunk_size=chunk_size, reduction="sum")
+    else:
+        labels = batch.get("labels", input_ids).masked_fill(~mask, -100)
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # next token
+        num_tokens = int((labels != -100).sum())
+        loss = chunked_cross_entropy(hidden, lm_head.weight, lm_head.bias, labels,
+                                     chunk_size=chunk_size, reduction="sum")
+    if coef:
+        aux = load_balancing_loss_func(outputs.router_logits, config.num_local_experts, config.num_experts_per_tok,
+                                       attention_mask)
+        loss = loss + coef * num_tokens * aux  # the per-token mean aux, weighted like the summed KD term
+    return loss, num_tokens
+
+
 def compute_sensitivity(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -170,6 +209,12 @@ def compute_sensitivity(
     `self_attn.o_proj.weight`) require gradients while scoring, the student's logits are never materialized for all
     tokens (the loss is chunked over the vocabulary) and the model's `requires_grad` flags, `.grad` and train/eval
     mode are restored afterwards.
+
+    Under FSDP2 (`model` sharded with `fully_shard`, e.g. by [`~hf_slimmoe.distributed.shard_decoder_layers`]) every
+    rank passes the same batches and scores its share of them (`batches[rank::world_size]`, padded so every rank
+    steps in lockstep); each loss runs inside the root's forward, the gradient shards are summed over ranks and
+    gathered one weight at a time, and every rank returns the same scores as one process would on all batches (to
+    float rounding). An FSDP2-sharded `teacher` is run through its own forward.
 
     Args:
         model (`SlimMoeForCausalLM` or `PhimoeForCausalLM`):
@@ -209,15 +254,9 @@ def compute_sensitivity(
         raise ValueError(f"compute_sensitivity: top_k={top_k!r} must be an integer in [1, {config.vocab_size}].")
     self_teacher = teacher is None or teacher is model
     if criterion == "kd" and not self_teacher:
-        teacher_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
-        if teacher_vocab != config.vocab_size:
-            raise ValueError(
-                f"compute_sensitivity: the teacher's vocab_size ({teacher_vocab}) differs from the model's "
-                f"({config.vocab_size}); top-k KD needs the same tokenizer and vocabulary."
-            )
+        check_same_vocabulary(model, teacher)
     coef = config.router_aux_loss_coef if aux_loss_coef is None else float(aux_loss_coef)
     device = next(model.parameters()).device
-    base, lm_head = model.model, model.lm_head
     down_projs, o_projs = _scored_parameters(model)
     scored = down_projs + o_projs
     scored_ids = {id(p) for p in scored}
@@ -227,7 +266,10 @@ def compute_sensitivity(
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_grads = [(p, p.grad) for p in scored]
     teacher_was_training = None if self_teacher else teacher.training
-    buffers = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in scored]
+    sharded, world_size = is_sharded(model), rank_and_world()[1]
+    # Single process: gradients are summed over batches into float32 buffers by hooks. FSDP2 accumulates the
+    # reduce-scattered gradient shards in `.grad` itself (hooks on the shards would never fire).
+    buffers = None if sharded else [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in scored]
     hooks = []
 
     def _accumulate(buffer):
@@ -243,51 +285,31 @@ def compute_sensitivity(
             teacher.eval()
         for p in model.parameters():
             p.requires_grad_(id(p) in scored_ids)
-        for p, buffer in zip(scored, buffers):
+        for p, buffer in zip(scored, buffers or [None] * len(scored)):
             p.grad = None
-            hooks.append(p.register_post_accumulate_grad_hook(_accumulate(buffer)))
+            if buffer is not None:
+                hooks.append(p.register_post_accumulate_grad_hook(_accumulate(buffer)))
 
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for raw in tqdm(batches, total=total, desc=f"Sensitivity ({criterion})", unit="batch",
-                        disable=not show_progress):
+        if sharded:  # FSDP2: each rank takes its share of the batches, all ranks step in lockstep
+            work = rank_share(list(batches))
+        else:
+            work = ((raw, True) for raw in batches)
+        total = len(work) if sharded else (len(batches) if hasattr(batches, "__len__") else None)
+        for raw, counted in tqdm(work, total=total, desc=f"Sensitivity ({criterion})", unit="batch",
+                                 disable=not show_progress):
             batch = _as_batch(raw, device)
-            input_ids = batch["input_ids"]  # [B, T]
-            attention_mask = batch.get("attention_mask")
-            mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True,
-                           use_cache=False)
-            hidden = outputs.last_hidden_state  # [B, T, H]
-            if criterion == "kd":
-                num_tokens = int(mask.sum())
-                if "teacher_topk_ids" in batch and "teacher_topk_logprobs" in batch:
-                    ids, logprobs = _cached_topk(batch, top_k)
-                elif self_teacher:
-                    ids, logprobs = teacher_topk_from_hidden(hidden.detach(), lm_head, top_k, chunk_size=chunk_size)
-                else:
-                    teacher_device = next(teacher.parameters()).device
-                    ids, logprobs = teacher_topk_from_model(  # [B, T, k], no [B, T, V] teacher logits
-                        teacher, input_ids.to(teacher_device),
-                        None if attention_mask is None else attention_mask.to(teacher_device), top_k,
-                        chunk_size=chunk_size,
-                    )
-                    ids, logprobs = ids.to(device), logprobs.to(device)
-                loss = topk_kl_loss(hidden, lm_head.weight, lm_head.bias, ids, logprobs, mask,
-                                    chunk_size=chunk_size, reduction="sum")
-            else:
-                labels = batch.get("labels", input_ids).masked_fill(~mask, -100)
-                labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # next token
-                num_tokens = int((labels != -100).sum())
-                loss = chunked_cross_entropy(hidden, lm_head.weight, lm_head.bias, labels,
-                                             chunk_size=chunk_size, reduction="sum")
-            if coef:
-                aux = load_balancing_loss_func(outputs.router_logits, config.num_local_experts,
-                                               config.num_experts_per_tok, attention_mask)
-                loss = loss + coef * num_tokens * aux  # the per-token mean aux, weighted like the summed KD term
+            # Through the root's forward: under FSDP2 the LM head is gathered there and reduce-scattered after.
+            loss, num_tokens = call_through_forward(model, _batch_loss, model, batch, teacher if not self_teacher
+                                                    else None, criterion, top_k, coef, chunk_size)
+            if not counted:  # a padding step of this rank: it runs the collectives and adds nothing
+                loss, num_tokens = loss * 0.0, 0
             if loss.requires_grad:
                 loss.backward()
             total_tokens += num_tokens
-            num_batches += 1
-            del outputs, hidden, loss
+            num_batches += int(counted)
+            del loss
+        if sharded:
+            buffers = [p.grad for p in scored]  # the reduce-scattered shards: the mean over ranks of their sums
     finally:
         for hook in hooks:
             hook.remove()
@@ -299,6 +321,8 @@ def compute_sensitivity(
         if teacher_was_training is not None:
             teacher.train(teacher_was_training)
 
+    if sharded:
+        total_tokens, num_batches = int(all_reduce_sum(total_tokens)), int(all_reduce_sum(num_batches))
     if num_batches == 0 or total_tokens == 0:
         raise ValueError("compute_sensitivity: the calibration set is empty (no batches or no counted tokens).")
 
@@ -307,6 +331,9 @@ def compute_sensitivity(
         for down, down_grad, o_proj, o_grad in zip(down_projs, buffers[:len(down_projs)], o_projs,
                                                    buffers[len(down_projs):]):
             # Eq. 2 on the gradient of the mean loss over the set, then Eq. 4 (l2 over a neuron's entries)
+            if sharded:  # gather one weight at a time; the shards hold the mean over ranks, the loss is their sum
+                down, down_grad = full_tensor(down), full_tensor(down_grad) * world_size
+                o_proj, o_grad = full_tensor(o_proj), full_tensor(o_grad) * world_size
             s = (down_grad / total_tokens * down.float()).abs_()  # [E, H, I]
             experts_scores.append(torch.linalg.vector_norm(s, dim=1).cpu())  # [E, I]
             s = (o_grad / total_tokens * o_proj.float()).abs_()  # [H, num_heads * head_dim]

@@ -89,7 +89,7 @@ def validate_prune_target(config: PretrainedConfig, target: PretrainedConfig, sc
                 )
 
 
-def _keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+def keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` highest scores along the last dim, in ascending (original) order.
 
     A stable sort makes ties deterministic: among equal scores the lower index is kept.
@@ -98,7 +98,8 @@ def _keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return order[..., :keep].sort(dim=-1).values
 
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set `module.name` to a new parameter holding `value`, keeping the old one's `requires_grad`."""
     old = getattr(module, name)
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
@@ -130,8 +131,8 @@ def slim_experts(experts: nn.Module, keep: torch.Tensor) -> None:
     with torch.no_grad():
         rows = keep[:, :, None].expand(num_experts, new_size, hidden)  # [E, I_new, H]
         gate, up, down = (weight.gather(1, rows) for weight in expert_neurons(experts))  # each [E, I_new, H]
-        _replace(experts, "gate_up_proj", torch.cat([gate, up], dim=1))  # [E, 2I_new, H]
-        _replace(experts, "down_proj", down.transpose(1, 2))  # [E, H, I_new]
+        replace_parameter(experts, "gate_up_proj", torch.cat([gate, up], dim=1))  # [E, 2I_new, H]
+        replace_parameter(experts, "down_proj", down.transpose(1, 2))  # [E, H, I_new]
     experts.intermediate_dim = new_size
 
 
@@ -139,9 +140,9 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
     """Keep `index` along `dim` of `linear.weight` ([out, in]); the bias follows the output dim."""
     index = index.to(linear.weight.device)
     with torch.no_grad():
-        _replace(linear, "weight", linear.weight.index_select(dim, index))
+        replace_parameter(linear, "weight", linear.weight.index_select(dim, index))
         if dim == 0 and linear.bias is not None:
-            _replace(linear, "bias", linear.bias.index_select(0, index))
+            replace_parameter(linear, "bias", linear.bias.index_select(0, index))
     if dim == 0:
         linear.out_features = index.numel()
     else:
@@ -176,10 +177,10 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
     layers = model.model.layers
     for index, layer in enumerate(layers):
         if new_size != config.intermediate_size:
-            slim_experts(layer.mlp.experts, _keep_indices(scores.experts[index], new_size))
+            slim_experts(layer.mlp.experts, keep_indices(scores.experts[index], new_size))
             layer.mlp.ffn_dim = new_size
         if new_groups != config.num_key_value_heads:
-            prune_attention_groups(layer.self_attn, _keep_indices(scores.kv_groups[index], new_groups),
+            prune_attention_groups(layer.self_attn, keep_indices(scores.kv_groups[index], new_groups),
                                    heads_per_group)
     logger.info(
         "Pruned %d layers: intermediate_size %d -> %d, attention heads %d/%d -> %d/%d (head_dim %d)",

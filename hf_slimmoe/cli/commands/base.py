@@ -67,11 +67,16 @@ class DataclassCommand(Command):
         """The config dataclasses whose fields are this command's options."""
         raise NotImplementedError
 
+    def field_defaults(self) -> dict[str, Any]:
+        """Defaults of dataclass fields that differ for this command (the YAML file and flags override them)."""
+        return {}
+
     def parse(self, argv: list[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Parse `argv` (what follows the command name) into `(dataclass instances, {section: value})`."""
         from trl import TrlParser
 
         parser = TrlParser(self.dataclass_types(), prog=f"slimmoe {self.name}", description=self.description)
+        parser.set_defaults(**self.field_defaults())
         config_path, argv = split_config_path(argv)
         values = read_yaml_mapping(config_path) if config_path is not None else {}
         sections = {key: values.pop(key) for key in self.sections if key in values}

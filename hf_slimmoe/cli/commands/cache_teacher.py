@@ -33,9 +33,9 @@ class CacheTeacherCommand(Command):
         from transformers import AutoModelForCausalLM
 
         from ...distillation import cache_teacher_topk
-        from ...distillation.run import _maybe_tokenizer, load_token_dataset
+        from ...data import load_token_dataset, load_tokenizer
 
-        tokenizer = _maybe_tokenizer(args.tokenizer or args.teacher)
+        tokenizer = load_tokenizer(args.tokenizer or args.teacher, required=False)
         dataset = load_token_dataset(args.data, tokenizer, args.text_column, args.max_length)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher).to(device)

@@ -11,13 +11,13 @@ class DPOCommand(SFTCommand):
     trainer_config = "trl.DPOConfig"
 
     def dataclass_types(self) -> tuple[type, ...]:
-        from trl import DPOConfig
+        from trl import DPOConfig, ModelConfig
 
-        from ...posttrain import PostTrainArguments
+        from ...posttrain import PostTrainScriptArguments
 
-        return PostTrainArguments, DPOConfig
+        return PostTrainScriptArguments, ModelConfig, DPOConfig
 
-    def train(self, script_args, config, hub) -> str:
+    def train(self, script_args, model_args, config, hub) -> str:
         from ...posttrain import run_dpo
 
-        return run_dpo(script_args, config, hub)
+        return run_dpo(script_args, model_args, config, hub)

@@ -37,7 +37,8 @@ class EvalCommand(Command):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ...evaluation import evaluate_model, load_eval_data, run_lm_eval
+        from ...data import load_eval_data
+        from ...evaluation import evaluate_model, run_lm_eval
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)

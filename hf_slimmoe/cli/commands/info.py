@@ -57,8 +57,7 @@ def describe(path: str) -> dict:
     model_type = values.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{config_file} has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    values = {k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")}
-    config = SlimMoeConfig(**values)
+    config = SlimMoeConfig.from_config_dict(values)
     info = {
         "path": path,
         "model_type": model_type,

@@ -9,6 +9,6 @@ class LoraCommand(SFTCommand):
     name = "lora"
     help = "LoRA fine-tuning (PEFT; optionally the fused expert parameters), adapter saved and merged"
 
-    def train(self, script_args, config, hub) -> str:
-        script_args.use_lora = True
-        return super().train(script_args, config, hub)
+    def train(self, script_args, model_args, config, hub) -> str:
+        model_args.use_peft = True
+        return super().train(script_args, model_args, config, hub)

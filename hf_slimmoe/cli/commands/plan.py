@@ -36,13 +36,10 @@ class PlanCommand(Command):
         from ...configuration_slimmoe import SlimMoeConfig
         from ...schedule import format_plan, plan_rows, plan_stages
 
-        info = describe(args.teacher)
+        describe(args.teacher)  # refuses a missing file or an unsupported model_type, naming it
         config_file = os.path.join(args.teacher, "config.json") if os.path.isdir(args.teacher) else args.teacher
         with open(config_file) as f:
-            values = {k: v for k, v in json.load(f).items() if k not in ("model_type", "transformers_version",
-                                                                          "architectures", "auto_map")}
-        values["head_dim"] = info["head_dim"]
-        teacher = SlimMoeConfig(**values)
+            teacher = SlimMoeConfig.from_config_dict(json.load(f))
         target = teacher.slimmed(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads)
         stages = plan_stages(teacher, target, args.num_stages, expert_multiple=args.expert_multiple)
         print(json.dumps(plan_rows(teacher, stages), indent=2) if args.json else format_plan(teacher, stages))

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
-
 from .base import Command
-
-logger = logging.getLogger("hf_slimmoe")
 
 
 class PruneCommand(Command):
@@ -18,7 +11,10 @@ class PruneCommand(Command):
     description = (
         "Prune a checkpoint with scores from `slimmoe score`: every expert keeps its highest-scoring "
         "--intermediate-size neurons, every layer its highest-scoring --num-key-value-heads GQA groups (with their "
-        "query heads). Writes a complete model directory (weights, config, generation config, tokenizer)."
+        "query heads). Streams: reads the (sharded) safetensors checkpoint one tensor at a time and writes the pruned "
+        "shards as it goes, so checkpoints larger than memory prune on a small machine; the output (weights in the "
+        "input's layout and shard split, index, config, generation config, tokenizer, stage.json and card) holds "
+        "exactly the tensors loading, pruning and saving the model would."
     )
 
     def add_arguments(self, parser) -> None:
@@ -30,37 +26,16 @@ class PruneCommand(Command):
                             help="GQA groups to keep; query heads follow (default: unchanged)")
 
     def run(self, args, extra_args) -> int:
-        from transformers import AutoTokenizer
-
-        from ...modeling_slimmoe import SlimMoeForCausalLM
         from ...pruning import SensitivityScores
+        from ...pruning.streaming import prune_checkpoint, read_source_config
         from ...schedule import human_count
 
-        scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before loading the model
-        if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
-            raise ValueError(f"--output-dir {args.output_dir} exists and is not empty; choose a new directory.")
-        model = SlimMoeForCausalLM.from_pretrained(args.model, dtype="auto")
-        before = model.config.num_parameters()
-        target = model.config.slimmed(intermediate_size=args.intermediate_size,
-                                      num_key_value_heads=args.num_key_value_heads)
-        model.prune_to(target, scores)
-        parent = os.path.dirname(os.path.abspath(args.output_dir))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".prune-", dir=parent)  # complete, then renamed: never half-written
-        try:
-            model.save_pretrained(staging)
-            try:
-                AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
-            except (OSError, ValueError):
-                logger.warning("No tokenizer found in %s; saved the model only.", args.model)
-            if os.path.isdir(args.output_dir):
-                os.rmdir(args.output_dir)
-            os.replace(staging, args.output_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        after = model.config.num_parameters()
-        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {model.config.intermediate_size}, heads "
-              f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters "
-              f"{human_count(before, digits=2)} -> {human_count(after, digits=2)}")
+        scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before reading the checkpoint
+        config = read_source_config(args.model)
+        target = config.slimmed(intermediate_size=args.intermediate_size,
+                                num_key_value_heads=args.num_key_value_heads)
+        prune_checkpoint(args.model, args.output_dir, target, scores)  # streams: one tensor in memory at a time
+        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {target.intermediate_size}, heads "
+              f"{target.num_attention_heads}/{target.num_key_value_heads}, parameters "
+              f"{human_count(config.num_parameters(), digits=2)} -> {human_count(target.num_parameters(), digits=2)}")
         return 0

@@ -40,7 +40,7 @@ class ScoreCommand(Command):
 
         from ...modeling_slimmoe import SlimMoeForCausalLM
         from ...pruning import compute_sensitivity
-        from ...pruning.calibration import load_calibration_batches
+        from ...data import load_calibration_batches
 
         batches = load_calibration_batches(args.data, args.tokenizer or args.model, max_length=args.max_length,
                                            num_examples=args.num_examples, batch_size=args.batch_size,

@@ -15,29 +15,36 @@ class SFTCommand(DataclassCommand):
     def description(self) -> str:
         return (
             f"{self.help}. RECIPE.yaml (or --config RECIPE.yaml) holds the fields of hf_slimmoe.posttrain."
-            f"PostTrainArguments and of {self.trainer_config}, plus an optional hub: section "
+            f"PostTrainScriptArguments, trl.ModelConfig and {self.trainer_config}, plus an optional hub: section "
             "(hf_slimmoe.hub.HubSettings); any field can be overridden as --field value. "
             f"`slimmoe {self.name} RECIPE.yaml --help` lists every field, with the recipe's values as defaults. "
             "Runs under `accelerate launch` / `torchrun` unchanged."
         )
 
     def dataclass_types(self) -> tuple[type, ...]:
-        from ...posttrain import PostTrainArguments, SFTDistillationConfig
+        from trl import ModelConfig
 
-        return PostTrainArguments, SFTDistillationConfig
+        from ...posttrain import PostTrainScriptArguments, SFTDistillationConfig
+
+        return PostTrainScriptArguments, ModelConfig, SFTDistillationConfig
+
+    def field_defaults(self) -> dict:
+        from ...posttrain import MODEL_DEFAULTS
+
+        return MODEL_DEFAULTS
 
     def run(self, args, extra_args) -> int:
         from ...hub import HubSettings
 
-        (script_args, config), sections = self.parse(extra_args)
+        (script_args, model_args, config), sections = self.parse(extra_args)
         hub = sections.get("hub")
         if hub is not None:
             HubSettings.from_dict(hub)  # validate before any work
-        print(f"{self.name}: saved {self.train(script_args, config, hub)}")
+        print(f"{self.name}: saved {self.train(script_args, model_args, config, hub)}")
         return 0
 
-    def train(self, script_args, config, hub) -> str:
+    def train(self, script_args, model_args, config, hub) -> str:
         """Train, save, write the card and publish; returns the output directory."""
         from ...posttrain import run_sft
 
-        return run_sft(script_args, config, hub)
+        return run_sft(script_args, model_args, config, hub)

@@ -1,0 +1,105 @@
+"""What the library needs to run on several processes with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+Under FSDP2 every parameter is a `DTensor` holding one shard; a module's shards are gathered by the pre-forward hook of
+its `fully_shard` unit and freed after. Code that reads weights outside a forward (the LM head for a chunked loss, the
+scored weights for `|grad * W|`) must therefore run inside the root module's forward ([`call_through_forward`]) or
+gather explicitly ([`full_tensor`]). Work split over ranks must give every rank the same number of collective steps
+([`rank_share`]). Nothing here is needed, or does anything, in a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rank_and_world() -> tuple[int, int]:
+    """`(rank, world_size)` of the initialized default process group, `(0, 1)` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module`'s parameters are FSDP2 shards (`DTensor`s) in an initialized process group."""
+    if rank_and_world()[1] == 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def fsdp_requested(training_args=None) -> bool:
+    """Whether training will shard with FSDP: `training_args.fsdp` is set, or `accelerate launch` was given an FSDP
+    config (it exports `ACCELERATE_USE_FSDP=true`)."""
+    if training_args is not None and getattr(training_args, "fsdp", None):
+        return True
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def shard_decoder_layers(model: nn.Module) -> nn.Module:
+    """Apply FSDP2 in place: one `fully_shard` unit per decoder layer (`model.model.layers`), then the root (embeddings,
+    final norm, LM head). Returns `model`, whose parameters are now `DTensor` shards over the default process group."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no `model.layers`: cannot shard it one decoder layer per unit.")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def call_through_forward(module: nn.Module, function: Callable, *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)`, run inside `module`'s forward when `module` is an FSDP2 unit (so its shards are
+    gathered for the call and its gradients reduce-scattered after the backward), directly otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return function(*args, **kwargs)
+    original = module.forward
+
+    def forward(*_args, **_kwargs):
+        module.forward = original
+        return function(*_args, **_kwargs)
+
+    module.forward = forward
+    try:
+        return module(*args, **kwargs)
+    finally:
+        module.forward = original
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a `DTensor` shard (a collective: every rank must call it), else `tensor` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def all_reduce_sum(value: float) -> float:
+    """Sum of `value` over all ranks (itself in a single process)."""
+    if rank_and_world()[1] == 1:
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return total.item()
+
+
+def rank_share(items: Sequence) -> list[tuple[Any, bool]]:
+    """This rank's share of `items` (`items[rank::world]`) as `(item, counted)` pairs, padded with `(items[0], False)`
+    so that every rank takes the same number of steps (FSDP collectives run in lockstep); a step with
+    `counted=False` must run but contribute nothing."""
+    rank, world = rank_and_world()
+    mine = [(item, True) for item in items[rank::world]]
+    steps = (len(items) + world - 1) // world
+    return mine + [(items[0], False)] * (steps - len(mine))
+
+
+__all__ = ["rank_and_world", "is_sharded", "fsdp_requested", "shard_decoder_layers", "call_through_forward",
+           "full_tensor", "all_reduce_sum", "rank_share"]

@@ -1,0 +1,149 @@
+"""What scoring, distillation, evaluation and post-training need from a causal LM, in one place below them all.
+
+- [`causal_lm`] / [`backbone`]: the transformers model inside a PEFT wrapper, and its decoder (the module whose last
+  hidden state feeds `lm_head`);
+- [`forward_hidden`]: a forward through any accelerate / DDP wrapper that also returns that hidden state;
+- [`vocab_size`], [`check_same_vocabulary`], [`check_tokenizer_vocabulary`]: the vocabulary checks made before any
+  compute;
+- [`teacher_topk`], [`teacher_topk_from_hidden`], [`teacher_topk_from_model`]: a model's top-k next-token ids and
+  log-probabilities relative to its full vocabulary, without `(tokens, V)` logits for all tokens at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------- access
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder of a causal LM (its `base_model_prefix` attribute, e.g. `model.model`), through PEFT if present."""
+    model = causal_lm(model)
+    prefix = getattr(model, "base_model_prefix", "model")
+    decoder = getattr(model, prefix, None)
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} has no backbone attribute {prefix!r}; pass a causal LM model.")
+    return decoder
+
+
+def forward_hidden(model: torch.nn.Module, decoder: torch.nn.Module, **inputs) -> tuple[Any, torch.Tensor]:
+    """Run `model(**inputs)` (through any accelerate wrapper); return its outputs and `decoder`'s last hidden state
+    `(B, T, H)`, captured with a forward hook."""
+    captured: dict[str, torch.Tensor] = {}
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.__setitem__("hidden", output[0]))
+    try:
+        outputs = model(**inputs)
+    finally:
+        handle.remove()
+    return outputs, captured["hidden"]
+
+
+# ------------------------------------------------------------------------------------------------ vocabulary
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the model's output embeddings (the vocabulary its logits cover)."""
+    return causal_lm(model).get_output_embeddings().weight.size(0)
+
+
+def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Raise `ValueError` when teacher and student logits cover different vocabularies (top-k KD compares them id for
+    id, so both must use one tokenizer)."""
+    student_vocab, teacher_vocab = vocab_size(student), vocab_size(teacher)
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"The teacher's vocabulary (vocab_size {teacher_vocab}) differs from the student's ({student_vocab}): "
+            "top-k distillation needs teacher and student to share one tokenizer; prune the student from this teacher."
+        )
+
+
+def check_tokenizer_vocabulary(tokenizer, model_vocab_size: int, name: str = "the tokenizer") -> None:
+    """Raise `ValueError` when `tokenizer` has more tokens than the model's `vocab_size`."""
+    if len(tokenizer) > model_vocab_size:
+        raise ValueError(f"{name} has {len(tokenizer)} tokens but the teacher's vocab_size is {model_vocab_size}: "
+                         "teacher and student vocabularies must match.")
+
+
+# ----------------------------------------------------------------------------------------------------- top-k
+def teacher_topk(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Top-k token ids of a teacher's logits and their log-probabilities relative to the full vocabulary.
+
+    Args:
+        logits (`torch.Tensor`):
+            Teacher logits of shape `(..., V)`.
+        top_k (`int`):
+            Number of tokens kept per position; at most `V`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature: log-probabilities are those of `softmax(logits / temperature)`.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ids (`int64`, shape `(..., top_k)`, by decreasing probability) and
+        log-probabilities (`float32`, shape `(..., top_k)`), `logit / T - logsumexp(all logits / T)`.
+    """
+    vocab = logits.size(-1)
+    if not 0 < top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must be between 1 and the vocabulary size ({vocab}).")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    scaled = logits.float() / temperature  # (..., V)
+    values, ids = scaled.topk(top_k, dim=-1)  # (..., k)
+    logprobs = values - torch.logsumexp(scaled, dim=-1, keepdim=True)  # (..., k)
+    return ids.long(), logprobs
+
+
+@torch.no_grad()
+def teacher_topk_from_hidden(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float = 1.0, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    [`teacher_topk`] of `lm_head(hidden)` for hidden states `(..., H)`, projecting `chunk_size` tokens at a time, so
+    the teacher's `(tokens, V)` logits are never held for all tokens at once.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ids `(..., k)` int64 and log-probabilities `(..., k)` float32.
+    """
+    flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
+    ids = torch.empty(flat.size(0), top_k, dtype=torch.long, device=flat.device)
+    logprobs = torch.empty(flat.size(0), top_k, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.size(0), chunk_size):
+        ids[start:start + chunk_size], logprobs[start:start + chunk_size] = teacher_topk(
+            lm_head(flat[start:start + chunk_size]), top_k, temperature)  # (C, V) -> (C, k)
+    shape = (*hidden.shape[:-1], top_k)
+    return ids.view(shape), logprobs.view(shape)
+
+
+@torch.no_grad()
+def teacher_topk_from_model(
+    teacher: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    top_k: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Teacher top-k ids and full-vocabulary log-probabilities at every position, without `(tokens, V)` logits.
+
+    Args:
+        teacher (`torch.nn.Module`): causal LM with a `base_model_prefix` backbone and output embeddings.
+        input_ids (`torch.Tensor`): `(B, T)`.
+        attention_mask (`torch.Tensor`, *optional*): `(B, T)`.
+        top_k (`int`): tokens kept per position.
+        temperature (`float`, *optional*, defaults to `1.0`): softmax temperature.
+        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ids `(B, T, k)` int64 and log-probabilities `(B, T, k)` float32; position
+        `t` holds the teacher's prediction of token `t + 1`.
+    """
+    hidden = backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    return teacher_topk_from_hidden(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
+
+
+__all__ = ["backbone", "causal_lm", "check_same_vocabulary", "check_tokenizer_vocabulary", "forward_hidden",
+           "teacher_topk", "teacher_topk_from_hidden", "teacher_topk_from_model", "vocab_size"]
