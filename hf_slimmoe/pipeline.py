@@ -332,12 +332,12 @@ def cache_teacher(run: Run) -> None:
     if not run.recipe.distillation.cache_teacher:
         return
     top_k, pad_token_id = run.recipe.distillation.top_k, run.tokenizer.pad_token_id or 0
-    with run.args.main_process_first(desc="caching the teacher's top-k"):
-        run.train = cache_teacher_topk(run.teacher, run.train, top_k=top_k, pad_token_id=pad_token_id,
-                                       output_dir=os.path.join(run.paths.teacher_cache, "train"))
-        if run.eval_set is not None:
-            run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
-                                              output_dir=os.path.join(run.paths.teacher_cache, "eval"))
+    # every process builds its share of the shards (one process: all of them); the main one joins and saves them
+    run.train = cache_teacher_topk(run.teacher, run.train, top_k=top_k, pad_token_id=pad_token_id,
+                                   output_dir=os.path.join(run.paths.teacher_cache, "train"))
+    if run.eval_set is not None:
+        run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
+                                          output_dir=os.path.join(run.paths.teacher_cache, "eval"))
     run.online_teacher = None
 
 

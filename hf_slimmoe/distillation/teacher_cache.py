@@ -19,6 +19,7 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from tqdm.auto import tqdm
 
 from ..data import collate_tokens, rows_of
+from ..distributed import barrier, rank_and_world
 from ..modeling_utils import teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,10 @@ def cache_teacher_topk(
         output_dir (`str`, *optional*): where to save the cached dataset (`datasets.save_to_disk`). Work goes to
             `<output_dir>.partial/` in parquet shards of `shard_size` rows, so re-running after an interruption
             continues from the last finished shard; an existing, matching `output_dir` is loaded and returned.
+            Called by every process of a distributed run (`torchrun` / `accelerate launch`), the shards are split
+            over the ranks (rank `r` builds shards `r, r + world_size, ...`, each writing its own files), the main
+            process joins them in order and saves `output_dir`, and every rank returns it: the same rows, bit for
+            bit, as one process computes. Several processes need `output_dir`.
         shard_size (`int`, *optional*, defaults to `512`): rows per resumable shard.
         chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
         pad_token_id (`int`, *optional*, defaults to `0`): id used to right-pad a batch (masked out).
@@ -138,6 +143,10 @@ def cache_teacher_topk(
     if not 0 < top_k <= vocab_size:
         raise ValueError(f"top_k={top_k} must be between 1 and the teacher's vocabulary size ({vocab_size}).")
     dataset = dataset.remove_columns([c for c in CACHE_COLUMNS if c in dataset.column_names])
+    rank, world = rank_and_world()
+    if world > 1 and output_dir is None:
+        raise ValueError("cache_teacher_topk on several processes needs output_dir: every rank writes its shards "
+                         "there and the main process joins them.")
     if output_dir is not None:
         output_dir = os.fspath(output_dir)
         if os.path.isdir(output_dir):
@@ -154,16 +163,19 @@ def cache_teacher_topk(
     teacher.eval()
     device = teacher.get_output_embeddings().weight.device
     num_shards = (len(dataset) + shard_size - 1) // shard_size
-    shards = []
-    progress = tqdm(total=len(dataset), desc="Caching teacher top-k", unit="row")
+    mine = range(rank, num_shards, world)  # several processes: shard i is built by rank i % world_size
+    shards, reused = [], 0
+    progress = tqdm(total=sum(min(shard_size, len(dataset) - i * shard_size) for i in mine),
+                    desc="Caching teacher top-k", unit="row")
     try:
-        for shard_index in range(num_shards):
+        for shard_index in mine:
             rows = dataset.select(range(shard_index * shard_size, min((shard_index + 1) * shard_size, len(dataset))))
             path = _shard_path(work_dir, shard_index) if output_dir is not None else None
             if path is not None and os.path.exists(path):
                 shard = Dataset.from_parquet(path, features=_CACHE_FEATURES)
                 if shard[FINGERPRINT_COLUMN] == _fingerprints(rows):
                     shards.append(shard)
+                    reused += 1
                     progress.update(len(rows))
                     continue
                 logger.warning("Shard %s does not match the dataset; recomputing it.", path)
@@ -190,6 +202,14 @@ def cache_teacher_topk(
     finally:
         progress.close()
         teacher.train(was_training)
+    logger.info("Teacher top-k cache: rank %d of %d built %d shard(s) and reused %d finished one(s)", rank, world,
+                len(mine) - reused, reused)
+    if world > 1:  # the main process joins every rank's shards, in order, and saves; the others load the result
+        barrier()
+        if rank != 0:
+            barrier()
+            return load_from_disk(output_dir)
+        shards = [Dataset.from_parquet(_shard_path(work_dir, i), features=_CACHE_FEATURES) for i in range(num_shards)]
 
     cache = concatenate_datasets(shards) if shards else Dataset.from_dict({c: [] for c in CACHE_COLUMNS},
                                                                          features=_CACHE_FEATURES)
@@ -202,4 +222,6 @@ def cache_teacher_topk(
         shutil.rmtree(work_dir, ignore_errors=True)
         result = load_from_disk(output_dir)
         logger.info("Saved the teacher top-k cache (%d rows, k=%d) to %s", len(result), top_k, output_dir)
+        if world > 1:
+            barrier()
     return result

@@ -13,7 +13,8 @@ class CacheTeacherCommand(Command):
         "(log-probs relative to the full vocabulary) and teacher_topk_fingerprint (a digest of each row's input_ids) "
         "to OUTPUT with `datasets.save_to_disk`. Every distillation stage then trains without a teacher forward. "
         "Interrupted runs continue from OUTPUT.partial/ when re-run. DATA: a save_to_disk directory with input_ids "
-        "(or a text column), or a .jsonl/.txt file tokenized with the teacher's tokenizer."
+        "(or a text column), or a .jsonl/.txt file tokenized with the teacher's tokenizer. Under `torchrun` or `accelerate "
+        "launch` the shards are split over the processes, each writing its own, and the result is the same."
     )
 
     def add_arguments(self, parser) -> None:
@@ -35,12 +36,17 @@ class CacheTeacherCommand(Command):
         from ...distillation import cache_teacher_topk
         from ...data import load_token_dataset, load_tokenizer
 
+        from ...distributed import init_from_environment
+
+        rank, world = init_from_environment()  # under torchrun / accelerate launch every rank builds its shards
         tokenizer = load_tokenizer(args.tokenizer or args.teacher, required=False)
         dataset = load_token_dataset(args.data, tokenizer, args.text_column, args.max_length)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher).to(device)
         pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
         cached = cache_teacher_topk(teacher, dataset, top_k=args.top_k, batch_size=args.batch_size,
                                     output_dir=args.output, shard_size=args.shard_size, pad_token_id=pad_token_id)
-        print(f"cached teacher top-{args.top_k} for {len(cached)} rows -> {args.output}")
+        if rank == 0:
+            print(f"cached teacher top-{args.top_k} for {len(cached)} rows -> {args.output}"
+                  + (f" ({world} processes)" if world > 1 else ""))
         return 0
