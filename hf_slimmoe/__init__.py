@@ -14,9 +14,13 @@ from .schedule import plan_stages
 from .distillation import (
     DistillationConfig,
     DistillationTrainer,
+    cache_teacher_samples,
     cache_teacher_topk,
+    full_kl_loss,
+    sampled_kd_loss,
     teacher_topk,
     topk_kl_loss,
+    topk_tail_kl_loss,
 )
 from .posttrain import SFTDistillationConfig, SFTDistillationTrainer
 
@@ -29,5 +33,6 @@ register_checkpoint_conversion_mapping(
 )
 
 __all__ = ["SlimMoeConfig", "SlimMoeForCausalLM", "__version__", "teacher_topk", "topk_kl_loss",
-           "DistillationConfig", "DistillationTrainer", "cache_teacher_topk", "plan_stages",
+           "topk_tail_kl_loss", "sampled_kd_loss", "full_kl_loss", "DistillationConfig", "DistillationTrainer",
+           "cache_teacher_topk", "cache_teacher_samples", "plan_stages",
            "SensitivityScores", "compute_sensitivity", "SFTDistillationConfig", "SFTDistillationTrainer"]

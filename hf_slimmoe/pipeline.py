@@ -7,7 +7,8 @@
         model  = the previous stage's model (the teacher for stage 1)
         scores = compute_sensitivity(model, calibration batches, teacher)       # Eq. 2-4
         model.prune_to(stage size, scores)                                      # one-shot prune
-        DistillationTrainer(model, teacher).train()                            # top-k KD from the original teacher,
+        DistillationTrainer(model, teacher).train()                            # KD (distillation.kd_loss) from the
+                                                                               # original teacher,
                                                                                # early-stopped on eval KL (not last)
         save OUTPUT_DIR/stage-i/ (a Hub-ready repo + scores + stage.json + trajectory.json + card); publish
 
@@ -17,7 +18,8 @@ per step. Everything a run writes is on disk, and the disk is the truth when the
     OUTPUT_DIR/recipe.yaml          the resolved recipe
     OUTPUT_DIR/trajectory.json      every evaluation so far (tokens, parameter counts, eval KL / perplexity / top-1)
     OUTPUT_DIR/teacher/             the locally built teacher (`teacher.model: build` only)
-    OUTPUT_DIR/teacher_cache/       the teacher's top-k on the train / eval blocks (`distillation.cache_teacher`)
+    OUTPUT_DIR/teacher_cache/       what the loss reads from the teacher on the train blocks (samples or top-k) and
+                                    its top-k on the eval blocks (`distillation.cache_teacher`)
     OUTPUT_DIR/.stage-i.work/       the running stage: scores.safetensors, pruned_eval.json, checkpoints/checkpoint-N
     OUTPUT_DIR/.stage-i.tmp/        a stage being written; renamed to stage-i/ when complete
     OUTPUT_DIR/stage-i/             a finished stage: never recomputed
@@ -195,7 +197,7 @@ def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stoppin
             eval_strategy="steps" if has_eval else "no", save_strategy="steps",
             load_best_model_at_end=early_stopping, metric_for_best_model="kl" if early_stopping else None,
             greater_is_better=False if early_stopping else None, restore_callback_states_from_checkpoint=True,
-            top_k=d.top_k, temperature=d.temperature, renormalize=d.renormalize, aux_loss_coef=d.aux_loss_coef,
+            kd_loss=d.kd_loss, kd_samples=d.kd_samples, top_k=d.top_k, temperature=d.temperature, renormalize=d.renormalize, aux_loss_coef=d.aux_loss_coef,
             ce_weight=d.ce_weight, kd_chunk_size=d.kd_chunk_size or 1024, **training,
         )
     except (TypeError, ValueError) as e:
@@ -239,7 +241,8 @@ class Run:
     """What the stages of a run share: the recipe, the original teacher, the data, and the progress so far.
 
     `args` are the run's training arguments (they give the process index and `main_process_first`); `online_teacher`
-    is the teacher the trainers run, `None` when its top-k is cached in `train` / `eval_set`; `parent` is the model
+    is the teacher the trainers get (with caches in `train` / `eval_set` they read those, and the teacher checks
+    them and evaluates online: `eval_full_kl`); `parent` is the model
     the next stage starts from, `tokens_done` / `steps_done` the training spent by the stages before it.
     """
 
@@ -324,21 +327,35 @@ def load_teacher(recipe: Recipe, paths: RunPaths) -> tuple[Any, Any, str]:
     return teacher, tokenizer, teacher_path
 
 
+def cache_train_set(teacher, train, distillation, cache_root: str, pad_token_id: int = 0, batch_size: int = 8):
+    """The cache `distillation.kd_loss` reads on the train blocks: `<cache_root>/train-samples` (teacher samples)
+    for "sampled", `<cache_root>/train` (top-k) for "topk" / "topk_tail"."""
+    from .distillation import cache_teacher_samples, cache_teacher_topk
+
+    common = {"pad_token_id": pad_token_id, "batch_size": batch_size}
+    if distillation.kd_loss == "sampled":
+        return cache_teacher_samples(teacher, train, num_samples=distillation.kd_samples,
+                                     temperature=distillation.temperature,
+                                     output_dir=os.path.join(cache_root, "train-samples"), **common)
+    return cache_teacher_topk(teacher, train, top_k=distillation.top_k, output_dir=os.path.join(cache_root, "train"),
+                              **common)
+
+
 def cache_teacher(run: Run) -> None:
-    """With `distillation.cache_teacher`, add the original teacher's top-k to the train / eval blocks (computed once
-    for every stage, in OUTPUT_DIR/teacher_cache/); the trainers then run without the teacher."""
+    """With `distillation.cache_teacher`, add what the loss reads from the original teacher to the train blocks
+    (samples or top-k, see `cache_train_set`) and its top-k to the eval blocks, computed once for every stage in
+    OUTPUT_DIR/teacher_cache/; the trainers then train without a teacher forward."""
     from .distillation import cache_teacher_topk
 
     if not run.recipe.distillation.cache_teacher:
         return
     top_k, pad_token_id = run.recipe.distillation.top_k, run.tokenizer.pad_token_id or 0
     # every process builds its share of the shards (one process: all of them); the main one joins and saves them
-    run.train = cache_teacher_topk(run.teacher, run.train, top_k=top_k, pad_token_id=pad_token_id,
-                                   output_dir=os.path.join(run.paths.teacher_cache, "train"))
-    if run.eval_set is not None:
+    run.train = cache_train_set(run.teacher, run.train, run.recipe.distillation, run.paths.teacher_cache,
+                                pad_token_id=pad_token_id)
+    if run.eval_set is not None:  # evaluation reads the top-k (eval_kl)
         run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
                                           output_dir=os.path.join(run.paths.teacher_cache, "eval"))
-    run.online_teacher = None
 
 
 def start_trajectory(run: Run) -> None:
@@ -577,13 +594,14 @@ class StageRunner:
             "parent": run.parent if run.parent != run.teacher_path else run.teacher_name, "recipe": recipe.name,
             "license": recipe.teacher.license, "datasets": dataset_ids(recipe), "teacher_config": run.teacher_summary,
             "training": {
-                "tokens": self.tokens, "steps": self.steps, "learning_rate": args.learning_rate, "top_k": args.top_k,
-                "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef, "ce_weight": args.ce_weight,
+                "tokens": self.tokens, "steps": self.steps, "learning_rate": args.learning_rate,
+                "kd_loss": args.kd_loss, "kd_samples": args.kd_samples if args.kd_loss == "sampled" else None,
+                "top_k": args.top_k, "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef, "ce_weight": args.ce_weight,
                 "early_stopped": stopped, "stopped_at_step": self.steps if stopped else None,
                 "max_steps": self.max_steps,
             },
-            "eval": {"kl": m.get("eval_kl"), "topk_kl": m.get("eval_topk_kl"), "perplexity": m.get("eval_perplexity"),
-                     "top1_agreement": m.get("eval_top1_agreement")},
+            "eval": {"kl": m.get("eval_kl"), "topk_kl": m.get("eval_topk_kl"), "full_kl": m.get("eval_full_kl"),
+                     "perplexity": m.get("eval_perplexity"), "top1_agreement": m.get("eval_top1_agreement")},
         }
 
     def card(self) -> None:
@@ -642,7 +660,7 @@ def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
         stage.load_parent()      # the previous stage's model (the teacher for stage 1)
         stage.score()            # Eq. 2-4 against the original teacher
         stage.prune()            # one-shot to the stage size
-        stage.distill()          # top-k KD from the original teacher
+        stage.distill()          # KD (distillation.kd_loss) from the original teacher
         stage.save()             # a complete Hub-ready repository under .stage-i.tmp/
         stage.card()
         stage.move_into_place()  # .stage-i.tmp/ -> stage-i/

@@ -14,7 +14,7 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
-METRICS = ("eval_kl", "eval_topk_kl", "eval_perplexity", "eval_top1_agreement")
+METRICS = ("eval_kl", "eval_topk_kl", "eval_full_kl", "eval_perplexity", "eval_top1_agreement")
 
 
 def point(stage: int, tokens: int, step: int, config, metrics: dict | None) -> dict:

@@ -138,13 +138,14 @@ def test_iterative_baseline_is_refused_under_fsdp(tmp_path, monkeypatch):
 
 def test_cache_teacher_on_two_ranks_equals_one_process_and_resumes_after_a_kill(tmp_path):
     """`torchrun --nproc_per_node 2 -m hf_slimmoe.cli cache-teacher`, SIGKILLed once a few shards are written, then
-    run again: the finished shards are reused, and the cache equals the one-process cache row for row."""
+    run again: the finished shards are reused, and the cache equals the one-process cache row for row. The sampled
+    cache (`--kd-loss sampled`) is split over the ranks the same way and equals one process's too."""
     import signal
     import time
 
     from datasets import Dataset, load_from_disk
 
-    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, cache_teacher_topk
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, cache_teacher_samples, cache_teacher_topk
 
     torch.manual_seed(0)
     teacher = SlimMoeForCausalLM(SlimMoeConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
@@ -181,10 +182,21 @@ def test_cache_teacher_on_two_ranks_equals_one_process_and_resumes_after_a_kill(
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reused = [int(line.split("reused ")[1].split()[0]) for line in result.stderr.splitlines()
-              if "Teacher top-k cache: rank" in line]
+              if "Teacher topk cache: rank" in line]
     assert len(reused) == 2 and sum(reused) >= len(finished), result.stderr[-2000:]
     assert not partial.exists()
     cached = load_from_disk(str(out))
     assert cached.column_names == expected.column_names and len(cached) == len(expected) == 240
     for column in expected.column_names:  # row for row, bit for bit
         assert cached[column] == expected[column], column
+
+    samples = cache_teacher_samples(teacher, load_from_disk(str(tmp_path / "data")), num_samples=3, seed=5,
+                                    batch_size=2, output_dir=tmp_path / "one-samples", shard_size=16)
+    result = subprocess.run(command[:8] + [str(tmp_path / "two-samples"), "--kd-loss", "sampled", "--num-samples", "3",
+                                           "--seed", "5", "--batch-size", "2", "--shard-size", "16"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cached = load_from_disk(str(tmp_path / "two-samples"))
+    assert cached.column_names == samples.column_names and "teacher_sample_ids" in cached.column_names
+    for column in samples.column_names:
+        assert cached[column] == samples[column], column

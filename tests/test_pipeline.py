@@ -228,6 +228,9 @@ def test_tiny_cpu_recipe_dry_run(capsys):
     ({"data__train": {"type": "text_files", "glob": "/nonexistent/*.txt"}}, r"data.train.glob .* matches no file"),
     ({"hub": {"push_to_hub": True}}, r"hub.repo_id"),
     ({"hub": {"repo": "x"}}, r"hub.repo"),
+    ({"distillation__kd_loss": "full", "distillation__cache_teacher": True}, r"distillation.kd_loss: full .* online"),
+    ({"distillation__kd_loss": "top8"}, r"distillation.kd_loss"),
+    ({"distillation__kd_samples": 0}, r"distillation.kd_samples must be positive"),
 ])
 def test_bad_recipes_are_rejected_naming_the_key(tmp_path, change, message):
     values = tiny_recipe(tmp_path / "out", **change)
