@@ -385,12 +385,12 @@ def cache_teacher(run: Run) -> None:
     if not run.recipe.distillation.cache_teacher:
         return
     top_k, pad_token_id = run.recipe.distillation.top_k, run.tokenizer.pad_token_id or 0
-    with run.args.main_process_first(desc="caching the teacher"):
-        run.train = cache_train_set(run.teacher, run.train, run.recipe.distillation, run.paths.teacher_cache,
-                                    pad_token_id=pad_token_id)
-        if run.eval_set is not None:  # evaluation reads the top-k (eval_kl)
-            run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
-                                              output_dir=os.path.join(run.paths.teacher_cache, "eval"))
+    # every process builds its share of the shards (one process: all of them); the main one joins and saves them
+    run.train = cache_train_set(run.teacher, run.train, run.recipe.distillation, run.paths.teacher_cache,
+                                pad_token_id=pad_token_id)
+    if run.eval_set is not None:  # evaluation reads the top-k (eval_kl)
+        run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
+                                          output_dir=os.path.join(run.paths.teacher_cache, "eval"))
 
 
 def start_trajectory(run: Run) -> None:
