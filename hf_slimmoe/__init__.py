@@ -27,8 +27,12 @@ _LAZY_NAMES = {
     "DistillationConfig": "distillation",
     "DistillationTrainer": "distillation",
     "cache_teacher_topk": "distillation",
+    "cache_teacher_samples": "distillation",
     "teacher_topk": "distillation",
     "topk_kl_loss": "distillation",
+    "topk_tail_kl_loss": "distillation",
+    "sampled_kd_loss": "distillation",
+    "full_kl_loss": "distillation",
     "SFTDistillationConfig": "posttrain",
     "SFTDistillationTrainer": "posttrain",
 }
@@ -37,7 +41,17 @@ __all__ = ["__version__", *_LAZY_NAMES]
 
 if TYPE_CHECKING:
     from .configuration_slimmoe import SlimMoeConfig
-    from .distillation import DistillationConfig, DistillationTrainer, cache_teacher_topk, teacher_topk, topk_kl_loss
+    from .distillation import (
+        DistillationConfig,
+        DistillationTrainer,
+        cache_teacher_samples,
+        cache_teacher_topk,
+        full_kl_loss,
+        sampled_kd_loss,
+        teacher_topk,
+        topk_kl_loss,
+        topk_tail_kl_loss,
+    )
     from .modeling_slimmoe import SlimMoeForCausalLM
     from .posttrain import SFTDistillationConfig, SFTDistillationTrainer
     from .pruning import SensitivityScores, compute_sensitivity

@@ -254,6 +254,7 @@ def write_model_card(
     revision: str | None = None,
     parent_repo_id: str | None = None,
     template_path: str | os.PathLike | None = None,
+    local_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write `README.md` (the model card) and `trajectory.png` into a saved model directory; returns the card's path.
 
@@ -268,6 +269,8 @@ def write_model_card(
         parent_repo_id: the Hub id of the parent, as `repo_id` or `repo_id@branch`, linked in the lineage section
             (default: `stage.json`'s `parent`).
         template_path: a Jinja card template; defaults to the packaged `templates/slimmoe_model_card.md`.
+        local_dir: the directory the usage snippets load from when there is no `repo_id` (default: `model_dir`; the
+            pipeline writes a card under the stage's temporary name and passes its final one).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -347,7 +350,7 @@ def write_model_card(
         card_data,
         template_path=str(template),
         model_name=model_name,
-        model_id=repo_id or str(model_dir),
+        model_id=repo_id or str(local_dir or model_dir),
         revision_arg=f', revision="{revision}"' if revision else "",
         export_dir=f"{model_name}-phimoe",
         teacher=teacher,

@@ -1,24 +1,31 @@
-"""Run by `torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT_DIR` (see tests/test_distributed.py), on CPU with gloo.
+"""FSDP2 on CPU ranks (gloo), run by tests/test_distributed.py as `torchrun --nproc_per_node 2 tests/fsdp_worker.py
+MODE OUT_DIR`; rank r writes `OUT_DIR/rank-r.json` (and rank 0 the distilled weights).
 
-Each rank scores a tiny model sharded with FSDP2 (`fully_shard` per decoder layer and the root) and compares the
-scores with those of an unsharded copy scored in this process on all batches; rank r writes `OUT_DIR/rank-r.json`.
+- `score`: a tiny model sharded with `fully_shard` (one unit per decoder layer, plus the root) is scored, with itself
+  and with a sharded online teacher, and compared with an unsharded copy scored in this process on all batches.
+- `distill`: the sharded student is distilled for a few SGD steps through `DistillationTrainer.compute_loss` (online
+  sharded teacher, KD + aux), each rank on its half of every global batch; every rank then gathers the full state
+  dict. The test runs the same steps in one process with gradient accumulation over the same two halves
+  ([`train`] is shared) and compares.
 """
 
 import copy
+import hashlib
 import json
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
-from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, compute_sensitivity
-from hf_slimmoe.distributed import is_sharded, shard_decoder_layers
+from hf_slimmoe import DistillationConfig, DistillationTrainer, SlimMoeConfig, SlimMoeForCausalLM, compute_sensitivity
+from hf_slimmoe.data import TokenCollator
+from hf_slimmoe.distributed import is_sharded, rank_and_world, shard_decoder_layers
 from hf_slimmoe.pruning.surgery import keep_indices
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
             attention_bias=True, lm_head_bias=True)
+STEPS, GLOBAL_BATCH = 3, 8
 
 
 def model(seed):
@@ -51,9 +58,7 @@ def compare(reference, sharded) -> dict:
     }
 
 
-def main(out_dir: str) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def score() -> dict:
     student, teacher, data = model(0), model(1), batches()
     results = {}
     for name, online in (("self_teacher", None), ("online_teacher", teacher)):
@@ -62,10 +67,65 @@ def main(out_dir: str) -> None:
         sharded_teacher = None if online is None else shard_decoder_layers(copy.deepcopy(online))
         scores = compute_sensitivity(sharded_student, data, teacher=sharded_teacher, show_progress=False)
         results[name] = {**compare(reference, scores), "sharded": is_sharded(sharded_student)}
-    with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as f:
-        json.dump(results, f)
+    return results
+
+
+def rows() -> list[list[dict]]:
+    """Per step, the global batch as two halves (rows of varying length: padding is masked)."""
+    generator = torch.Generator().manual_seed(11)
+    steps = []
+    for _ in range(STEPS):
+        batch = [{"input_ids": torch.randint(0, 96, (int(n),), generator=generator).tolist()}
+                 for n in torch.randint(6, 13, (GLOBAL_BATCH,), generator=generator)]
+        steps.append([batch[:GLOBAL_BATCH // 2], batch[GLOBAL_BATCH // 2:]])
+    return steps
+
+
+def train(student, teacher, out_dir: str, halves: list[int]) -> list[float]:
+    """SGD steps of `DistillationTrainer.compute_loss` on the given halves of every global batch (one half per rank,
+    or both as gradient accumulation in one process); returns the losses."""
+    args = DistillationConfig(output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // 2, aux_loss_coef=0.01,
+                              report_to=[], use_cpu=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    collate, optimizer, losses = TokenCollator(), torch.optim.SGD(student.parameters(), lr=0.5), []
+    student.train()
+    for index, step in enumerate(rows()):
+        labels = [collate(half)["labels"] for half in step]
+        tokens = torch.tensor(sum(int((lab[:, 1:] != -100).sum()) for lab in labels))  # counted in the global batch
+        trainer.current_gradient_accumulation_steps = len(halves)
+        for half in halves:
+            torch.manual_seed(100 * index + half)  # PhiMoE's sparsemixer samples its routing in training mode
+            loss = trainer.compute_loss(student, collate(step[half]), num_items_in_batch=tokens)
+            loss.backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
+def distill(out_dir: str) -> dict:
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank, _ = rank_and_world()
+    student, teacher = shard_decoder_layers(model(0)), shard_decoder_layers(model(1))
+    losses = train(student, teacher, os.path.join(out_dir, "trainer"), [rank])
+    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True))  # on every rank
+    digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state)))
+    if rank == 0:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(out_dir, "distilled.safetensors"))
+    return {"sharded": is_sharded(student), "losses": losses, "digest": digest.hexdigest()}
+
+
+def main(mode: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    result = score() if mode == "score" else distill(out_dir)
+    with open(os.path.join(out_dir, f"rank-{dist.get_rank()}.json"), "w") as f:
+        json.dump(result, f)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -154,15 +154,13 @@ def check_model_path(path: str, name: str) -> str:
 
 
 def check_safetensors_header(path: str) -> None:
-    """Raise `ValueError` naming `path` when it is empty, truncated or not a safetensors file."""
-    from safetensors import safe_open
+    """Raise `ValueError` naming `path` when it is empty, truncated or not a safetensors file, and what to do."""
+    from ...outputs import check_safetensors
 
     try:
-        with safe_open(path, "numpy"):  # reads and checks the header only (no torch import)
-            pass
-    except Exception as e:  # safetensors raises its own SafetensorError (header too small, incomplete buffer, ...)
-        raise ValueError(f"{path} is empty, truncated or not a safetensors file ({e}); re-create it (re-run the "
-                         "command that wrote it, or download it again).") from None
+        check_safetensors(path)
+    except ValueError as e:
+        raise ValueError(f"{e} Re-create it: re-run the command that wrote it, or download it again.") from None
 
 
 def check_output_dir(path: str, name: str, overwrite: bool = False, resumable: bool = False) -> None:

@@ -1,0 +1,202 @@
+"""FSDP2 on 2 CPU ranks (gloo): sensitivity scores under `fully_shard` equal one process's, distillation under FSDP2
+keeps the ranks in sync and computes what one process computes, `slimmoe compress` runs under `accelerate launch`
+with the shipped `recipes/accelerate/fsdp2.yaml`, and the iterative baseline is refused under FSDP.
+
+The multi-process tests were run 10 times in a row (see the README's scale section for the counts)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started, directly or not, by process `pid` (read from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def torchrun_worker(mode: str, out_dir) -> list[dict]:
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", os.path.join(HERE, "fsdp_worker.py"), mode,
+                             str(out_dir)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.load(open(os.path.join(out_dir, f"rank-{r}.json"))) for r in range(2)]
+
+
+def test_sensitivity_scores_under_fsdp2_equal_one_process(tmp_path):
+    """Self-teacher and a sharded online teacher, 5 batches over 2 ranks (one padding step): the scores of the
+    sharded model match an unsharded copy's to float rounding and keep the same neurons and groups."""
+    for rank in torchrun_worker("score", tmp_path):
+        for name in ("self_teacher", "online_teacher"):
+            result = rank[name]
+            assert result["sharded"] and result["allclose"], result
+            assert result["same_kept_neurons"] and result["same_kept_groups"], result
+            assert result["tokens"][0] == result["tokens"][1] and result["batches"] == ["5", "5"], result
+
+
+def test_distillation_under_fsdp2_keeps_ranks_in_sync_and_equals_one_process(tmp_path):
+    """3 SGD steps of `DistillationTrainer.compute_loss` (online sharded teacher, KD + aux), each rank on half of
+    every global batch: both ranks gather the same weights, and they are bit-identical to one process accumulating
+    the gradients of the same two halves."""
+    sys.path.insert(0, HERE)
+    import fsdp_worker
+    from safetensors.torch import load_file
+
+    ranks = torchrun_worker("distill", tmp_path)
+    assert all(r["sharded"] for r in ranks) and ranks[0]["digest"] == ranks[1]["digest"]
+    student, teacher = fsdp_worker.model(0), fsdp_worker.model(1)
+    losses = fsdp_worker.train(student, teacher, str(tmp_path / "reference"), [0, 1])
+    # each rank's loss is its half's KD sum over the global token count, times 2 (the ranks' gradients are averaged)
+    assert [loss / 2 for step in zip(ranks[0]["losses"], ranks[1]["losses"]) for loss in step] == losses
+    distilled, expected = load_file(tmp_path / "distilled.safetensors"), student.state_dict()
+    assert distilled.keys() == expected.keys()
+    assert all(torch.equal(distilled[k], expected[k]) for k in expected)
+    assert any(not torch.equal(expected[k], v) for k, v in fsdp_worker.model(0).state_dict().items())  # it trained
+
+
+def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/fsdp2.yaml` on 2 CPU processes runs the tiny recipe end to
+    end: each stage is scored on the model sharded with FSDP2 (3 calibration batches over 2 ranks), pruned by
+    streaming surgery and distilled; the stage-1 scores equal those one process computes on the teacher."""
+    from test_pipeline import STAGE_FILES, tiny_recipe
+
+    from hf_slimmoe import SlimMoeForCausalLM, compute_sensitivity
+    from hf_slimmoe.data import batches, load_blocks
+    from hf_slimmoe.pipeline import is_finished_stage
+    from hf_slimmoe.pruning import SensitivityScores
+    from hf_slimmoe.recipe import recipe_from_dict
+
+    accelerate = shutil.which("accelerate") or pytest.skip("accelerate is not installed")
+    out = tmp_path / "fsdp"
+    values = tiny_recipe(out, stages__budget__steps=[3, 3], early_stopping__enabled=False, data__eval_blocks=4,
+                         data__calibration_blocks=6, scoring__batch_size=2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(values))
+    result = subprocess.run(
+        [accelerate, "launch", "--config_file", os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"),
+         "--num_processes", "2", "--mixed_precision", "no", "-m", "hf_slimmoe.cli", "compress",
+         str(tmp_path / "recipe.yaml"), "--log-level", "INFO"], env=ENV, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Streaming surgery of") == 2  # the main process cut each parent on disk
+    for stage in (1, 2):
+        assert is_finished_stage(out / f"stage-{stage}") and STAGE_FILES <= set(os.listdir(out / f"stage-{stage}"))
+    info = json.load(open(out / "stage-2" / "stage.json"))
+    assert info["training"]["tokens"] == 3 * 4 * 32 * 2  # two ranks of 4 x 32-token rows per step
+
+    from transformers import AutoTokenizer
+
+    recipe = recipe_from_dict(values)
+    tokenizer = AutoTokenizer.from_pretrained(out / "teacher")
+    calibration = batches(load_blocks(recipe, tokenizer)["calibration"], 2, tokenizer.pad_token_id or 0)
+    assert len(calibration) == 3
+    teacher = SlimMoeForCausalLM.from_pretrained(out / "teacher")
+    expected = compute_sensitivity(teacher, calibration, show_progress=False)
+    sharded = SensitivityScores.load(out / "stage-1" / "scores.safetensors")
+    for a, b in zip(expected.experts + expected.kv_groups, sharded.experts + sharded.kv_groups):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10)
+    model = SlimMoeForCausalLM.from_pretrained(out / "stage-2")
+    assert (model.config.intermediate_size, model.config.num_key_value_heads) == (16, 1)
+
+
+def test_iterative_baseline_is_refused_under_fsdp(tmp_path, monkeypatch):
+    from test_pipeline import tiny_recipe
+
+    from hf_slimmoe.pipeline import check
+    from hf_slimmoe.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, method="iterative"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config exports
+    with pytest.raises(ValueError, match="method: iterative does not run under FSDP"):
+        check(recipe)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    fsdp = recipe_from_dict(tiny_recipe(tmp_path, method="iterative", training__fsdp="full_shard"))
+    with pytest.raises(ValueError, match="iterative does not run under FSDP"):
+        check(fsdp)
+
+
+def test_cache_teacher_on_two_ranks_equals_one_process_and_resumes_after_a_kill(tmp_path):
+    """`torchrun --nproc_per_node 2 -m hf_slimmoe.cli cache-teacher`, SIGKILLed once a few shards are written, then
+    run again: the finished shards are reused, and the cache equals the one-process cache row for row. The sampled
+    cache (`--kd-loss sampled`) is split over the ranks the same way and equals one process's too."""
+    import signal
+    import time
+
+    from datasets import Dataset, load_from_disk
+
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, cache_teacher_samples, cache_teacher_topk
+
+    torch.manual_seed(0)
+    teacher = SlimMoeForCausalLM(SlimMoeConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               num_local_experts=4, num_experts_per_tok=2,
+                                               max_position_embeddings=64)).eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 128, (int(n),), generator=generator).tolist()
+            for n in torch.randint(20, 49, (240,), generator=generator)]
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "data"))
+    expected = cache_teacher_topk(teacher, load_from_disk(str(tmp_path / "data")), top_k=4, batch_size=2,
+                                  output_dir=tmp_path / "one", shard_size=4)
+
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    out, partial = tmp_path / "two", tmp_path / "two.partial"
+    command = [torchrun, "--nproc_per_node", "2", "-m", "hf_slimmoe.cli", "cache-teacher", str(tmp_path / "teacher"),
+               str(tmp_path / "data"), str(out), "--top-k", "4", "--batch-size", "2", "--shard-size", "4"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, finished = time.time() + 200, []
+    try:
+        while time.time() < deadline and process.poll() is None:
+            finished = [p for p in partial.glob("shard-*.parquet")] if partial.is_dir() else []
+            if len(finished) >= 3:
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, f"ended before it was killed: {process.stderr.read()[-3000:]}"
+        for pid in [process.pid] + descendants(process.pid):  # torchrun starts its workers in their own sessions
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert not out.exists() and len(finished) >= 3
+
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reused = [int(line.split("reused ")[1].split()[0]) for line in result.stderr.splitlines()
+              if "Teacher topk cache: rank" in line]
+    assert len(reused) == 2 and sum(reused) >= len(finished), result.stderr[-2000:]
+    assert not partial.exists()
+    cached = load_from_disk(str(out))
+    assert cached.column_names == expected.column_names and len(cached) == len(expected) == 240
+    for column in expected.column_names:  # row for row, bit for bit
+        assert cached[column] == expected[column], column
+
+    samples = cache_teacher_samples(teacher, load_from_disk(str(tmp_path / "data")), num_samples=3, seed=5,
+                                    batch_size=2, output_dir=tmp_path / "one-samples", shard_size=16)
+    result = subprocess.run(command[:8] + [str(tmp_path / "two-samples"), "--kd-loss", "sampled", "--num-samples", "3",
+                                           "--seed", "5", "--batch-size", "2", "--shard-size", "16"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cached = load_from_disk(str(tmp_path / "two-samples"))
+    assert cached.column_names == samples.column_names and "teacher_sample_ids" in cached.column_names
+    for column in samples.column_names:
+        assert cached[column] == samples[column], column
