@@ -247,6 +247,49 @@ _EVAL_METRICS = (  # stage.json eval key, label, model-index metric type
 
 
 # --------------------------------------------------------------------------------------------------- card
+def _card_inputs(model_dir: Path) -> tuple[dict, dict | None, dict | None]:
+    """`stage.json` (required), `config.json` and `trajectory.json` of a saved model directory."""
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a directory: pass a saved model directory (a stage-N/ folder).")
+    info = _read_json(model_dir / "stage.json")
+    if info is None:
+        raise FileNotFoundError(f"No stage.json in {model_dir}: the card is generated from the stage.json that the "
+                                "pipeline (or post-training) writes next to the weights.")
+    return info, _read_json(model_dir / "config.json"), _read_json(model_dir / "trajectory.json")
+
+
+def _teacher_summary(info: dict, trajectory: dict | None) -> dict:
+    """The teacher's sizes from `stage.json`, its parameter counts completed from `trajectory.json`."""
+    summary = dict(info.get("teacher_config") or {})
+    if trajectory and not summary.get("num_parameters"):
+        teacher = trajectory.get("teacher") or {}
+        summary.setdefault("num_parameters", teacher.get("num_parameters"))
+        summary.setdefault("num_active_parameters", teacher.get("num_active_parameters"))
+    return summary
+
+
+def _evaluation(evaluation: dict, datasets: list[str]) -> tuple[list, list[tuple[str, str]]]:
+    """(`EvalResult`s for the card metadata, rows of the card's evaluation table) from `stage.json`'s `eval`."""
+    from huggingface_hub import EvalResult
+
+    eval_results, rows = [], []
+    dataset_type = datasets[0] if datasets else "held-out"
+    for key, label, metric_type in _EVAL_METRICS:
+        value = evaluation.get(key, evaluation.get(f"eval_{key}"))
+        if value is None:
+            continue
+        rows.append((label, _fmt(value)))
+        eval_results.append(EvalResult(task_type="text-generation", dataset_type=dataset_type,
+                                       dataset_name=f"{dataset_type} (held-out evaluation split)",
+                                       dataset_split="eval", metric_type=metric_type, metric_name=label,
+                                       metric_value=float(value)))
+    known = {k for k, _, _ in _EVAL_METRICS} | {f"eval_{k}" for k, _, _ in _EVAL_METRICS}
+    for key, value in sorted(evaluation.items()):  # other recorded metrics (eval_loss, ...) in the table only
+        if key not in known and isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((key.replace("_", " "), _fmt(value)))
+    return eval_results, rows
+
+
 def write_model_card(
     model_dir: str | os.PathLike,
     *,
@@ -272,20 +315,12 @@ def write_model_card(
         local_dir: the directory the usage snippets load from when there is no `repo_id` (default: `model_dir`; the
             pipeline writes a card under the stage's temporary name and passes its final one).
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
 
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir} is not a directory: pass a saved model directory (a stage-N/ folder).")
-    info = _read_json(model_dir / "stage.json")
-    if info is None:
-        raise FileNotFoundError(f"No stage.json in {model_dir}: the card is generated from the stage.json that the "
-                                "pipeline (or post-training) writes next to the weights.")
-    config = _read_json(model_dir / "config.json")
-    trajectory = _read_json(model_dir / "trajectory.json")
-
+    info, config, trajectory = _card_inputs(model_dir)
     stage, num_stages = info.get("stage"), info.get("num_stages")
     method = info.get("method") or "multi-stage"
     is_stage = stage is not None
@@ -295,81 +330,31 @@ def write_model_card(
     datasets = [d for d in (info.get("datasets") or []) if d]
     license_ = info.get("license")
     training = info.get("training") or {}
-    evaluation = info.get("eval") or {}
-    model_summary = _config_summary(config)
-    teacher_summary = dict(info.get("teacher_config") or {})
-    if trajectory and not teacher_summary.get("num_parameters"):
-        teacher_summary.setdefault("num_parameters", (trajectory.get("teacher") or {}).get("num_parameters"))
-        teacher_summary.setdefault("num_active_parameters",
-                                   (trajectory.get("teacher") or {}).get("num_active_parameters"))
-
     recipe = info.get("recipe")
     base_name = recipe or model_dir.resolve().parent.name or "slimmoe"
     model_name = repo_id.split("/")[-1] if repo_id else (
         f"{base_name}-stage{stage}" if is_stage else f"{base_name}-{method}")
 
-    plot = None
-    if trajectory:
-        plot = plot_trajectory(trajectory, model_dir / PLOT_NAME)
-    elif (model_dir / PLOT_NAME).is_file():
-        plot = model_dir / PLOT_NAME
-
-    eval_results = []
-    evaluation_rows = []
-    dataset_type = datasets[0] if datasets else "held-out"
-    for key, label, metric_type in _EVAL_METRICS:
-        value = evaluation.get(key, evaluation.get(f"eval_{key}"))
-        if value is None:
-            continue
-        evaluation_rows.append((label, _fmt(value)))
-        eval_results.append(EvalResult(task_type="text-generation", dataset_type=dataset_type,
-                                       dataset_name=f"{dataset_type} (held-out evaluation split)",
-                                       dataset_split="eval", metric_type=metric_type, metric_name=label,
-                                       metric_value=float(value)))
-    known = {k for k, _, _ in _EVAL_METRICS} | {f"eval_{k}" for k, _, _ in _EVAL_METRICS}
-    for key, value in sorted(evaluation.items()):  # other recorded metrics (eval_loss, ...) in the table only
-        if key not in known and isinstance(value, (int, float)) and not isinstance(value, bool):
-            evaluation_rows.append((key.replace("_", " "), _fmt(value)))
+    existing_plot = (model_dir / PLOT_NAME) if (model_dir / PLOT_NAME).is_file() else None
+    plot = plot_trajectory(trajectory, model_dir / PLOT_NAME) if trajectory else existing_plot
+    eval_results, evaluation_rows = _evaluation(info.get("eval") or {}, datasets)
 
     tags = ["slimmoe", "moe", "mixture-of-experts", "pruning", "distillation", "phimoe", f"arxiv:{PAPER_ID}"]
-    if not is_stage:
-        tags.append(method)
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        base_model=teacher if _looks_like_hub_id(teacher) else None,
-        license=license_,
-        datasets=datasets or None,
-        tags=tags,
-        model_name=model_name,
-        eval_results=eval_results or None,
-    )
+    card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                              base_model=teacher if _looks_like_hub_id(teacher) else None, license=license_,
+                              datasets=datasets or None, tags=tags if is_stage else [*tags, method],
+                              model_name=model_name, eval_results=eval_results or None)
     template = Path(template_path) if template_path else resources.files("hf_slimmoe").joinpath(
         f"templates/{CARD_TEMPLATE}")
     card = ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        model_name=model_name,
-        model_id=repo_id or str(local_dir or model_dir),
-        revision_arg=f', revision="{revision}"' if revision else "",
-        export_dir=f"{model_name}-phimoe",
-        teacher=teacher,
-        teacher_url=_hub_url(teacher),
-        parent=parent,
-        parent_url=_hub_url(parent),
-        is_stage=is_stage,
-        stage=stage,
-        num_stages=num_stages if num_stages is not None else "?",
-        method=method,
-        method_title=_METHOD_TITLES.get(method, method),
-        recipe=recipe,
-        datasets=datasets,
-        architecture=_architecture_rows(model_summary, teacher_summary),
-        training=training,
-        training_rows=_training_rows(training),
-        evaluation_rows=evaluation_rows,
-        plot=PLOT_NAME if plot else None,
-        library_version=__version__,
+        card_data, template_path=str(template), model_name=model_name, model_id=repo_id or str(local_dir or model_dir),
+        revision_arg=f', revision="{revision}"' if revision else "", export_dir=f"{model_name}-phimoe",
+        teacher=teacher, teacher_url=_hub_url(teacher), parent=parent, parent_url=_hub_url(parent),
+        is_stage=is_stage, stage=stage, num_stages=num_stages if num_stages is not None else "?",
+        method=method, method_title=_METHOD_TITLES.get(method, method), recipe=recipe, datasets=datasets,
+        architecture=_architecture_rows(_config_summary(config), _teacher_summary(info, trajectory)),
+        training=training, training_rows=_training_rows(training), evaluation_rows=evaluation_rows,
+        plot=PLOT_NAME if plot else None, library_version=__version__,
     )
     path = model_dir / "README.md"
     card.save(path)
