@@ -136,7 +136,7 @@ def step_setup(args):
     )
     output_dir = tempfile.mkdtemp(prefix="bench-distill-")
     args_ = DistillationConfig(output_dir=output_dir, report_to=[], use_cpu=True, per_device_train_batch_size=8,
-                               max_steps=1, save_strategy="no", disable_tqdm=True)
+                               max_steps=1, save_strategy="no", disable_tqdm=True, kd_loss="topk")
     trainers = {
         "cached": DistillationTrainer(model=copy.deepcopy(student), args=args_, train_dataset=None),
         "online": DistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=args_,

@@ -6,9 +6,13 @@
 (2) Table 3: what to remove from the MoE layers at 50% and 25% of the expert parameters, attention untouched:
     expert slimming with KD scores, slimming with CLM scores, dropping whole experts by KD sensitivity, dropping
     experts by activation frequency (Seer-MoE). Each variant: one-shot surgery on the teacher, then the same
-    `DistillationTrainer` run (same steps, data order, cached teacher top-k); only the surgery differs.
+    `DistillationTrainer` run (same steps, data order, cached teacher); only the surgery differs.
+
+Every distillation run uses `--kd-loss` (default: the recipe's, i.e. the library default `sampled`; `topk` is the
+paper's Eq. 3), read from a teacher cache made once (samples or top-k; the eval cache is always the top-k).
 
     python benchmarks/bench_reproduction.py              # the demo's teacher (hf_slimmoe.demo), ~25 min, 1 thread
+    python benchmarks/bench_reproduction.py --kd-loss topk   # the same with the paper's top-8 KD loss
     python benchmarks/bench_reproduction.py --quick      # smoke run: one seed, few steps (a few minutes)
     python benchmarks/bench_reproduction.py --recipe recipes/tiny-cpu.yaml --seeds 1
 
@@ -39,7 +43,8 @@ except ImportError:  # run as a module from the repository root
     from benchmarks.results import write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLOT = os.path.join(ROOT, "benchmarks", "reproduction.png")
+KD_LOSS_LABELS = {"sampled": "{s} teacher samples per token, unbiased", "topk_tail": "top-{k} + rest of vocabulary",
+                  "topk": "top-{k} KD, the paper's Eq. 3"}
 SCHEDULES = ("multi-stage", "one-stage", "iterative")
 VARIANTS = (("slim-kd", "Slim experts, KD scores (SlimMoE)"), ("slim-clm", "Slim experts, CLM scores"),
             ("drop-kd", "Drop experts, KD sensitivity"), ("drop-freq", "Drop experts, activation frequency"))
@@ -67,6 +72,9 @@ def base_recipe(args):
     if teacher_path is not None:
         values["teacher"].update(model=os.path.abspath(teacher_path), build=None)
     values["hub"] = {**values.get("hub", {}), "push_to_hub": False}
+    if args.kd_loss:
+        values["distillation"]["kd_loss"] = args.kd_loss
+    args.kd_loss = values["distillation"]["kd_loss"]
     return recipe_from_dict(values, source=recipe.source), recipe_to_dict
 
 
@@ -86,11 +94,12 @@ def derive(base, to_dict, *, name: str, output_dir: str, seed: int, method: str,
 
 
 def shared_data(recipe, args):
-    """Teacher, tokenizer, packed blocks and the teacher's cached top-k (train / eval), computed once."""
+    """Teacher, tokenizer, packed blocks and the teacher cache (train: what the loss reads; eval: top-k), once."""
     from transformers import AutoTokenizer
 
     from hf_slimmoe import SlimMoeForCausalLM, cache_teacher_topk
     from hf_slimmoe.data import load_blocks
+    from hf_slimmoe.pipeline import cache_train_set
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.model)
     teacher = SlimMoeForCausalLM.from_pretrained(recipe.teacher.model, dtype=torch.float32).eval()
@@ -98,8 +107,7 @@ def shared_data(recipe, args):
     blocks = load_blocks(recipe, tokenizer)
     cache = os.path.join(args.output_dir, "shared", "teacher_cache")
     k, pad = recipe.distillation.top_k, tokenizer.pad_token_id or 0
-    train = cache_teacher_topk(teacher, blocks["train"], top_k=k, output_dir=os.path.join(cache, "train"),
-                               pad_token_id=pad)
+    train = cache_train_set(teacher, blocks["train"], recipe.distillation, cache, pad_token_id=pad)
     eval_set = cache_teacher_topk(teacher, blocks["eval"], top_k=k, output_dir=os.path.join(cache, "eval"),
                                   pad_token_id=pad)
     return {"teacher": teacher, "tokenizer": tokenizer, "train": train, "eval": eval_set, "cache": cache,
@@ -128,7 +136,7 @@ def run_schedules(base, to_dict, data, args) -> dict:
             out = os.path.join(args.output_dir, "schedules", f"{method}-seed{seed}")
             shutil.rmtree(out, ignore_errors=True)
             os.makedirs(out)
-            os.symlink(os.path.abspath(data["cache"]), os.path.join(out, "teacher_cache"))  # same teacher top-k
+            os.symlink(os.path.abspath(data["cache"]), os.path.join(out, "teacher_cache"))  # same teacher cache
             recipe = derive(base, to_dict, name=f"repro-{method}", output_dir=out, seed=base.seed + seed,
                             method=method, steps=args.stage_steps, args=args)
             start = time.perf_counter()
@@ -176,7 +184,7 @@ def surgery(variant: str, fraction: float, data, recipe, args):
 
 
 def distill(model, recipe, data, out: str, steps: int) -> dict:
-    """Pruned metrics, then `steps` of top-k KD from the cached teacher, then final metrics."""
+    """Pruned metrics, then `steps` of KD (the recipe's kd_loss) from the cached teacher, then final metrics."""
     from transformers import set_seed
 
     from hf_slimmoe import DistillationTrainer
@@ -245,7 +253,8 @@ def plot(schedules: dict, ablations: dict, teacher_ppl: float, args) -> None:
     for method, rows in schedules.items():
         if not rows:
             continue
-        for ax, key in ((axes[0], "eval_kl"), (axes[1], "eval_perplexity")):
+        kl_key = "eval_full_kl" if rows[0]["points"][-1].get("eval_full_kl") is not None else "eval_kl"
+        for ax, key in ((axes[0], kl_key), (axes[1], "eval_perplexity")):
             # Same points in every seed's run (fixed steps); a stage boundary has two points at one token count:
             # the end of a stage, then the freshly pruned model of the next one (the drop of Figure 1(b)).
             count = min(len(row["points"]) for row in rows)
@@ -255,7 +264,9 @@ def plot(schedules: dict, ablations: dict, teacher_ppl: float, args) -> None:
             if len(rows) > 1:
                 ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=colors[method],
                                 alpha=0.15)
-    axes[0].set(title="(1) held-out top-8+rest KL to the teacher", xlabel="distillation tokens (K)", ylabel="top-8+rest KL")
+    full = any(rows and rows[0]["points"][-1].get("eval_full_kl") is not None for rows in schedules.values())
+    label = "full-vocabulary KL" if full else "top-8+rest KL"
+    axes[0].set(title=f"(1) held-out {label} to the teacher", xlabel="distillation tokens (K)", ylabel=label)
     axes[1].set(title="(1) held-out perplexity", xlabel="distillation tokens (K)", ylabel="perplexity",
                 yscale="log")
     axes[1].axhline(teacher_ppl, color="gray", linestyle="--", label="teacher")
@@ -292,15 +303,16 @@ def report(schedules: dict, ablations: dict, teacher, teacher_ppl: float, base, 
     per_step = base.tokens_per_step()
     budget = sum(args.stage_steps)
     lines = [
-        "## Micro-scale reproduction of the paper's Table 2 / Figure 1(b) and Table 3",
+        f"## Micro-scale reproduction of the paper's Table 2 / Figure 1(b) and Table 3, kd_loss `{args.kd_loss}`",
         "",
         f"Command: `{command}` ({seconds / 60:.1f} min, {args.threads} torch thread(s), on a 2-core machine shared with other jobs). Teacher: "
         f"{teacher_label} — {human_count(c.num_parameters())} parameters, "
         f"{c.num_hidden_layers} layers, {c.num_local_experts} experts (top-{c.num_experts_per_tok}), d_expert "
         f"{c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, vocabulary {c.vocab_size}; "
         f"held-out perplexity {teacher_ppl:.2f}. Held-out data: {len(data_eval)} blocks of {base.data.block_size} "
-        f"tokens the teacher never trained on. Every distillation run: top-{base.distillation.top_k} KD from the "
-        f"cached teacher (+ {base.distillation.aux_loss_coef} x aux loss), AdamW, peak learning rate "
+        f"tokens the teacher never trained on. Every distillation run: **kd_loss `{base.distillation.kd_loss}`** "
+        f"({KD_LOSS_LABELS[base.distillation.kd_loss].format(k=base.distillation.top_k, s=base.distillation.kd_samples)})"
+        f" from the cached teacher (+ {base.distillation.aux_loss_coef} x aux loss), AdamW, peak learning rate "
         f"{args.learning_rate or base.training.get('learning_rate')}, cosine with "
         f"{base.training.get('warmup_steps', 0)} warmup steps (restarted per stage), {per_step} tokens per step. "
         f"Seeds: {args.seeds} (data order; the teacher, the calibration data and so the scores are fixed).",
@@ -368,7 +380,10 @@ def main() -> None:
     parser.add_argument("--recipe", default=None,
                         help="a compress recipe to take the teacher and data from (default: the demo's, "
                              "hf_slimmoe.demo.demo_recipe / ensure_teacher)")
-    parser.add_argument("--output-dir", default="outputs/bench-reproduction")
+    parser.add_argument("--kd-loss", choices=["sampled", "topk_tail", "topk"], default=None,
+                        help="distillation loss of every run (default: the recipe's, `sampled`); each loss writes its "
+                             "own RESULTS.md section and plot")
+    parser.add_argument("--output-dir", default=None, help="default: outputs/bench-reproduction-<kd-loss>")
     parser.add_argument("--seeds", type=int, default=3, help="runs per setting (seed = recipe seed + i)")
     parser.add_argument("--stage-steps", type=int, nargs="+", default=[100, 150],
                         help="(1) multi-stage steps per stage; one-stage and iterative get their sum")
@@ -388,7 +403,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: no oversubscription when another job shares the cores)")
     parser.add_argument("--keep-runs", action="store_true", help="keep the schedule runs' directories")
-    parser.add_argument("--plot", default=PLOT)
+    parser.add_argument("--plot", default=None, help="default: benchmarks/reproduction-<kd-loss>.png")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, --stage-steps 10 10, --ablation-steps 10, --eval-steps 10, "
                              "fraction 0.5; writes nothing unless --write")
@@ -397,6 +412,9 @@ def main() -> None:
                         help="no training: write the report and plot again from a finished run's results.json")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md / the plot")
     args = parser.parse_args()
+    loss_name = args.kd_loss or "sampled"  # the recipes' default; checked against the recipe below
+    args.output_dir = args.output_dir or f"outputs/bench-reproduction-{loss_name}"
+    args.plot = args.plot or os.path.join(ROOT, "benchmarks", f"reproduction-{loss_name}.png")
     if args.quick:
         args.seeds, args.stage_steps, args.ablation_steps, args.eval_steps = 1, [10, 10], 10, 10
         args.expert_fractions = [0.5]
@@ -419,6 +437,8 @@ def main() -> None:
             if key not in ("from_results", "no_write", "plot"):
                 setattr(args, key, value)
     base, to_dict = base_recipe(args)
+    if args.kd_loss != loss_name:
+        raise SystemExit(f"The recipe's kd_loss is {args.kd_loss}: pass --kd-loss {args.kd_loss} explicitly.")
     data = shared_data(base, args)
     teacher_ppl = full_eval(data["teacher"], data["teacher"], data["eval_blocks"], args.eval_batch)["ppl"]
     if saved is not None:
@@ -436,7 +456,7 @@ def main() -> None:
                    "seconds": seconds, "command": command, "args": vars(args)}, f, indent=1)
     if not args.no_write:
         plot(schedules, ablations, teacher_ppl, args)
-        write_section("bench_reproduction", markdown)
+        write_section(f"bench_reproduction-{args.kd_loss}", markdown)
 
 
 if __name__ == "__main__":

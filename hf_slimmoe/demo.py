@@ -7,11 +7,13 @@ the top-level modules; held-out: the packages email/, http/, urllib/, xml/). The
     [1/6] corpus, tokenizer and teacher    a byte-level BPE tokenizer and a small SlimMoE teacher trained on the
                                            train modules (`teacher.build_teacher`), cached across runs
                                            (see `ensure_teacher`)
-    [2/6] teacher top-k cache              the teacher's top-8 on the train and held-out blocks (`cache_teacher_topk`)
+    [2/6] teacher cache                    what the KD loss reads on the train blocks (8 teacher samples per token,
+                                           `cache_teacher_samples`) and the teacher's top-8 on the held-out blocks
     [3/6] stage 1, [4/6] stage 2           `pipeline.compress` on the demo recipe: score, prune, distill, save, card
     [5/6] SFT-KD and DPO                   `posttrain` runners on the final stage, with docstring data from the stdlib
-    [6/6] evaluation and summary           held-out perplexity, KL to the teacher, top-1 agreement, parameters and
-                                           prefill/decode speed of every model -> summary.md, summary.json
+    [6/6] evaluation and summary           held-out perplexity, KL to the teacher (top-8 + rest, and the full
+                                           vocabulary), top-1 agreement, parameters and prefill/decode speed of
+                                           every model -> summary.md, summary.json
 
 Output layout (`OUTPUT_DIR`): `teacher/`, `teacher_cache/`, `stage-1/`, `stage-2/`, `sft/`, `dpo/` (each a complete
 model directory with tokenizer and model card), `trajectory.json` + `trajectory.png`, `recipe.yaml`, `sft.yaml`,
@@ -31,12 +33,12 @@ import yaml
 
 from .pipeline import RunPaths, is_finished_stage
 from .recipe import Recipe, demo_settings, recipe_from_dict, recipe_to_dict
-from .teacher import build_teacher
+from .teacher import BUILD_RECORD, build_teacher
 
 logger = logging.getLogger(__name__)
 
 TEACHER_STAMP = "demo_teacher.json"  # written into a demo teacher directory: the fingerprint of its settings
-STEPS = ("corpus, tokenizer and teacher", "teacher top-k cache", "stage 1: score, prune, distill",
+STEPS = ("corpus, tokenizer and teacher", "teacher cache", "stage 1: score, prune, distill",
          "stage 2: score, prune, distill", "SFT with KD, then DPO", "evaluation and summary")
 MODELS = ("teacher", "stage-1", "stage-2", "sft", "dpo")
 
@@ -78,7 +80,7 @@ def _stamp(directory: str) -> str | None:
 
 def _is_complete_teacher(directory: str) -> bool:
     return all(os.path.isfile(os.path.join(directory, name))
-               for name in ("config.json", "model.safetensors", "tokenizer.json", TEACHER_STAMP))
+               for name in ("config.json", "model.safetensors", "tokenizer.json", BUILD_RECORD, TEACHER_STAMP))
 
 
 def ensure_teacher(output_dir: str, fast: bool = False) -> str:
@@ -140,7 +142,8 @@ def _posttrain(kind: str, settings: dict, output_dir: str, parent: str, teacher:
 
 
 def _evaluate_all(output_dir: str, recipe: Recipe, eval_settings: dict, eval_set) -> list[dict]:
-    """One summary row per model of the demo: parameters, held-out metrics against the cached teacher, speed."""
+    """One summary row per model of the demo: parameters, held-out metrics against the teacher (its cached top-k,
+    and online for the full-vocabulary KL: the demo's vocabulary is small), speed."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -153,9 +156,11 @@ def _evaluate_all(output_dir: str, recipe: Recipe, eval_settings: dict, eval_set
     prompt = torch.tensor(eval_set.select(range(min(eval_settings["batch_size"], len(eval_set))))["input_ids"],
                           dtype=torch.long)[:, :eval_settings["speed_prompt_tokens"]]
     rows = []
+    teacher = AutoModelForCausalLM.from_pretrained(paths.teacher, dtype=torch.float32)
     for name, directory in directories.items():
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-        metrics = evaluate_model(model, eval_set, top_k=eval_settings["top_k"], batch_size=eval_settings["batch_size"])
+        metrics = evaluate_model(model, eval_set, teacher=teacher, top_k=eval_settings["top_k"],
+                                 batch_size=eval_settings["batch_size"])
         speed = measure_speed(model, prompt, new_tokens=eval_settings["speed_new_tokens"],
                               repeats=eval_settings["speed_repeats"])
         rows.append({"model": name, "path": directory, "num_parameters": model.config.num_parameters(),
@@ -169,18 +174,20 @@ def format_summary(summary: dict) -> str:
     """The summary table as Markdown."""
     from .schedule import human_count
 
-    header = ("| model | total params | active params | held-out perplexity | KL to teacher | top-1 agreement "
-              "| prefill tok/s | decode tok/s |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| model | total params | active params | held-out perplexity | KL to teacher (top-8 + rest) "
+              "| full KL to teacher | top-1 agreement | prefill tok/s | decode tok/s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         params = f"{human_count(r['num_parameters'])} | {human_count(r['num_active_parameters'])}"
-        lines.append(f"| {r['model']} | {params} | {r['perplexity']:.2f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} "
-                     f"| {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} |")
+        full = f"{r['full_kl']:.3f}" if r.get("full_kl") is not None else "n/a"
+        speed = f"{r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f}"
+        lines.append(f"| {r['model']} | {params} | {r['perplexity']:.2f} | {r['kl']:.3f} | {full} "
+                     f"| {r['top1_agreement']:.3f} | {speed} |")
     e = summary["eval"]
     lines.append("")
     lines.append(f"Held-out: {e['blocks']} blocks of {e['block_size']} tokens from {', '.join(e['data'])} (modules "
                  f"never trained on); KL is KL(teacher || model) per token over the teacher's top-{e['top_k']} tokens plus "
-                 "one 'any other token' outcome. Speed: one "
+                 "one 'any other token' outcome, full KL over the whole vocabulary. Speed: one "
                  f"process, {summary['threads']} CPU thread{'s' if summary['threads'] != 1 else ''}, prefill = one forward over {e['prefill_shape']} "
                  f"tokens, decode = greedy generation of {e['speed_new_tokens']} tokens with the KV cache (batch 1), "
                  "best of " f"{e['speed_repeats']}.")
@@ -192,7 +199,7 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     Run the demo into `output_dir` (see the module docstring); returns the summary (also in summary.json / .md).
 
     `on_step(index, total, title)`, when given, is called as each of the six steps begins (the CLI prints a banner).
-    Every step reuses what an earlier run finished: the cached teacher, the teacher top-k cache, finished stages and
+    Every step reuses what an earlier run finished: the cached teacher, the teacher caches, finished stages and
     post-training outputs.
     """
     import time
@@ -202,7 +209,7 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
 
     from .data import load_blocks
     from .distillation import cache_teacher_topk
-    from .pipeline import compress
+    from .pipeline import cache_train_set, compress
     from .trajectory import plot_trajectory
 
     settings = demo_settings(fast)
@@ -232,8 +239,8 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     blocks = load_blocks(recipe, tokenizer)
     k, pad, batch = recipe.distillation.top_k, tokenizer.pad_token_id or 0, settings["eval"]["batch_size"]
-    cache_teacher_topk(teacher, blocks["train"], top_k=k, output_dir=os.path.join(paths.teacher_cache, "train"),
-                       pad_token_id=pad, batch_size=batch)
+    cache_train_set(teacher, blocks["train"], recipe.distillation, paths.teacher_cache, pad_token_id=pad,
+                    batch_size=batch)
     eval_set = cache_teacher_topk(teacher, blocks["eval"], top_k=k, batch_size=batch,
                                   output_dir=os.path.join(paths.teacher_cache, "eval"), pad_token_id=pad)
     del teacher

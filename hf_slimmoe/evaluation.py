@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def has_teacher_cache(dataset) -> bool:
-    """Whether `dataset` carries the teacher top-k columns written by `cache_teacher_topk`."""
+    """Whether `dataset` carries the teacher top-k columns written by `cache_teacher_topk` (what evaluation reads)."""
     return all(c in dataset.column_names for c in CACHE_COLUMNS)
 
 
@@ -61,8 +61,8 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
     Args:
         model (`PreTrainedModel`): the causal LM to evaluate.
         dataset (`datasets.Dataset`): `input_ids` rows, optionally with a teacher top-k cache.
-        teacher (`PreTrainedModel`, *optional*): the teacher, run online; without it and without a cache only the
-            perplexity is computed.
+        teacher (`PreTrainedModel`, *optional*): the teacher, run online (the top-k is read from the dataset's
+            cache when it has one); without it and without a cache only the perplexity is computed.
         top_k (`int`, *optional*, defaults to `8`): teacher tokens kept for the KL (at most the cache's k).
         batch_size (`int`, *optional*, defaults to `16`): rows per forward.
         pad_token_id (`int`, *optional*): padding id (defaults to the model's, else 0).
@@ -71,7 +71,8 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
         `dict`: `perplexity`, and with a teacher or cache also `kl` (mean per-token KL(teacher || model) over the
         teacher's top-k tokens plus one "any other token" outcome: a true divergence, 0 for the teacher), `topk_kl`
         (the top-k KD training loss, Eq. 3) and `top1_agreement` (model argmax equals the teacher's top-1), all over
-        the same next-token positions.
+        the same next-token positions; with a teacher model also `full_kl` (KL(teacher || model) over the whole
+        vocabulary, computed chunked).
     """
     if "input_ids" not in dataset.column_names:
         raise ValueError(f"The evaluation dataset has no 'input_ids' column (columns: {dataset.column_names}).")
@@ -91,8 +92,11 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
                                       data_collator=TokenCollator(pad_token_id=pad_token_id))
         trainer.remove_callback(PrinterCallback)  # the metrics are returned, not printed
         metrics = trainer.evaluate()
-    return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_kl"], "topk_kl": metrics["eval_topk_kl"],
-            "top1_agreement": metrics["eval_top1_agreement"]}
+    result = {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_kl"], "topk_kl": metrics["eval_topk_kl"],
+              "top1_agreement": metrics["eval_top1_agreement"]}
+    if "eval_full_kl" in metrics:
+        result["full_kl"] = metrics["eval_full_kl"]
+    return result
 
 
 def _lm_eval_task_names(path: str) -> list[str]:

@@ -7,7 +7,8 @@
         model  = the previous stage's model (the teacher for stage 1)
         scores = compute_sensitivity(model, calibration batches, teacher)       # Eq. 2-4
         model.prune_to(stage size, scores)                                      # one-shot prune
-        DistillationTrainer(model, teacher).train()                            # top-k KD from the original teacher,
+        DistillationTrainer(model, teacher).train()                            # KD (distillation.kd_loss) from the
+                                                                               # original teacher,
                                                                                # early-stopped on eval KL (not last)
         save OUTPUT_DIR/stage-i/ (a Hub-ready repo + scores + stage.json + trajectory.json + card); publish
 
@@ -17,7 +18,8 @@ per step. Everything a run writes is on disk, and the disk is the truth when the
     OUTPUT_DIR/recipe.yaml          the resolved recipe
     OUTPUT_DIR/trajectory.json      every evaluation so far (tokens, parameter counts, eval KL / perplexity / top-1)
     OUTPUT_DIR/teacher/             the locally built teacher (`teacher.model: build` only)
-    OUTPUT_DIR/teacher_cache/       the teacher's top-k on the train / eval blocks (`distillation.cache_teacher`)
+    OUTPUT_DIR/teacher_cache/       what the loss reads from the teacher on the train blocks (samples or top-k) and
+                                    its top-k on the eval blocks (`distillation.cache_teacher`)
     OUTPUT_DIR/.stage-i.work/       the running stage: scores.safetensors, pruned_eval.json, checkpoints/checkpoint-N
     OUTPUT_DIR/.stage-i.tmp/        a stage being written; renamed to stage-i/ when complete
     OUTPUT_DIR/stage-i/             a finished stage: never recomputed
@@ -47,6 +49,8 @@ from .architectures import SLIMMOE_TYPES, count_parameters, get_architecture, lo
 from .data import batches, check_source, load_blocks, source_files
 from .distributed import fsdp_requested, is_sharded, shard_decoder_layers
 from .modeling_utils import check_tokenizer_vocabulary
+from .outputs import RunLock, check_weights
+from .provenance import check_output_dir, open_output_dir, run_record
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
 from .teacher import build_teacher, is_local, read_teacher_config, teacher_paths
@@ -159,7 +163,7 @@ def check(recipe: Recipe) -> PretrainedConfig:
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
     recipe.gradient_accumulation_steps(world_size())
-    check_teacher_tokenizer(recipe, teacher_config)
+    check_teacher_files(recipe, teacher_config)
     if recipe.method == "multi-stage" and recipe.early_stopping.enabled and recipe.data.eval is not None:
         t = recipe.training
         if t.get("save_steps", 500) % t.get("eval_steps", t.get("logging_steps", 10)) != 0:
@@ -178,10 +182,13 @@ def check(recipe: Recipe) -> PretrainedConfig:
     return teacher_config
 
 
-def check_teacher_tokenizer(recipe: Recipe, teacher_config: PretrainedConfig) -> None:
-    """Raise when a local teacher tokenizer has more tokens than the teacher's vocabulary."""
+def check_teacher_files(recipe: Recipe, teacher_config: PretrainedConfig) -> None:
+    """Raise when a local teacher's weight files are damaged, or its tokenizer has more tokens than its vocabulary."""
     if recipe.teacher.model == BUILD_TEACHER:
         return
+    model = expand_path(recipe.teacher.model, recipe.directory)
+    if is_local(model):
+        check_weights(model)
     local = expand_path(recipe.teacher.tokenizer or recipe.teacher.model, recipe.directory)
     if is_local(local):
         from transformers import AutoTokenizer
@@ -203,7 +210,7 @@ def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stoppin
             eval_strategy="steps" if has_eval else "no", save_strategy="steps",
             load_best_model_at_end=early_stopping, metric_for_best_model="kl" if early_stopping else None,
             greater_is_better=False if early_stopping else None, restore_callback_states_from_checkpoint=True,
-            top_k=d.top_k, temperature=d.temperature, renormalize=d.renormalize, aux_loss_coef=d.aux_loss_coef,
+            kd_loss=d.kd_loss, kd_samples=d.kd_samples, top_k=d.top_k, temperature=d.temperature, renormalize=d.renormalize, aux_loss_coef=d.aux_loss_coef,
             ce_weight=d.ce_weight, kd_chunk_size=d.kd_chunk_size or 1024, **training,
         )
     except (TypeError, ValueError) as e:
@@ -211,22 +218,51 @@ def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stoppin
 
 
 def last_checkpoint(directory: str) -> str | None:
-    """The newest checkpoint-N that was completely written (its trainer_state.json exists); incomplete ones are
-    removed, so a process killed while saving resumes from the previous checkpoint."""
+    """The newest checkpoint-N that is complete and readable (see `checkpoint_problem`). Damaged ones are removed
+    with a warning, so a process killed while saving resumes from the previous checkpoint."""
     if not os.path.isdir(directory):
         return None
     found = sorted((int(n.split("-")[-1]), n) for n in os.listdir(directory)
                    if n.startswith(PREFIX_CHECKPOINT_DIR + "-") and n.split("-")[-1].isdigit())
     for _, name in reversed(found):
         path = os.path.join(directory, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.json")) and (
-                os.path.isfile(os.path.join(path, "model.safetensors")) or os.path.isdir(
-                    os.path.join(path, "pytorch_model_fsdp_0")) or any(n.startswith("global_step")
-                                                                        for n in os.listdir(path))):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        logger.warning("Removing the incomplete checkpoint %s", path)
+        logger.warning("Skipping the damaged checkpoint %s (%s); resuming from the previous one.", path, problem)
         shutil.rmtree(path, ignore_errors=True)
     return None
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from (None when it can): its trainer_state.json must be readable
+    JSON (the Trainer writes it last, and not atomically) and its weights whole (safetensors), or saved by FSDP or
+    DeepSpeed."""
+    state = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state, encoding="utf-8") as f:
+            json.load(f)["global_step"]
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is empty or cut short"
+    if os.path.isdir(os.path.join(path, "pytorch_model_fsdp_0")) or any(n.startswith("global_step")
+                                                                       for n in os.listdir(path)):
+        return None
+    try:
+        check_weights(path)
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+def stopped_early(checkpoint: str) -> bool:
+    """Whether training had decided to stop (early stopping) when `checkpoint` was saved."""
+    state = read_json(os.path.join(checkpoint, "trainer_state.json"))
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    control = control[-1] if isinstance(control, list) and control else control
+    return bool(control.get("args", {}).get("should_training_stop")) and state.get("global_step", 0) < state.get(
+        "max_steps", 0)
 
 
 def evaluate_only(model, teacher, eval_dataset, recipe: Recipe, output_dir: str, tokenizer) -> dict | None:
@@ -247,8 +283,9 @@ class Run:
     """What the stages of a run share: the recipe, the original teacher, the data, and the progress so far.
 
     `args` are the run's training arguments (they give the process index and `main_process_first`); `online_teacher`
-    is the teacher the trainers run, `None` when its top-k is cached in `train` / `eval_set`; `parent` is the model
-    the next stage starts from, `tokens_done` / `steps_done` the training spent by the stages before it.
+    is the teacher the trainers get (with caches in `train` / `eval_set` they read those, and the teacher checks
+    them and evaluates online: `eval_full_kl`); `record` is the run's provenance (`provenance.run_record`); `parent`
+    is the model the next stage starts from, `tokens_done` / `steps_done` the training spent by the stages before it.
     """
 
     recipe: Recipe
@@ -264,6 +301,7 @@ class Run:
     online_teacher: Any = None
     trajectory: dict = field(default_factory=dict)
     teacher_summary: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
     parent: str = ""
     tokens_done: int = 0
     steps_done: int = 0
@@ -306,12 +344,12 @@ def run_device(recipe: Recipe) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def prepare_output_dir(recipe: Recipe, paths: RunPaths) -> None:
-    """Create OUTPUT_DIR with the resolved recipe, and the built teacher for `teacher.model: build`."""
-    os.makedirs(paths.output_dir, exist_ok=True)
+def prepare_output_dir(recipe: Recipe, paths: RunPaths, reuse_stale: bool = False) -> None:
+    """Write the resolved recipe into OUTPUT_DIR, and build the teacher for `teacher.model: build` (or reuse the one
+    built there, when its build settings match; see `build_teacher`)."""
     save_recipe(recipe, paths.recipe)
     if recipe.teacher.model == BUILD_TEACHER:
-        build_teacher(recipe, paths.teacher)
+        build_teacher(recipe, paths.teacher, reuse_stale=reuse_stale)
 
 
 def load_teacher(recipe: Recipe, paths: RunPaths) -> tuple[Any, Any, str]:
@@ -330,21 +368,35 @@ def load_teacher(recipe: Recipe, paths: RunPaths) -> tuple[Any, Any, str]:
     return teacher, tokenizer, teacher_path
 
 
+def cache_train_set(teacher, train, distillation, cache_root: str, pad_token_id: int = 0, batch_size: int = 8):
+    """The cache `distillation.kd_loss` reads on the train blocks: `<cache_root>/train-samples` (teacher samples)
+    for "sampled", `<cache_root>/train` (top-k) for "topk" / "topk_tail"."""
+    from .distillation import cache_teacher_samples, cache_teacher_topk
+
+    common = {"pad_token_id": pad_token_id, "batch_size": batch_size}
+    if distillation.kd_loss == "sampled":
+        return cache_teacher_samples(teacher, train, num_samples=distillation.kd_samples,
+                                     temperature=distillation.temperature,
+                                     output_dir=os.path.join(cache_root, "train-samples"), **common)
+    return cache_teacher_topk(teacher, train, top_k=distillation.top_k, output_dir=os.path.join(cache_root, "train"),
+                              **common)
+
+
 def cache_teacher(run: Run) -> None:
-    """With `distillation.cache_teacher`, add the original teacher's top-k to the train / eval blocks (computed once
-    for every stage, in OUTPUT_DIR/teacher_cache/); the trainers then run without the teacher."""
+    """With `distillation.cache_teacher`, add what the loss reads from the original teacher to the train blocks
+    (samples or top-k, see `cache_train_set`) and its top-k to the eval blocks, computed once for every stage in
+    OUTPUT_DIR/teacher_cache/; the trainers then train without a teacher forward."""
     from .distillation import cache_teacher_topk
 
     if not run.recipe.distillation.cache_teacher:
         return
     top_k, pad_token_id = run.recipe.distillation.top_k, run.tokenizer.pad_token_id or 0
-    with run.args.main_process_first(desc="caching the teacher's top-k"):
-        run.train = cache_teacher_topk(run.teacher, run.train, top_k=top_k, pad_token_id=pad_token_id,
-                                       output_dir=os.path.join(run.paths.teacher_cache, "train"))
-        if run.eval_set is not None:
-            run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
-                                              output_dir=os.path.join(run.paths.teacher_cache, "eval"))
-    run.online_teacher = None
+    # every process builds its share of the shards (one process: all of them); the main one joins and saves them
+    run.train = cache_train_set(run.teacher, run.train, run.recipe.distillation, run.paths.teacher_cache,
+                                pad_token_id=pad_token_id)
+    if run.eval_set is not None:  # evaluation reads the top-k (eval_kl)
+        run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
+                                          output_dir=os.path.join(run.paths.teacher_cache, "eval"))
 
 
 def start_trajectory(run: Run) -> None:
@@ -370,21 +422,20 @@ def start_trajectory(run: Run) -> None:
         "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
     run.teacher_summary.update(intermediate_size=arch.expert_width_of(config),  # the expert width, any family
                                num_local_experts=arch.num_experts_of(config),
-                               num_experts_per_tok=arch.top_k_of(config), model_type=config.model_type, num_parameters=total, num_active_parameters=active)
+                               num_experts_per_tok=arch.top_k_of(config), model_type=config.model_type,
+                               num_parameters=total, num_active_parameters=active)
 
 
-def start_run(recipe: Recipe, paths: RunPaths) -> Run:
+def start_run(recipe: Recipe, paths: RunPaths, args, record: dict, reuse_stale: bool = False) -> Run:
     """Everything the stages share, made or read back from OUTPUT_DIR: the resolved recipe, the (built) teacher and
-    its tokenizer, the data blocks, the teacher cache and the trajectory's teacher point."""
-    # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
-    # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
-    args = training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)
+    its tokenizer, the data blocks, the teacher cache and the trajectory's teacher point. `args` are the run's
+    training arguments; work every process would repeat (teacher build, cache, scores) runs on the main one first."""
     with args.main_process_first(desc="preparing the run"):
-        prepare_output_dir(recipe, paths)
+        prepare_output_dir(recipe, paths, reuse_stale=reuse_stale)
     teacher, tokenizer, teacher_path = load_teacher(recipe, paths)
     blocks = load_blocks(recipe, tokenizer)
     run = Run(recipe, paths, args, teacher, teacher_path, tokenizer, run_device(recipe), train=blocks["train"],
-              eval_set=blocks["eval"], online_teacher=teacher, parent=teacher_path)
+              eval_set=blocks["eval"], online_teacher=teacher, record=record, parent=teacher_path)
     cache_teacher(run)
     run.calibration = batches(blocks["calibration"], recipe.scoring.batch_size, tokenizer.pad_token_id or 0)
     start_trajectory(run)
@@ -512,16 +563,31 @@ class StageRunner:
         trainer = DistillationTrainer(model=self.model, teacher_model=run.online_teacher, args=args,
                                       train_dataset=run.train, eval_dataset=run.eval_set,
                                       processing_class=run.tokenizer, callbacks=self.callbacks)
-        resume = last_checkpoint(self.checkpoints)
-        if resume:
-            logger.info("Resuming stage %d from %s", self.index, resume)
-        trainer.train(resume_from_checkpoint=resume)
+        self.train(trainer, last_checkpoint(self.checkpoints))
         self.trainer, self.model = trainer, trainer.model
         if self.iterative is not None:
             self.model, self.scores = self.iterative.finalize(self.model)
         self.metrics = trainer.evaluate() if run.eval_set is not None else {}
         self.steps = trainer.state.global_step
         self.record_trajectory(base)
+
+    def train(self, trainer, resume: str | None) -> None:
+        """`trainer.train()`, continuing from the checkpoint `resume`. When early stopping had already ended the stage
+        at that checkpoint (the run was killed before the stage was saved), nothing more is trained: the checkpoint's
+        state and best model are loaded, as the end of `train()` would have, so the stage reports the same steps."""
+        if resume and stopped_early(resume) and trainer.args.load_best_model_at_end:
+            from transformers import TrainerState
+
+            state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+            if state.best_model_checkpoint and os.path.isdir(state.best_model_checkpoint):
+                logger.info("Stage %d had stopped early at step %d; loading its best model from %s", self.index,
+                            state.global_step, state.best_model_checkpoint)
+                trainer.state = state
+                trainer._load_best_model()  # what Trainer.train does at its end, for every distributed backend
+                return
+        if resume:
+            logger.info("Resuming stage %d from %s", self.index, resume)
+        trainer.train(resume_from_checkpoint=resume)
 
     def evaluate_pruned(self) -> dict:
         """Eval metrics of the model before distillation (kept in the work directory for a resume)."""
@@ -585,19 +651,23 @@ class StageRunner:
             "parent": run.parent if run.parent != run.teacher_path else run.teacher_name, "recipe": recipe.name,
             "license": recipe.teacher.license, "datasets": dataset_ids(recipe), "teacher_config": run.teacher_summary,
             "training": {
-                "tokens": self.tokens, "steps": self.steps, "learning_rate": args.learning_rate, "top_k": args.top_k,
-                "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef, "ce_weight": args.ce_weight,
+                "tokens": self.tokens, "steps": self.steps, "learning_rate": args.learning_rate,
+                "kd_loss": args.kd_loss, "kd_samples": args.kd_samples if args.kd_loss == "sampled" else None,
+                "top_k": args.top_k, "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef,
+                "ce_weight": args.ce_weight,
                 "early_stopped": stopped, "stopped_at_step": self.steps if stopped else None,
                 "max_steps": self.max_steps,
             },
-            "eval": {"kl": m.get("eval_kl"), "topk_kl": m.get("eval_topk_kl"), "perplexity": m.get("eval_perplexity"),
-                     "top1_agreement": m.get("eval_top1_agreement")},
+            "eval": {"kl": m.get("eval_kl"), "topk_kl": m.get("eval_topk_kl"), "full_kl": m.get("eval_full_kl"),
+                     "perplexity": m.get("eval_perplexity"), "top1_agreement": m.get("eval_top1_agreement")},
+            "provenance": {"run": run.record["id"], "recipe_hash": run.record["recipe_hash"],
+                           "teacher": run.record["teacher"], "tokenizer": run.record["tokenizer"]},
         }
 
     def card(self) -> None:
         """The model card (README.md) and trajectory.png of the saved stage."""
         if self.run.is_main:
-            write_card(self.tmp_dir)
+            write_card(self.tmp_dir, self.final_dir)
 
     def move_into_place(self) -> None:
         """Rename `.stage-i.tmp/` to `stage-i/`: from here on the stage is finished and never recomputed."""
@@ -625,39 +695,55 @@ class StageRunner:
 
 
 # ----------------------------------------------------------------------------------------------------- the loop
-def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
+def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None, overwrite: bool = False,
+             reuse_stale: bool = False) -> str:
     """Run (or with `dry_run`, only check and plan) a recipe; returns the output directory. Re-running continues.
-    `on_stage_start(i, num_stages)`, when given, is called as stage `i` begins (or is found finished)."""
+
+    The output directory must hold nothing of another run (see `provenance`): `overwrite` removes what an earlier run
+    left there first, `reuse_stale` keeps it despite the differences. A run holds `OUTPUT_DIR/.lock` while it writes.
+    `on_stage_start(i, num_stages)`, when given, is called as stage `i` begins (or is found finished).
+    """
     teacher_config = check(recipe)
+    record = run_record(recipe, teacher_config)
     if dry_run:
+        if not overwrite:
+            check_output_dir(recipe, record, reuse_stale=reuse_stale)
         return recipe.output_dir
     paths = RunPaths(recipe.output_dir)
-    num_stages = len(recipe.stage_configs(teacher_config))
-    if all(is_finished_stage(paths.stage(i)) for i in range(1, num_stages + 1)):
-        logger.info("All %d stages of %s are finished in %s; nothing to do.", num_stages, recipe.name, paths.output_dir)
-        return paths.output_dir
-    logger.info("Plan:\n%s", plan_text(recipe, teacher_config))
+    # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
+    # models as they load. Only the main process locks, checks and records the output directory.
+    args = training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)
+    with RunLock(paths.output_dir, enabled=args.process_index == 0):
+        with args.main_process_first(desc="checking the output directory"):
+            if args.process_index == 0:
+                open_output_dir(recipe, record, overwrite=overwrite, reuse_stale=reuse_stale)
+        num_stages = len(record["stages"])
+        if all(is_finished_stage(paths.stage(i)) for i in range(1, num_stages + 1)):
+            logger.info("All %d stages of %s are finished in %s; nothing to do.", num_stages, recipe.name,
+                        paths.output_dir)
+            return paths.output_dir
+        logger.info("Plan:\n%s", plan_text(recipe, teacher_config))
 
-    run = start_run(recipe, paths)
-    stages = zip(recipe.stage_configs(run.teacher.config), recipe.stage_steps(world_size()))
-    for i, (stage_config, max_steps) in enumerate(stages, start=1):
-        if on_stage_start is not None:
-            on_stage_start(i, num_stages)
-        if is_finished_stage(paths.stage(i)):
-            run.skip_finished_stage(i, num_stages)
-            continue
-        stage = StageRunner(run, i, stage_config, max_steps, num_stages)
-        stage.load_parent()      # the previous stage's model (the teacher for stage 1)
-        stage.score()            # Eq. 2-4 against the original teacher
-        stage.prune()            # one-shot to the stage size
-        stage.distill()          # top-k KD from the original teacher
-        stage.save()             # a complete Hub-ready repository under .stage-i.tmp/
-        stage.card()
-        stage.move_into_place()  # .stage-i.tmp/ -> stage-i/
-        stage.push()
-        stage.finish()
-    if run.is_main:
-        write_json(paths.trajectory, run.trajectory)
+        run = start_run(recipe, paths, args, record, reuse_stale=reuse_stale)
+        stages = zip(recipe.stage_configs(run.teacher.config), recipe.stage_steps(world_size()))
+        for i, (stage_config, max_steps) in enumerate(stages, start=1):
+            if on_stage_start is not None:
+                on_stage_start(i, num_stages)
+            if is_finished_stage(paths.stage(i)):
+                run.skip_finished_stage(i, num_stages)
+                continue
+            stage = StageRunner(run, i, stage_config, max_steps, num_stages)
+            stage.load_parent()      # the previous stage's model (the teacher for stage 1)
+            stage.score()            # Eq. 2-4 against the original teacher
+            stage.prune()            # one-shot to the stage size
+            stage.distill()          # KD (distillation.kd_loss) from the original teacher
+            stage.save()             # a complete Hub-ready repository under .stage-i.tmp/
+            stage.card()
+            stage.move_into_place()  # .stage-i.tmp/ -> stage-i/
+            stage.push()
+            stage.finish()
+        if run.is_main:
+            write_json(paths.trajectory, run.trajectory)
     return paths.output_dir
 
 
@@ -683,13 +769,11 @@ def dataset_ids(recipe: Recipe) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def write_card(stage_dir: str) -> None:
-    try:
-        from .hub import write_model_card
-    except ImportError:
-        logger.warning("hf_slimmoe.hub is not available: %s has no model card.", stage_dir)
-        return
-    write_model_card(stage_dir)
+def write_card(stage_dir: str, final_dir: str) -> None:
+    """The card of a stage written in `stage_dir` (its temporary name); its usage snippet loads from `final_dir`."""
+    from .hub import write_model_card
+
+    write_model_card(stage_dir, local_dir=final_dir)
 
 
 def publish(stage_dir: str, recipe: Recipe) -> None:

@@ -14,7 +14,8 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
     early_stopping: patience and min_delta on eval KL (never applied to the final stage)
     scoring:        sensitivity criterion, top_k, batch size
     prune:          streaming (cut the parent checkpoint on disk tensor by tensor instead of in memory)
-    distillation:   top_k, temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size, cache_teacher
+    distillation:   kd_loss, kd_samples, top_k, temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size,
+                    cache_teacher
     training:       any `transformers.TrainingArguments` field (optimizer, schedule, batch, logging ...)
     iterative:      the iterative-pruning baseline's mask schedule
     hub:            push_to_hub, repo_id, layout, private (see `hf_slimmoe.hub.HubSettings`)
@@ -146,13 +147,19 @@ class PruneSettings:
 
 @dataclass
 class DistillationSettings:
+    """The KD objective (see `DistillationConfig`): `kd_loss` "sampled" (the default: `kd_samples` teacher draws per
+    token, unbiased), "topk_tail", "topk" (the paper's Eq. 3) or "full" (online teacher only). With `cache_teacher`
+    the train cache is the kind the loss reads (samples or top-k); the eval cache is always the top-k."""
+
+    kd_loss: Literal["sampled", "topk_tail", "topk", "full"] = "sampled"
+    kd_samples: int = 8
     top_k: int = 8
     temperature: float = 1.0
     renormalize: bool = False
     aux_loss_coef: float = 0.0
     ce_weight: float = 0.0
     kd_chunk_size: int | None = None
-    cache_teacher: bool = False  # cache the teacher's top-k once under OUTPUT_DIR/teacher_cache/
+    cache_teacher: bool = False  # cache what the loss reads from the teacher once under OUTPUT_DIR/teacher_cache/
 
 
 @dataclass
@@ -388,6 +395,20 @@ def _check_training(training: dict[str, Any]) -> None:
         training["learning_rate"] = lr
 
 
+def _check_distillation(k: DistillationSettings) -> None:
+    _positive(k.kd_samples, "distillation.kd_samples")
+    if k.kd_loss == "full" and k.cache_teacher:
+        raise ValueError("distillation.kd_loss: full computes the full-vocabulary KL from the teacher's logits, so it "
+                         "needs the teacher online: set distillation.cache_teacher: false, or use kd_loss: sampled.")
+    if k.renormalize and k.kd_loss != "topk":
+        raise ValueError(f"distillation.renormalize applies to kd_loss: topk only, not {k.kd_loss}.")
+    _positive(k.top_k, "distillation.top_k")
+    _positive(k.temperature, "distillation.temperature")
+    _positive(k.aux_loss_coef, "distillation.aux_loss_coef", allow_zero=True)
+    _positive(k.ce_weight, "distillation.ce_weight", allow_zero=True)
+    _positive(k.kd_chunk_size, "distillation.kd_chunk_size")
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Check the values of a parsed recipe against each other; raise ValueError naming the key."""
     if not recipe.name:
@@ -447,12 +468,7 @@ def validate(recipe: Recipe) -> Recipe:
                          "set or set early_stopping.enabled: false.")
     _positive(recipe.scoring.top_k, "scoring.top_k")
     _positive(recipe.scoring.batch_size, "scoring.batch_size")
-    k = recipe.distillation
-    _positive(k.top_k, "distillation.top_k")
-    _positive(k.temperature, "distillation.temperature")
-    _positive(k.aux_loss_coef, "distillation.aux_loss_coef", allow_zero=True)
-    _positive(k.ce_weight, "distillation.ce_weight", allow_zero=True)
-    _positive(k.kd_chunk_size, "distillation.kd_chunk_size")
+    _check_distillation(recipe.distillation)
     _positive(recipe.iterative.mask_every_steps, "iterative.mask_every_steps")
     f = recipe.iterative.target_fraction
     if f is not None and not 0 < f <= 1:
@@ -500,8 +516,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     with open(path, encoding="utf-8") as f:
         try:
             values = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # a binary file fails to decode as UTF-8
+            raise ValueError(f"{path} is not a valid YAML text file: {e}") from None
     try:
         return recipe_from_dict(values, source=os.path.abspath(path))
     except ValueError as e:

@@ -10,6 +10,7 @@ checkpoint's `config.json` when it can be read.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,12 +19,14 @@ import torch
 
 from .architectures import config_from_dict, count_parameters, get_architecture, new_model
 from .data import TokenCollator, load_blocks, source_files
-from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path
+from .outputs import differences
+from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, recipe_to_dict
 from .schedule import human_count
 from .tokenization import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
+BUILD_RECORD = "build.json"  # in a built teacher's directory: the settings it was built with (`build_settings`)
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                        "head_dim")  # + the family's expert width, expert count and top-k fields
 
@@ -66,15 +69,48 @@ def is_built_teacher(directory: str) -> bool:
             and os.path.isfile(os.path.join(directory, "tokenizer.json")))
 
 
-def build_teacher(recipe: Recipe, directory: str) -> str:
-    """Make the tiny local teacher of `teacher.build` in `directory` (once; reused when complete) and return it.
+def build_settings(recipe: Recipe) -> dict:
+    """Everything a built teacher depends on: `teacher.build`, the data it is pre-trained on (`data.train`,
+    `block_size`, `train_blocks`), the seed, and whether it trains on the CPU."""
+    values = recipe_to_dict(recipe)
+    return {"build": values["teacher"]["build"],
+            "data": {k: values["data"][k] for k in ("train", "block_size", "train_blocks")},
+            "seed": recipe.seed, "use_cpu": bool(recipe.training.get("use_cpu", False))}
+
+
+def read_build_record(directory: str) -> dict | None:
+    """The build settings a built teacher recorded (None when it records none)."""
+    path = os.path.join(directory, BUILD_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def build_differences(recipe: Recipe, directory: str) -> list[str]:
+    """How the teacher built in `directory` differs from the one `recipe` builds (empty when they match)."""
+    recorded = read_build_record(directory)
+    if recorded is None:
+        return [f"{directory}/{BUILD_RECORD}: missing (the teacher there records no build settings)"]
+    return [f"built teacher {d}" for d in differences(recorded, build_settings(recipe))]
+
+
+def build_teacher(recipe: Recipe, directory: str, reuse_stale: bool = False) -> str:
+    """Make the tiny local teacher of `teacher.build` in `directory` (once) and return it.
 
     A byte-level BPE tokenizer is trained on `teacher.build.tokenizer_files`, a model of the family of
     `teacher.build.config` (`model_type`; SlimMoE by default) is initialised with it (seeded by `seed`) and trained
-    for `pretrain_steps` with the causal LM loss on `data.train`, so that distilling from it is meaningful.
+    for `pretrain_steps` with the causal LM loss on `data.train`, so that distilling from it is meaningful. The
+    settings are recorded in `build.json`; a teacher built earlier is reused when they match, and refused with the
+    differences named otherwise (unless `reuse_stale`).
     """
 
     if is_built_teacher(directory):
+        found = build_differences(recipe, directory)
+        if found and not reuse_stale:
+            raise ValueError(f"{directory} holds a teacher built with other settings ({'; '.join(found[:6])}); "
+                             "remove it, or re-run with --overwrite to start fresh.")
         logger.info("Using the teacher built earlier in %s", directory)
         return directory
     b = recipe.teacher.build
@@ -98,6 +134,8 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
         model.to("cpu")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, BUILD_RECORD), "w", encoding="utf-8") as f:
+        json.dump(build_settings(recipe), f, indent=2)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     logger.info("Saved the built teacher (%s parameters) to %s", human_count(count_parameters(config)[0]), directory)
@@ -157,4 +195,5 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False):
     return actual
 
 
-__all__ = ["build_teacher", "read_teacher_config", "teacher_paths", "pretrain", "is_built_teacher"]
+__all__ = ["build_teacher", "build_settings", "build_differences", "read_teacher_config", "teacher_paths", "pretrain",
+           "is_built_teacher", "BUILD_RECORD"]

@@ -83,6 +83,115 @@ def test_topk_errors():
         topk_kl_loss(h, w[:10], b[:10], ids, logprobs, mask)
 
 
+def _naive_log_q(h, w, b, temperature):
+    return torch.log_softmax((h.double() @ w.double().t() + (0 if b is None else b.double())) / temperature, -1)
+
+
+def _naive_tail_kl(h, w, b, ids, logprobs, mask, temperature=1.0):
+    logq = _naive_log_q(h, w, b, temperature)
+    p_log = logprobs.double()
+    p = p_log.exp()
+    rest_mask = torch.ones_like(logq, dtype=torch.bool).scatter(-1, ids, False)
+    log_q_rest = torch.logsumexp(logq.masked_fill(~rest_mask, float("-inf")), -1)
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    per_token = (p * (p_log - logq.gather(-1, ids))).sum(-1) + torch.where(
+        p_rest > 0, p_rest * (p_rest.clamp(min=1e-300).log() - log_q_rest), torch.zeros_like(p_rest))
+    return per_token[mask].mean()
+
+
+def _assert_loss_and_grads(loss, ref, inputs, atol=1e-5):
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True)
+    ref_grads = torch.autograd.grad(ref, inputs, retain_graph=True)
+    torch.testing.assert_close(loss.double(), ref.double(), atol=atol, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("top_k", [1, 8])
+def test_topk_tail_loss_matches_naive_values_and_gradients(temperature, top_k):
+    from hf_slimmoe.distillation import topk_tail_kl_loss
+
+    h, w, b, teacher_logits, mask = _problem(dtype=torch.float32)
+    ids, logprobs = teacher_topk(teacher_logits, top_k, temperature)
+    loss = topk_tail_kl_loss(h, w, b, ids, logprobs, mask, temperature=temperature, chunk_size=5)
+    _assert_loss_and_grads(loss, _naive_tail_kl(h, w, b, ids, logprobs, mask, temperature), (h, w, b))
+
+
+def test_topk_tail_loss_with_k_equal_to_the_vocabulary_is_the_full_kl():
+    from hf_slimmoe.distillation import topk_tail_kl_loss
+
+    h, w, b, teacher_logits, mask = _problem(dtype=torch.float32)
+    ids, logprobs = teacher_topk(teacher_logits, teacher_logits.size(-1))
+    loss = topk_tail_kl_loss(h, w, b, ids, logprobs, mask, chunk_size=7)
+    logq, logp = _naive_log_q(h, w, b, 1.0), torch.log_softmax(teacher_logits.double(), -1)
+    full = torch.nn.functional.kl_div(logq[mask], logp[mask], log_target=True, reduction="batchmean")
+    _assert_loss_and_grads(loss, full, (h, w, b))
+
+
+def test_topk_tail_loss_is_zero_with_zero_gradient_at_the_teacher():
+    from hf_slimmoe.distillation import topk_tail_kl_loss
+
+    h, w, b, _, mask = _problem(dtype=torch.float32)
+    with torch.no_grad():
+        ids, logprobs = teacher_topk(h @ w.t() + b, 4)  # the student itself is the teacher
+    loss = topk_tail_kl_loss(h, w, b, ids, logprobs, mask)
+    grad = torch.autograd.grad(loss, h)[0]
+    assert abs(loss.item()) < 1e-5 and grad.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_loss_matches_naive_values_and_gradients_with_repeated_draws(temperature):
+    from hf_slimmoe.distillation import sampled_kd_loss
+
+    h, w, b, _, mask = _problem(dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 6, (h.size(0), 8), generator=g)  # a small range: most rows repeat some ids
+    assert any(len(set(row.tolist())) < 8 for row in ids)
+    loss = sampled_kd_loss(h, w, b, ids, mask, temperature=temperature, chunk_size=4)
+    ref = -_naive_log_q(h, w, b, temperature).gather(-1, ids).mean(-1)[mask].mean()
+    _assert_loss_and_grads(loss, ref, (h, w, b))
+
+
+def test_teacher_samples_follow_the_teacher_distribution_and_many_samples_give_the_full_gradient():
+    from hf_slimmoe.distillation import sampled_kd_loss, teacher_samples_from_hidden
+
+    h, w, b, _, _ = _problem(n_tokens=6, vocab=30, dtype=torch.float32)
+    teacher_head = torch.nn.Linear(16, 30)
+    torch.nn.init.normal_(teacher_head.weight, std=0.3)
+    teacher_hidden = torch.randn(6, 16, generator=torch.Generator().manual_seed(7))
+    uniforms = torch.rand(6, 20000, generator=torch.Generator().manual_seed(8))
+    ids = teacher_samples_from_hidden(teacher_hidden, teacher_head, uniforms, chunk_size=4)  # (6, 20000)
+    p = torch.softmax(teacher_head(teacher_hidden).detach().double(), -1)  # (6, 30)
+    freq = torch.zeros_like(p).scatter_add_(-1, ids, torch.ones_like(ids, dtype=p.dtype)) / ids.size(-1)
+    assert (freq - p).abs().max() < 0.015
+    # the same uniforms in another chunking and batch give the same draws
+    torch.testing.assert_close(teacher_samples_from_hidden(teacher_hidden[2:], teacher_head, uniforms[2:]), ids[2:])
+    sampled = sampled_kd_loss(h, w, b, ids, chunk_size=4)
+    full_ce = -(p * _naive_log_q(h, w, b, 1.0)).sum(-1).mean()
+    got, want = torch.autograd.grad(sampled, (h, w)), torch.autograd.grad(full_ce, (h, w))
+    for g_, w_ in zip(got, want):
+        assert (g_.double() - w_).norm() < 0.05 * w_.norm()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_kl_loss_matches_naive_values_and_gradients(temperature):
+    from hf_slimmoe.distillation import full_kl_loss
+
+    h, w, b, _, mask = _problem(dtype=torch.float32)
+    g = torch.Generator().manual_seed(9)
+    teacher_hidden = torch.randn(h.size(0), 12, generator=g)  # another hidden size than the student's
+    teacher_w, teacher_b = torch.randn(w.size(0), 12, generator=g), torch.randn(w.size(0), generator=g)
+    loss = full_kl_loss(h.view(1, -1, 16), w, b, teacher_hidden.view(1, -1, 12), teacher_w, teacher_b,
+                        mask.view(1, -1), temperature=temperature, chunk_size=6)
+    logp = torch.log_softmax((teacher_hidden.double() @ teacher_w.double().t() + teacher_b.double()) / temperature, -1)
+    logq = _naive_log_q(h, w, b, temperature)
+    ref = (logp.exp() * (logp - logq)).sum(-1)[mask].mean()
+    _assert_loss_and_grads(loss, ref, (h, w, b))
+    with pytest.raises(ValueError, match="vocabulary"):
+        full_kl_loss(h, w, b, teacher_hidden, teacher_w[:10], teacher_b[:10], mask)
+
+
 # ------------------------------------------------------------------------------------------ trainer and cache
 import copy  # noqa: E402
 
@@ -93,6 +202,7 @@ from hf_slimmoe.distillation import (  # noqa: E402
     DistillationCollator,
     DistillationConfig,
     DistillationTrainer,
+    cache_teacher_samples,
     cache_teacher_topk,
 )
 
@@ -118,7 +228,7 @@ def _teacher(seed=0):
 def _pruned_student(teacher):
     from hf_slimmoe.pruning import SensitivityScores
 
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher).requires_grad_(True)  # a trainer freezes its teacher: the copy must not be
     cfg = teacher.config
     g = torch.Generator().manual_seed(3)
     scores = SensitivityScores(
@@ -139,7 +249,7 @@ def _token_dataset(num_rows=24, seed=1):
 def _args(tmp_path, **overrides):
     values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
                   report_to=[], save_strategy="no", use_cpu=True, learning_rate=3e-3, logging_steps=5,
-                  disable_tqdm=True)
+                  disable_tqdm=True, kd_loss="topk")  # the top-k caches below are read by kd_loss="topk"
     values.update(overrides)
     return DistillationConfig(**values)
 
@@ -158,16 +268,28 @@ def test_cached_and_online_teacher_give_the_same_loss(tmp_path):
     torch.testing.assert_close(loss_online, loss_cached, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_accumulation_matches_the_big_batch(tmp_path):
+def _cache(teacher, dataset, kd_loss, **kwargs):
+    """The teacher cache `kd_loss` reads (`None` for "full": online only)."""
+    if kd_loss == "full":
+        return None
+    if kd_loss == "sampled":
+        return cache_teacher_samples(teacher, dataset, num_samples=8, **kwargs)
+    return cache_teacher_topk(teacher, dataset, top_k=8, **kwargs)
+
+
+@pytest.mark.parametrize("kd_loss", ["sampled", "topk_tail", "topk", "full"])
+def test_gradient_accumulation_matches_the_big_batch(tmp_path, kd_loss):
     teacher = _teacher()
-    ds = cache_teacher_topk(teacher, _token_dataset(8), top_k=8)
+    ds = _cache(teacher, _token_dataset(8), kd_loss)
+    online = teacher if ds is None else None
+    ds = ds if ds is not None else _token_dataset(8)
     params = []
     for batch_size, accumulation in ((8, 1), (4, 2), (2, 4)):
         student = _pruned_student(teacher)
         args = _args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
                      max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, aux_loss_coef=0.0,
-                     ce_weight=0.5, lr_scheduler_type="constant")
-        DistillationTrainer(model=student, args=args, train_dataset=ds).train()
+                     ce_weight=0.5, lr_scheduler_type="constant", kd_loss=kd_loss)
+        DistillationTrainer(model=student, teacher_model=online, args=args, train_dataset=ds).train()
         params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     torch.testing.assert_close(params[1], params[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(params[2], params[0], atol=1e-5, rtol=1e-5)
@@ -239,6 +361,162 @@ def test_bad_inputs_fail_before_training(tmp_path):
         cache_teacher_topk(teacher, ds, top_k=VOCAB + 1)
 
 
+@pytest.mark.parametrize("kd_loss", ["sampled", "topk_tail", "topk"])
+def test_cached_and_online_teacher_give_the_same_loss_for_each_kd_loss(tmp_path, kd_loss):
+    teacher = _teacher()
+    student = _pruned_student(teacher)
+    ds = _token_dataset(8)
+    cached = _cache(teacher, ds, kd_loss, batch_size=8)
+    args = _args(tmp_path, kd_loss=kd_loss)
+    online = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds)
+    offline = DistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=cached)
+    collator = DistillationCollator()
+    loss_online = online.compute_loss(student, collator([ds[i] for i in range(8)]))
+    loss_cached = offline.compute_loss(student, collator([cached[i] for i in range(8)]))
+    torch.testing.assert_close(loss_online, loss_cached, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kd_loss", ["sampled", "full"])
+def test_distilling_with_an_unbiased_loss_lowers_the_full_kl(tmp_path, kd_loss):
+    teacher = _teacher()
+    student = _pruned_student(teacher)
+    train = _token_dataset(320, seed=5)  # 40 steps of 8 rows: one epoch, each cached draw is seen once
+    cached = _cache(teacher, train, kd_loss, batch_size=16)
+    held_out = cache_teacher_topk(teacher, _token_dataset(16, seed=2), top_k=8, batch_size=16)
+    args = _args(tmp_path, max_steps=40, per_device_train_batch_size=8, learning_rate=1e-3, kd_loss=kd_loss)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=cached if cached is not None else train, eval_dataset=held_out)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_full_kl"] < 0.85 * before["eval_full_kl"]
+    assert after["eval_kl"] < before["eval_kl"]
+
+
+def test_eval_full_kl_equals_the_tail_kl_when_k_is_the_vocabulary(tmp_path):
+    teacher = _teacher()
+    student = _pruned_student(teacher)
+    held_out = _token_dataset(8, seed=2)
+    metrics = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, top_k=VOCAB),
+                                  eval_dataset=held_out).evaluate()
+    assert metrics["eval_full_kl"] > 0.01
+    assert metrics["eval_full_kl"] == pytest.approx(metrics["eval_kl"], rel=1e-4)
+    no_teacher = DistillationTrainer(model=student, args=_args(tmp_path),
+                                     eval_dataset=cache_teacher_topk(teacher, held_out, top_k=8)).evaluate()
+    assert "eval_full_kl" not in no_teacher
+
+
+def test_teacher_samples_are_the_same_in_any_batch_shard_order_or_resume(tmp_path):
+    teacher = _teacher()
+    ds = _token_dataset(12)
+    reference = cache_teacher_samples(teacher, ds, num_samples=4, batch_size=12)
+    assert reference.features["teacher_sample_ids"].feature.feature.dtype == "uint16"
+    ids = reference["teacher_sample_ids"]
+    assert all(len(row) == len(tokens) and all(len(s) == 4 for s in row) for row, tokens in zip(ids, ds["input_ids"]))
+    flaky = _FlakyTeacher(teacher, fail_on=3)  # shards of 4 rows = 2 batches: shard 0 is done
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher_samples(flaky, ds, num_samples=4, batch_size=2, shard_size=4, output_dir=tmp_path / "cache")
+    resumed = _FlakyTeacher(teacher)
+    result = cache_teacher_samples(resumed, ds, num_samples=4, batch_size=3, shard_size=4,
+                                   output_dir=tmp_path / "cache")
+    assert resumed.calls == 4 and result["teacher_sample_ids"] == ids  # 2 shards of 2 batches of 3 rows
+    rows = [5, 1, 7]  # another rank's rows, in another order
+    subset = cache_teacher_samples(teacher, ds.select(rows), num_samples=4, batch_size=2)
+    assert subset["teacher_sample_ids"] == [ids[i] for i in rows]
+    assert cache_teacher_samples(teacher, ds, num_samples=4, seed=1)["teacher_sample_ids"] != ids
+
+
+def test_teacher_fingerprint_follows_the_weights_not_the_dtype_or_runtime_flags(tmp_path):
+    from hf_slimmoe.distillation import teacher_fingerprint
+
+    teacher = _teacher()
+    before = teacher_fingerprint(teacher)
+    held_out = cache_teacher_topk(teacher, _token_dataset(4), top_k=8)
+    DistillationTrainer(model=teacher, teacher_model=teacher, args=_args(tmp_path), eval_dataset=held_out).evaluate()
+    assert teacher_fingerprint(teacher) == before  # the Trainer sets config.use_cache = False
+    assert teacher_fingerprint(copy.deepcopy(teacher).to(torch.bfloat16)) == before
+    changed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.experts.down_proj[0, 0, 0] += 0.5
+    assert teacher_fingerprint(changed) != before and teacher_fingerprint(_teacher(seed=1)) != before
+
+
+def test_teacher_samples_of_a_large_vocabulary_are_int32():
+    big = SlimMoeForCausalLM(_tiny_config(vocab_size=70_000, hidden_size=16, intermediate_size=16,
+                                          num_hidden_layers=1)).eval()
+    cached = cache_teacher_samples(big, _token_dataset(2), num_samples=2)
+    assert cached.features["teacher_sample_ids"].feature.feature.dtype == "int32"
+
+
+def test_a_cache_is_refused_for_another_loss_teacher_s_or_temperature(tmp_path):
+    teacher, other = _teacher(), _teacher(seed=1)
+    student = _pruned_student(teacher)
+    ds = _token_dataset(6)
+    samples = cache_teacher_samples(teacher, ds, num_samples=4)
+    topk = cache_teacher_topk(teacher, ds, top_k=4)
+
+    def trainer(train, teacher_model=None, model=student, **overrides):
+        return DistillationTrainer(model=model, teacher_model=teacher_model, args=_args(tmp_path, **overrides),
+                                   train_dataset=train)
+
+    with pytest.raises(ValueError, match="samples cache \\(made for kd_loss 'sampled'.*kd_loss='topk'"):
+        trainer(samples, kd_loss="topk", top_k=4)
+    with pytest.raises(ValueError, match="topk cache \\(made for kd_loss 'topk'.*kd_loss='sampled'"):
+        trainer(topk, kd_loss="sampled", kd_samples=4)
+    with pytest.raises(ValueError, match="S=4 draws per position but kd_samples=8"):
+        trainer(samples, kd_loss="sampled", kd_samples=8)
+    with pytest.raises(ValueError, match="temperature=1.0 but temperature=2.0"):
+        trainer(samples, kd_loss="sampled", kd_samples=4, temperature=2.0)
+    with pytest.raises(ValueError, match="made by [0-9a-f]{16}, not by this teacher [0-9a-f]{16}"):
+        trainer(samples, teacher_model=other, kd_loss="sampled", kd_samples=4)
+    trainer(samples, teacher_model=teacher, kd_loss="sampled", kd_samples=4)  # its own teacher: accepted
+    bigger = SlimMoeForCausalLM(_tiny_config(vocab_size=VOCAB + 4))  # issue 15: a student of a larger vocabulary
+    with pytest.raises(ValueError, match=f"vocabulary of {VOCAB} tokens but the student's has {VOCAB + 4}"):
+        trainer(samples, model=bigger, kd_loss="sampled", kd_samples=4)
+    with pytest.raises(ValueError, match="kd_loss='full'.*online"):
+        trainer(topk, kd_loss="full")
+    with pytest.raises(ValueError, match="renormalize=True applies to kd_loss='topk' only"):
+        trainer(topk, kd_loss="topk_tail", renormalize=True)
+    cache_teacher_samples(teacher, ds, num_samples=4, output_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="made by [0-9a-f]{16}, not by this teacher [0-9a-f]{16}"):
+        cache_teacher_samples(other, ds, num_samples=4, output_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="num_samples=4, not num_samples=8"):
+        cache_teacher_samples(teacher, ds, num_samples=8, output_dir=tmp_path / "cache")
+    cache_teacher_topk(teacher, ds, top_k=4, output_dir=tmp_path / "topk")
+    with pytest.raises(ValueError, match="top_k=4, not top_k=8"):
+        cache_teacher_topk(teacher, ds, top_k=8, output_dir=tmp_path / "topk")
+
+
+@pytest.mark.parametrize("bf16_autocast", [False, True])
+def test_a_bf16_student_trains_fp32_master_weights_and_is_saved_in_bf16(tmp_path, bf16_autocast):
+    import json
+
+    teacher = _teacher()
+    student = _pruned_student(teacher).to(torch.bfloat16)
+    initial = {name: p.detach().clone() for name, p in student.named_parameters()}
+    train = cache_teacher_samples(teacher, _token_dataset(64), num_samples=8)
+    # Adam moves every weight by about lr = 2e-5 per step: below half of bf16's spacing (>= 3e-5) for |w| >= 2**-7,
+    # so bf16 parameters would never move there (0 of them do); float32 master weights accumulate the steps
+    args = _args(tmp_path, kd_loss="sampled", max_steps=15, learning_rate=2e-5, lr_scheduler_type="constant",
+                 weight_decay=0.0, bf16=bf16_autocast, logging_steps=15)
+    bf16_teacher = copy.deepcopy(teacher).to(torch.bfloat16)  # evaluation only (the pipeline's teacher point): as is
+    DistillationTrainer(model=bf16_teacher, teacher_model=bf16_teacher, args=args, eval_dataset=train)
+    assert {p.dtype for p in bf16_teacher.parameters()} == {torch.bfloat16}
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=train)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = SlimMoeForCausalLM.from_pretrained(tmp_path / "saved", dtype="auto")
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+    moved, coarse = 0, 0
+    for name, p in saved.named_parameters():
+        large = initial[name].float().abs() >= 2**-7  # where one bf16 step rounds away
+        coarse += int(large.sum())
+        moved += int((p[large] != initial[name][large]).sum())
+    assert coarse > 1000 and moved > 0.1 * coarse
+
+
 class _FlakyTeacher(torch.nn.Module):
     """Counts forwards of the wrapped teacher's backbone and fails on the chosen call."""
 
@@ -296,9 +574,9 @@ def test_cache_teacher_and_distill_commands_under_torchrun(tmp_path):
     _pruned_student(teacher).save_pretrained(tmp_path / "student")
     _token_dataset(32, seed=1).save_to_disk(str(tmp_path / "train"))
     _token_dataset(8, seed=2).save_to_disk(str(tmp_path / "held_out"))
-    for split in ("train", "held_out"):
+    for split, kind in (("train", ["--kd-loss", "sampled", "--num-samples", "8"]), ("held_out", [])):
         assert slimmoe_main(["cache-teacher", str(tmp_path / "teacher"), str(tmp_path / split),
-                             str(tmp_path / f"{split}_cache"), "--top-k", "8", "--shard-size", "16"]) == 0
+                             str(tmp_path / f"{split}_cache"), "--top-k", "8", "--shard-size", "16"] + kind) == 0
     (tmp_path / "distill.yaml").write_text(
         f"student: {tmp_path / 'student'}\ndataset: {tmp_path / 'train_cache'}\n"
         f"eval_dataset: {tmp_path / 'held_out_cache'}\noutput_dir: {tmp_path / 'distilled'}\n"
@@ -339,18 +617,26 @@ _DDP_WORKER = """
 import os, sys, torch
 sys.path.insert(0, {tests_dir!r})
 from test_distillation import _args, _pruned_student, _teacher, _token_dataset
-from hf_slimmoe.distillation import DistillationTrainer, cache_teacher_topk
+from hf_slimmoe.distillation import DistillationTrainer, cache_teacher_samples, cache_teacher_topk
 import pathlib
 teacher = _teacher()
-student = _pruned_student(teacher)
-initial = torch.cat([p.detach().flatten() for p in student.parameters()]).clone()
 train = cache_teacher_topk(teacher, _token_dataset(32), top_k=8)
-args = _args(pathlib.Path({out!r}), max_steps=3, aux_loss_coef=0.01, logging_steps=1)
-trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train)
-trainer.train()
-final = torch.cat([p.detach().flatten() for p in student.parameters()])
-torch.save({{"wrapper": type(trainer.model_wrapped).__name__, "initial": initial, "final": final}},
-           os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+samples = cache_teacher_samples(teacher, _token_dataset(32), num_samples=8)
+results = {{}}
+# (kd_loss, teacher, data): top-k losses read the top-k cache, "sampled" draws online, "sampled-cached" reads the
+# samples cache without a teacher, "full" runs the teacher online
+for name, kd_loss, online, data in (("topk", "topk", teacher, train), ("topk_tail", "topk_tail", teacher, train),
+                                    ("sampled", "sampled", teacher, train),
+                                    ("sampled-cached", "sampled", None, samples), ("full", "full", teacher, train)):
+    student = _pruned_student(teacher)
+    initial = torch.cat([p.detach().flatten() for p in student.parameters()]).clone()
+    args = _args(pathlib.Path({out!r}) / name, max_steps=3, aux_loss_coef=0.01, logging_steps=1, kd_loss=kd_loss)
+    trainer = DistillationTrainer(model=student, teacher_model=online, args=args, train_dataset=data)
+    trainer.train()
+    final = torch.cat([p.detach().flatten() for p in student.parameters()])
+    results[name] = {{"wrapper": type(trainer.model_wrapped).__name__, "initial": initial, "final": final}}
+torch.save(results, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+torch.distributed.destroy_process_group()  # its gloo threads must not outlive the interpreter (exit status 0)
 """
 
 
@@ -364,9 +650,24 @@ def test_ddp_ranks_stay_in_sync(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert ranks[0]["wrapper"] == "DistributedDataParallel"
-    assert not torch.equal(ranks[0]["final"], ranks[0]["initial"])
-    torch.testing.assert_close(ranks[0]["final"], ranks[1]["final"], atol=0, rtol=0)
+    assert set(ranks[0]) == {"topk", "topk_tail", "sampled", "sampled-cached", "full"}
+    for name, rank0 in ranks[0].items():
+        assert rank0["wrapper"] == "DistributedDataParallel", name
+        assert not torch.equal(rank0["final"], rank0["initial"]), name
+        torch.testing.assert_close(rank0["final"], ranks[1][name]["final"], atol=0, rtol=0, msg=name)
+
+
+def test_online_samples_are_drawn_afresh_every_epoch(tmp_path):
+    teacher = _teacher()
+    ds = _token_dataset(4)
+    trainer = DistillationTrainer(model=_pruned_student(teacher), teacher_model=teacher,
+                                  args=_args(tmp_path, kd_loss="sampled"), train_dataset=ds)
+    batch = DistillationCollator()([ds[i] for i in range(4)])
+    first = trainer._teacher_targets(batch)["samples"]
+    cached = cache_teacher_samples(teacher, ds, num_samples=8, batch_size=4)
+    assert first.tolist() == DistillationCollator()([cached[i] for i in range(4)])["teacher_sample_ids"].tolist()
+    trainer.state.epoch = 1.0
+    assert not torch.equal(trainer._teacher_targets(batch)["samples"], first)
 
 
 def test_distill_command_with_online_teacher_and_bad_yaml(tmp_path, capsys):
@@ -375,7 +676,7 @@ def test_distill_command_with_online_teacher_and_bad_yaml(tmp_path, capsys):
     _pruned_student(teacher).save_pretrained(tmp_path / "student")
     _token_dataset(8).save_to_disk(str(tmp_path / "train"))
     common = ["distill", "--student", str(tmp_path / "student"), "--dataset", str(tmp_path / "train"),
-              "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none",
+              "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none", "--kd_loss", "topk",
               "--save_strategy", "no", "--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
     assert slimmoe_main(common + ["--max_steps", "2", "--teacher_model_name_or_path", str(tmp_path / "teacher")]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()

@@ -40,7 +40,7 @@ def _config(tmp_path, **kwargs) -> SFTDistillationConfig:
     values = dict(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=8,
                   per_device_eval_batch_size=8, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
                   bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no", use_cpu=True,
-                  max_length=96, seed=0, dataloader_num_workers=0)
+                  max_length=96, seed=0, dataloader_num_workers=0, kd_loss="topk")  # the tests below: the top-k KD
     values.update(kwargs)
     return SFTDistillationConfig(**values)
 
@@ -136,6 +136,43 @@ def test_cached_teacher_equals_online_and_is_validated(tiny, tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[1] == pytest.approx(losses[2], abs=1e-6)
     with pytest.raises(ValueError, match="other data"):  # a different formatting gives different rows
         _trainer(tiny, tmp_path, teacher=False, teacher_cache_dir=cache_dir, max_length=32)
+
+
+@pytest.mark.parametrize("kd_loss", ["sampled", "topk_tail", "full"])
+def test_every_kd_loss_trains_online_and_the_cached_ones_equal_online(tiny, tmp_path, kd_loss):
+    online = _trainer(tiny, tmp_path, kd_loss=kd_loss)
+    online.model.eval()
+    loss = online.compute_loss(online.model, _first_batch(online))
+    loss.backward()
+    assert loss.item() > 0 and online.model.lm_head.weight.grad.abs().sum() > 0
+    if kd_loss == "full":
+        with pytest.raises(ValueError, match="kd_loss='full' needs the teacher online"):
+            _config(tmp_path, kd_loss="full", teacher_cache_dir=str(tmp_path / "cache"))
+        return
+    cache_dir = str(tmp_path / f"cache-{kd_loss}")
+    _trainer(tiny, tmp_path, kd_loss=kd_loss, teacher_cache_dir=cache_dir)  # makes the cache
+    cached = _trainer(tiny, tmp_path, teacher=False, kd_loss=kd_loss, teacher_cache_dir=cache_dir)
+    cached.model.eval()
+    assert cached.compute_loss(cached.model, _first_batch(cached)).item() == pytest.approx(loss.item(), abs=1e-5)
+    other = "topk" if kd_loss == "sampled" else "sampled"
+    with pytest.raises(ValueError, match=f"kd_loss='{other}'"):  # a cache made for another loss is refused
+        _trainer(tiny, tmp_path, teacher=False, kd_loss=other, teacher_cache_dir=cache_dir)
+
+
+def test_a_bf16_student_trains_fp32_master_weights_and_is_saved_in_bf16(tiny, tmp_path):
+    import json
+
+    trainer = SFTDistillationTrainer(
+        model=SlimMoeForCausalLM.from_pretrained(tiny["student"], dtype=torch.bfloat16),
+        teacher_model=SlimMoeForCausalLM.from_pretrained(tiny["teacher"], dtype=torch.bfloat16),
+        args=_config(tmp_path, max_steps=2, kd_loss="sampled"), train_dataset=tiny["sft"],
+        processing_class=tiny["tokenizer"])
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = SlimMoeForCausalLM.from_pretrained(tmp_path / "saved", dtype="auto")
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
 
 
 def test_clear_errors_before_training(tiny, tmp_path):

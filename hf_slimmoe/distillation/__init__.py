@@ -1,9 +1,26 @@
-"""Distillation for SlimMoE: the chunked top-k KD loss, the distillation trainer and the teacher top-k cache."""
+"""Distillation for SlimMoE: the chunked KD losses, the distillation trainer, the teacher caches (top-k, samples)."""
 
 from .config import DistillationConfig
 from ..modeling_utils import teacher_topk, teacher_topk_from_hidden, teacher_topk_from_model
-from .losses import chunked_cross_entropy, topk_kl_loss, topk_tail_kl
-from .teacher_cache import cache_teacher_topk, check_teacher_cache, input_ids_fingerprint
+from .losses import (
+    chunked_cross_entropy,
+    full_kl_loss,
+    sampled_kd_loss,
+    teacher_samples_from_hidden,
+    topk_kl_loss,
+    topk_tail_kl,
+    topk_tail_kl_loss,
+)
+from .teacher_cache import (
+    cache_metadata,
+    cache_teacher_samples,
+    cache_teacher_topk,
+    check_teacher_cache,
+    input_ids_fingerprint,
+    sample_uniforms,
+    teacher_fingerprint,
+    teacher_samples_from_model,
+)
 from .run import DistillScriptArguments, run_distill
 from .trainer import DistillationCollator, DistillationTrainer
 
@@ -12,14 +29,23 @@ __all__ = [
     "DistillationConfig",
     "DistillationTrainer",
     "DistillScriptArguments",
+    "cache_metadata",
+    "cache_teacher_samples",
     "cache_teacher_topk",
     "check_teacher_cache",
     "chunked_cross_entropy",
+    "full_kl_loss",
     "input_ids_fingerprint",
     "run_distill",
+    "sample_uniforms",
+    "sampled_kd_loss",
+    "teacher_fingerprint",
+    "teacher_samples_from_hidden",
+    "teacher_samples_from_model",
     "teacher_topk",
     "teacher_topk_from_hidden",
     "teacher_topk_from_model",
     "topk_kl_loss",
     "topk_tail_kl",
+    "topk_tail_kl_loss",
 ]

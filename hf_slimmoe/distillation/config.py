@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+KD_LOSSES = ("sampled", "topk_tail", "topk", "full")
+
 
 @dataclass
 class DistillationConfig(TrainingArguments):
     r"""
-    Configuration class for [`DistillationTrainer`]: SlimMoE's top-k knowledge distillation of a (pruned) MoE
-    student from its original teacher.
+    Configuration class for [`DistillationTrainer`]: SlimMoE's knowledge distillation of a (pruned) MoE student
+    from its original teacher.
 
     Extends [`~transformers.TrainingArguments`]; with [`~transformers.HfArgumentParser`] every field is also a
     command-line flag and a YAML key of `slimmoe distill`.
@@ -21,19 +23,39 @@ class DistillationConfig(TrainingArguments):
 
         teacher_model_name_or_path (`str`, *optional*):
             Teacher checkpoint directory or Hub id, loaded when the trainer gets no `teacher_model` object. Leave
-            unset when the dataset carries a teacher top-k cache (see [`cache_teacher_topk`]).
+            unset when the dataset carries the teacher cache `kd_loss` reads (see [`cache_teacher_samples`] and
+            [`cache_teacher_topk`]).
 
         > Parameters that control the loss
 
+        kd_loss (`str`, *optional*, defaults to `"sampled"`):
+            The distillation objective, each computed chunked (never `(tokens, vocab)` logits):
+            `"sampled"`: cross-entropy on `kd_samples` tokens drawn from the teacher per position, an unbiased
+            estimate of the full-vocabulary KL gradient ([`sampled_kd_loss`]); online or from
+            [`cache_teacher_samples`]. `"topk_tail"`: KL over the teacher's top-k plus one "rest of the vocabulary"
+            outcome ([`topk_tail_kl_loss`]); online or from [`cache_teacher_topk`]. `"topk"`: the paper's Eq. 3
+            ([`topk_kl_loss`]), whose minimizer drops the teacher's tail; online or from a top-k cache. `"full"`: the
+            full-vocabulary KL ([`full_kl_loss`]); online teacher only. The default is the best unbiased objective
+            that also works from a cache in the measurements of `benchmarks/RESULTS.md` ("Choosing the distillation
+            loss").
+        kd_samples (`int`, *optional*, defaults to `8`):
+            Teacher samples per position of `kd_loss="sampled"` (S). A samples cache must hold exactly S. A cache
+            holds one set of draws: trained on for several epochs, the student fits those draws rather than the
+            teacher (see the README, "Choosing the distillation loss"); the online teacher draws afresh every epoch.
+        kd_samples_seed (`int`, *optional*, defaults to `0`):
+            Seed of the online teacher samples: epoch `e` draws with seed `kd_samples_seed + e`, per row, so a row
+            gets the same draws in any batch, on any rank and after a resume; epoch 0 draws what
+            [`cache_teacher_samples`] stores with `seed=kd_samples_seed`.
         top_k (`int`, *optional*, defaults to `8`):
-            Number of teacher tokens per position kept by the KD loss (the paper's top-8). With a cached teacher it
-            must not exceed the cache's k; the first `top_k` cached entries are used.
+            Number of teacher tokens per position kept by `kd_loss="topk"` / `"topk_tail"` and by the evaluation's
+            `eval_kl` (the paper's top-8). With a cached teacher it must not exceed the cache's k; the first `top_k`
+            cached entries are used.
         temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature of teacher and student in the KD loss. A teacher cache stores log-probabilities at
-            temperature 1, so other values need an online teacher.
+            Softmax temperature of teacher and student in the KD loss (no `T**2` factor). A cache records the
+            temperature it was made at and is refused at another one.
         renormalize (`bool`, *optional*, defaults to `False`):
-            Renormalize the teacher's top-k probabilities to sum to 1. The default keeps them relative to the full
-            vocabulary (the other probabilities set to 0), as in the paper.
+            `kd_loss="topk"` only: renormalize the teacher's top-k probabilities to sum to 1. The default keeps them
+            relative to the full vocabulary (the other probabilities set to 0), as in the paper.
         aux_loss_coef (`float`, *optional*, defaults to `0.01`):
             Weight of the MoE load-balancing loss computed on the student's router logits (Phi-3.5-MoE's
             `router_aux_loss_coef`). `0` disables it and skips returning router logits.
@@ -41,11 +63,15 @@ class DistillationConfig(TrainingArguments):
             Weight of an optional next-token cross-entropy on the data's own tokens, added to the KD loss.
         kd_chunk_size (`int`, *optional*, defaults to `1024`):
             Tokens projected to the vocabulary at a time by the chunked KD loss (memory vs. kernel size).
+        eval_full_kl (`bool`, *optional*, defaults to `True`):
+            When the trainer has a teacher model, evaluation also reports `eval_full_kl`, the full-vocabulary
+            KL(teacher || student), computed chunked; it runs the teacher on the evaluation batches even when they
+            carry a cache.
 
         > Parameters that differ from `TrainingArguments`
 
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
-            The cache columns `teacher_topk_ids` / `teacher_topk_logprobs` are not arguments of the model's
+            The cache columns (`teacher_sample_ids`, `teacher_topk_ids`, ...) are not arguments of the model's
             forward, so columns are kept and the trainer's collator selects what it needs.
         logging_steps (`float`, *optional*, defaults to `10`):
             Distillation runs are short on tiny models; log more often than the parent's 500.
@@ -55,7 +81,13 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Teacher checkpoint directory or Hub id; unset when the dataset carries a teacher cache."},
     )
-    top_k: int = field(default=8, metadata={"help": "Teacher tokens kept per position by the KD loss."})
+    kd_loss: str = field(
+        default="sampled",
+        metadata={"help": "Distillation objective.", "choices": list(KD_LOSSES)},
+    )
+    kd_samples: int = field(default=8, metadata={"help": "Teacher samples per position of kd_loss='sampled'."})
+    kd_samples_seed: int = field(default=0, metadata={"help": "Seed of the online teacher samples (per row)."})
+    top_k: int = field(default=8, metadata={"help": "Teacher tokens kept per position by the top-k losses."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD loss."})
     renormalize: bool = field(
         default=False, metadata={"help": "Renormalize the teacher top-k probabilities to sum to 1."}
@@ -65,6 +97,9 @@ class DistillationConfig(TrainingArguments):
     )
     ce_weight: float = field(default=0.0, metadata={"help": "Weight of an optional next-token cross-entropy loss."})
     kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens projected to the vocabulary at a time."})
+    eval_full_kl: bool = field(
+        default=True, metadata={"help": "Report eval_full_kl (full-vocabulary KL) when the teacher is online."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: the trainer's collator selects what it needs."}
     )
@@ -72,6 +107,12 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss={self.kd_loss!r} is not one of {list(KD_LOSSES)}.")
+        if self.kd_samples < 1:
+            raise ValueError(f"kd_samples={self.kd_samples} must be at least 1.")
+        if self.renormalize and self.kd_loss != "topk":
+            raise ValueError(f"renormalize=True applies to kd_loss='topk' only, not kd_loss={self.kd_loss!r}.")
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be at least 1.")
         if self.temperature <= 0:

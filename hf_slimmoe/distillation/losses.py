@@ -1,11 +1,22 @@
-"""Top-k knowledge-distillation loss (SlimMoE Eq. 3), computed from hidden states in chunks of tokens.
+"""Knowledge-distillation losses computed from hidden states in chunks of tokens, never `(tokens, vocab)` logits.
 
-The teacher is summarised per token by its top-k token ids and their log-probabilities *relative to its full
-vocabulary* (`logit - logsumexp(all logits)`), which is what `hf_slimmoe.modeling_utils.teacher_topk` returns and what the
-teacher cache stores. The loss is `KL(p_teacher_topk || p_student)` where the teacher's probabilities outside its top-k are 0.
+Four objectives, each a public function with exact gradients (custom autograd, one `(chunk, V)` block at a time):
+
+- [`topk_kl_loss`] (`kd_loss="topk"`, SlimMoE Eq. 3): `KL(p_teacher_topk || q)` with the teacher's probabilities
+  outside its top-k set to 0. Its minimizer is the renormalized top-k, so it teaches the student to drop the tail.
+- [`topk_tail_kl_loss`] (`"topk_tail"`): the KL over the top-k tokens plus one "rest of the vocabulary" outcome.
+- [`sampled_kd_loss`] (`"sampled"`): the cross-entropy on `S` tokens sampled from the teacher per position, an
+  unbiased estimate of the full cross-entropy (and so of the full-KL gradient).
+- [`full_kl_loss`] (`"full"`): the full-vocabulary KL from both models' hidden states (online teacher).
+
+The teacher is summarised per token by its top-k ids and log-probabilities *relative to its full vocabulary*
+(`hf_slimmoe.modeling_utils.teacher_topk`), or by `S` ids drawn from its distribution
+([`teacher_samples_from_hidden`]); this is what the teacher caches store.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,47 +30,40 @@ def _chunk_logits(
     return logits if temperature == 1.0 else logits.div_(temperature)
 
 
-class _WeightedTokenCrossEntropy(torch.autograd.Function):
+class _ChunkedHeadLoss(torch.autograd.Function):
     """
-    `sum_n w_n * sum_k c_nk * (a_nk - log q_n[ids_nk])` with `q_n = softmax((h_n W^T + b) / T)`.
+    A scalar loss `sum_n f_n(u_n)` of the student's scaled logits `u_n = (h_n W^T + b) / T`, computed `chunk_size`
+    tokens at a time by `chunk_fn(start, end, u)`: it gets the chunk's float32 `(C, V)` block `u` (which it may
+    overwrite) and returns the chunk's loss sum and `d loss / d u` (`(C, V)`, usually `u`'s storage reused in place).
 
-    With `c = p_teacher` and `a = log p_teacher` this is the top-k KL; with `k = 1, c = 1, a = 0` it is the
-    cross-entropy of a label. The gradients are computed in the forward pass, one chunk at a time, while the chunk's
-    softmax is at hand (the loss is a scalar, so the backward only rescales them): peak extra memory is one
-    `(chunk_size, V)` float block instead of `(N, V)`, and no logits are recomputed.
+    The gradients with respect to the hidden states, weight and bias are computed in the forward pass, one chunk at a
+    time, while the chunk's softmax is at hand (the loss is a scalar, so the backward only rescales them): peak extra
+    memory is the chunk's `(chunk_size, V)` block(s) instead of `(N, V)`, and no logits are recomputed.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, coef, const, token_weight, temperature, chunk_size, compute_grad):
-        # hidden (N, H); weight (V, H); bias (V,) | None; ids (N, k) int64; coef (N, k) float32;
-        # const (N,) float32 = sum_k coef * a; token_weight (N,) float32
-        # forward() always runs under no_grad: `compute_grad` says whether the caller's graph needs the gradients
+    def forward(ctx, hidden, weight, bias, chunk_fn, temperature, chunk_size, compute_grad):
+        # hidden (N, H); weight (V, H); bias (V,) | None; forward() always runs under no_grad: `compute_grad` says
+        # whether the caller's graph needs the gradients
         need_h, need_w, need_b = (compute_grad and needs for needs in ctx.needs_input_grad[:3])
+        need_b = need_b and bias is not None
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_bias = (
-            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
-        )
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        coef_sum = coef.sum(-1)  # (N,)
         for start in range(0, hidden.size(0), chunk_size):
             end = min(start + chunk_size, hidden.size(0))
             h = hidden[start:end]  # (C, H)
-            logits = _chunk_logits(h, weight, bias, temperature)  # (C, V) float32
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            picked = logits.gather(-1, ids[start:end]) - lse[:, None]  # (C, k) student log-probs at the ids
-            per_token = const[start:end] - (coef[start:end] * picked).sum(-1)  # (C,)
-            total = total + (token_weight[start:end] * per_token).sum()
+            loss, grad_logits = chunk_fn(start, end, _chunk_logits(h, weight, bias, temperature), need_h or need_w
+                                         or need_b)  # grad_logits: d loss / d u, (C, V) float32
+            total = total + loss
             if need_h or need_w or need_b:
-                # d loss / d logits = w * (sum_k c * softmax - scatter(c)) / T, built in place on the logits block
-                grad_logits = logits.sub_(lse[:, None]).exp_().mul_(coef_sum[start:end, None])  # (C, V)
-                grad_logits.scatter_add_(-1, ids[start:end], -coef[start:end])
-                grad_logits.mul_((token_weight[start:end] / temperature)[:, None])
+                grad_logits.div_(temperature)  # d / d logits = (1 / T) d / d u
                 if need_h:
                     grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)  # (C, H)
                 if need_w:
                     grad_weight += grad_logits.t() @ h.float()  # (V, H)
-                if grad_bias is not None:
+                if need_b:
                     grad_bias += grad_logits.sum(0)  # (V,)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
@@ -75,13 +79,82 @@ class _WeightedTokenCrossEntropy(torch.autograd.Function):
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_output).to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _chunked_head_loss(hidden, weight, bias, chunk_fn, temperature, chunk_size):
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, chunk_fn, temperature, chunk_size, torch.is_grad_enabled())
 
 
 def _weighted_token_cross_entropy(hidden, weight, bias, ids, coef, const, token_weight, temperature, chunk_size):
-    return _WeightedTokenCrossEntropy.apply(
-        hidden, weight, bias, ids, coef, const, token_weight, temperature, chunk_size, torch.is_grad_enabled()
-    )
+    """
+    `sum_n w_n * sum_k c_nk * (a_nk - log q_n[ids_nk])` with `q_n = softmax((h_n W^T + b) / T)`, `const_n =
+    sum_k c_nk a_nk` and `w = token_weight`. With `c = p_teacher` and `a = log p_teacher` it is the top-k KL; with
+    `c = 1 / S` and `a = 0` over `S` sampled ids the sampled KD loss (a repeated id counts once per draw); with `k = 1,
+    c = 1, a = 0` the cross-entropy of a label.
+    """
+    coef_sum = coef.sum(-1)  # (N,)
+
+    def chunk_fn(start, end, logits, need_grad):
+        lse = torch.logsumexp(logits, dim=-1)  # (C,)
+        picked = logits.gather(-1, ids[start:end]) - lse[:, None]  # (C, k) student log-probs at the ids
+        per_token = const[start:end] - (coef[start:end] * picked).sum(-1)  # (C,)
+        loss = (token_weight[start:end] * per_token).sum()
+        if not need_grad:
+            return loss, None
+        # d loss / d u = w * (sum_k c * softmax - scatter(c)), built in place on the logits block
+        grad = logits.sub_(lse[:, None]).exp_().mul_(coef_sum[start:end, None])  # (C, V)
+        grad.scatter_add_(-1, ids[start:end], -coef[start:end])
+        return loss, grad.mul_(token_weight[start:end, None])
+
+    return _chunked_head_loss(hidden, weight, bias, chunk_fn, temperature, chunk_size)
+
+
+def _topk_tail_chunks(ids, probs, rest, token_weight):
+    """`chunk_fn` of the top-k + tail KL (see [`topk_tail_kl_loss`]): ids, probs `(N, k)`, rest `(N,)` = `p_rest`."""
+    tiny = torch.finfo(torch.float32).tiny
+    const = (probs * probs.clamp(min=tiny).log()).sum(-1) + rest * rest.clamp(min=tiny).log()  # (N,) sum p log p
+    total = probs.sum(-1) + rest  # (N,) 1 up to rounding
+
+    def chunk_fn(start, end, logits, need_grad):
+        p, p_rest, w = probs[start:end], rest[start:end], token_weight[start:end]
+        lse = torch.logsumexp(logits, dim=-1)  # (C,)
+        log_q = logits.gather(-1, ids[start:end]) - lse[:, None]  # (C, k) student log-probs at the top-k
+        logits.scatter_(-1, ids[start:end], float("-inf"))  # only the rest of the vocabulary is left
+        rest_lse = torch.logsumexp(logits, dim=-1)  # (C,) -inf when the top-k is the whole vocabulary
+        log_q_rest = (rest_lse - lse).clamp(min=math.log(tiny))  # (C,)
+        per_token = const[start:end] - (p * log_q).sum(-1) - p_rest * log_q_rest
+        loss = (w * per_token).sum()
+        if not need_grad:
+            return loss, None
+        # d loss / d u_j = total * q_j - p_j on the top-k, total * q_j - p_rest * q_j / q_rest elsewhere; the latter
+        # is (total * q_rest - p_rest) * softmax over the rest, which stays finite when q_rest underflows
+        finite = torch.where(torch.isfinite(rest_lse), rest_lse, torch.zeros_like(rest_lse))
+        scale = total[start:end] * (rest_lse - lse).exp() - p_rest  # (C,)
+        grad = logits.sub_(finite[:, None]).exp_().mul_(scale[:, None])  # (C, V), 0 on the top-k
+        grad.scatter_add_(-1, ids[start:end], total[start:end, None] * log_q.exp() - p)
+        return loss, grad.mul_(w[:, None])
+
+    return chunk_fn
+
+
+def _full_kl_chunks(teacher_hidden, teacher_weight, teacher_bias, temperature, token_weight):
+    """`chunk_fn` of the full-vocabulary KL (see [`full_kl_loss`]): the teacher's chunk is projected alongside."""
+
+    def chunk_fn(start, end, logits, need_grad):
+        teacher = _chunk_logits(teacher_hidden[start:end], teacher_weight, teacher_bias, temperature)  # (C, V)
+        log_p = teacher.sub_(torch.logsumexp(teacher, dim=-1, keepdim=True))  # (C, V) in place
+        p = log_p.exp()  # (C, V)
+        log_q = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))  # (C, V) in place
+        per_token = torch.einsum("cv,cv->c", p, log_p) - torch.einsum("cv,cv->c", p, log_q)  # (C,)
+        del log_p, teacher
+        w = token_weight[start:end]
+        loss = (w * per_token).sum()
+        if not need_grad:
+            return loss, None
+        return loss, log_q.exp_().sub_(p).mul_(w[:, None])  # d loss / d u = q - p
+
+    return chunk_fn
 
 
 def _flatten_valid(
@@ -110,6 +183,47 @@ def _flatten_valid(
     return hidden[valid], valid, flat
 
 
+def _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be at least 1.")
+    if student_hidden.size(-1) != lm_head_weight.size(1):
+        raise ValueError(
+            f"student_hidden has hidden size {student_hidden.size(-1)} but lm_head_weight is "
+            f"{tuple(lm_head_weight.shape)}; pass the hidden states that feed this lm_head."
+        )
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, name: str) -> torch.Tensor:
+    ids = ids.long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} hold ids outside [0, {vocab_size}) on counted tokens: the teacher's vocabulary does not match "
+            "the student's, or the mask counts padding positions."
+        )
+    return ids
+
+
+def _check_topk(teacher_topk_ids, teacher_topk_logprobs, vocab_size: int) -> None:
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
+        raise ValueError(
+            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
+            f"{tuple(teacher_topk_logprobs.shape)} must have the same shape."
+        )
+    top_k = teacher_topk_ids.size(-1)
+    if top_k > vocab_size:
+        raise ValueError(f"The teacher top-k has k={top_k} entries, more than the student vocabulary ({vocab_size}).")
+
+
+def _token_weight(num_tokens: int, reduction: str, device) -> torch.Tensor:
+    """Per-token weight `(n,)`: `1 / n` for `"mean"`, `1` for `"sum"`."""
+    scale = 1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0
+    return torch.full((num_tokens,), scale, dtype=torch.float32, device=device)
+
+
 def topk_kl_loss(
     student_hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -123,12 +237,14 @@ def topk_kl_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """
-    KL divergence from the teacher's top-k distribution to the student's, from the student's hidden states.
+    KL divergence from the teacher's top-k distribution to the student's, from the student's hidden states
+    (SlimMoE Eq. 3, `kd_loss="topk"`).
 
     Per token, with `p` the teacher's top-k probabilities (the rest of the vocabulary at probability 0) and
     `q = softmax((student_hidden @ lm_head_weight.T + lm_head_bias) / temperature)` over the full vocabulary:
     `KL = sum_k p_k * (log p_k - log q[id_k])`. With `renormalize=True`, `p` is first renormalized to sum to 1 over
-    its k entries. With `k = V` this is the full-vocabulary KL.
+    its k entries. With `k = V` this is the full-vocabulary KL. For `k < V` its minimizer is the *renormalized* top-k:
+    it teaches the student to drop the teacher's tail (see [`topk_tail_kl_loss`] and [`sampled_kd_loss`]).
 
     Memory: tokens are projected to the vocabulary `chunk_size` at a time and each chunk's gradient with respect to
     the hidden states, weight and bias is computed while its softmax is at hand, so only one `(chunk_size, V)`
@@ -168,44 +284,198 @@ def topk_kl_loss(
     Returns:
         `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be at least 1.")
-    vocab_size, hidden_size = lm_head_weight.shape
-    if student_hidden.size(-1) != hidden_size:
-        raise ValueError(
-            f"student_hidden has hidden size {student_hidden.size(-1)} but lm_head_weight is {tuple(lm_head_weight.shape)};"
-            " pass the hidden states that feed this lm_head."
-        )
-    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
-        raise ValueError(
-            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
-            f"{tuple(teacher_topk_logprobs.shape)} must have the same shape."
-        )
-    top_k = teacher_topk_ids.size(-1)
-    if top_k > vocab_size:
-        raise ValueError(f"The teacher top-k has k={top_k} entries, more than the student vocabulary ({vocab_size}).")
+    _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction)
+    vocab_size = lm_head_weight.size(0)
+    _check_topk(teacher_topk_ids, teacher_topk_logprobs, vocab_size)
     hidden, _, (ids, logprobs) = _flatten_valid(student_hidden, mask, teacher_topk_ids, teacher_topk_logprobs)
-    ids = ids.long()  # (n, k)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"teacher_topk_ids hold ids outside [0, {vocab_size}) on counted tokens: the teacher's vocabulary does "
-            "not match the student's, or the mask counts padding positions."
-        )
+    ids = _check_ids(ids, vocab_size, "teacher_topk_ids")  # (n, k)
     logprobs = logprobs.float()  # (n, k)
     if renormalize:
         logprobs = logprobs - torch.logsumexp(logprobs, dim=-1, keepdim=True)
     probs = logprobs.exp()  # (n, k)
     const = (probs * logprobs).sum(-1)  # (n,) teacher negative entropy over its top-k
-    num_tokens = hidden.size(0)
-    scale = 1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0
-    token_weight = torch.full((num_tokens,), scale, dtype=torch.float32, device=hidden.device)
+    token_weight = _token_weight(hidden.size(0), reduction, hidden.device)
     return _weighted_token_cross_entropy(
         hidden, lm_head_weight, lm_head_bias, ids, probs, const, token_weight, float(temperature), chunk_size
     )
+
+
+def topk_tail_kl_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """
+    KL divergence between teacher and student over `k + 1` outcomes: the teacher's top-k tokens and one "rest of the
+    vocabulary" outcome (`kd_loss="topk_tail"`), the divergence the evaluation's `eval_kl` reports.
+
+    Per token, with `p` the teacher's top-k probabilities (relative to its full vocabulary), `p_rest = 1 - sum_k p_k`,
+    `q` the student's softmax over the full vocabulary and `q_rest = sum_{j not in top-k} q_j`:
+    `KL = sum_k p_k (log p_k - log q[id_k]) + p_rest (log p_rest - log q_rest)`. Unlike [`topk_kl_loss`], it is a
+    true divergence (>= 0, 0 exactly when the student matches every top-k probability and the tail's mass), so its
+    minimizer keeps the teacher's tail mass; with `k = V` it is the full-vocabulary KL. `log q_rest` is the
+    log-sum-exp of the student's logits outside the top-k minus the one over all of them, so it stays accurate when
+    the top-k holds almost all of the mass; the gradient with respect to the logits is
+    `q_j - p_j` on the top-k and `q_j - p_rest * q_j / q_rest` elsewhere.
+
+    Memory: as [`topk_kl_loss`], one `(chunk_size, V)` float block at a time. The top-k ids of a token must be
+    distinct (as [`teacher_topk`] returns them).
+
+    Args:
+        student_hidden, lm_head_weight, lm_head_bias: as in [`topk_kl_loss`]: `(N, H)` or `(B, T, H)`, `(V, H)`,
+            `(V,)` or `None`.
+        teacher_topk_ids (`torch.Tensor`): distinct teacher top-k token ids, integer, `(N, k)` or `(B, T, k)`.
+        teacher_topk_logprobs (`torch.Tensor`): their teacher log-probabilities relative to the full vocabulary, at
+            the same `temperature`, `(N, k)` or `(B, T, k)`.
+        mask, temperature, chunk_size, reduction: as in [`topk_kl_loss`].
+
+    Returns:
+        `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
+    """
+    _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction)
+    vocab_size = lm_head_weight.size(0)
+    _check_topk(teacher_topk_ids, teacher_topk_logprobs, vocab_size)
+    hidden, _, (ids, logprobs) = _flatten_valid(student_hidden, mask, teacher_topk_ids, teacher_topk_logprobs)
+    ids = _check_ids(ids, vocab_size, "teacher_topk_ids")  # (n, k)
+    probs = logprobs.float().exp()  # (n, k)
+    rest = (1.0 - probs.sum(-1)).clamp(min=0.0)  # (n,)
+    token_weight = _token_weight(hidden.size(0), reduction, hidden.device)
+    chunk_fn = _topk_tail_chunks(ids, probs, rest, token_weight)
+    return _chunked_head_loss(hidden, lm_head_weight, lm_head_bias, chunk_fn, float(temperature), chunk_size)
+
+
+def sampled_kd_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    teacher_sample_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """
+    Sampled knowledge distillation (`kd_loss="sampled"`): the student's cross-entropy on `S` tokens drawn from the
+    teacher's distribution at every position, `-(1/S) sum_s log q(y_s)`.
+
+    Its expectation over the draws is the full cross-entropy `-sum_j p_j log q_j = KL(p || q) + H(p)`, so its gradient
+    is an unbiased estimate of the full-vocabulary KL gradient (`q - p` with respect to the logits), from `S` token
+    ids per position (see "Sparse Logit Sampling", Anshumann et al., ACL 2025). A token drawn twice counts twice. The
+    value is the cross-entropy estimate, not the KL: it does not go to 0, it goes to the teacher's entropy.
+
+    Memory: as [`topk_kl_loss`] (it is the same chunked weighted cross-entropy with weight `1/S` per draw).
+
+    Args:
+        student_hidden, lm_head_weight, lm_head_bias: as in [`topk_kl_loss`]: `(N, H)` or `(B, T, H)`, `(V, H)`,
+            `(V,)` or `None`.
+        teacher_sample_ids (`torch.Tensor`): token ids drawn from the teacher's `softmax(logits / temperature)`,
+            integer, `(N, S)` or `(B, T, S)` (see [`teacher_samples_from_hidden`] and `cache_teacher_samples`).
+        mask, temperature, chunk_size, reduction: as in [`topk_kl_loss`]; `temperature` must be the one the samples
+            were drawn at.
+
+    Returns:
+        `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
+    """
+    _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction)
+    hidden, _, (ids,) = _flatten_valid(student_hidden, mask, teacher_sample_ids)
+    ids = _check_ids(ids, lm_head_weight.size(0), "teacher_sample_ids")  # (n, S)
+    num_samples = ids.size(-1)
+    coef = torch.full(ids.shape, 1.0 / num_samples, dtype=torch.float32, device=hidden.device)  # (n, S)
+    const = torch.zeros(ids.size(0), dtype=torch.float32, device=hidden.device)  # (n,)
+    token_weight = _token_weight(hidden.size(0), reduction, hidden.device)
+    return _weighted_token_cross_entropy(
+        hidden, lm_head_weight, lm_head_bias, ids, coef, const, token_weight, float(temperature), chunk_size
+    )
+
+
+def full_kl_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    teacher_lm_head_bias: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """
+    Full-vocabulary KL(teacher || student) from both models' last hidden states (`kd_loss="full"`, online teacher).
+
+    Per token: `sum_j p_j (log p_j - log q_j)` with `p = softmax(teacher_hidden @ teacher_lm_head_weight.T + b_t) / T)`
+    and `q` the student's softmax; the gradient with respect to the student's logits is `(q - p) / T`.
+
+    Memory: both sides are projected `chunk_size` tokens at a time, the teacher's chunk right next to the student's,
+    so at most three `(chunk_size, V)` float blocks live at once (the student's log-probabilities, the teacher's
+    log-probabilities and probabilities), never the `(tokens, V)` logits of either model.
+
+    Args:
+        student_hidden, lm_head_weight, lm_head_bias: as in [`topk_kl_loss`]: `(N, H)` or `(B, T, H)`, `(V, H)`,
+            `(V,)` or `None`.
+        teacher_hidden (`torch.Tensor`): teacher last hidden states `(N, H_t)` or `(B, T, H_t)`, same positions.
+        teacher_lm_head_weight (`torch.Tensor`): teacher `lm_head` weight `(V, H_t)` (no gradient flows to it).
+        teacher_lm_head_bias (`torch.Tensor` or `None`): teacher `lm_head` bias `(V,)`.
+        mask, temperature, chunk_size, reduction: as in [`topk_kl_loss`].
+
+    Returns:
+        `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
+    """
+    _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction)
+    if teacher_lm_head_weight.size(0) != lm_head_weight.size(0):
+        raise ValueError(f"The teacher's vocabulary ({teacher_lm_head_weight.size(0)}) differs from the student's "
+                         f"({lm_head_weight.size(0)}): full KL needs the same tokenizer.")
+    if teacher_hidden.size(-1) != teacher_lm_head_weight.size(1):
+        raise ValueError(f"teacher_hidden has hidden size {teacher_hidden.size(-1)} but teacher_lm_head_weight is "
+                         f"{tuple(teacher_lm_head_weight.shape)}.")
+    hidden, _, (teacher,) = _flatten_valid(student_hidden, mask, teacher_hidden.detach())
+    token_weight = _token_weight(hidden.size(0), reduction, hidden.device)
+    chunk_fn = _full_kl_chunks(teacher.to(teacher_lm_head_weight.device), teacher_lm_head_weight.detach(),
+                               None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
+                               float(temperature), token_weight)
+    return _chunked_head_loss(hidden, lm_head_weight, lm_head_bias, chunk_fn, float(temperature), chunk_size)
+
+
+@torch.no_grad()
+def teacher_samples_from_hidden(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, uniforms: torch.Tensor, temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """
+    Token ids drawn from `softmax(lm_head(hidden) / temperature)` by inverting its CDF at the given uniforms, one
+    `(chunk_size, V)` block at a time.
+
+    The randomness is all in `uniforms` (`(..., S)` in `[0, 1)`, e.g. from a per-row seeded generator, see
+    `teacher_cache.sample_uniforms`), so the draws do not depend on the chunking, the batch or the device.
+
+    Args:
+        hidden (`torch.Tensor`): teacher hidden states `(..., H)`.
+        lm_head (`torch.nn.Module`): the teacher's output embeddings.
+        uniforms (`torch.Tensor`): `(..., S)` float uniforms, same leading shape as `hidden`.
+        temperature (`float`, *optional*, defaults to `1.0`): softmax temperature.
+        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
+
+    Returns:
+        `torch.Tensor`: `(..., S)` int64 ids; a token of probability 0 is never drawn.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
+    u = uniforms.reshape(flat.size(0), -1).to(device=flat.device, dtype=torch.float64)  # (N, S)
+    ids = torch.empty(u.shape, dtype=torch.long, device=flat.device)
+    for start in range(0, flat.size(0), chunk_size):
+        logits = lm_head(flat[start:start + chunk_size]).float().div_(temperature)  # (C, V)
+        cdf = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(-1)  # (C, V)
+        del logits
+        targets = u[start:start + chunk_size] * cdf[:, -1:]  # (C, S)
+        ids[start:start + chunk_size] = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.size(-1) - 1)
+    return ids.view(*hidden.shape[:-1], u.size(-1))
 
 
 def chunked_cross_entropy(

@@ -23,11 +23,13 @@ class DistillScriptArguments:
         student (`str`):
             Student checkpoint directory (a pruned SlimMoE stage, or any PhiMoE/SlimMoE checkpoint).
         dataset (`str`):
-            Training data: a `datasets.save_to_disk` directory with `input_ids` (and the teacher cache columns of
-            `slimmoe cache-teacher` for a cached teacher) or a `text_column`; or a `.jsonl` / `.txt` file
+            Training data: a `datasets.save_to_disk` directory with `input_ids` (and, for a cached teacher, the
+            cache `kd_loss` reads, from `slimmoe cache-teacher --kd-loss ...`) or a `text_column`; or a `.jsonl` /
+            `.txt` file
             (one example per line) tokenized with the student's tokenizer.
         eval_dataset (`str`, *optional*):
-            Held-out data in the same forms; evaluation reports `eval_kl`, `eval_top1_agreement`, `eval_perplexity`.
+            Held-out data in the same forms (a cached one carries the teacher's top-k); evaluation reports `eval_kl`,
+            `eval_top1_agreement`, `eval_perplexity` (and `eval_full_kl` with an online teacher).
         tokenizer (`str`, *optional*):
             Tokenizer directory for text data; defaults to the student directory.
         text_column (`str`, *optional*, defaults to `"text"`):

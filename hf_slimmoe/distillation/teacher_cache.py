@@ -1,16 +1,27 @@
-"""Teacher top-k cache: one batched pass of the teacher, stored as dataset columns and reused by every stage.
+"""Teacher caches: one batched pass of the teacher, stored as dataset columns and reused by every stage.
 
-SlimMoE distills every stage from the same original teacher, so its top-k ids and log-probabilities per token are
-computed once ([`cache_teacher_topk`]) and stored next to the tokens. Each row also stores a fingerprint of its
-`input_ids`; [`check_teacher_cache`] refuses a cache whose rows do not match their tokens.
+SlimMoE distills every stage from the same original teacher, so what the KD loss needs from it is computed once and
+stored next to the tokens, in one of two kinds:
+
+- **top-k** ([`cache_teacher_topk`], for `kd_loss="topk"` / `"topk_tail"` and for evaluation): per token the teacher's
+  top-k ids and their log-probabilities relative to its full vocabulary.
+- **samples** ([`cache_teacher_samples`], for `kd_loss="sampled"`): per token `S` ids drawn from the teacher's
+  distribution at temperature `T`, `uint16` when the vocabulary fits (`2 * S` bytes per token).
+
+Each row also stores a fingerprint of its `input_ids`, and the dataset's `info.description` records what made the
+cache (kind, teacher fingerprint, vocabulary, k or S, temperature, seed). [`check_teacher_cache`] refuses a cache whose
+rows do not match their tokens, or that was made for another loss, teacher, k, S or temperature, naming both values.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow.compute as pc
@@ -19,7 +30,9 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from tqdm.auto import tqdm
 
 from ..data import collate_tokens, rows_of
-from ..modeling_utils import teacher_topk_from_model
+from ..distributed import barrier, rank_and_world
+from ..modeling_utils import backbone, teacher_topk_from_model, vocab_size
+from .losses import teacher_samples_from_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +40,13 @@ TOPK_IDS_COLUMN = "teacher_topk_ids"
 TOPK_LOGPROBS_COLUMN = "teacher_topk_logprobs"
 FINGERPRINT_COLUMN = "teacher_topk_fingerprint"
 CACHE_COLUMNS = (TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN, FINGERPRINT_COLUMN)
+SAMPLE_IDS_COLUMN = "teacher_sample_ids"
+SAMPLE_FINGERPRINT_COLUMN = "teacher_sample_fingerprint"
+SAMPLE_COLUMNS = (SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN)
+METADATA_KEY = "hf_slimmoe.teacher_cache"  # key of the cache records in the dataset's `info.description` (JSON)
+KIND_FOR_LOSS = {"topk": "topk", "topk_tail": "topk", "sampled": "samples"}  # which cache each kd_loss reads
 
-_CACHE_FEATURES = Features(
+_TOPK_FEATURES = Features(
     {
         TOPK_IDS_COLUMN: List(List(Value("int32"))),
         TOPK_LOGPROBS_COLUMN: List(List(Value("float32"))),
@@ -38,33 +56,185 @@ _CACHE_FEATURES = Features(
 
 
 def input_ids_fingerprint(input_ids) -> str:
-    """Hex digest (16 characters) of a row's token ids, stored beside its cached teacher top-k."""
+    """Hex digest (16 characters) of a row's token ids, stored beside its cached teacher targets."""
     array = np.asarray(input_ids, dtype=np.int64)
     return hashlib.blake2b(array.tobytes(), digest_size=8).hexdigest()
 
 
-def _shard_path(work_dir: str, index: int) -> str:
-    return os.path.join(work_dir, f"shard-{index:05d}.parquet")
+# ------------------------------------------------------------------------------------------ teacher identity
+# config keys that do not change what the model computes (paths, versions, dtype, runtime flags a Trainer sets)
+_CONFIG_KEYS_IGNORED = ("transformers_version", "dtype", "torch_dtype", "architectures", "auto_map", "use_cache",
+                        "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
+                        "torchscript")
 
 
-def check_teacher_cache(dataset: Dataset, vocab_size: int | None = None, top_k: int | None = None) -> None:
+@torch.no_grad()
+def teacher_fingerprint(model: torch.nn.Module) -> str:
     """
-    Check that `dataset` carries a teacher top-k cache that matches its rows, before any training compute.
-
-    Raises:
-        `ValueError`: a cache column is missing, a row's fingerprint does not match its `input_ids` (the cache was
-        built for other data, or the data was re-tokenized, shuffled or filtered after caching), the cache holds
-        fewer than `top_k` entries per token, a row's cache length differs from its tokens, or a cached id is
-        outside the student's vocabulary.
+    Hex digest (16 characters) identifying a teacher: its config (without paths, versions, dtype and runtime flags
+    such as `use_cache`) plus a digest of
+    every weight tensor (name, shape, the float64 sum and absolute sum of its bfloat16-rounded values, and a strided
+    sample of 257 of them). The same checkpoint loaded in float32 or bfloat16 gives the same fingerprint; a retrained,
+    pruned or other model gives another. Costs one pass of sums over the weights, no copy of the model.
     """
-    missing = [c for c in CACHE_COLUMNS if c not in dataset.column_names]
+    config = getattr(model, "config", None)
+    values = config.to_dict() if config is not None else {}
+    values = {k: v for k, v in sorted(values.items()) if not k.startswith("_") and k not in _CONFIG_KEYS_IGNORED}
+    digest = hashlib.blake2b(json.dumps(values, sort_keys=True, default=str).encode(), digest_size=8)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[torch.linspace(0, flat.numel() - 1, min(flat.numel(), 257)).long().to(flat.device)]
+        sums = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for part in flat.split(1 << 22):  # bounded temporaries, even for a 42B teacher's expert tensors
+            part = part.to(torch.bfloat16).double()
+            sums += torch.stack([part.sum(), part.abs().sum()])
+        digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        digest.update(f"{float(sums[0]):.6e},{float(sums[1]):.6e}".encode())  # 7 significant digits
+    return digest.hexdigest()
+
+
+def _teacher_record(teacher: torch.nn.Module) -> dict:
+    config = getattr(teacher, "config", None)
+    return {"fingerprint": teacher_fingerprint(teacher),
+            "name_or_path": getattr(config, "_name_or_path", None) or None,
+            "vocab_size": vocab_size(teacher)}
+
+
+def cache_metadata(dataset: Dataset) -> dict[str, dict]:
+    """The cache records of `dataset` by kind (`{"topk": {...}, "samples": {...}}`), from its `info.description`;
+    `{}` when none was recorded (a cache made before caches recorded their teacher)."""
+    try:
+        values = json.loads(dataset.info.description or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return values.get(METADATA_KEY, {}) if isinstance(values, dict) else {}
+
+
+def _set_cache_metadata(dataset: Dataset, kind: str, record: dict) -> None:
+    try:
+        values = json.loads(dataset.info.description or "{}")
+    except json.JSONDecodeError:
+        values = {"description": dataset.info.description}
+    if not isinstance(values, dict):
+        values = {"description": dataset.info.description}
+    values.setdefault(METADATA_KEY, {})[kind] = record
+    dataset.info.description = json.dumps(values, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------ teacher targets
+def _row_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+    """Per row of a right-padded batch: the position after its last attended token."""
+    if attention_mask is None:
+        return [input_ids.size(1)] * input_ids.size(0)
+    positions = torch.arange(1, input_ids.size(1) + 1, device=attention_mask.device)
+    return (attention_mask.ne(0) * positions).amax(dim=1).tolist()
+
+
+def sample_uniforms(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_samples: int, seed: int = 0
+) -> torch.Tensor:
+    """
+    The uniforms `(B, T, S)` (float64, CPU) that [`teacher_samples_from_hidden`] turns into teacher samples.
+
+    Each row draws from its own generator, seeded by `seed` and a digest of its token ids (up to its last attended
+    token), position after position: a row gets the same draws whatever batch, padding, shard, rank or resume it is
+    processed in, so online sampling and [`cache_teacher_samples`] agree. Identical rows get identical draws.
+    """
+    uniforms = torch.zeros(*input_ids.shape, num_samples, dtype=torch.float64)
+    rows = input_ids.detach().cpu()
+    for row, length in enumerate(_row_lengths(input_ids, attention_mask)):
+        key = hashlib.blake2b(f"{seed}:".encode() + rows[row, :length].numpy().astype(np.int64).tobytes(),
+                              digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+        uniforms[row, :length] = torch.rand(length, num_samples, generator=generator, dtype=torch.float64)
+    return uniforms
+
+
+@torch.no_grad()
+def teacher_samples_from_model(
+    teacher: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    num_samples: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """
+    `num_samples` token ids drawn from the teacher's `softmax(logits / temperature)` at every position of a
+    right-padded batch `(B, T)`, seeded per row (see [`sample_uniforms`]), without `(tokens, V)` logits.
+
+    Returns:
+        `torch.Tensor`: `(B, T, S)` int64; position `t` holds draws of the teacher's prediction of token `t + 1`.
+    """
+    hidden = backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    uniforms = sample_uniforms(input_ids, attention_mask, num_samples, seed)  # (B, T, S)
+    return teacher_samples_from_hidden(hidden, teacher.get_output_embeddings(), uniforms, temperature, chunk_size)
+
+
+# ------------------------------------------------------------------------------------------ checking a cache
+@dataclass
+class _Kind:
+    """What differs between the cache kinds: column names, per-position width and its name in messages."""
+
+    name: str
+    ids_column: str
+    fingerprint_column: str
+    columns: tuple[str, ...]
+    width_name: str  # "k" or "S"
+
+
+_KINDS = {
+    "topk": _Kind("topk", TOPK_IDS_COLUMN, FINGERPRINT_COLUMN, CACHE_COLUMNS, "k"),
+    "samples": _Kind("samples", SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN, SAMPLE_COLUMNS, "S"),
+}
+_LOSSES_OF_KIND = {"topk": "'topk' / 'topk_tail'", "samples": "'sampled'"}
+_MAKER = {"topk": "`cache_teacher_topk` / `slimmoe cache-teacher --kd-loss topk`",
+          "samples": "`cache_teacher_samples` / `slimmoe cache-teacher --kd-loss sampled`"}
+
+
+def cache_kinds(dataset: Dataset) -> list[str]:
+    """The teacher cache kinds (`"topk"`, `"samples"`) whose columns `dataset` carries."""
+    return [name for name, kind in _KINDS.items() if all(c in dataset.column_names for c in kind.columns)]
+
+
+def _check_kind(dataset: Dataset, kd_loss: str) -> _Kind:
+    if kd_loss not in KIND_FOR_LOSS:
+        raise ValueError(f"kd_loss={kd_loss!r} reads no teacher cache (only {sorted(KIND_FOR_LOSS)} do): "
+                         + ("'full' needs the teacher online." if kd_loss == "full" else "check the name."))
+    kind = _KINDS[KIND_FOR_LOSS[kd_loss]]
+    missing = [c for c in kind.columns if c not in dataset.column_names]
     if missing:
+        present = cache_kinds(dataset)
+        if present:
+            records = cache_metadata(dataset)
+            found = ", ".join(f"a {name} cache (made for kd_loss {_LOSSES_OF_KIND[name]}: "
+                              f"{_describe(records.get(name, {}), name)})" for name in present)
+            raise ValueError(
+                f"The dataset carries {found}, but kd_loss={kd_loss!r} needs a {kind.name} cache: build it with "
+                f"{_MAKER[kind.name]}, or set kd_loss to the loss the cache was made for."
+            )
         raise ValueError(
-            f"The dataset has no teacher cache columns {missing}: build them with `cache_teacher_topk` / "
-            "`slimmoe cache-teacher`, or give the trainer a teacher model."
+            f"The dataset has no teacher cache columns {missing}: build them with {_MAKER[kind.name]}, or give the "
+            "trainer a teacher model."
         )
+    return kind
+
+
+def _describe(record: dict, kind: str) -> str:
+    if not record:
+        return "made before caches recorded their settings"
+    width = f"top_k={record.get('top_k')}" if kind == "topk" else f"S={record.get('num_samples')}"
+    return f"{width}, temperature={record.get('temperature')}, teacher {record.get('teacher', {}).get('fingerprint')}"
+
+
+def _check_rows(dataset: Dataset, kind: _Kind) -> int:
+    """Fingerprints and lengths of every row; returns the smallest number of entries per position (k or S)."""
     bad_rows = [index for index, (expected, cached) in
-                enumerate(zip(_fingerprints(dataset), dataset[FINGERPRINT_COLUMN])) if expected != cached]
+                enumerate(zip(_fingerprints(dataset), dataset[kind.fingerprint_column])) if expected != cached]
     if bad_rows:
         raise ValueError(
             f"The teacher cache does not match its dataset: {len(bad_rows)} of {len(dataset)} rows have input_ids "
@@ -72,24 +242,91 @@ def check_teacher_cache(dataset: Dataset, vocab_size: int | None = None, top_k: 
             "this dataset with `slimmoe cache-teacher`, and do not re-tokenize, shuffle or filter it after caching."
         )
     if len(dataset) == 0:
-        return
-    table = dataset.with_format("arrow").select_columns(["input_ids", TOPK_IDS_COLUMN])[:]
-    positions = table.column(TOPK_IDS_COLUMN).combine_chunks()  # list<list<int32>>: rows -> positions -> k
+        return 0
+    table = dataset.with_format("arrow").select_columns(["input_ids", kind.ids_column])[:]
+    positions = table.column(kind.ids_column).combine_chunks()  # rows -> positions -> k
     if pc.any(pc.not_equal(pc.list_value_length(positions), pc.list_value_length(table.column("input_ids")))).as_py():
         raise ValueError("Some rows have a different number of cached positions than tokens; rebuild the cache.")
-    per_position = positions.flatten()  # list<int32> per token
-    lengths = pc.list_value_length(per_position)
-    cached_k = pc.min(lengths).as_py() if len(per_position) else 0
-    if top_k is not None and cached_k is not None and cached_k < top_k:
-        raise ValueError(f"The teacher cache stores k={cached_k} tokens per position but top_k={top_k} was asked; "
-                         f"use top_k <= {cached_k} or rebuild the cache with a larger top_k.")
-    if vocab_size is not None and len(per_position):
-        max_id = pc.max(per_position.flatten()).as_py()
+    per_position = positions.flatten()  # one list of k ids per token
+    return pc.min(pc.list_value_length(per_position)).as_py() if len(per_position) else 0
+
+
+def _check_record(record: dict, kind: _Kind, width: int | None, temperature: float | None,
+                  teacher: torch.nn.Module | None, vocab_size: int | None) -> None:
+    """Compare a cache record with the settings it is used with; raise naming both values."""
+    if kind.name == "samples" and width is not None and record.get("num_samples") != width:
+        raise ValueError(f"The teacher samples cache holds S={record.get('num_samples')} draws per position but "
+                         f"kd_samples={width} was asked; use kd_samples={record.get('num_samples')} or rebuild the "
+                         "cache with --num-samples.")
+    cached_temperature = record.get("temperature", 1.0)  # caches made before records existed are at temperature 1
+    if temperature is not None and float(cached_temperature) != float(temperature):
+        raise ValueError(f"The teacher cache was made at temperature={cached_temperature} but temperature="
+                         f"{temperature} was asked: use temperature={cached_temperature}, rebuild the cache, or "
+                         "run the teacher online.")
+    cached_vocab = record.get("teacher", {}).get("vocab_size")
+    if vocab_size is not None and cached_vocab is not None and cached_vocab != vocab_size:
+        raise ValueError(f"The teacher cache was made by a teacher with a vocabulary of {cached_vocab} tokens but the "
+                         f"student's has {vocab_size}: teacher and student vocabularies must match.")
+    if teacher is not None:
+        made_by, current = record.get("teacher", {}), _teacher_record(teacher)
+        if made_by.get("fingerprint") != current["fingerprint"]:
+            raise ValueError(f"The teacher cache was made by {_teacher_name(made_by)}, not by this teacher "
+                             f"{_teacher_name(current)}: rebuild the cache with this teacher.")
+
+
+def _teacher_name(record: dict) -> str:
+    if not record.get("fingerprint"):
+        return "an unknown teacher (the cache was made before caches recorded their teacher)"
+    where = f" ({record['name_or_path']})" if record.get("name_or_path") else ""
+    return f"{record['fingerprint']}{where}"
+
+
+def check_teacher_cache(
+    dataset: Dataset,
+    vocab_size: int | None = None,
+    top_k: int | None = None,
+    kd_loss: str = "topk",
+    num_samples: int | None = None,
+    temperature: float | None = None,
+    teacher: torch.nn.Module | None = None,
+) -> dict:
+    """
+    Check that `dataset` carries the teacher cache `kd_loss` reads, matching its rows and the given settings, before
+    any training compute. Returns the cache's record (`{}` for a cache made before records existed).
+
+    Args:
+        dataset (`datasets.Dataset`): rows with `input_ids` and cache columns.
+        vocab_size (`int`, *optional*): the student's vocabulary; cached ids must lie inside it and the cache's
+            teacher must have had the same one.
+        top_k (`int`, *optional*): top-k the loss uses; at most the cache's k (the first `top_k` entries are used).
+        kd_loss (`str`, *optional*, defaults to `"topk"`): `"topk"` / `"topk_tail"` read a top-k cache, `"sampled"` a
+            samples cache.
+        num_samples (`int`, *optional*): S the loss uses; must equal the cache's.
+        temperature (`float`, *optional*): temperature the loss uses; must equal the cache's.
+        teacher (`torch.nn.Module`, *optional*): the teacher at hand; its [`teacher_fingerprint`] must be the cache's.
+
+    Raises:
+        `ValueError`: a cache column is missing or of the other kind, a row's fingerprint does not match its
+        `input_ids` (the cache was built for other data, or the data was re-tokenized, shuffled or filtered after
+        caching), a row's cache length differs from its tokens, a cached id is outside the student's vocabulary, or
+        the cache was made with another teacher, k, S or temperature (the message names both values).
+    """
+    kind = _check_kind(dataset, kd_loss)
+    record = cache_metadata(dataset).get(kind.name, {})
+    _check_record(record, kind, num_samples, temperature, teacher, vocab_size)
+    cached_width = _check_rows(dataset, kind)
+    if kind.name == "topk" and top_k is not None and len(dataset) and cached_width < top_k:
+        raise ValueError(f"The teacher cache stores k={cached_width} tokens per position but top_k={top_k} was asked; "
+                         f"use top_k <= {cached_width} or rebuild the cache with a larger top_k.")
+    if vocab_size is not None and len(dataset):
+        column = dataset.with_format("arrow").select_columns([kind.ids_column])[:].column(kind.ids_column)
+        max_id = pc.max(column.combine_chunks().flatten().flatten()).as_py()
         if max_id is not None and max_id >= vocab_size:
             raise ValueError(
                 f"The teacher cache holds token id {max_id}, outside the student's vocabulary of {vocab_size}: "
                 "teacher and student vocabularies must match."
             )
+    return record
 
 
 def _fingerprints(dataset: Dataset, batch_size: int = 1024) -> list[str]:
@@ -98,6 +335,141 @@ def _fingerprints(dataset: Dataset, batch_size: int = 1024) -> list[str]:
     for batch in dataset.select_columns(["input_ids"]).iter(batch_size=batch_size):
         fingerprints.extend(input_ids_fingerprint(ids) for ids in batch["input_ids"])
     return fingerprints
+
+
+# ------------------------------------------------------------------------------------------ building a cache
+def _shard_path(work_dir: str, index: int) -> str:
+    return os.path.join(work_dir, f"shard-{index:05d}.parquet")
+
+
+def _reuse_finished(output_dir: str, dataset: Dataset, kind: _Kind, record: dict, teacher) -> Dataset:
+    """Load a finished cache directory, refusing it when it was made for other data, teacher or settings."""
+    cached = load_from_disk(output_dir)
+    if not all(c in cached.column_names for c in kind.columns):
+        raise ValueError(f"{output_dir} holds no teacher {kind.name} cache (columns: {cached.column_names}); remove "
+                         "it or pick another path.")
+    if cached[kind.fingerprint_column] != _fingerprints(dataset):
+        raise ValueError(f"{output_dir} holds a teacher cache for other data; remove it or pick another path.")
+    found = cache_metadata(cached).get(kind.name, {})
+    made_by, current = found.get("teacher", {}), record["teacher"]
+    if made_by.get("fingerprint") != current["fingerprint"]:
+        raise ValueError(f"{output_dir} holds a teacher cache made by {_teacher_name(made_by)}, not by this teacher "
+                         f"{_teacher_name(current)}; remove it or pick another path.")
+    for key in ("top_k", "num_samples", "temperature", "seed"):
+        if found.get(key) != record.get(key):
+            raise ValueError(f"{output_dir} holds a teacher {kind.name} cache made with {key}={found.get(key)}, not "
+                             f"{key}={record.get(key)}; remove it or pick another path.")
+    logger.info("Reusing the teacher cache at %s", output_dir)
+    return cached
+
+
+def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, record: dict,
+                 compute: Callable, batch_size: int, output_dir, shard_size: int, pad_token_id: int) -> Dataset:
+    """The shared loop of the cache builders: resumable parquet shards, then one saved dataset with its record.
+    `compute(input_ids, attention_mask)` returns the per-position arrays `(b, T, width)` of the data columns."""
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"The dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it "
+                         "first.")
+    dataset = dataset.remove_columns([c for c in kind.columns if c in dataset.column_names])
+    rank, world = rank_and_world()
+    if world > 1 and output_dir is None:
+        raise ValueError("Caching the teacher on several processes needs output_dir: every rank writes its shards "
+                         "there and the main process joins them.")
+    work_dir = None
+    if output_dir is not None:
+        output_dir = os.fspath(output_dir)
+        if os.path.isdir(output_dir):  # every rank looks before any rank may write
+            return _reuse_finished(output_dir, dataset, kind, record, teacher)
+        work_dir = output_dir + ".partial"
+        if rank == 0:
+            _start_work_dir(work_dir, record)
+        barrier()
+    was_training = teacher.training
+    teacher.eval()
+    num_shards = (len(dataset) + shard_size - 1) // shard_size
+    mine = range(rank, num_shards, world)  # several processes: shard i is built by rank i % world_size
+    shards, reused = [], 0
+    progress = tqdm(total=sum(min(shard_size, len(dataset) - i * shard_size) for i in mine),
+                    desc=f"Caching teacher {kind.name}", unit="row")
+    try:
+        for shard_index in mine:
+            rows = dataset.select(range(shard_index * shard_size, min((shard_index + 1) * shard_size, len(dataset))))
+            path = _shard_path(work_dir, shard_index) if work_dir is not None else None
+            if path is not None and os.path.exists(path):
+                shard = Dataset.from_parquet(path, features=features)
+                if shard[kind.fingerprint_column] == _fingerprints(rows):
+                    shards.append(shard)
+                    reused += 1
+                    progress.update(len(rows))
+                    continue
+                logger.warning("Shard %s does not match the dataset; recomputing it.", path)
+            columns = {name: [] for name in kind.columns}
+            inputs = rows.select_columns([c for c in ("input_ids", "attention_mask") if c in rows.column_names])
+            for examples in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
+                batch = collate_tokens(examples, pad_token_id, labels=False)  # (b, T) each
+                arrays = compute(batch["input_ids"], batch["attention_mask"])  # each (b, T, width) numpy
+                for row, example in enumerate(examples):
+                    length = len(example["input_ids"])
+                    for name, array in zip(kind.columns[:-1], arrays):
+                        columns[name].append(array[row, :length])
+                    columns[kind.fingerprint_column].append(input_ids_fingerprint(example["input_ids"]))
+                progress.update(len(examples))
+            shard = Dataset.from_dict(columns, features=features)
+            if path is not None:
+                shard.to_parquet(path + ".tmp")
+                os.replace(path + ".tmp", path)
+            shards.append(shard)
+    finally:
+        progress.close()
+        teacher.train(was_training)
+    logger.info("Teacher %s cache: rank %d of %d built %d shard(s) and reused %d finished one(s)", kind.name, rank,
+                world, len(mine) - reused, reused)
+    if world == 1:
+        return _finish_cache(dataset, shards, kind, features, record, output_dir, work_dir)
+    barrier()  # every shard is on disk: the main process joins them in order and saves, the others load the result
+    if rank == 0:
+        shards = [Dataset.from_parquet(_shard_path(work_dir, i), features=features) for i in range(num_shards)]
+        result = _finish_cache(dataset, shards, kind, features, record, output_dir, work_dir)
+    barrier()
+    return result if rank == 0 else load_from_disk(output_dir)
+
+
+def _start_work_dir(work_dir: str, record: dict) -> None:
+    """Create (or reuse, when it was started with the same record) the directory of resumable shards; the record
+    is kept beside it in `<work_dir>.json`."""
+    path = work_dir + ".json"
+    if os.path.isdir(work_dir):
+        found = None
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                found = json.load(f)
+        if found == record:
+            return
+        logger.warning("%s was started with other settings (%s, now %s); starting it again.", work_dir, found, record)
+        shutil.rmtree(work_dir)
+    os.makedirs(work_dir)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _finish_cache(dataset, shards, kind: _Kind, features, record, output_dir, work_dir) -> Dataset:
+    cache = concatenate_datasets(shards) if shards else Dataset.from_dict({c: [] for c in kind.columns},
+                                                                         features=features)
+    result = concatenate_datasets([dataset, cache], axis=1)
+    _set_cache_metadata(result, kind.name, record)
+    if output_dir is not None:
+        tmp_dir = output_dir + ".tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        result.save_to_disk(tmp_dir)
+        os.replace(tmp_dir, output_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if os.path.exists(work_dir + ".json"):
+            os.remove(work_dir + ".json")
+        result = load_from_disk(output_dir)
+        logger.info("Saved the teacher %s cache (%d rows, %s) to %s", kind.name, len(result),
+                    _describe(record, kind.name), output_dir)
+    return result
 
 
 def cache_teacher_topk(
@@ -115,7 +487,9 @@ def cache_teacher_topk(
 
     Adds `teacher_topk_ids` (`int32`, per row `(T, k)`), `teacher_topk_logprobs` (`float32`, `(T, k)`, relative to
     the teacher's full vocabulary at temperature 1) and `teacher_topk_fingerprint` (a digest of the row's
-    `input_ids`, checked before training). Position `t` holds the teacher's prediction of token `t + 1`.
+    `input_ids`, checked before training), and records kind, teacher fingerprint, vocabulary, k and temperature in the
+    dataset's `info.description` (see [`cache_metadata`]). Position `t` holds the teacher's prediction of token
+    `t + 1`.
 
     Args:
         teacher (`torch.nn.Module`): the teacher causal LM; run in eval mode without gradients on its device.
@@ -124,7 +498,11 @@ def cache_teacher_topk(
         batch_size (`int`, *optional*, defaults to `8`): rows per teacher forward (right-padded).
         output_dir (`str`, *optional*): where to save the cached dataset (`datasets.save_to_disk`). Work goes to
             `<output_dir>.partial/` in parquet shards of `shard_size` rows, so re-running after an interruption
-            continues from the last finished shard; an existing, matching `output_dir` is loaded and returned.
+            continues from the last finished shard; an existing `output_dir` is loaded and returned when it was made
+            for the same rows, teacher and top_k, and refused otherwise. Called by every process of a distributed run
+            (`torchrun` / `accelerate launch`), the shards are split over the ranks (rank `r` builds shards `r, r +
+            world_size, ...`, writing its own files), the main process joins them in order and saves `output_dir`,
+            and every rank returns it: the rows one process computes, bit for bit. Several processes need it.
         shard_size (`int`, *optional*, defaults to `512`): rows per resumable shard.
         chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
         pad_token_id (`int`, *optional*, defaults to `0`): id used to right-pad a batch (masked out).
@@ -132,74 +510,72 @@ def cache_teacher_topk(
     Returns:
         `datasets.Dataset`: `dataset` with the three cache columns (replacing any previous ones).
     """
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(f"The dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it first.")
-    vocab_size = teacher.get_output_embeddings().weight.size(0)
-    if not 0 < top_k <= vocab_size:
-        raise ValueError(f"top_k={top_k} must be between 1 and the teacher's vocabulary size ({vocab_size}).")
-    dataset = dataset.remove_columns([c for c in CACHE_COLUMNS if c in dataset.column_names])
-    if output_dir is not None:
-        output_dir = os.fspath(output_dir)
-        if os.path.isdir(output_dir):
-            cached = load_from_disk(output_dir)
-            check_teacher_cache(cached, vocab_size=vocab_size, top_k=top_k)
-            if cached[FINGERPRINT_COLUMN] != _fingerprints(dataset):
-                raise ValueError(f"{output_dir} holds a teacher cache for other data; remove it or pick another path.")
-            logger.info("Reusing the teacher cache at %s", output_dir)
-            return cached
-        work_dir = output_dir + ".partial"
-        os.makedirs(work_dir, exist_ok=True)
-
-    was_training = teacher.training
-    teacher.eval()
+    vocab = vocab_size(teacher)
+    if not 0 < top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must be between 1 and the teacher's vocabulary size ({vocab}).")
     device = teacher.get_output_embeddings().weight.device
-    num_shards = (len(dataset) + shard_size - 1) // shard_size
-    shards = []
-    progress = tqdm(total=len(dataset), desc="Caching teacher top-k", unit="row")
-    try:
-        for shard_index in range(num_shards):
-            rows = dataset.select(range(shard_index * shard_size, min((shard_index + 1) * shard_size, len(dataset))))
-            path = _shard_path(work_dir, shard_index) if output_dir is not None else None
-            if path is not None and os.path.exists(path):
-                shard = Dataset.from_parquet(path, features=_CACHE_FEATURES)
-                if shard[FINGERPRINT_COLUMN] == _fingerprints(rows):
-                    shards.append(shard)
-                    progress.update(len(rows))
-                    continue
-                logger.warning("Shard %s does not match the dataset; recomputing it.", path)
-            columns = {name: [] for name in CACHE_COLUMNS}
-            inputs = rows.select_columns([c for c in ("input_ids", "attention_mask") if c in rows.column_names])
-            for features in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
-                batch = collate_tokens(features, pad_token_id, labels=False)  # (b, T) each
-                ids, logprobs = teacher_topk_from_model(
-                    teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device), top_k,
-                    chunk_size=chunk_size,
-                )  # (b, T, k) each
-                ids, logprobs = ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy()
-                for row, feature in enumerate(features):
-                    length = len(feature["input_ids"])
-                    columns[TOPK_IDS_COLUMN].append(ids[row, :length])
-                    columns[TOPK_LOGPROBS_COLUMN].append(logprobs[row, :length])
-                    columns[FINGERPRINT_COLUMN].append(input_ids_fingerprint(feature["input_ids"]))
-                progress.update(len(features))
-            shard = Dataset.from_dict(columns, features=_CACHE_FEATURES)
-            if path is not None:
-                shard.to_parquet(path + ".tmp")
-                os.replace(path + ".tmp", path)
-            shards.append(shard)
-    finally:
-        progress.close()
-        teacher.train(was_training)
+    record = {"kind": "topk", "teacher": _teacher_record(teacher), "top_k": top_k, "temperature": 1.0}
 
-    cache = concatenate_datasets(shards) if shards else Dataset.from_dict({c: [] for c in CACHE_COLUMNS},
-                                                                         features=_CACHE_FEATURES)
-    result = concatenate_datasets([dataset, cache], axis=1)
-    if output_dir is not None:
-        tmp_dir = output_dir + ".tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        result.save_to_disk(tmp_dir)
-        os.replace(tmp_dir, output_dir)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        result = load_from_disk(output_dir)
-        logger.info("Saved the teacher top-k cache (%d rows, k=%d) to %s", len(result), top_k, output_dir)
-    return result
+    def compute(input_ids, attention_mask):
+        ids, logprobs = teacher_topk_from_model(teacher, input_ids.to(device), attention_mask.to(device), top_k,
+                                                chunk_size=chunk_size)  # (b, T, k) each
+        return ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy()
+
+    return _build_cache(teacher, dataset, _KINDS["topk"], _TOPK_FEATURES, record, compute, batch_size, output_dir,
+                        shard_size, pad_token_id)
+
+
+def cache_teacher_samples(
+    teacher: torch.nn.Module,
+    dataset: Dataset,
+    num_samples: int = 8,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    output_dir: str | os.PathLike | None = None,
+    shard_size: int = 512,
+    chunk_size: int = 1024,
+    pad_token_id: int = 0,
+) -> Dataset:
+    """
+    Run the teacher once over `dataset` and add `num_samples` token ids drawn from its distribution per token, the
+    targets of the unbiased sampled KD loss ([`sampled_kd_loss`], `kd_loss="sampled"`).
+
+    Adds `teacher_sample_ids` (per row `(T, S)`, `uint16` when the vocabulary has at most 65,536 tokens, else `int32`:
+    `2 * S` bytes per token) and `teacher_sample_fingerprint` (a digest of the row's `input_ids`), and records kind,
+    teacher fingerprint, vocabulary, S, temperature and seed in the dataset's `info.description`. Draws are seeded per
+    row (by `seed` and the row's tokens, see [`sample_uniforms`]), so batching, resuming and multiple ranks give the
+    same samples, and online sampling with the same seed draws the same ones. Position `t` holds draws of the
+    teacher's prediction of token `t + 1`.
+
+    Args:
+        teacher (`torch.nn.Module`): the teacher causal LM; run in eval mode without gradients on its device.
+        dataset (`datasets.Dataset`): rows with `input_ids` (and optionally `attention_mask`).
+        num_samples (`int`, *optional*, defaults to `8`): draws per position (S); a token may be drawn repeatedly.
+        temperature (`float`, *optional*, defaults to `1.0`): draws follow `softmax(logits / temperature)`.
+        seed (`int`, *optional*, defaults to `0`): seed of the per-row generators.
+        batch_size, output_dir, shard_size, chunk_size, pad_token_id: as in [`cache_teacher_topk`] (resumable, an
+            existing `output_dir` made for the same rows, teacher, S, temperature and seed is reused, otherwise
+            refused).
+
+    Returns:
+        `datasets.Dataset`: `dataset` with the two sample-cache columns (replacing any previous ones).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    device = teacher.get_output_embeddings().weight.device
+    id_type = "uint16" if vocab_size(teacher) <= 2**16 else "int32"
+    features = Features({SAMPLE_IDS_COLUMN: List(List(Value(id_type), length=num_samples)),
+                         SAMPLE_FINGERPRINT_COLUMN: Value("string")})
+    record = {"kind": "samples", "teacher": _teacher_record(teacher), "num_samples": num_samples,
+              "temperature": float(temperature), "seed": seed}
+
+    def compute(input_ids, attention_mask):
+        ids = teacher_samples_from_model(teacher, input_ids.to(device), attention_mask.to(device), num_samples,
+                                         temperature, seed, chunk_size)  # (b, T, S)
+        return (ids.cpu().numpy().astype(np.dtype(id_type)),)
+
+    return _build_cache(teacher, dataset, _KINDS["samples"], features, record, compute, batch_size, output_dir,
+                        shard_size, pad_token_id)

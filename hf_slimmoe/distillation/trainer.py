@@ -1,10 +1,11 @@
-"""`DistillationTrainer`: train a (pruned) MoE student on top-k KD from its teacher plus the MoE load-balancing loss."""
+"""`DistillationTrainer`: train a (pruned) MoE student on KD from its teacher plus the MoE load-balancing loss."""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections import defaultdict
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -14,52 +15,119 @@ from trl.models.utils import _ForwardRedirection
 from ..architectures import get_architecture
 from ..data import TokenCollator
 from ..distributed import call_through_forward
-from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_model, vocab_size
+from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_hidden, vocab_size
 from .config import DistillationConfig
-from .losses import chunked_cross_entropy, chunked_student_topk_stats, topk_kl_loss, topk_tail_kl
+from .losses import (
+    chunked_cross_entropy,
+    chunked_student_topk_stats,
+    full_kl_loss,
+    sampled_kd_loss,
+    teacher_samples_from_hidden,
+    topk_kl_loss,
+    topk_tail_kl,
+    topk_tail_kl_loss,
+)
 from .teacher_cache import (
-    CACHE_COLUMNS,
+    KIND_FOR_LOSS,
+    SAMPLE_IDS_COLUMN,
     TOPK_IDS_COLUMN,
     TOPK_LOGPROBS_COLUMN,
+    cache_kinds,
     check_teacher_cache,
+    sample_uniforms,
 )
 
 logger = logging.getLogger(__name__)
+_KIND_LABEL = {"topk": "top-k", "samples": "samples"}
 
 
 # The default collator of `DistillationTrainer`: right-pads `input_ids` (+ optional `attention_mask`, row `labels`,
 # teacher columns) and returns `input_ids`, `attention_mask` and `labels` `(B, T)` (the rows' own `labels` when they
 # have them, -100 marks tokens that are not distilled; else `input_ids` with padding at -100) and every teacher column
-# `(B, T, k)`. KD, CE and the evaluation metrics count position `t` when `labels[t + 1] != -100`.
+# `(B, T, k)` (`teacher_topk_ids` / `teacher_topk_logprobs`, `teacher_sample_ids`). KD, CE and the evaluation metrics
+# count position `t` when `labels[t + 1] != -100`.
 DistillationCollator = TokenCollator
 
 
-class DistillationTrainer(Trainer):
+def use_fp32_master_weights(model: torch.nn.Module) -> torch.dtype | None:
+    """
+    Cast a student loaded in bfloat16 / float16 to float32 in place, so the optimizer updates float32 master weights
+    (an update below bfloat16's resolution is not rounded away); the forward still runs in bfloat16 / float16 under
+    the Trainer's autocast when `bf16` / `fp16` is set. Returns the dtype the model was loaded in (what its saved
+    checkpoints should hold), or `None` when it was already float32.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = sorted((d for d in dtypes if d != torch.float32), key=str)
+    if not low:
+        return None
+    model.float()
+    logger.info("Training the student with float32 master weights (loaded in %s; saved in %s).", low[0], low[0])
+    return low[0]
+
+
+class MasterWeightsSaving:
+    """
+    Trainer mixin for a student trained with float32 master weights ([`use_fp32_master_weights`]): checkpoints for
+    resuming (`_internal_call`) keep float32; a final `save_model` writes the student in `self.save_dtype`, the dtype
+    it was loaded in (`None`: as it is).
+    """
+
+    save_dtype: torch.dtype | None = None
+    _saving_dtype: torch.dtype | None = None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._saving_dtype = None if _internal_call else self.save_dtype
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._saving_dtype = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        dtype = self._saving_dtype
+        if dtype is None:
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:  # config.json names the dtype of the saved weights, not the training one
+            trained = model.config.dtype
+            model.config.dtype = dtype
+            model.config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+            model.config.dtype = trained
+
+
+class DistillationTrainer(MasterWeightsSaving, Trainer):
     """
     Trainer for SlimMoE distillation: the student learns `KD + aux_loss_coef * aux (+ ce_weight * CE)`.
 
-    KD is [`topk_kl_loss`] between the teacher's top-k next-token distribution and the student's, computed from the
-    student's last hidden states in chunks; aux is the MoE load-balancing loss on the student's router logits. The
-    teacher either runs online (eval mode, no gradients) or is absent, in which case every batch must carry a
-    teacher top-k cache built by [`cache_teacher_topk`]. Inputs are validated before any training compute: matching
-    vocabularies, `top_k` within the vocabulary, and a cache that matches its dataset.
+    KD is the objective `args.kd_loss` names ([`sampled_kd_loss`], [`topk_tail_kl_loss`], [`topk_kl_loss`] or
+    [`full_kl_loss`]) between the teacher's next-token distribution and the student's, computed from the student's
+    last hidden states in chunks; aux is the MoE load-balancing loss on the student's router logits. The teacher
+    either runs online (eval mode, no gradients) or is absent, in which case every batch must carry the teacher cache
+    the loss reads (samples from [`cache_teacher_samples`], or top-k from [`cache_teacher_topk`]). Inputs are
+    validated before any training compute: matching vocabularies, `top_k` within the vocabulary, and a cache that
+    matches its dataset, the loss, k / S, temperature and (when given) the teacher.
 
     The student's backbone and loss run inside the DDP/FSDP wrapper's forward (through `_ForwardRedirection`), so
-    `torchrun` / `accelerate launch` work unchanged. With gradient accumulation, the KD (and CE) loss of each
+    `torchrun` / `accelerate launch` work unchanged. A student loaded in bfloat16 / float16 trains float32 master
+    weights (with the `bf16` / `fp16` autocast of the arguments) and is saved back in its dtype by `save_model`;
+    resumable checkpoints keep float32. With gradient accumulation, the KD (and CE) loss of each
     micro-batch is a sum over its counted tokens divided by the count over the whole global batch
     (`num_items_in_batch`), so accumulation gives the loss and gradients of the equivalent big batch; the aux loss,
     which is not additive over tokens, is averaged over micro-batches.
 
-    `evaluate()` adds `eval_kl` (mean per-token KL to the teacher over its top-k tokens plus one "rest of the
-    vocabulary" outcome, see [`topk_tail_kl`]: a true divergence, >= 0), `eval_topk_kl` (the top-k training loss
-    itself, Eq. 3, which goes negative once the student is more confident on the top-k than the teacher),
-    `eval_top1_agreement` (student argmax equals the teacher's top-1) and `eval_perplexity` (exp of the student's
-    next-token cross-entropy).
+    `evaluate()` reads the teacher's top-k (from the evaluation data's top-k cache, or online) and adds `eval_kl`
+    (mean per-token KL to the teacher over its top-k tokens plus one "rest of the vocabulary" outcome, see
+    [`topk_tail_kl`]: a true divergence, >= 0; also the `eval_loss`, plus the aux term), `eval_topk_kl` (the top-k
+    loss of Eq. 3, which goes negative once the student is more confident on the top-k than the teacher),
+    `eval_top1_agreement` (student argmax equals the teacher's top-1), `eval_perplexity` (exp of the student's
+    next-token cross-entropy) and, with a teacher model and `args.eval_full_kl`, `eval_full_kl` (full-vocabulary KL).
 
     Args:
         model (`str` or `PreTrainedModel`): the student, or its path.
         teacher_model (`str` or `PreTrainedModel`, *optional*): the teacher, or its path; defaults to
-            `args.teacher_model_name_or_path`; may be `None` when the datasets carry a teacher cache.
+            `args.teacher_model_name_or_path`; may be `None` when the datasets carry the teacher caches.
         args ([`DistillationConfig`], *optional*): training configuration.
         train_dataset, eval_dataset (`datasets.Dataset`): rows with `input_ids` (+ optional `attention_mask`, + the
             cache columns when there is no teacher).
@@ -88,6 +156,10 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher_model, str):
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=model.dtype)
         self._validate(model, teacher_model, args, train_dataset, eval_dataset)
+        # float32 master weights for a student that trains (DeepSpeed keeps its own; an evaluation-only trainer, e.g.
+        # of the teacher itself, leaves the model as it is); `save_model` writes the dtype the student came in
+        trains = train_dataset is not None and model is not teacher_model and not args.deepspeed
+        self.save_dtype = use_fp32_master_weights(model) if trains else None
 
         if data_collator is None:
             processing_class = kwargs.get("processing_class")
@@ -126,52 +198,145 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({student_vocab}).")
         if teacher_model is not None:
             check_same_vocabulary(model, teacher_model)
-        datasets = {"train_dataset": train_dataset}
-        if isinstance(eval_dataset, dict):
-            datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
-        else:
-            datasets["eval_dataset"] = eval_dataset
-        for name, dataset in datasets.items():
+        if args.kd_loss == "full" and teacher_model is None:
+            raise ValueError(
+                "kd_loss='full' computes the full-vocabulary KL from the teacher's logits, so it needs the teacher "
+                "online (`teacher_model` or `teacher_model_name_or_path`); from a cache use kd_loss='sampled' "
+                "(cache_teacher_samples) or 'topk_tail' / 'topk' (cache_teacher_topk)."
+            )
+        datasets = {"train_dataset": (train_dataset, args.kd_loss)}
+        evals = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
+        for key, dataset in evals.items():  # evaluation reads the teacher's top-k (eval_kl)
+            datasets["eval_dataset" if key is None else f"eval_dataset[{key!r}]"] = (dataset, "topk_tail")
+        for name, (dataset, kd_loss) in datasets.items():
             if not isinstance(dataset, Dataset):
                 continue
             if "input_ids" not in dataset.column_names:
                 raise ValueError(f"{name} has no 'input_ids' column (columns: {dataset.column_names}).")
-            has_cache = any(c in dataset.column_names for c in CACHE_COLUMNS)
-            if has_cache or teacher_model is None:
-                try:
-                    check_teacher_cache(dataset, vocab_size=student_vocab, top_k=args.top_k)
-                except ValueError as error:
-                    if teacher_model is None and not has_cache:
-                        raise ValueError(
-                            f"{name} carries no teacher top-k cache and no teacher model was given: pass "
-                            "`teacher_model` (or `teacher_model_name_or_path`), or cache the teacher first with "
-                            "`cache_teacher_topk` / `slimmoe cache-teacher`."
-                        ) from error
-                    raise ValueError(f"{name}: {error}") from error
-                if args.temperature != 1.0:
-                    raise ValueError(
-                        f"{name} carries a teacher cache, whose log-probabilities are at temperature 1, but "
-                        f"temperature={args.temperature}; use temperature=1.0 or an online teacher."
-                    )
+            if kd_loss != "full":
+                DistillationTrainer._validate_cache(name, dataset, kd_loss, teacher_model, args, student_vocab)
+
+    @staticmethod
+    def _validate_cache(name, dataset, kd_loss, teacher_model, args, vocab_size) -> None:
+        """The cache `kd_loss` reads must be there and match, unless the teacher runs online for it."""
+        kind, present = KIND_FOR_LOSS[kd_loss], cache_kinds(dataset)
+        if kind not in present and teacher_model is not None:
+            if present:
+                logger.info("%s carries a %s cache that kd_loss=%r does not read; the teacher runs online.", name,
+                            " and ".join(present), kd_loss)
+            return
+        try:
+            check_teacher_cache(dataset, vocab_size=vocab_size, top_k=args.top_k if kind == "topk" else None,
+                                kd_loss=kd_loss, num_samples=args.kd_samples if kind == "samples" else None,
+                                temperature=args.temperature, teacher=teacher_model)
+        except ValueError as error:
+            if teacher_model is None and not present:
+                raise ValueError(
+                    f"{name} carries no teacher {_KIND_LABEL[kind]} cache (read by kd_loss={kd_loss!r}) and no "
+                    "teacher model was given: pass `teacher_model` (or `teacher_model_name_or_path`), or cache the "
+                    f"teacher first with `cache_teacher_{'topk' if kind == 'topk' else 'samples'}` / "
+                    "`slimmoe cache-teacher`."
+                ) from error
+            raise ValueError(f"{name}: {error}") from error
 
     # ------------------------------------------------------------------------------------------------ the loss
-    def _teacher_targets(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher top-k ids `(B, T, k)` and log-probabilities `(B, T, k)`, from the batch's cache or online."""
-        top_k = self.args.top_k
-        if TOPK_IDS_COLUMN in inputs:
-            return inputs[TOPK_IDS_COLUMN][..., :top_k], inputs[TOPK_LOGPROBS_COLUMN][..., :top_k]
+    def _teacher_targets(self, inputs: dict[str, torch.Tensor], evaluation: bool = False) -> dict[str, Any]:
+        """
+        What the loss (or, with `evaluation`, the metrics) reads from the teacher, from the batch's cache or online:
+        `"topk"`: ids and log-probabilities `(B, T, k)`; `"samples"`: ids `(B, T, S)`; `"full"`: the teacher's
+        hidden states `(B, T, H_t)` with its `lm_head` weight and bias.
+        """
+        args = self.args
+        needed = {"topk"} if evaluation else {KIND_FOR_LOSS.get(args.kd_loss, "full")}
+        targets: dict[str, Any] = {}
+        if "topk" in needed and TOPK_IDS_COLUMN in inputs:
+            targets["topk"] = inputs[TOPK_IDS_COLUMN][..., :args.top_k], inputs[TOPK_LOGPROBS_COLUMN][..., :args.top_k]
+        if "samples" in needed and SAMPLE_IDS_COLUMN in inputs:
+            targets["samples"] = inputs[SAMPLE_IDS_COLUMN]
+        if evaluation and args.eval_full_kl and self.teacher_model is not None:
+            needed.add("full")
+        missing = needed - set(targets)
+        if not missing:
+            return targets
         if self.teacher_model is None:
-            raise ValueError("The batch carries no teacher cache and the trainer has no teacher model.")
+            raise ValueError(f"The batch carries no teacher {', '.join(sorted(missing))} cache and the trainer has no "
+                             "teacher model.")
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         teacher.eval()
-        return call_through_forward(  # an FSDP2-sharded teacher gathers its root (embeddings, LM head) there
-            teacher, teacher_topk_from_model, teacher, inputs["input_ids"], inputs["attention_mask"], top_k,
-            self.args.temperature, self.args.kd_chunk_size,
+        # an FSDP2-sharded teacher gathers its root (embeddings, LM head) inside its own forward
+        targets.update(call_through_forward(teacher, self._online_targets, teacher, inputs, missing))
+        return targets
+
+    @torch.no_grad()
+    def _online_targets(self, teacher, inputs: dict[str, torch.Tensor], missing: set[str]) -> dict[str, Any]:
+        """The `missing` teacher targets (see `_teacher_targets`) from one forward of the teacher."""
+        args = self.args
+        hidden = backbone(teacher)(input_ids=inputs["input_ids"],
+                                   attention_mask=inputs["attention_mask"]).last_hidden_state  # (B, T, H_t)
+        lm_head = teacher.get_output_embeddings()
+        targets: dict[str, Any] = {}
+        if "topk" in missing:
+            targets["topk"] = teacher_topk_from_hidden(hidden, lm_head, args.top_k, args.temperature,
+                                                       args.kd_chunk_size)
+        if "samples" in missing:  # fresh draws every epoch, seeded per row (any batch, rank or resume draws alike)
+            seed = args.kd_samples_seed + int(self.state.epoch or 0)
+            uniforms = sample_uniforms(inputs["input_ids"], inputs["attention_mask"], args.kd_samples, seed)
+            targets["samples"] = teacher_samples_from_hidden(hidden, lm_head, uniforms, args.temperature,
+                                                             args.kd_chunk_size)
+        if "full" in missing:  # the head is used after this forward: a copy when FSDP2 reshards it afterwards
+            from torch.distributed.fsdp import FSDPModule
+
+            weight, bias = lm_head.weight, lm_head.bias
+            if isinstance(teacher, FSDPModule):
+                weight, bias = weight.detach().clone(), None if bias is None else bias.detach().clone()
+            targets["full"] = (hidden, weight, bias)
+        return targets
+
+    def _kd_sum(self, hidden, weight, bias, targets: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
+        """The sum over counted tokens of the `args.kd_loss` objective; teacher targets are `(B, T, *)`."""
+        args = self.args
+        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size, "reduction": "sum"}
+        if args.kd_loss == "sampled":
+            return sampled_kd_loss(hidden, weight, bias, targets["samples"][:, :-1], mask, **common)
+        if args.kd_loss == "full":
+            teacher_hidden, teacher_weight, teacher_bias = targets["full"]
+            return full_kl_loss(hidden, weight, bias, teacher_hidden[:, :-1], teacher_weight, teacher_bias, mask,
+                                **common)
+        ids, logprobs = targets["topk"]
+        if args.kd_loss == "topk_tail":
+            return topk_tail_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, **common)
+        return topk_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, renormalize=args.renormalize,
+                            **common)
+
+    def _eval_stats(self, hidden, weight, bias, targets: dict[str, Any], mask) -> dict[str, torch.Tensor]:
+        """Sums over counted tokens of the evaluation metrics (see the class docstring)."""
+        args = self.args
+        ids, logprobs = targets["topk"]
+        flat_mask = mask.reshape(-1)
+        k = ids.size(-1)
+        flat_ids = ids[:, :-1].reshape(-1, k)[flat_mask].to(weight.device)  # (N, k)
+        teacher_lp = logprobs[:, :-1].reshape(-1, k)[flat_mask].to(weight.device)  # (N, k)
+        student_top1, student_lp = chunked_student_topk_stats(
+            hidden.reshape(-1, hidden.size(-1))[flat_mask], weight, bias, flat_ids, args.temperature,
+            args.kd_chunk_size,
         )
+        stats = {
+            "agree": (student_top1 == flat_ids[:, 0]).sum(),
+            "kl_sum": topk_tail_kl(teacher_lp, student_lp).sum(),
+            "topk_sum": topk_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask,
+                                     temperature=args.temperature, renormalize=args.renormalize,
+                                     chunk_size=args.kd_chunk_size, reduction="sum"),
+        }
+        if "full" in targets:
+            teacher_hidden, teacher_weight, teacher_bias = targets["full"]
+            stats["full_kl_sum"] = full_kl_loss(hidden, weight, bias, teacher_hidden[:, :-1], teacher_weight,
+                                                teacher_bias, mask, temperature=args.temperature,
+                                                chunk_size=args.kd_chunk_size, reduction="sum")
+        return stats
 
     def _student_losses(
-        self, student: PreTrainedModel, inputs: dict[str, torch.Tensor], teacher_ids, teacher_logprobs,
-        eval_stats: bool = False,
+        self, student: PreTrainedModel, inputs: dict[str, torch.Tensor], targets: dict[str, Any],
+        evaluation: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Student backbone + chunked losses; runs inside the wrapper's forward. Returns raw sums over tokens."""
         args = self.args
@@ -187,49 +352,31 @@ class DistillationTrainer(Trainer):
         lm_head = student.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         hidden = hidden.to(weight.device)
-        result = {
-            "kd_sum": topk_kl_loss(
-                hidden, weight, bias, teacher_ids[:, :-1], teacher_logprobs[:, :-1], mask,
-                temperature=args.temperature, renormalize=args.renormalize, chunk_size=args.kd_chunk_size,
-                reduction="sum",
-            ),
-            "num_tokens": mask.sum(),
-        }
         zero = torch.zeros((), device=weight.device)
+        result = {"num_tokens": mask.sum(), "aux": zero, "ce_sum": zero}
         if want_aux:
             result["aux"] = aux_loss(
                 outputs.router_logits, arch.num_experts_of(student.config), arch.top_k_of(student.config),
                 inputs["attention_mask"],
             )
-        else:
-            result["aux"] = zero
-        if args.ce_weight > 0 or eval_stats:
+        if args.ce_weight > 0 or evaluation:
             result["ce_sum"] = chunked_cross_entropy(
                 hidden, weight, bias, labels, chunk_size=args.kd_chunk_size, reduction="sum"
             )
+        if evaluation:
+            result.update(self._eval_stats(hidden, weight, bias, targets, mask))
         else:
-            result["ce_sum"] = zero
-        if eval_stats:
-            flat_mask = mask.reshape(-1)
-            k = teacher_ids.size(-1)
-            ids = teacher_ids[:, :-1].reshape(-1, k)[flat_mask].to(weight.device)  # (N, k)
-            teacher_lp = teacher_logprobs[:, :-1].reshape(-1, k)[flat_mask].to(weight.device)  # (N, k)
-            student_top1, student_lp = chunked_student_topk_stats(
-                hidden.reshape(-1, hidden.size(-1))[flat_mask], weight, bias, ids, args.temperature,
-                args.kd_chunk_size,
-            )
-            result["agree"] = (student_top1 == ids[:, 0]).sum()
-            result["kl_sum"] = topk_tail_kl(teacher_lp, student_lp).sum()
+            result["kd_sum"] = self._kd_sum(hidden, weight, bias, targets, mask)
         return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        teacher_ids, teacher_logprobs = self._teacher_targets(inputs)
+        targets = self._teacher_targets(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        # Through the wrapper's forward, so DDP prepares gradient sync and FSDP gathers the student's shards.
-        parts = self._forward_redirection(
-            model, unwrapped, self._student_losses, unwrapped, inputs, teacher_ids, teacher_logprobs
-        )
+        # Through the wrapper's forward, so DDP prepares gradient sync and FSDP gathers the student's shards; the
+        # redirection bypasses the autocast accelerate patches into the model's forward, so it is entered here.
+        with self.accelerator.autocast():
+            parts = self._forward_redirection(model, unwrapped, self._student_losses, unwrapped, inputs, targets)
         local_tokens = parts["num_tokens"].clamp(min=1)
         if model.training and num_items_in_batch is not None:
             # Sum / tokens of the global batch; times the ranks, since DDP averages gradients over them.
@@ -251,19 +398,23 @@ class DistillationTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------ evaluation
+    _EVAL_SUMS = ("topk_sum", "num_tokens", "agree", "ce_sum", "kl_sum", "full_kl_sum", "full_tokens")
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            teacher_ids, teacher_logprobs = self._teacher_targets(inputs)
+            targets = self._teacher_targets(inputs, evaluation=True)
             unwrapped = self.accelerator.unwrap_model(model)
-            parts = self._forward_redirection(
-                model, unwrapped, self._student_losses, unwrapped, inputs, teacher_ids, teacher_logprobs, True
-            )
-        sums = torch.stack([parts["kd_sum"], parts["num_tokens"], parts["agree"], parts["ce_sum"],
-                            parts["kl_sum"]]).double()
+            with self.accelerator.autocast():
+                parts = self._forward_redirection(model, unwrapped, self._student_losses, unwrapped, inputs, targets,
+                                                  True)
+        parts["full_tokens"] = parts["num_tokens"] if "full_kl_sum" in parts else torch.zeros_like(
+            parts["num_tokens"])
+        parts.setdefault("full_kl_sum", torch.zeros_like(parts["kl_sum"]))
+        sums = torch.stack([parts[name].to(parts["kl_sum"].device) for name in self._EVAL_SUMS]).double()
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums.to(self._eval_sums.device)
         tokens = parts["num_tokens"].clamp(min=1)
-        loss = parts["kd_sum"] / tokens + self.args.aux_loss_coef * parts["aux"]
+        loss = parts["kl_sum"] / tokens + self.args.aux_loss_coef * parts["aux"]
         return loss.detach(), None, None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -271,16 +422,18 @@ class DistillationTrainer(Trainer):
         self._eval_sums = None
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(5, dtype=torch.float64,
-                                                                               device=self.args.device)
+        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(
+            len(self._EVAL_SUMS), dtype=torch.float64, device=self.args.device)
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
-        kd_sum, tokens, agree, ce_sum, kl_sum = sums.tolist()
+        topk_sum, tokens, agree, ce_sum, kl_sum, full_kl_sum, full_tokens = sums.tolist()
         tokens = max(tokens, 1.0)
         output.metrics[f"{metric_key_prefix}_kl"] = kl_sum / tokens
-        output.metrics[f"{metric_key_prefix}_topk_kl"] = kd_sum / tokens
+        output.metrics[f"{metric_key_prefix}_topk_kl"] = topk_sum / tokens
         output.metrics[f"{metric_key_prefix}_top1_agreement"] = agree / tokens
         output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(ce_sum / tokens, 50.0))
+        if full_tokens > 0:
+            output.metrics[f"{metric_key_prefix}_full_kl"] = full_kl_sum / full_tokens
         self._metrics["eval"].clear()
         self._eval_sums = None
         return output

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, SFTConfig
 from trl.trainer.utils import get_peft_config
 
+from ..distillation.config import KD_LOSSES
+
 BUILTIN_DOCSTRINGS = "builtin:stdlib-docstrings"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -25,13 +27,22 @@ class SFTDistillationConfig(SFTConfig):
             Instruct teacher (Hub id or directory) loaded when the trainer gets no `teacher_model`. It must share the
             student's vocabulary. `None` with no teacher top-k columns in the data means plain SFT (`ce_mix=1`).
         teacher_cache_dir (`str` or `None`, *optional*, defaults to `None`):
-            Directory of a cached teacher top-k pass over the *formatted* (tokenized, masked, packed) training data.
-            If it holds a cache made for the same data, `top_k` and `temperature`, it is read and no teacher runs;
+            Directory of a cached teacher pass (the cache `kd_loss` reads: samples or top-k) over the *formatted*
+            (tokenized, masked, packed) training data. If it holds a cache made for the same data, teacher, k / S and
+            `temperature`, it is read and no teacher runs;
             otherwise the teacher makes it once before training (then it is released).
 
     Parameters that control the loss:
+        kd_loss (`str`, *optional*, defaults to `"sampled"`):
+            The KD objective, as in [`DistillationConfig`]: `"sampled"` (`kd_samples` teacher draws per token,
+            unbiased), `"topk_tail"`, `"topk"` (the paper's top-8 logits distillation, whose minimizer drops the
+            teacher's tail) or `"full"` (online teacher only). `teacher_cache_dir` holds the cache the loss reads.
+        kd_samples (`int`, *optional*, defaults to `8`):
+            Teacher draws per token of `kd_loss="sampled"`.
+        kd_samples_seed (`int`, *optional*, defaults to `0`):
+            Seed of the teacher draws (epoch `e` online uses `kd_samples_seed + e`; the cache uses it as is).
         top_k (`int`, *optional*, defaults to `8`):
-            Teacher tokens kept per position (the paper's top-8 logits distillation).
+            Teacher tokens kept per position by `kd_loss="topk"` / `"topk_tail"`.
         temperature (`float`, *optional*, defaults to `1.0`):
             Softmax temperature of teacher and student in the KD term (no `T**2` factor).
         ce_mix (`float`, *optional*, defaults to `0.0`):
@@ -55,6 +66,9 @@ class SFTDistillationConfig(SFTConfig):
     teacher_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of the cached teacher top-k pass over the formatted data."}
     )
+    kd_loss: str = field(default="sampled", metadata={"help": "KD objective.", "choices": list(KD_LOSSES)})
+    kd_samples: int = field(default=8, metadata={"help": "Teacher draws per token of kd_loss='sampled'."})
+    kd_samples_seed: int = field(default=0, metadata={"help": "Seed of the teacher draws."})
     top_k: int = field(default=8, metadata={"help": "Teacher tokens kept per position."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD term."})
     ce_mix: float = field(
@@ -71,6 +85,15 @@ class SFTDistillationConfig(SFTConfig):
             raise ValueError(f"top_k={self.top_k} must be at least 1.")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be positive.")
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss={self.kd_loss!r} is not one of {list(KD_LOSSES)}.")
+        if self.kd_samples < 1:
+            raise ValueError(f"kd_samples={self.kd_samples} must be at least 1.")
+        if self.renormalize_topk and self.kd_loss != "topk":
+            raise ValueError(f"renormalize_topk=True applies to kd_loss='topk' only, not {self.kd_loss!r}.")
+        if self.kd_loss == "full" and self.teacher_cache_dir is not None:
+            raise ValueError("kd_loss='full' needs the teacher online: drop teacher_cache_dir or use "
+                             "kd_loss='sampled'.")
 
 
 @dataclass

@@ -130,7 +130,8 @@ def run_sft(script_args: PostTrainScriptArguments, model_args: ModelConfig, conf
         processing_class=tokenizer, peft_config=peft_config,
     )
     _train_and_save(trainer, tokenizer, peft_config, script_args.merge_lora)
-    training = {"top_k": config.top_k, "temperature": config.temperature, "ce_mix": config.ce_mix}
+    training = {"kd_loss": config.kd_loss, "kd_samples": config.kd_samples if config.kd_loss == "sampled" else None,
+                "top_k": config.top_k, "temperature": config.temperature, "ce_mix": config.ce_mix}
     if peft_config is not None:
         training.update(_lora_training(peft_config))
     if trainer.accelerator.is_main_process:

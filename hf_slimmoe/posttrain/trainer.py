@@ -1,6 +1,6 @@
-"""[`SFTDistillationTrainer`]: `trl.SFTTrainer` whose loss mixes cross-entropy with the top-k KD loss against an
-instruct teacher (SlimMoE post-training: top-8 logits distillation from the post-trained teacher), run online or read
-from a cached top-k pass over the formatted SFT data."""
+"""[`SFTDistillationTrainer`]: `trl.SFTTrainer` whose loss mixes cross-entropy with a KD loss (`kd_loss`, as in
+compression) against an instruct teacher (SlimMoE post-training: top-8 logits distillation from the post-trained
+teacher), run online or read from a cached teacher pass (samples or top-k) over the formatted SFT data."""
 
 from __future__ import annotations
 
@@ -19,9 +19,13 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..data import TEACHER_PREFIX, is_teacher_value, pad
-from ..distillation.losses import topk_kl_loss
-from ..distillation.teacher_cache import (FINGERPRINT_COLUMN, TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN,
-                                          cache_teacher_topk, check_teacher_cache)
+from ..distillation.losses import (full_kl_loss, sampled_kd_loss, teacher_samples_from_hidden, topk_kl_loss,
+                                   topk_tail_kl_loss)
+from ..distillation.teacher_cache import (FINGERPRINT_COLUMN, KIND_FOR_LOSS, SAMPLE_FINGERPRINT_COLUMN,
+                                          SAMPLE_IDS_COLUMN, TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN,
+                                          cache_teacher_samples, cache_teacher_topk, check_teacher_cache,
+                                          sample_uniforms)
+from ..distillation.trainer import MasterWeightsSaving, use_fp32_master_weights
 from ..modeling_utils import (backbone, causal_lm, check_same_vocabulary, forward_hidden, teacher_topk_from_hidden,
                               vocab_size)
 from .config import SFTDistillationConfig
@@ -29,6 +33,7 @@ from .config import SFTDistillationConfig
 logger = logging.getLogger(__name__)
 
 TEACHER_TOPK_COLUMNS = (TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN)
+TEACHER_CACHE_COLUMNS = {"topk": TEACHER_TOPK_COLUMNS, "samples": (SAMPLE_IDS_COLUMN,)}  # what each kd_loss reads
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -52,22 +57,24 @@ class _TeacherTopkCollator:
         return batch
 
 
-class SFTDistillationTrainer(SFTTrainer):
+class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
     """
-    `trl.SFTTrainer` whose loss mixes cross-entropy with the top-k KD loss against an instruct teacher.
+    `trl.SFTTrainer` whose loss mixes cross-entropy with a KD loss (`args.kd_loss`) against an instruct teacher.
 
     Everything `SFTTrainer` does (chat template, completion-only / assistant-only labels, packing, padding-free,
-    PEFT, the MoE load-balancing loss, its loss normalization and metrics) is unchanged; the loss becomes
+    PEFT, the MoE load-balancing loss, its loss normalization and metrics) is unchanged, and a fully fine-tuned
+    student loaded in bfloat16 / float16 trains float32 master weights and is saved back in its dtype (as
+    [`DistillationTrainer`] does); the loss becomes
 
         loss = ce_mix * CE + (1 - ce_mix) * KD + router_aux_loss_coef * aux
 
     `SFTTrainer.compute_loss` computes `CE + aux` and its metrics as usual; while it runs, a forward hook on the
     student (inside the accelerate wrapper's forward) takes the backbone's last hidden state and computes the KD sum
-    with the chunked [`topk_kl_loss`] (no `(tokens, vocab)` logits), and [`kd_loss_correction`] then adds
+    with the chunked loss `kd_loss` names (no `(tokens, vocab)` logits), and [`kd_loss_correction`] then adds
     `(1 - ce_mix) * (KD - CE)`, with KD and CE sums over the tokens whose label is not `-100` scaled like TRL's CE
     term (by the token count, `num_items_in_batch` under gradient accumulation, and the ranks). The teacher (eval
-    mode, no grad, prepared like TRL's DPO reference model) runs on the same batch, or its top-k is read from the
-    `teacher_topk_ids` / `teacher_topk_logprobs` columns of a cached pass (`args.teacher_cache_dir`).
+    mode, no grad, prepared like TRL's DPO reference model) runs on the same batch, or what the loss reads is taken
+    from the `teacher_sample_ids` or `teacher_topk_*` columns of a cached pass (`args.teacher_cache_dir`).
 
     Args:
         model: student (a model or a path), as for `SFTTrainer`.
@@ -95,6 +102,8 @@ class SFTDistillationTrainer(SFTTrainer):
         if teacher_model is not None and isinstance(model, PreTrainedModel):
             check_same_vocabulary(model, teacher_model)  # before any data preparation
         super().__init__(model, args=args, **kwargs)
+        if self.args.deepspeed is None and not hasattr(self.model, "peft_config"):  # full fine-tuning: fp32 masters
+            self.save_dtype = use_fp32_master_weights(self.model)  # (LoRA adapters are float32 already)
         self.data_collator = _TeacherTopkCollator(self.data_collator, padding_free=bool(args.padding_free))
         if teacher_model is not None:
             check_same_vocabulary(self.accelerator.unwrap_model(self.model), teacher_model)
@@ -109,11 +118,11 @@ class SFTDistillationTrainer(SFTTrainer):
             self.train_dataset = self._attach_teacher_cache(train, teacher_model, args.teacher_cache_dir)
             if self.eval_dataset is None:
                 teacher_model = None  # the cache replaces the teacher (kept only to evaluate online)
-        elif self.kd_enabled and self._has_cache(train) and FINGERPRINT_COLUMN in train.column_names:
-            check_teacher_cache(train, vocab_size=vocab_size(self.accelerator.unwrap_model(self.model)),
-                                top_k=args.top_k)
+        elif self.kd_enabled and self._has_cache(train, args.kd_loss) and (
+                FINGERPRINT_COLUMN in train.column_names or SAMPLE_FINGERPRINT_COLUMN in train.column_names):
+            self._check_cache(train, teacher_model)
         self.teacher_model = None
-        if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset):
+        if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset, args.kd_loss):
             raise ValueError(
                 "SFT distillation (ce_mix < 1) needs a teacher: pass `teacher_model`, set "
                 "`teacher_model_name_or_path`, or give a dataset with cached `teacher_topk_ids` / "
@@ -130,8 +139,21 @@ class SFTDistillationTrainer(SFTTrainer):
 
     # --- data -------------------------------------------------------------------------------------------------
     @staticmethod
-    def _has_cache(dataset) -> bool:
-        return dataset is not None and all(c in (dataset.column_names or []) for c in TEACHER_TOPK_COLUMNS)
+    def _has_cache(dataset, kd_loss: str | None = None) -> bool:
+        """Whether `dataset` carries the cache columns `kd_loss` reads (any kind's when `kd_loss` is None)."""
+        kinds = TEACHER_CACHE_COLUMNS if kd_loss is None else {k: v for k, v in TEACHER_CACHE_COLUMNS.items()
+                                                               if k == KIND_FOR_LOSS.get(kd_loss)}
+        return dataset is not None and any(all(c in (dataset.column_names or []) for c in columns)
+                                           for columns in kinds.values())
+
+    def _check_cache(self, dataset: Dataset, teacher: PreTrainedModel | None) -> None:
+        args = self.args
+        check_teacher_cache(
+            dataset, vocab_size=vocab_size(self.accelerator.unwrap_model(self.model)),
+            top_k=args.top_k if args.kd_loss != "sampled" else None, kd_loss=args.kd_loss,
+            num_samples=args.kd_samples if args.kd_loss == "sampled" else None, temperature=args.temperature,
+            teacher=teacher,
+        )
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # A dataset that already carries the teacher top-k is formatted already (the cache is taken after TRL's
@@ -144,21 +166,24 @@ class SFTDistillationTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_TOPK_COLUMNS]))
+        cache_columns = [c for columns in TEACHER_CACHE_COLUMNS.values() for c in columns]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *cache_columns]))
 
     def _attach_teacher_cache(self, dataset: Dataset, teacher: PreTrainedModel | None, cache_dir: str) -> Dataset:
-        """Read (or make once, with the teacher) the top-k cache of the formatted dataset; returns it with the cache."""
+        """Read (or make once, with the teacher) the cache `kd_loss` reads (teacher samples or top-k) of the formatted
+        dataset; returns the dataset with the cache."""
+        args = self.args
         if "seq_lengths" in dataset.column_names:
             raise ValueError(
                 "`teacher_cache_dir` needs unpacked data (each cached row is one sequence): set `packing=False`, or "
                 "drop `teacher_cache_dir` to run the teacher online on the packed batches."
             )
-        if self.args.temperature != 1.0:
+        if args.kd_loss != "sampled" and args.temperature != 1.0:
             raise ValueError(
-                f"The teacher cache stores log-probabilities at temperature 1, but temperature={self.args.temperature}:"
-                " drop `teacher_cache_dir` to run the teacher online, or use temperature 1."
+                "The teacher top-k cache stores log-probabilities at temperature 1, but "
+                f"temperature={args.temperature}: drop `teacher_cache_dir` to run the teacher online, or use "
+                "temperature 1 (or kd_loss='sampled')."
             )
-        student_vocab = vocab_size(self.accelerator.unwrap_model(self.model))
         if not os.path.isdir(cache_dir):
             if teacher is None:
                 raise ValueError(
@@ -166,11 +191,13 @@ class SFTDistillationTrainer(SFTTrainer):
                 )
             if self.accelerator.is_main_process:
                 teacher.to(self.accelerator.device)
-                cache_teacher_topk(
-                    teacher, dataset, top_k=self.args.top_k, batch_size=self.args.per_device_eval_batch_size,
-                    output_dir=cache_dir, chunk_size=self.args.kd_chunk_size,
-                    pad_token_id=self.processing_class.pad_token_id or 0,
-                )
+                common = {"batch_size": args.per_device_eval_batch_size, "output_dir": cache_dir,
+                          "chunk_size": args.kd_chunk_size, "pad_token_id": self.processing_class.pad_token_id or 0}
+                if args.kd_loss == "sampled":
+                    cache_teacher_samples(teacher, dataset, num_samples=args.kd_samples, temperature=args.temperature,
+                                          seed=args.kd_samples_seed, **common)
+                else:
+                    cache_teacher_topk(teacher, dataset, top_k=args.top_k, **common)
             self.accelerator.wait_for_everyone()
         cached = load_from_disk(cache_dir)
         if len(cached) != len(dataset) or cached["input_ids"] != dataset["input_ids"]:
@@ -178,56 +205,74 @@ class SFTDistillationTrainer(SFTTrainer):
                 f"The teacher cache in {cache_dir} was made for other data than this run's formatted training set "
                 "(different rows or tokens); delete it or point `teacher_cache_dir` elsewhere."
             )
-        check_teacher_cache(cached, vocab_size=student_vocab, top_k=self.args.top_k)
-        logger.info("Distilling from the teacher top-k cache in %s", cache_dir)
+        self._check_cache(cached, teacher)
+        logger.info("Distilling from the teacher cache in %s", cache_dir)
+        keep = TEACHER_CACHE_COLUMNS[KIND_FOR_LOSS[args.kd_loss]]
         return cached.remove_columns([c for c in cached.column_names if c not in dataset.column_names
-                                      and c not in TEACHER_TOPK_COLUMNS])
+                                      and c not in keep])
 
     # --- loss -------------------------------------------------------------------------------------------------
-    def _teacher_targets(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher top-k ids and log-probabilities `(B, T-1, k)` for the batch: the cached columns (popped from
-        `inputs`, with every other `teacher_*` column) or the online teacher's."""
+    def _teacher_targets(self, inputs: dict[str, Any]) -> Any:
+        """What `kd_loss` reads from the teacher for the batch, `(B, T-1, *)`: the cached columns (popped from `inputs`
+        with every other `teacher_*` column) or the online teacher's (see `_online_teacher_targets`)."""
         cached = {name: inputs.pop(name) for name in [n for n in inputs if n.startswith(TEACHER_PREFIX)]}
-        if TOPK_IDS_COLUMN in cached:
+        kind = KIND_FOR_LOSS.get(self.args.kd_loss)
+        if kind == "samples" and SAMPLE_IDS_COLUMN in cached:
+            return cached[SAMPLE_IDS_COLUMN][:, :-1]
+        if kind == "topk" and TOPK_IDS_COLUMN in cached:
             k = self.args.top_k  # a cache may hold more tokens per position than asked; they are sorted
             return cached[TOPK_IDS_COLUMN][:, :-1, :k], cached[TOPK_LOGPROBS_COLUMN][:, :-1, :k]
         if self.teacher_model is None:
             raise ValueError(
-                "This batch has no cached teacher top-k and the trainer has no teacher: give the evaluation data "
-                "cached `teacher_topk_*` columns too, or pass a teacher model."
+                f"This batch has no cached teacher columns for kd_loss={self.args.kd_loss!r} and the trainer has no "
+                "teacher: give the evaluation data the same cache, or pass a teacher model."
             )
-        return self._online_teacher_topk(inputs)
+        return self._online_teacher_targets(inputs)
 
     @torch.no_grad()
-    def _online_teacher_topk(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _online_teacher_targets(self, inputs: dict[str, Any]) -> Any:
+        """The online teacher's targets: top-k ids and log-probabilities `(B, T-1, k)`, samples `(B, T-1, S)`, or
+        (`full`) its hidden states `(B, T-1, H_t)` with its lm_head weight and bias."""
+        args = self.args
         teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "output_router_logits")}
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
-        # `logits_to_keep=1`: the teacher's full logits are never built, its top-k is taken from its hidden states
+        # `logits_to_keep=1`: the teacher's full logits are never built, its targets come from its hidden states
         _, hidden = forward_hidden(self.teacher_model, backbone(unwrapped), **teacher_inputs, use_cache=False,
                                    logits_to_keep=1)
-        return teacher_topk_from_hidden(
-            hidden[:, :-1], unwrapped.get_output_embeddings(), self.args.top_k, self.args.temperature,
-            self.args.kd_chunk_size,
-        )
+        lm_head = unwrapped.get_output_embeddings()
+        if args.kd_loss == "full":
+            return hidden[:, :-1], lm_head.weight, lm_head.bias
+        if args.kd_loss == "sampled":  # fresh draws every epoch, seeded per row
+            uniforms = sample_uniforms(inputs["input_ids"], inputs.get("attention_mask"), args.kd_samples,
+                                       args.kd_samples_seed + int(self.state.epoch or 0))
+            return teacher_samples_from_hidden(hidden[:, :-1], lm_head, uniforms[:, :-1], args.temperature,
+                                               args.kd_chunk_size)
+        return teacher_topk_from_hidden(hidden[:, :-1], lm_head, args.top_k, args.temperature, args.kd_chunk_size)
 
-    def _kd_sum(self, student: torch.nn.Module, hidden: torch.Tensor, teacher_ids: torch.Tensor,
-                teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Sum of the top-k KD loss over the positions of `mask` (`(B, T-1)`: the next-token label is not -100), from
-        the student's last hidden state `(B, T, H)`; position t predicts token t + 1."""
+    def _kd_sum(self, student: torch.nn.Module, hidden: torch.Tensor, targets: Any, mask: torch.Tensor) -> torch.Tensor:
+        """Sum of the `kd_loss` objective over the positions of `mask` (`(B, T-1)`: the next-token label is not
+        -100), from the student's last hidden state `(B, T, H)`; position t predicts token t + 1."""
+        args = self.args
         lm_head = causal_lm(student).get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards: gather the head once for the chunked projection
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
+        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size, "reduction": "sum"}
         with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3
-            return topk_kl_loss(
-                hidden[:, :-1].to(weight.device), weight, bias, teacher_ids, teacher_logprobs, mask,
-                temperature=self.args.temperature, renormalize=self.args.renormalize_topk,
-                chunk_size=self.args.kd_chunk_size, reduction="sum",
-            )
+            hidden = hidden[:, :-1].to(weight.device)
+            if args.kd_loss == "full":
+                teacher_hidden, teacher_weight, teacher_bias = targets
+                return full_kl_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask,
+                                    **common)
+            if args.kd_loss == "sampled":
+                return sampled_kd_loss(hidden, weight, bias, targets, mask, **common)
+            if args.kd_loss == "topk_tail":
+                return topk_tail_kl_loss(hidden, weight, bias, *targets, mask, **common)
+            return topk_kl_loss(hidden, weight, bias, *targets, mask, renormalize=args.renormalize_topk, **common)
 
     @contextmanager
-    def _kd_hook(self, model: torch.nn.Module, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor):
+    def _kd_hook(self, model: torch.nn.Module, targets: Any):
         """While `SFTTrainer.compute_loss` runs: forward hooks on the student that keep its first fused forward's
         outputs and the KD sum computed from its backbone's last hidden state (inside the wrapper's forward, so
         DDP / FSDP see the KD term as part of the forward). Yields the dict they fill (`outputs`, `kd_sum`)."""
@@ -240,8 +285,7 @@ class SFTDistillationTrainer(SFTTrainer):
         def add_kd(module, args, kwargs, output):
             if kwargs.get("fused_lm_head") and "kd_sum" not in found:
                 found["outputs"] = output
-                found["kd_sum"] = self._kd_sum(student, found.pop("hidden"), teacher_ids, teacher_logprobs,
-                                               output.label_mask)
+                found["kd_sum"] = self._kd_sum(student, found.pop("hidden"), targets, output.label_mask)
 
         handles = [backbone(student).register_forward_hook(keep_hidden),
                    student.register_forward_hook(add_kd, with_kwargs=True)]
@@ -274,8 +318,8 @@ class SFTDistillationTrainer(SFTTrainer):
                 "SFTDistillationTrainer does not support context or sequence parallelism (pre-shifted labels): the KD "
                 "term aligns teacher and student positions within each sequence."
             )
-        teacher_ids, teacher_logprobs = self._teacher_targets(inputs)
-        with self._kd_hook(model, teacher_ids, teacher_logprobs) as found:
+        targets = self._teacher_targets(inputs)
+        with self._kd_hook(model, targets) as found:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         loss = loss + self.kd_loss_correction(found["kd_sum"], found["outputs"], num_items_in_batch)

@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 
-from .base import Command
+from .base import Command, check_safetensors_header
 
 logger = logging.getLogger("hf_slimmoe")
 
@@ -36,6 +36,7 @@ def checkpoint_tensor_count(directory: str) -> int | None:
         return None
     total = 0
     for name in files:
+        check_safetensors_header(os.path.join(directory, name))
         with safe_open(os.path.join(directory, name), "pt") as f:
             for key in f.keys():
                 numel = 1
@@ -58,7 +59,8 @@ def describe(path: str) -> dict:
         values = json.load(f)
     model_type = values.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{config_file} has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+        raise ValueError(f"{config_file} has model_type {model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
     config = config_from_dict(values)
     arch = get_architecture(config)
     total, active = count_parameters(config)
@@ -116,7 +118,8 @@ class InfoCommand(Command):
             ("experts", f"{info['num_local_experts']} (top-{info['num_experts_per_tok']})"),
             ("d_expert", info["intermediate_size"]),
             *([("d_shared (shared experts)", info["shared_expert_width"])] if info["shared_expert_width"] else []),
-            ("heads q/kv", f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
+            ("heads q/kv",
+             f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
             ("vocab", info["vocab_size"]),
             ("total parameters", f"{total:,} ({human_count(total, digits=2)})"),
             ("active parameters", f"{active:,} ({human_count(active, digits=2)})"),

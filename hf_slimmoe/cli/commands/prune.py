@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 
-from .base import Command
+from .base import Command, check_model_path, check_output_dir, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +31,19 @@ class PruneCommand(Command):
         parser.add_argument("model", help="checkpoint directory of any supported MoE family (SlimMoE, Mixtral, ...)")
         parser.add_argument("--scores", required=True, help="scores file written by `slimmoe score`")
         parser.add_argument("--output-dir", required=True, help="directory to write the pruned model to")
-        parser.add_argument("--intermediate-size", type=int, default=None,
+        parser.add_argument("--intermediate-size", type=positive_int, default=None,
                             help="new routed-expert width, whatever the family calls it (default: unchanged)")
-        parser.add_argument("--num-key-value-heads", type=int, default=None,
+        parser.add_argument("--num-key-value-heads", type=positive_int, default=None,
                             help="GQA groups to keep; query heads follow (default: unchanged)")
-        parser.add_argument("--shared-expert-width", type=int, default=None,
+        parser.add_argument("--shared-expert-width", type=positive_int, default=None,
                             help="new shared-expert width (Qwen2-MoE, DeepSeek; default: the family's rule)")
 
     def run(self, args, extra_args) -> int:
         from ...architectures import SLIMMOE_TYPES
         from ...pruning import SensitivityScores
 
+        check_model_path(args.model, "MODEL")
+        check_output_dir(args.output_dir, "--output-dir")
         scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before reading the checkpoint
         config_file = os.path.join(args.model, "config.json")
         model_type = None
@@ -75,8 +77,6 @@ class PruneCommand(Command):
         from ...pruning import prune_to
         from ...schedule import human_count
 
-        if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
-            raise ValueError(f"--output-dir {args.output_dir} exists and is not empty; choose a new directory.")
         model = load_model(args.model, dtype="auto")
         before = count_parameters(model.config)[0]
         target = slim_config(model.config, expert_width=args.intermediate_size,
