@@ -239,3 +239,23 @@ def test_ctrl_c_in_a_running_command(tmp_path):
     assert process.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
     assert "Traceback" not in err and time.monotonic() - started < 120
+
+
+def test_dataclass_commands_read_config_files_and_flags_override_them(tmp_path, monkeypatch):
+    """`distill` parses through TrlParser: --config FILE, FILE first, --config=FILE; flags win; env: is applied."""
+    monkeypatch.delenv("SLIMMOE_TEST_VAR", raising=False)
+    config = tmp_path / "distill.yaml"
+    config.write_text(f"student: {tmp_path}\ndataset: data\noutput_dir: {tmp_path / 'out'}\nmax_steps: 100\n"
+                      "learning_rate: 1e-3\ntop_k: 4\nenv:\n  SLIMMOE_TEST_VAR: hello\n")
+    command = COMMANDS["distill"]
+    for argv in (["--config", str(config), "--max_steps", "3"], [str(config), "--max_steps", "3"],
+                 ["--max_steps", "3", f"--config={config}"]):
+        (script_args, training_args), sections = command.parse(argv)
+        assert (training_args.max_steps, training_args.learning_rate, training_args.top_k) == (3, 1e-3, 4)
+        assert script_args.dataset == "data" and sections == {}
+    assert os.environ["SLIMMOE_TEST_VAR"] == "hello"
+    (script_args, training_args), _ = command.parse(["--student", "s", "--dataset", "d", "--output_dir", "o"])
+    assert training_args.max_steps == -1  # no file: the dataclass defaults
+    config.write_text("student: s\ndataset: d\ntop_kk: 8\n")
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) in .*distill.yaml: top_kk"):
+        command.parse(["--config", str(config)])
