@@ -93,9 +93,10 @@ class SlimMoeConfig(PhimoeConfig):
         return cls.from_config_dict(config.to_dict())
 
     def to_phimoe(self) -> PhimoeConfig:
-        """A stock `PhimoeConfig` with the same sizes; `head_dim` travels as an attribute stock PhiMoE reads."""
+        """A stock `PhimoeConfig` with the same sizes; `head_dim` travels as an attribute stock PhiMoE reads, and
+        `architectures` is `PhiMoEForCausalLM`, the name vLLM and SGLang register."""
         config = PhimoeConfig(**config_fields(self.to_dict()))
-        config.architectures = ["PhimoeForCausalLM"]
+        config.architectures = ["PhiMoEForCausalLM"]  # the name vLLM registers; transformers loads by model_type
         return config
 
     # ------------------------------------------------------------------ slimming

@@ -33,7 +33,7 @@ import yaml
 
 from .pipeline import RunPaths, is_finished_stage
 from .recipe import Recipe, demo_settings, recipe_from_dict, recipe_to_dict
-from .teacher import build_teacher
+from .teacher import BUILD_RECORD, build_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _stamp(directory: str) -> str | None:
 
 def _is_complete_teacher(directory: str) -> bool:
     return all(os.path.isfile(os.path.join(directory, name))
-               for name in ("config.json", "model.safetensors", "tokenizer.json", TEACHER_STAMP))
+               for name in ("config.json", "model.safetensors", "tokenizer.json", BUILD_RECORD, TEACHER_STAMP))
 
 
 def ensure_teacher(output_dir: str, fast: bool = False) -> str:

@@ -24,6 +24,23 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def init_from_environment() -> tuple[int, int]:
+    """Join the process group `torchrun` / `accelerate launch` describe in the environment (`WORLD_SIZE`, `RANK`,
+    `MASTER_ADDR`, ...) unless one is initialized: NCCL with one GPU per `LOCAL_RANK`, gloo on CPU. Returns
+    `(rank, world_size)`; a plain single process stays as it is, `(0, 1)`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_and_world()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether `module`'s parameters are FSDP2 shards (`DTensor`s) in an initialized process group."""
     if rank_and_world()[1] == 1:
@@ -101,5 +118,5 @@ def rank_share(items: Sequence) -> list[tuple[Any, bool]]:
     return mine + [(items[0], False)] * (steps - len(mine))
 
 
-__all__ = ["rank_and_world", "is_sharded", "fsdp_requested", "shard_decoder_layers", "call_through_forward",
+__all__ = ["rank_and_world", "init_from_environment", "barrier", "is_sharded", "fsdp_requested", "shard_decoder_layers", "call_through_forward",
            "full_tensor", "all_reduce_sum", "rank_share"]

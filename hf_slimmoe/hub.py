@@ -6,14 +6,19 @@ rendered from `templates/slimmoe_model_card.md` through `huggingface_hub.ModelCa
 `huggingface_hub` client: one repository per stage, or one repository with a branch per stage, as `HubSettings` says.
 
 Publishing never loses work: a failed push (no network, server error, no token) logs a warning and returns `False`,
-the directory stays complete on disk and `slimmoe push OUTPUT_DIR` publishes it later. Pushing an unchanged directory
-again makes no commit: local files are compared with the remote ones (sha256 of LFS files, git blob ids of the others)
-before anything is uploaded. The token is resolved by `huggingface_hub` (argument, `HF_TOKEN`, then the login cache)
-and never written to a file, a card, a log record or an error message.
+the directory stays complete on disk and `slimmoe push OUTPUT_DIR` publishes it later. It never hangs either: while
+publishing, every request of `huggingface_hub`'s shared HTTP client times out after `HF_HUB_DOWNLOAD_TIMEOUT` seconds
+(huggingface_hub's own setting, 10 by default: its default for requests that set no timeout of their own), and the
+client's bounded retries (`http_backoff`: at most 5, for uploads and commits) are the only retries.
+
+Pushing an unchanged directory again makes no commit: local files are compared with the remote ones (sha256 of LFS
+files, git blob ids of the others) before anything is uploaded. The token is resolved by `huggingface_hub` (argument,
+`HF_TOKEN`, then the login cache) and never written to a file, a card, a log record or an error message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +26,7 @@ import logging
 import os
 import re
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -144,17 +150,20 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _config_summary(config: dict | None) -> dict[str, Any]:
-    """Sizes and analytic parameter counts of a config.json (slimmoe or phimoe)."""
+    """Sizes and exact parameter counts of a config.json of any supported family (`intermediate_size` and
+    `num_local_experts` hold the routed experts' width and count, whatever the family calls them)."""
     if not config:
         return {}
     summary = {k: config.get(k) for k in ("intermediate_size", "num_attention_heads", "num_key_value_heads",
                                            "num_hidden_layers", "num_local_experts", "num_experts_per_tok")}
     try:
-        from .configuration_slimmoe import SlimMoeConfig
+        from .architectures import config_from_dict, count_parameters, get_architecture
 
-        cfg = SlimMoeConfig.from_config_dict(config)
-        summary["num_parameters"] = cfg.num_parameters()
-        summary["num_active_parameters"] = cfg.num_active_parameters()
+        cfg = config_from_dict(config)
+        arch = get_architecture(cfg)
+        summary.update(intermediate_size=arch.expert_width_of(cfg), num_local_experts=arch.num_experts_of(cfg),
+                       num_experts_per_tok=arch.top_k_of(cfg), model_type=cfg.model_type)
+        summary["num_parameters"], summary["num_active_parameters"] = count_parameters(cfg)
     except Exception as e:  # a config we cannot count (e.g. a LoRA adapter config) still gets a card
         logger.debug("Could not count parameters of the config: %s", e)
     return summary
@@ -241,6 +250,56 @@ _EVAL_METRICS = (  # stage.json eval key, label, model-index metric type
 
 
 # --------------------------------------------------------------------------------------------------- card
+def _card_inputs(model_dir: Path) -> tuple[dict, dict | None, dict | None]:
+    """`stage.json` (required), `config.json` and `trajectory.json` of a saved model directory."""
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a directory: pass a saved model directory (a stage-N/ folder).")
+    info = _read_json(model_dir / "stage.json")
+    if info is None:
+        raise FileNotFoundError(f"No stage.json in {model_dir}: the card is generated from the stage.json that the "
+                                "pipeline (or post-training) writes next to the weights.")
+    return info, _read_json(model_dir / "config.json"), _read_json(model_dir / "trajectory.json")
+
+
+def _teacher_summary(info: dict, trajectory: dict | None) -> dict:
+    """The teacher's sizes from `stage.json`, its parameter counts completed from `trajectory.json`."""
+    summary = dict(info.get("teacher_config") or {})
+    if trajectory and not summary.get("num_parameters"):
+        teacher = trajectory.get("teacher") or {}
+        summary.setdefault("num_parameters", teacher.get("num_parameters"))
+        summary.setdefault("num_active_parameters", teacher.get("num_active_parameters"))
+    return summary
+
+
+def _evaluation(evaluation: dict, datasets: list[str]) -> tuple[list, list[tuple[str, str]]]:
+    """(`EvalResult`s for the card metadata, rows of the card's evaluation table) from `stage.json`'s `eval`."""
+    from huggingface_hub import EvalResult
+
+    eval_results, rows = [], []
+    dataset_type = datasets[0] if datasets else "held-out"
+    for key, label, metric_type in _EVAL_METRICS:
+        value = evaluation.get(key, evaluation.get(f"eval_{key}"))
+        if value is None:
+            continue
+        rows.append((label, _fmt(value)))
+        eval_results.append(EvalResult(task_type="text-generation", dataset_type=dataset_type,
+                                       dataset_name=f"{dataset_type} (held-out evaluation split)",
+                                       dataset_split="eval", metric_type=metric_type, metric_name=label,
+                                       metric_value=float(value)))
+    known = {k for k, _, _ in _EVAL_METRICS} | {f"eval_{k}" for k, _, _ in _EVAL_METRICS}
+    for key, value in sorted(evaluation.items()):  # other recorded metrics (eval_loss, ...) in the table only
+        if key not in known and isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((key.replace("_", " "), _fmt(value)))
+    return eval_results, rows
+
+
+def _stock_family(summary: dict) -> tuple[str, bool]:
+    """The card's model family and whether the checkpoint is already a stock one of it: SlimMoE / PhiMoE checkpoints
+    are `phimoe` (used with the plugin, or exported); the other families are stored as their stock `model_type`."""
+    family = summary.get("model_type") or "phimoe"
+    return ("phimoe", False) if family in ("phimoe", "slimmoe") else (family, True)
+
+
 def write_model_card(
     model_dir: str | os.PathLike,
     *,
@@ -248,6 +307,7 @@ def write_model_card(
     revision: str | None = None,
     parent_repo_id: str | None = None,
     template_path: str | os.PathLike | None = None,
+    local_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write `README.md` (the model card) and `trajectory.png` into a saved model directory; returns the card's path.
 
@@ -262,21 +322,15 @@ def write_model_card(
         parent_repo_id: the Hub id of the parent, as `repo_id` or `repo_id@branch`, linked in the lineage section
             (default: `stage.json`'s `parent`).
         template_path: a Jinja card template; defaults to the packaged `templates/slimmoe_model_card.md`.
+        local_dir: the directory the usage snippets load from when there is no `repo_id` (default: `model_dir`; the
+            pipeline writes a card under the stage's temporary name and passes its final one).
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
 
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir} is not a directory: pass a saved model directory (a stage-N/ folder).")
-    info = _read_json(model_dir / "stage.json")
-    if info is None:
-        raise FileNotFoundError(f"No stage.json in {model_dir}: the card is generated from the stage.json that the "
-                                "pipeline (or post-training) writes next to the weights.")
-    config = _read_json(model_dir / "config.json")
-    trajectory = _read_json(model_dir / "trajectory.json")
-
+    info, config, trajectory = _card_inputs(model_dir)
     stage, num_stages = info.get("stage"), info.get("num_stages")
     method = info.get("method") or "multi-stage"
     is_stage = stage is not None
@@ -286,81 +340,35 @@ def write_model_card(
     datasets = [d for d in (info.get("datasets") or []) if d]
     license_ = info.get("license")
     training = info.get("training") or {}
-    evaluation = info.get("eval") or {}
-    model_summary = _config_summary(config)
-    teacher_summary = dict(info.get("teacher_config") or {})
-    if trajectory and not teacher_summary.get("num_parameters"):
-        teacher_summary.setdefault("num_parameters", (trajectory.get("teacher") or {}).get("num_parameters"))
-        teacher_summary.setdefault("num_active_parameters",
-                                   (trajectory.get("teacher") or {}).get("num_active_parameters"))
-
     recipe = info.get("recipe")
     base_name = recipe or model_dir.resolve().parent.name or "slimmoe"
     model_name = repo_id.split("/")[-1] if repo_id else (
         f"{base_name}-stage{stage}" if is_stage else f"{base_name}-{method}")
 
-    plot = None
-    if trajectory:
-        plot = plot_trajectory(trajectory, model_dir / PLOT_NAME)
-    elif (model_dir / PLOT_NAME).is_file():
-        plot = model_dir / PLOT_NAME
+    existing_plot = (model_dir / PLOT_NAME) if (model_dir / PLOT_NAME).is_file() else None
+    plot = plot_trajectory(trajectory, model_dir / PLOT_NAME) if trajectory else existing_plot
+    eval_results, evaluation_rows = _evaluation(info.get("eval") or {}, datasets)
 
-    eval_results = []
-    evaluation_rows = []
-    dataset_type = datasets[0] if datasets else "held-out"
-    for key, label, metric_type in _EVAL_METRICS:
-        value = evaluation.get(key, evaluation.get(f"eval_{key}"))
-        if value is None:
-            continue
-        evaluation_rows.append((label, _fmt(value)))
-        eval_results.append(EvalResult(task_type="text-generation", dataset_type=dataset_type,
-                                       dataset_name=f"{dataset_type} (held-out evaluation split)",
-                                       dataset_split="eval", metric_type=metric_type, metric_name=label,
-                                       metric_value=float(value)))
-    known = {k for k, _, _ in _EVAL_METRICS} | {f"eval_{k}" for k, _, _ in _EVAL_METRICS}
-    for key, value in sorted(evaluation.items()):  # other recorded metrics (eval_loss, ...) in the table only
-        if key not in known and isinstance(value, (int, float)) and not isinstance(value, bool):
-            evaluation_rows.append((key.replace("_", " "), _fmt(value)))
-
-    tags = ["slimmoe", "moe", "mixture-of-experts", "pruning", "distillation", "phimoe", f"arxiv:{PAPER_ID}"]
-    if not is_stage:
-        tags.append(method)
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        base_model=teacher if _looks_like_hub_id(teacher) else None,
-        license=license_,
-        datasets=datasets or None,
-        tags=tags,
-        model_name=model_name,
-        eval_results=eval_results or None,
-    )
+    model_summary = _config_summary(config)
+    family, stock = _stock_family(model_summary)
+    tags = ["slimmoe", "moe", "mixture-of-experts", "pruning", "distillation", family, f"arxiv:{PAPER_ID}"]
+    card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                              base_model=teacher if _looks_like_hub_id(teacher) else None, license=license_,
+                              datasets=datasets or None, tags=tags if is_stage else [*tags, method],
+                              model_name=model_name, eval_results=eval_results or None)
     template = Path(template_path) if template_path else resources.files("hf_slimmoe").joinpath(
         f"templates/{CARD_TEMPLATE}")
     card = ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        model_name=model_name,
-        model_id=repo_id or str(model_dir),
-        revision_arg=f', revision="{revision}"' if revision else "",
-        export_dir=f"{model_name}-phimoe",
-        teacher=teacher,
-        teacher_url=_hub_url(teacher),
-        parent=parent,
-        parent_url=_hub_url(parent),
-        is_stage=is_stage,
-        stage=stage,
-        num_stages=num_stages if num_stages is not None else "?",
-        method=method,
-        method_title=_METHOD_TITLES.get(method, method),
-        recipe=recipe,
-        datasets=datasets,
-        architecture=_architecture_rows(model_summary, teacher_summary),
-        training=training,
-        training_rows=_training_rows(training),
-        evaluation_rows=evaluation_rows,
-        plot=PLOT_NAME if plot else None,
-        library_version=__version__,
+        card_data, template_path=str(template), model_name=model_name, model_id=repo_id or str(local_dir or model_dir),
+        revision_arg=f', revision="{revision}"' if revision else "", export_dir=f"{model_name}-phimoe",
+        stock_model_type=family if stock else None,
+        stock_architecture=(config or {}).get("architectures", [family])[0] if stock else None,
+        teacher=teacher, teacher_url=_hub_url(teacher), parent=parent, parent_url=_hub_url(parent),
+        is_stage=is_stage, stage=stage, num_stages=num_stages if num_stages is not None else "?",
+        method=method, method_title=_METHOD_TITLES.get(method, method), recipe=recipe, datasets=datasets,
+        architecture=_architecture_rows(model_summary, _teacher_summary(info, trajectory)),
+        training=training, training_rows=_training_rows(training), evaluation_rows=evaluation_rows,
+        plot=PLOT_NAME if plot else None, library_version=__version__,
     )
     path = model_dir / "README.md"
     card.save(path)
@@ -440,6 +448,32 @@ def _commit_message(info: dict, config_summary: dict, files: list[str]) -> tuple
     return title, description
 
 
+@contextlib.contextmanager
+def hub_timeouts() -> Iterator[float]:
+    """
+    Give every request of `huggingface_hub`'s shared HTTP client (`get_session()`) a timeout for the duration of the
+    block: `huggingface_hub.constants.HF_HUB_DOWNLOAD_TIMEOUT` seconds (env `HF_HUB_DOWNLOAD_TIMEOUT`) to connect,
+    send a chunk or receive one. The client otherwise waits forever on calls such as `create_repo` or
+    `create_commit` (only downloads and `whoami` take a timeout argument). Yields the timeout in seconds; the
+    client's previous setting is restored afterwards.
+    """
+    from huggingface_hub import constants, get_session
+
+    session = get_session()
+    previous = session.timeout
+    seconds = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    session.timeout = seconds
+    try:
+        yield seconds
+    finally:
+        session.timeout = previous
+
+
+def _transport_error(error: Exception) -> bool:
+    """An error of the HTTP client itself (timeout, connection refused or reset), not an answer of the server."""
+    return type(error).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11", "hf_xet")
+
+
 def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: str | None = None) -> bool:
     """Push one saved model directory (weights, tokenizer, config, card, plot, JSON files) to the Hub.
 
@@ -449,10 +483,11 @@ def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: st
     to `HF_TOKEN` or the login cache.
 
     Returns `True` when the remote holds the directory's files afterwards (pushed now or already), `False` when the
-    push failed for a network, server or authentication reason; that failure is logged as a warning, never raised.
+    push failed for a network, server or authentication reason (including a Hub that does not answer within
+    `HF_HUB_DOWNLOAD_TIMEOUT` seconds, see `hub_timeouts`); that failure is logged as a warning, never raised.
     A directory that is not a complete saved model, or settings without a `repo_id`, raise a `ValueError`.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
     from huggingface_hub.utils import get_token
 
@@ -469,51 +504,66 @@ def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: st
     secret = token or get_token()
     api = HfApi(token=token)
     where = f"{settings.repo_id} (stage {stage})"
+    later = "The stage stays complete on disk; run `slimmoe push` on the output directory to publish it later."
+    timeout = None
     try:
-        user = api.whoami()["name"] if settings.needs_user else None
-        repo_id, branch = settings.target(stage, user=user)
-        where = repo_id + (f"@{branch}" if branch else "")
-        parent_repo_id = None
-        if isinstance(stage, int) and stage > 1:
-            parent_repo_id = "@".join(x for x in settings.target(stage - 1, user=user) if x)
-        write_model_card(stage_dir, repo_id=repo_id, revision=branch, parent_repo_id=parent_repo_id)
-
-        api.create_repo(repo_id, private=settings.private, exist_ok=True)
-        if branch is not None:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        remote = api.model_info(repo_id, revision=branch, files_metadata=True)
-        siblings = {s.rfilename: s for s in remote.siblings or []}
-        changed = [p for p in _publishable_files(stage_dir)
-                   if not _unchanged(p, siblings.get(p.relative_to(stage_dir).as_posix()))]
-        if not changed:
-            logger.info("%s is up to date with %s: nothing to push.", stage_dir, where)
-            return True
-        names = [p.relative_to(stage_dir).as_posix() for p in changed]
-        title, description = _commit_message(info, _config_summary(_read_json(stage_dir / "config.json")), names)
-        commit = api.create_commit(
-            repo_id,
-            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p))
-                        for name, p in zip(names, changed)],
-            commit_message=title,
-            commit_description=description,
-            revision=branch,
-        )
-        logger.info("Pushed %d file(s) of %s to %s (commit %s).", len(names), stage_dir, where, commit.oid)
-        return True
+        with hub_timeouts() as timeout:
+            user = api.whoami()["name"] if settings.needs_user else None
+            repo_id, branch = settings.target(stage, user=user)
+            where = repo_id + (f"@{branch}" if branch else "")
+            return _push(api, stage_dir, settings, info, user, repo_id, branch)
     except LocalTokenNotFoundError:
         logger.warning("Could not push %s to %s: no Hugging Face token found. Set HF_TOKEN or run `hf auth login`, "
                        "then run `slimmoe push` on the output directory.", stage_dir, where)
     except (HfHubHTTPError, OSError, ValueError) as e:  # ValueError: malformed server answers, LFS batch errors
-        logger.warning("Could not push %s to %s: %s: %s. The stage stays complete on disk; run `slimmoe push` on "
-                       "the output directory to publish it later.", stage_dir, where, type(e).__name__,
-                       _redact(str(e), secret))
+        logger.warning("Could not push %s to %s: %s: %s. %s", stage_dir, where, type(e).__name__,
+                       _redact(str(e), secret), later)
     except Exception as e:  # transport errors of the HTTP client (connection refused, timeouts, ...)
-        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "h11", "hf_xet"):
+        if not _transport_error(e):
             raise
-        logger.warning("Could not push %s to %s: %s: %s. The stage stays complete on disk; run `slimmoe push` on "
-                       "the output directory to publish it later.", stage_dir, where, type(e).__name__,
-                       _redact(str(e), secret))
+        if "timeout" in type(e).__name__.lower():
+            logger.warning("Could not push %s to %s: the Hub at %s did not answer within %g s (%s). %s Set "
+                           "HF_HUB_DOWNLOAD_TIMEOUT to wait longer on a slow connection.", stage_dir, where,
+                           constants.ENDPOINT, timeout, type(e).__name__, later)
+        else:
+            logger.warning("Could not push %s to %s: %s: %s. %s", stage_dir, where, type(e).__name__,
+                           _redact(str(e), secret), later)
     return False
+
+
+def _push(api, stage_dir: Path, settings: HubSettings, info: dict, user: str | None, repo_id: str,
+          branch: str | None) -> bool:
+    """The Hub calls of `publish_stage` after the target is known: card, repository, branch, changed files, commit."""
+    from huggingface_hub import CommitOperationAdd
+
+    stage = info.get("stage", info.get("method", "final"))
+    where = repo_id + (f"@{branch}" if branch else "")
+    parent_repo_id = None
+    if isinstance(stage, int) and stage > 1:
+        parent_repo_id = "@".join(x for x in settings.target(stage - 1, user=user) if x)
+    write_model_card(stage_dir, repo_id=repo_id, revision=branch, parent_repo_id=parent_repo_id)
+
+    api.create_repo(repo_id, private=settings.private, exist_ok=True)
+    if branch is not None:
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    remote = api.model_info(repo_id, revision=branch, files_metadata=True)
+    siblings = {s.rfilename: s for s in remote.siblings or []}
+    changed = [p for p in _publishable_files(stage_dir)
+               if not _unchanged(p, siblings.get(p.relative_to(stage_dir).as_posix()))]
+    if not changed:
+        logger.info("%s is up to date with %s: nothing to push.", stage_dir, where)
+        return True
+    names = [p.relative_to(stage_dir).as_posix() for p in changed]
+    title, description = _commit_message(info, _config_summary(_read_json(stage_dir / "config.json")), names)
+    commit = api.create_commit(
+        repo_id,
+        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in zip(names, changed)],
+        commit_message=title,
+        commit_description=description,
+        revision=branch,
+    )
+    logger.info("Pushed %d file(s) of %s to %s (commit %s).", len(names), stage_dir, where, commit.oid)
+    return True
 
 
 def stage_dirs(output_dir: str | os.PathLike) -> list[Path]:

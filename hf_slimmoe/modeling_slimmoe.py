@@ -133,7 +133,8 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         """Save a stock `model_type: phimoe` checkpoint that plain transformers loads, with no plugin and no remote code.
 
         The weights are the same safetensors `save_pretrained` writes (original per-expert key layout); only
-        `config.json` differs: `model_type: phimoe`, `architectures: [PhimoeForCausalLM]` and an explicit `head_dim`.
+        `config.json` differs: `model_type: phimoe`, `architectures: [PhiMoEForCausalLM]` (vLLM's name; transformers
+        itself loads by `model_type`) and an explicit `head_dim`.
         """
         self.save_pretrained(save_directory, **save_kwargs)
         self.config.to_phimoe().save_pretrained(save_directory)  # overwrites config.json only

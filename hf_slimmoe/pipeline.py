@@ -41,14 +41,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import EarlyStoppingCallback
+from transformers import EarlyStoppingCallback, PretrainedConfig
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .configuration_slimmoe import SlimMoeConfig
+from .architectures import SLIMMOE_TYPES, count_parameters, get_architecture, load_model
 from .data import batches, check_source, load_blocks, source_files
 from .distributed import fsdp_requested, is_sharded, shard_decoder_layers
 from .modeling_utils import check_tokenizer_vocabulary
+from .outputs import RunLock, check_weights
+from .provenance import check_output_dir, open_output_dir, run_record
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
 from .teacher import build_teacher, is_local, read_teacher_config, teacher_paths
@@ -122,7 +124,7 @@ def read_json(path: str):
 
 
 # ----------------------------------------------------------------------------------------------------- checks
-def plan_text(recipe: Recipe, teacher_config: SlimMoeConfig | None = None) -> str:
+def plan_text(recipe: Recipe, teacher_config: PretrainedConfig | None = None) -> str:
     """The stage table of a recipe (from its numbers only unless `teacher_config` is given)."""
     teacher_config = teacher_config or recipe.teacher_config() or read_teacher_config(recipe)
     stages = recipe.stage_configs(teacher_config)
@@ -134,7 +136,7 @@ def plan_text(recipe: Recipe, teacher_config: SlimMoeConfig | None = None) -> st
     return format_plan(teacher_config, stages, budgets=budgets, title=title)
 
 
-def check(recipe: Recipe) -> SlimMoeConfig:
+def check(recipe: Recipe) -> PretrainedConfig:
     """Everything `--dry-run` checks, before any compute: data files, teacher config and sizes, tokenizer and
     vocabulary, stage sizes, budgets, training arguments, Hub settings. Returns the teacher's configuration."""
     recipe_dir = recipe.directory
@@ -150,10 +152,18 @@ def check(recipe: Recipe) -> SlimMoeConfig:
                          "attention weights between optimizer steps, and FSDP leaves each process one shard of them. "
                          "Run the iterative baseline on one process or with DDP, or use multi-stage / one-stage.")
     teacher_config = read_teacher_config(recipe, offline_ok=True)
+    if teacher_config.model_type not in SLIMMOE_TYPES:  # what runs on PhiMoE / SlimMoE teachers only
+        if recipe.method == "iterative":
+            raise ValueError(f"method: iterative masks PhiMoE / SlimMoE teachers only; the teacher is "
+                             f"{teacher_config.model_type!r}: use multi-stage or one-stage.")
+        if recipe.prune.streaming or recipe.training.get("fsdp") or fsdp_requested():
+            raise ValueError(f"prune.streaming and FSDP (whose stages prune by streaming) read PhiMoE / SlimMoE "
+                             f"checkpoints only; the teacher is {teacher_config.model_type!r}: prune in memory "
+                             "(prune.streaming: false) on one process, DDP or DeepSpeed.")
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
     recipe.gradient_accumulation_steps(world_size())
-    check_teacher_tokenizer(recipe, teacher_config)
+    check_teacher_files(recipe, teacher_config)
     if recipe.method == "multi-stage" and recipe.early_stopping.enabled and recipe.data.eval is not None:
         t = recipe.training
         if t.get("save_steps", 500) % t.get("eval_steps", t.get("logging_steps", 10)) != 0:
@@ -172,10 +182,13 @@ def check(recipe: Recipe) -> SlimMoeConfig:
     return teacher_config
 
 
-def check_teacher_tokenizer(recipe: Recipe, teacher_config: SlimMoeConfig) -> None:
-    """Raise when a local teacher tokenizer has more tokens than the teacher's vocabulary."""
+def check_teacher_files(recipe: Recipe, teacher_config: PretrainedConfig) -> None:
+    """Raise when a local teacher's weight files are damaged, or its tokenizer has more tokens than its vocabulary."""
     if recipe.teacher.model == BUILD_TEACHER:
         return
+    model = expand_path(recipe.teacher.model, recipe.directory)
+    if is_local(model):
+        check_weights(model)
     local = expand_path(recipe.teacher.tokenizer or recipe.teacher.model, recipe.directory)
     if is_local(local):
         from transformers import AutoTokenizer
@@ -205,22 +218,51 @@ def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stoppin
 
 
 def last_checkpoint(directory: str) -> str | None:
-    """The newest checkpoint-N that was completely written (its trainer_state.json exists); incomplete ones are
-    removed, so a process killed while saving resumes from the previous checkpoint."""
+    """The newest checkpoint-N that is complete and readable (see `checkpoint_problem`). Damaged ones are removed
+    with a warning, so a process killed while saving resumes from the previous checkpoint."""
     if not os.path.isdir(directory):
         return None
     found = sorted((int(n.split("-")[-1]), n) for n in os.listdir(directory)
                    if n.startswith(PREFIX_CHECKPOINT_DIR + "-") and n.split("-")[-1].isdigit())
     for _, name in reversed(found):
         path = os.path.join(directory, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.json")) and (
-                os.path.isfile(os.path.join(path, "model.safetensors")) or os.path.isdir(
-                    os.path.join(path, "pytorch_model_fsdp_0")) or any(n.startswith("global_step")
-                                                                        for n in os.listdir(path))):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        logger.warning("Removing the incomplete checkpoint %s", path)
+        logger.warning("Skipping the damaged checkpoint %s (%s); resuming from the previous one.", path, problem)
         shutil.rmtree(path, ignore_errors=True)
     return None
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from (None when it can): its trainer_state.json must be readable
+    JSON (the Trainer writes it last, and not atomically) and its weights whole (safetensors), or saved by FSDP or
+    DeepSpeed."""
+    state = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state, encoding="utf-8") as f:
+            json.load(f)["global_step"]
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is empty or cut short"
+    if os.path.isdir(os.path.join(path, "pytorch_model_fsdp_0")) or any(n.startswith("global_step")
+                                                                       for n in os.listdir(path)):
+        return None
+    try:
+        check_weights(path)
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+def stopped_early(checkpoint: str) -> bool:
+    """Whether training had decided to stop (early stopping) when `checkpoint` was saved."""
+    state = read_json(os.path.join(checkpoint, "trainer_state.json"))
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    control = control[-1] if isinstance(control, list) and control else control
+    return bool(control.get("args", {}).get("should_training_stop")) and state.get("global_step", 0) < state.get(
+        "max_steps", 0)
 
 
 def evaluate_only(model, teacher, eval_dataset, recipe: Recipe, output_dir: str, tokenizer) -> dict | None:
@@ -242,8 +284,8 @@ class Run:
 
     `args` are the run's training arguments (they give the process index and `main_process_first`); `online_teacher`
     is the teacher the trainers get (with caches in `train` / `eval_set` they read those, and the teacher checks
-    them and evaluates online: `eval_full_kl`); `parent` is the model
-    the next stage starts from, `tokens_done` / `steps_done` the training spent by the stages before it.
+    them and evaluates online: `eval_full_kl`); `record` is the run's provenance (`provenance.run_record`); `parent`
+    is the model the next stage starts from, `tokens_done` / `steps_done` the training spent by the stages before it.
     """
 
     recipe: Recipe
@@ -259,6 +301,7 @@ class Run:
     online_teacher: Any = None
     trajectory: dict = field(default_factory=dict)
     teacher_summary: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
     parent: str = ""
     tokens_done: int = 0
     steps_done: int = 0
@@ -301,12 +344,12 @@ def run_device(recipe: Recipe) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def prepare_output_dir(recipe: Recipe, paths: RunPaths) -> None:
-    """Create OUTPUT_DIR with the resolved recipe, and the built teacher for `teacher.model: build`."""
-    os.makedirs(paths.output_dir, exist_ok=True)
+def prepare_output_dir(recipe: Recipe, paths: RunPaths, reuse_stale: bool = False) -> None:
+    """Write the resolved recipe into OUTPUT_DIR, and build the teacher for `teacher.model: build` (or reuse the one
+    built there, when its build settings match; see `build_teacher`)."""
     save_recipe(recipe, paths.recipe)
     if recipe.teacher.model == BUILD_TEACHER:
-        build_teacher(recipe, paths.teacher)
+        build_teacher(recipe, paths.teacher, reuse_stale=reuse_stale)
 
 
 def load_teacher(recipe: Recipe, paths: RunPaths) -> tuple[Any, Any, str]:
@@ -314,12 +357,10 @@ def load_teacher(recipe: Recipe, paths: RunPaths) -> tuple[Any, Any, str]:
     and its path."""
     from transformers import AutoTokenizer
 
-    from .modeling_slimmoe import SlimMoeForCausalLM
-
     teacher_path, tokenizer_path = teacher_paths(recipe, paths.teacher)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    teacher = SlimMoeForCausalLM.from_pretrained(teacher_path, dtype=getattr(torch, recipe.teacher.dtype),
-                                                 revision=recipe.teacher.revision)
+    teacher = load_model(teacher_path, dtype=getattr(torch, recipe.teacher.dtype),  # its own family's class
+                         revision=recipe.teacher.revision)
     teacher.requires_grad_(False).eval()
     check_tokenizer_vocabulary(tokenizer, teacher.config.vocab_size)
     if not is_deepspeed_zero3_enabled():  # ZeRO-3 keeps the teacher sharded; the trainer places it
@@ -350,12 +391,12 @@ def cache_teacher(run: Run) -> None:
     if not run.recipe.distillation.cache_teacher:
         return
     top_k, pad_token_id = run.recipe.distillation.top_k, run.tokenizer.pad_token_id or 0
-    with run.args.main_process_first(desc="caching the teacher"):
-        run.train = cache_train_set(run.teacher, run.train, run.recipe.distillation, run.paths.teacher_cache,
-                                    pad_token_id=pad_token_id)
-        if run.eval_set is not None:  # evaluation reads the top-k (eval_kl)
-            run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
-                                              output_dir=os.path.join(run.paths.teacher_cache, "eval"))
+    # every process builds its share of the shards (one process: all of them); the main one joins and saves them
+    run.train = cache_train_set(run.teacher, run.train, run.recipe.distillation, run.paths.teacher_cache,
+                                pad_token_id=pad_token_id)
+    if run.eval_set is not None:  # evaluation reads the top-k (eval_kl)
+        run.eval_set = cache_teacher_topk(run.teacher, run.eval_set, top_k=top_k, pad_token_id=pad_token_id,
+                                          output_dir=os.path.join(run.paths.teacher_cache, "eval"))
 
 
 def start_trajectory(run: Run) -> None:
@@ -371,30 +412,30 @@ def start_trajectory(run: Run) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
             write_json(paths.teacher_eval, metrics)
     name = run.recipe.teacher.model if run.recipe.teacher.model != BUILD_TEACHER else run.teacher_path
+    total, active = count_parameters(config)
     run.trajectory = {
-        "teacher": {"name": name, "num_parameters": config.num_parameters(),
-                    "num_active_parameters": config.num_active_parameters()},
+        "teacher": {"name": name, "num_parameters": total, "num_active_parameters": active},
         "points": [point(0, 0, 0, config, metrics)],
     }
+    arch = get_architecture(config)
     run.teacher_summary = {name: getattr(config, name) for name in (
-        "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "num_local_experts",
-        "num_experts_per_tok")}
-    run.teacher_summary.update(num_parameters=config.num_parameters(),
-                               num_active_parameters=config.num_active_parameters())
+        "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
+    run.teacher_summary.update(intermediate_size=arch.expert_width_of(config),  # the expert width, any family
+                               num_local_experts=arch.num_experts_of(config),
+                               num_experts_per_tok=arch.top_k_of(config), model_type=config.model_type,
+                               num_parameters=total, num_active_parameters=active)
 
 
-def start_run(recipe: Recipe, paths: RunPaths) -> Run:
+def start_run(recipe: Recipe, paths: RunPaths, args, record: dict, reuse_stale: bool = False) -> Run:
     """Everything the stages share, made or read back from OUTPUT_DIR: the resolved recipe, the (built) teacher and
-    its tokenizer, the data blocks, the teacher cache and the trajectory's teacher point."""
-    # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
-    # models as they load. Work every process would repeat (teacher build, cache, scores) runs on the main one first.
-    args = training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)
+    its tokenizer, the data blocks, the teacher cache and the trajectory's teacher point. `args` are the run's
+    training arguments; work every process would repeat (teacher build, cache, scores) runs on the main one first."""
     with args.main_process_first(desc="preparing the run"):
-        prepare_output_dir(recipe, paths)
+        prepare_output_dir(recipe, paths, reuse_stale=reuse_stale)
     teacher, tokenizer, teacher_path = load_teacher(recipe, paths)
     blocks = load_blocks(recipe, tokenizer)
     run = Run(recipe, paths, args, teacher, teacher_path, tokenizer, run_device(recipe), train=blocks["train"],
-              eval_set=blocks["eval"], online_teacher=teacher, parent=teacher_path)
+              eval_set=blocks["eval"], online_teacher=teacher, record=record, parent=teacher_path)
     cache_teacher(run)
     run.calibration = batches(blocks["calibration"], recipe.scoring.batch_size, tokenizer.pad_token_id or 0)
     start_trajectory(run)
@@ -410,7 +451,7 @@ class StageRunner:
     where it was. Only the main process writes files; every process trains and takes part in saving the weights.
     """
 
-    def __init__(self, run: Run, index: int, config: SlimMoeConfig, max_steps: int, num_stages: int):
+    def __init__(self, run: Run, index: int, config: PretrainedConfig, max_steps: int, num_stages: int):
         self.run, self.index, self.config, self.max_steps, self.num_stages = run, index, config, max_steps, num_stages
         self.final_dir, self.tmp_dir, self.work_dir = run.paths.stage(index), run.paths.tmp(index), run.paths.work(index)
         self.checkpoints = os.path.join(self.work_dir, "checkpoints")
@@ -432,17 +473,16 @@ class StageRunner:
         `.stage-i.tmp/` of an earlier attempt is removed."""
         from transformers import set_seed
 
-        from .modeling_slimmoe import SlimMoeForCausalLM
-
         run, c = self.run, self.config
         if run.is_main:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)  # a half-written stage is never reused
         os.makedirs(self.work_dir, exist_ok=True)
         logger.info("Stage %d/%d: %s -> d_expert %d, heads %d/%d (%s parameters), %d steps%s", self.index,
-                    self.num_stages, run.parent, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
-                    human_count(c.num_parameters()), self.max_steps, ", early stopping on eval KL" if self.early else "")
+                    self.num_stages, run.parent, get_architecture(c).expert_width_of(c), c.num_attention_heads,
+                    c.num_key_value_heads, human_count(count_parameters(c)[0]), self.max_steps,
+                    ", early stopping on eval KL" if self.early else "")
         set_seed(run.recipe.seed + self.index)
-        self.model = SlimMoeForCausalLM.from_pretrained(run.parent, dtype=run.dtype).to(run.device)
+        self.model = load_model(run.parent, dtype=run.dtype).to(run.device)  # the teacher's family
 
     def score(self) -> None:
         """Sensitivity scores of the model against the original teacher (Eq. 2-4), once per stage: saved in the work
@@ -476,13 +516,15 @@ class StageRunner:
         """One-shot structured pruning to the stage size (the iterative baseline prunes after `distill`): in memory,
         or with `prune.streaming` (and always for a model sharded while scoring) by streaming surgery of the parent
         checkpoint on disk into `.stage-i.work/pruned/`, which is then loaded; both give the same model."""
+        from .pruning import prune_to
+
         if self.scores is None:
             return
         if self.run.recipe.prune.streaming or is_sharded(self.model):
             self.model = None
             self.model = self.streamed_prune().to(self.run.device)
         else:
-            self.model.prune_to(self.config, self.scores)
+            prune_to(self.model, self.config, self.scores)  # any supported family
 
     def streamed_prune(self):
         """Streaming surgery of the parent checkpoint (the main process, once; a resumed stage reuses it), loaded."""
@@ -521,16 +563,31 @@ class StageRunner:
         trainer = DistillationTrainer(model=self.model, teacher_model=run.online_teacher, args=args,
                                       train_dataset=run.train, eval_dataset=run.eval_set,
                                       processing_class=run.tokenizer, callbacks=self.callbacks)
-        resume = last_checkpoint(self.checkpoints)
-        if resume:
-            logger.info("Resuming stage %d from %s", self.index, resume)
-        trainer.train(resume_from_checkpoint=resume)
+        self.train(trainer, last_checkpoint(self.checkpoints))
         self.trainer, self.model = trainer, trainer.model
         if self.iterative is not None:
             self.model, self.scores = self.iterative.finalize(self.model)
         self.metrics = trainer.evaluate() if run.eval_set is not None else {}
         self.steps = trainer.state.global_step
         self.record_trajectory(base)
+
+    def train(self, trainer, resume: str | None) -> None:
+        """`trainer.train()`, continuing from the checkpoint `resume`. When early stopping had already ended the stage
+        at that checkpoint (the run was killed before the stage was saved), nothing more is trained: the checkpoint's
+        state and best model are loaded, as the end of `train()` would have, so the stage reports the same steps."""
+        if resume and stopped_early(resume) and trainer.args.load_best_model_at_end:
+            from transformers import TrainerState
+
+            state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+            if state.best_model_checkpoint and os.path.isdir(state.best_model_checkpoint):
+                logger.info("Stage %d had stopped early at step %d; loading its best model from %s", self.index,
+                            state.global_step, state.best_model_checkpoint)
+                trainer.state = state
+                trainer._load_best_model()  # what Trainer.train does at its end, for every distributed backend
+                return
+        if resume:
+            logger.info("Resuming stage %d from %s", self.index, resume)
+        trainer.train(resume_from_checkpoint=resume)
 
     def evaluate_pruned(self) -> dict:
         """Eval metrics of the model before distillation (kept in the work directory for a resume)."""
@@ -596,18 +653,21 @@ class StageRunner:
             "training": {
                 "tokens": self.tokens, "steps": self.steps, "learning_rate": args.learning_rate,
                 "kd_loss": args.kd_loss, "kd_samples": args.kd_samples if args.kd_loss == "sampled" else None,
-                "top_k": args.top_k, "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef, "ce_weight": args.ce_weight,
+                "top_k": args.top_k, "temperature": args.temperature, "aux_loss_coef": args.aux_loss_coef,
+                "ce_weight": args.ce_weight,
                 "early_stopped": stopped, "stopped_at_step": self.steps if stopped else None,
                 "max_steps": self.max_steps,
             },
             "eval": {"kl": m.get("eval_kl"), "topk_kl": m.get("eval_topk_kl"), "full_kl": m.get("eval_full_kl"),
                      "perplexity": m.get("eval_perplexity"), "top1_agreement": m.get("eval_top1_agreement")},
+            "provenance": {"run": run.record["id"], "recipe_hash": run.record["recipe_hash"],
+                           "teacher": run.record["teacher"], "tokenizer": run.record["tokenizer"]},
         }
 
     def card(self) -> None:
         """The model card (README.md) and trajectory.png of the saved stage."""
         if self.run.is_main:
-            write_card(self.tmp_dir)
+            write_card(self.tmp_dir, self.final_dir)
 
     def move_into_place(self) -> None:
         """Rename `.stage-i.tmp/` to `stage-i/`: from here on the stage is finished and never recomputed."""
@@ -635,39 +695,55 @@ class StageRunner:
 
 
 # ----------------------------------------------------------------------------------------------------- the loop
-def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None) -> str:
+def compress(recipe: Recipe, dry_run: bool = False, on_stage_start=None, overwrite: bool = False,
+             reuse_stale: bool = False) -> str:
     """Run (or with `dry_run`, only check and plan) a recipe; returns the output directory. Re-running continues.
-    `on_stage_start(i, num_stages)`, when given, is called as stage `i` begins (or is found finished)."""
+
+    The output directory must hold nothing of another run (see `provenance`): `overwrite` removes what an earlier run
+    left there first, `reuse_stale` keeps it despite the differences. A run holds `OUTPUT_DIR/.lock` while it writes.
+    `on_stage_start(i, num_stages)`, when given, is called as stage `i` begins (or is found finished).
+    """
     teacher_config = check(recipe)
+    record = run_record(recipe, teacher_config)
     if dry_run:
+        if not overwrite:
+            check_output_dir(recipe, record, reuse_stale=reuse_stale)
         return recipe.output_dir
     paths = RunPaths(recipe.output_dir)
-    num_stages = len(recipe.stage_configs(teacher_config))
-    if all(is_finished_stage(paths.stage(i)) for i in range(1, num_stages + 1)):
-        logger.info("All %d stages of %s are finished in %s; nothing to do.", num_stages, recipe.name, paths.output_dir)
-        return paths.output_dir
-    logger.info("Plan:\n%s", plan_text(recipe, teacher_config))
+    # Training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained shard the
+    # models as they load. Only the main process locks, checks and records the output directory.
+    args = training_args(recipe, os.path.join(paths.output_dir, ".run"), max_steps=1, early_stopping=False)
+    with RunLock(paths.output_dir, enabled=args.process_index == 0):
+        with args.main_process_first(desc="checking the output directory"):
+            if args.process_index == 0:
+                open_output_dir(recipe, record, overwrite=overwrite, reuse_stale=reuse_stale)
+        num_stages = len(record["stages"])
+        if all(is_finished_stage(paths.stage(i)) for i in range(1, num_stages + 1)):
+            logger.info("All %d stages of %s are finished in %s; nothing to do.", num_stages, recipe.name,
+                        paths.output_dir)
+            return paths.output_dir
+        logger.info("Plan:\n%s", plan_text(recipe, teacher_config))
 
-    run = start_run(recipe, paths)
-    stages = zip(recipe.stage_configs(run.teacher.config), recipe.stage_steps(world_size()))
-    for i, (stage_config, max_steps) in enumerate(stages, start=1):
-        if on_stage_start is not None:
-            on_stage_start(i, num_stages)
-        if is_finished_stage(paths.stage(i)):
-            run.skip_finished_stage(i, num_stages)
-            continue
-        stage = StageRunner(run, i, stage_config, max_steps, num_stages)
-        stage.load_parent()      # the previous stage's model (the teacher for stage 1)
-        stage.score()            # Eq. 2-4 against the original teacher
-        stage.prune()            # one-shot to the stage size
-        stage.distill()          # KD (distillation.kd_loss) from the original teacher
-        stage.save()             # a complete Hub-ready repository under .stage-i.tmp/
-        stage.card()
-        stage.move_into_place()  # .stage-i.tmp/ -> stage-i/
-        stage.push()
-        stage.finish()
-    if run.is_main:
-        write_json(paths.trajectory, run.trajectory)
+        run = start_run(recipe, paths, args, record, reuse_stale=reuse_stale)
+        stages = zip(recipe.stage_configs(run.teacher.config), recipe.stage_steps(world_size()))
+        for i, (stage_config, max_steps) in enumerate(stages, start=1):
+            if on_stage_start is not None:
+                on_stage_start(i, num_stages)
+            if is_finished_stage(paths.stage(i)):
+                run.skip_finished_stage(i, num_stages)
+                continue
+            stage = StageRunner(run, i, stage_config, max_steps, num_stages)
+            stage.load_parent()      # the previous stage's model (the teacher for stage 1)
+            stage.score()            # Eq. 2-4 against the original teacher
+            stage.prune()            # one-shot to the stage size
+            stage.distill()          # KD (distillation.kd_loss) from the original teacher
+            stage.save()             # a complete Hub-ready repository under .stage-i.tmp/
+            stage.card()
+            stage.move_into_place()  # .stage-i.tmp/ -> stage-i/
+            stage.push()
+            stage.finish()
+        if run.is_main:
+            write_json(paths.trajectory, run.trajectory)
     return paths.output_dir
 
 
@@ -693,13 +769,11 @@ def dataset_ids(recipe: Recipe) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def write_card(stage_dir: str) -> None:
-    try:
-        from .hub import write_model_card
-    except ImportError:
-        logger.warning("hf_slimmoe.hub is not available: %s has no model card.", stage_dir)
-        return
-    write_model_card(stage_dir)
+def write_card(stage_dir: str, final_dir: str) -> None:
+    """The card of a stage written in `stage_dir` (its temporary name); its usage snippet loads from `final_dir`."""
+    from .hub import write_model_card
+
+    write_model_card(stage_dir, local_dir=final_dir)
 
 
 def publish(stage_dir: str, recipe: Recipe) -> None:

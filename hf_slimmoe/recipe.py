@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .configuration_slimmoe import SlimMoeConfig
+from .architectures import config_from_dict
 
 METHODS = ("multi-stage", "one-stage", "iterative")
 BUILD_TEACHER = "build"
@@ -45,10 +45,13 @@ BUILD_TEACHER = "build"
 # ------------------------------------------------------------------------------------------------------ sections
 @dataclass
 class TeacherBuild:
-    """A tiny teacher made locally (for `teacher.model: build`): a tokenizer trained on local text and a SlimMoE model
-    briefly trained with the causal LM loss on `data.train`. It is cached under `OUTPUT_DIR/teacher/`."""
+    """A tiny teacher made locally (for `teacher.model: build`): a tokenizer trained on local text and a model of any
+    supported family briefly trained with the causal LM loss on `data.train`. It is cached under
+    `OUTPUT_DIR/teacher/`."""
 
-    config: dict[str, Any] = field(default_factory=dict)  # SlimMoeConfig fields (vocab_size comes from the tokenizer)
+    # The family's configuration fields; `model_type` picks the family (default: SlimMoE, i.e. PhiMoE). The
+    # vocabulary size comes from the tokenizer.
+    config: dict[str, Any] = field(default_factory=dict)
     tokenizer_files: str | list[str] = "{stdlib}/json/*.py"  # glob(s) of text files the BPE tokenizer is trained on
     vocab_size: int = 512
     pretrain_steps: int = 100  # 0 keeps the random initialisation
@@ -109,7 +112,9 @@ class StageBudget:
 @dataclass
 class StageSettings:
     num_stages: int | None = None
-    target: dict[str, int] | None = None  # intermediate_size, num_key_value_heads (num_attention_heads as a check)
+    # expert width (`expert_width` or the family's field: intermediate_size / moe_intermediate_size), num_key_value_heads,
+    # shared_expert_width (families with shared experts); num_attention_heads as a check
+    target: dict[str, int] | None = None
     sizes: list[dict[str, int]] | None = None  # pinned per-stage sizes; the last is the target
     expert_multiple: int = 64
     budget: StageBudget = field(default_factory=StageBudget)
@@ -191,9 +196,9 @@ class Recipe:
         """The directory of the YAML file the recipe was read from (`{recipe_dir}`); None for a recipe made in code."""
         return os.path.dirname(self.source) if self.source else None
 
-    def teacher_config(self) -> SlimMoeConfig | None:
-        """The teacher's architecture from the recipe alone (`teacher.architecture` or `teacher.build.config`), or
-        None when only the checkpoint knows it."""
+    def teacher_config(self):
+        """The teacher's configuration from the recipe alone (`teacher.architecture` or `teacher.build.config`; its
+        `model_type` picks the family, SlimMoE / PhiMoE by default), or None when only the checkpoint knows it."""
         values = self.teacher.architecture
         if values is None and self.teacher.build is not None:
             values = {"vocab_size": self.teacher.build.vocab_size, **self.teacher.build.config}
@@ -201,11 +206,11 @@ class Recipe:
             return None
         key = "teacher.architecture" if self.teacher.architecture is not None else "teacher.build.config"
         try:
-            return SlimMoeConfig.from_config_dict(values)
+            return config_from_dict(values)  # model_type picks the family (default: SlimMoE / PhiMoE)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{key}: {e}") from None
 
-    def stage_configs(self, teacher_config: SlimMoeConfig) -> list[SlimMoeConfig]:
+    def stage_configs(self, teacher_config) -> list:
         """The configurations the method prunes into, in order (one-stage: only the target; iterative: the target)."""
         from .schedule import pinned_stages, plan_stages
 
@@ -250,13 +255,14 @@ class Recipe:
         return len(self.stages.sizes) if self.stages.sizes is not None else self.stages.num_stages
 
 
-def _target_config(teacher_config: SlimMoeConfig, target: dict[str, int]) -> SlimMoeConfig:
-    unknown = sorted(set(target) - {"intermediate_size", "num_key_value_heads", "num_attention_heads"})
-    if unknown:
-        raise ValueError(f"stages.target has unknown key(s) {unknown}; allowed: intermediate_size, "
-                         "num_key_value_heads, num_attention_heads.")
-    from .schedule import pinned_stages
+def _target_config(teacher_config, target: dict[str, int]):
+    from .schedule import pinned_stages, size_keys
 
+    allowed = size_keys(teacher_config)
+    unknown = sorted(set(target) - set(allowed))
+    if unknown:
+        raise ValueError(f"stages.target has unknown key(s) {unknown}; allowed for {teacher_config.model_type}: "
+                         f"{', '.join(allowed)}.")
     try:
         return pinned_stages(teacher_config, [target])[0]
     except ValueError as e:
@@ -510,8 +516,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     with open(path, encoding="utf-8") as f:
         try:
             values = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # a binary file fails to decode as UTF-8
+            raise ValueError(f"{path} is not a valid YAML text file: {e}") from None
     try:
         return recipe_from_dict(values, source=os.path.abspath(path))
     except ValueError as e:

@@ -1,30 +1,34 @@
 """The teacher of a compression run: where it is, what its configuration is, and (for `teacher.model: build`) how a
 tiny local one is made.
 
-`build_teacher` trains a byte-level BPE tokenizer on `teacher.build.tokenizer_files` and pre-trains a
-`SlimMoeForCausalLM` with the causal LM loss on `data.train`, so that distilling from it is meaningful on a CPU.
+`build_teacher` trains a byte-level BPE tokenizer on `teacher.build.tokenizer_files` and pre-trains a model of any
+supported MoE family (`teacher.build.config.model_type`; SlimMoE by default) with the causal LM loss on
+`data.train`, so that distilling from it is meaningful on a CPU.
 `read_teacher_config` gives the teacher's configuration before anything is downloaded or built, checked against the
 checkpoint's `config.json` when it can be read.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 
 import torch
 
-from .configuration_slimmoe import SlimMoeConfig
+from .architectures import config_from_dict, count_parameters, get_architecture, new_model
 from .data import TokenCollator, load_blocks, source_files
-from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path
+from .outputs import differences
+from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, recipe_to_dict
 from .schedule import human_count
 from .tokenization import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok")
+BUILD_RECORD = "build.json"  # in a built teacher's directory: the settings it was built with (`build_settings`)
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                       "head_dim")  # + the family's expert width, expert count and top-k fields
 
 
 # ----------------------------------------------------------------------------------------------------- building
@@ -65,16 +69,48 @@ def is_built_teacher(directory: str) -> bool:
             and os.path.isfile(os.path.join(directory, "tokenizer.json")))
 
 
-def build_teacher(recipe: Recipe, directory: str) -> str:
-    """Make the tiny local teacher of `teacher.build` in `directory` (once; reused when complete) and return it.
+def build_settings(recipe: Recipe) -> dict:
+    """Everything a built teacher depends on: `teacher.build`, the data it is pre-trained on (`data.train`,
+    `block_size`, `train_blocks`), the seed, and whether it trains on the CPU."""
+    values = recipe_to_dict(recipe)
+    return {"build": values["teacher"]["build"],
+            "data": {k: values["data"][k] for k in ("train", "block_size", "train_blocks")},
+            "seed": recipe.seed, "use_cpu": bool(recipe.training.get("use_cpu", False))}
 
-    A byte-level BPE tokenizer is trained on `teacher.build.tokenizer_files`, a `SlimMoeForCausalLM` is initialised
-    with `teacher.build.config` (seeded by `seed`) and trained for `pretrain_steps` with the causal LM loss on
-    `data.train`, so that distilling from it is meaningful.
+
+def read_build_record(directory: str) -> dict | None:
+    """The build settings a built teacher recorded (None when it records none)."""
+    path = os.path.join(directory, BUILD_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def build_differences(recipe: Recipe, directory: str) -> list[str]:
+    """How the teacher built in `directory` differs from the one `recipe` builds (empty when they match)."""
+    recorded = read_build_record(directory)
+    if recorded is None:
+        return [f"{directory}/{BUILD_RECORD}: missing (the teacher there records no build settings)"]
+    return [f"built teacher {d}" for d in differences(recorded, build_settings(recipe))]
+
+
+def build_teacher(recipe: Recipe, directory: str, reuse_stale: bool = False) -> str:
+    """Make the tiny local teacher of `teacher.build` in `directory` (once) and return it.
+
+    A byte-level BPE tokenizer is trained on `teacher.build.tokenizer_files`, a model of the family of
+    `teacher.build.config` (`model_type`; SlimMoE by default) is initialised with it (seeded by `seed`) and trained
+    for `pretrain_steps` with the causal LM loss on `data.train`, so that distilling from it is meaningful. The
+    settings are recorded in `build.json`; a teacher built earlier is reused when they match, and refused with the
+    differences named otherwise (unless `reuse_stale`).
     """
-    from .modeling_slimmoe import SlimMoeForCausalLM
 
     if is_built_teacher(directory):
+        found = build_differences(recipe, directory)
+        if found and not reuse_stale:
+            raise ValueError(f"{directory} holds a teacher built with other settings ({'; '.join(found[:6])}); "
+                             "remove it, or re-run with --overwrite to start fresh.")
         logger.info("Using the teacher built earlier in %s", directory)
         return directory
     b = recipe.teacher.build
@@ -90,7 +126,7 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
     torch.manual_seed(recipe.seed)
     config = recipe.teacher_config()
     config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
-    model = SlimMoeForCausalLM(config)
+    model = new_model(config)
     if b.pretrain_steps > 0:
         train = load_blocks(recipe, tokenizer)["train"]
         device = "cpu" if recipe.training.get("use_cpu", False) or not torch.cuda.is_available() else "cuda"
@@ -98,9 +134,11 @@ def build_teacher(recipe: Recipe, directory: str) -> str:
         model.to("cpu")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, BUILD_RECORD), "w", encoding="utf-8") as f:
+        json.dump(build_settings(recipe), f, indent=2)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
-    logger.info("Saved the built teacher (%s parameters) to %s", human_count(config.num_parameters()), directory)
+    logger.info("Saved the built teacher (%s parameters) to %s", human_count(count_parameters(config)[0]), directory)
     return directory
 
 
@@ -119,10 +157,10 @@ def teacher_paths(recipe: Recipe, built_dir: str) -> tuple[str, str]:
     return model, recipe.teacher.tokenizer or model
 
 
-def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConfig:
-    """The teacher's configuration: from `teacher.architecture` / `teacher.build`, checked against the checkpoint's
-    config.json when it can be read (a local path, or the Hub unless offline)."""
-    from .modeling_slimmoe import SUPPORTED_MODEL_TYPES
+def read_teacher_config(recipe: Recipe, offline_ok: bool = False):
+    """The teacher's configuration (any supported family): from `teacher.architecture` / `teacher.build`, checked
+    against the checkpoint's config.json when it can be read (a local path, or the Hub unless offline)."""
+    from .architectures import SUPPORTED_MODEL_TYPES
 
     declared = recipe.teacher_config()
     if recipe.teacher.model == BUILD_TEACHER:
@@ -144,13 +182,18 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False) -> SlimMoeConf
     if values.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"teacher.model {recipe.teacher.model!r} has model_type {values.get('model_type')!r}; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    actual = SlimMoeConfig.from_config_dict(values)
+    actual = config_from_dict(values)
     if declared is not None:
-        for name in ARCHITECTURE_FIELDS:
-            if getattr(declared, name) != getattr(actual, name):
-                raise ValueError(f"teacher.architecture.{name}={getattr(declared, name)} but the checkpoint "
-                                 f"{recipe.teacher.model} has {getattr(actual, name)}; fix the recipe.")
+        arch = get_architecture(actual)
+        if get_architecture(declared).stock_model_type != arch.stock_model_type:
+            raise ValueError(f"teacher.architecture.model_type={declared.model_type!r} but the checkpoint "
+                             f"{recipe.teacher.model} has {actual.model_type!r}; fix the recipe.")
+        for name in (*ARCHITECTURE_FIELDS, arch.expert_width, arch.num_experts, arch.top_k):
+            if getattr(declared, name, None) != getattr(actual, name, None):
+                raise ValueError(f"teacher.architecture.{name}={getattr(declared, name, None)} but the checkpoint "
+                                 f"{recipe.teacher.model} has {getattr(actual, name, None)}; fix the recipe.")
     return actual
 
 
-__all__ = ["build_teacher", "read_teacher_config", "teacher_paths", "pretrain", "is_built_teacher"]
+__all__ = ["build_teacher", "build_settings", "build_differences", "read_teacher_config", "teacher_paths", "pretrain",
+           "is_built_teacher", "BUILD_RECORD"]

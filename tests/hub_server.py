@@ -15,6 +15,8 @@ with a commit history per branch, and binds to 127.0.0.1 only:
     POST /api/models/{repo}/commit/{rev}                 ndjson commit: header, file, lfsFile, deletedFile
     GET  /{repo}/resolve/{rev}/{path}                    file download
 
+`SilentServer` is the unlucky case: it accepts TCP connections and never answers a byte.
+
 `fail_with = 500` makes every request answer that status (a server outage), or only those whose path matches the
 regular expression `fail_on` when it is set (e.g. `"/commit/"`: uploads succeed, the commit fails); `requests`
 records every request's method, path, headers and body so tests can check what went over the wire.
@@ -26,6 +28,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -355,3 +358,38 @@ def _make_handler(hub: LocalHub):
                                     "commitUrl": f"{hub.endpoint}/{repo.repo_id}/commit/{oid}"})
 
     return Handler
+
+
+class SilentServer:
+    """A server that accepts connections on 127.0.0.1 and never answers; `with SilentServer() as s:` serves at
+    `s.endpoint`.
+
+    Connections are held open (unread) until the server closes, like a stalled proxy or an overloaded endpoint.
+    """
+
+    def __init__(self):
+        self._socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.endpoint = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._socket.settimeout(0.1)
+        self.connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self.connections.append(connection)
+
+    def __enter__(self) -> "SilentServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._socket.close()
+        for connection in self.connections:
+            connection.close()

@@ -650,6 +650,7 @@ for name, kd_loss, online, data in (("topk", "topk", teacher, train), ("topk_tai
     final = torch.cat([p.detach().flatten() for p in student.parameters()])
     results[name] = {{"wrapper": type(trainer.model_wrapped).__name__, "initial": initial, "final": final}}
 torch.save(results, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+torch.distributed.destroy_process_group()  # its gloo threads must not outlive the interpreter (exit status 0)
 """
 
 

@@ -19,6 +19,25 @@ ROOT = os.path.dirname(HERE)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes started, directly or not, by process `pid` (read from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def torchrun_worker(mode: str, out_dir) -> list[dict]:
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
     result = subprocess.run([torchrun, "--nproc_per_node", "2", os.path.join(HERE, "fsdp_worker.py"), mode,
@@ -115,3 +134,69 @@ def test_iterative_baseline_is_refused_under_fsdp(tmp_path, monkeypatch):
     fsdp = recipe_from_dict(tiny_recipe(tmp_path, method="iterative", training__fsdp="full_shard"))
     with pytest.raises(ValueError, match="iterative does not run under FSDP"):
         check(fsdp)
+
+
+def test_cache_teacher_on_two_ranks_equals_one_process_and_resumes_after_a_kill(tmp_path):
+    """`torchrun --nproc_per_node 2 -m hf_slimmoe.cli cache-teacher`, SIGKILLed once a few shards are written, then
+    run again: the finished shards are reused, and the cache equals the one-process cache row for row. The sampled
+    cache (`--kd-loss sampled`) is split over the ranks the same way and equals one process's too."""
+    import signal
+    import time
+
+    from datasets import Dataset, load_from_disk
+
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, cache_teacher_samples, cache_teacher_topk
+
+    torch.manual_seed(0)
+    teacher = SlimMoeForCausalLM(SlimMoeConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               num_local_experts=4, num_experts_per_tok=2,
+                                               max_position_embeddings=64)).eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 128, (int(n),), generator=generator).tolist()
+            for n in torch.randint(20, 49, (240,), generator=generator)]
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "data"))
+    expected = cache_teacher_topk(teacher, load_from_disk(str(tmp_path / "data")), top_k=4, batch_size=2,
+                                  output_dir=tmp_path / "one", shard_size=4)
+
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    out, partial = tmp_path / "two", tmp_path / "two.partial"
+    command = [torchrun, "--nproc_per_node", "2", "-m", "hf_slimmoe.cli", "cache-teacher", str(tmp_path / "teacher"),
+               str(tmp_path / "data"), str(out), "--top-k", "4", "--batch-size", "2", "--shard-size", "4"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, finished = time.time() + 200, []
+    try:
+        while time.time() < deadline and process.poll() is None:
+            finished = [p for p in partial.glob("shard-*.parquet")] if partial.is_dir() else []
+            if len(finished) >= 3:
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, f"ended before it was killed: {process.stderr.read()[-3000:]}"
+        for pid in [process.pid] + descendants(process.pid):  # torchrun starts its workers in their own sessions
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert not out.exists() and len(finished) >= 3
+
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reused = [int(line.split("reused ")[1].split()[0]) for line in result.stderr.splitlines()
+              if "Teacher topk cache: rank" in line]
+    assert len(reused) == 2 and sum(reused) >= len(finished), result.stderr[-2000:]
+    assert not partial.exists()
+    cached = load_from_disk(str(out))
+    assert cached.column_names == expected.column_names and len(cached) == len(expected) == 240
+    for column in expected.column_names:  # row for row, bit for bit
+        assert cached[column] == expected[column], column
+
+    samples = cache_teacher_samples(teacher, load_from_disk(str(tmp_path / "data")), num_samples=3, seed=5,
+                                    batch_size=2, output_dir=tmp_path / "one-samples", shard_size=16)
+    result = subprocess.run(command[:8] + [str(tmp_path / "two-samples"), "--kd-loss", "sampled", "--num-samples", "3",
+                                           "--seed", "5", "--batch-size", "2", "--shard-size", "16"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cached = load_from_disk(str(tmp_path / "two-samples"))
+    assert cached.column_names == samples.column_names and "teacher_sample_ids" in cached.column_names
+    for column in samples.column_names:
+        assert cached[column] == samples[column], column

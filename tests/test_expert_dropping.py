@@ -8,6 +8,7 @@ from hf_slimmoe.pruning.expert_dropping import (
     drop_experts,
     expert_activation_frequency,
     expert_scores_from_sensitivity,
+    reap_scores,
 )
 from hf_slimmoe.pruning.sensitivity import SensitivityScores
 
@@ -83,3 +84,51 @@ def test_drop_experts_validates_before_touching_weights(num_experts):
     with pytest.raises(ValueError, match="expert_scores"):
         drop_experts(model, 2, [torch.ones(3)] * 2)
     assert torch.equal(model.model.layers[0].mlp.experts.down_proj, before)
+
+
+# ----------------------------------------------------------------------------------------------------- REAP
+def test_reap_gives_the_dead_expert_zero_and_dropping_it_leaves_logits_unchanged():
+    model = model_with_a_dead_expert()
+    inputs = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = model(inputs).logits
+    scores = reap_scores(model, batches(), show_progress=False)
+    assert [tuple(s.shape) for s in scores] == [(4,), (4,)]
+    assert all(float(s[DEAD]) == 0 and bool((s[[0, 1, 3]] > 0).all()) for s in scores)
+    drop_experts(model, 3, scores)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, before, rtol=0, atol=1e-6)
+
+
+def test_reap_is_the_mean_router_weighted_output_norm_of_routed_tokens():
+    """Reference: route every token by hand and run each chosen expert's GLU on it, in a plain loop."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             max_position_embeddings=64)).eval()
+    data = batches()
+    block_inputs = []
+    hooks = [layer.mlp.register_forward_hook(lambda _m, args, _o: block_inputs.append(args[0].reshape(-1, 32)))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        for batch in data:
+            model(**batch)
+    for hook in hooks:
+        hook.remove()
+    scores = reap_scores(model, data, show_progress=False)
+    for index, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        sums, counts = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+        for hidden in block_inputs[index::2]:  # [tokens, H]
+            with torch.no_grad():
+                _, weights, chosen = mlp.gate(hidden)
+                for token in range(hidden.shape[0]):
+                    for slot in range(2):
+                        e = int(chosen[token, slot])
+                        gate, up = (mlp.experts.gate_up_proj[e] @ hidden[token]).chunk(2)
+                        out = mlp.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
+                        sums[e] += float(weights[token, slot]) * float(out.norm())
+                        counts[e] += 1
+        torch.testing.assert_close(scores[index].double(), sums / counts.clamp(min=1), rtol=1e-5, atol=1e-8)

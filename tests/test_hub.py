@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from hf_slimmoe.cli import main as cli_main
 from hf_slimmoe.hub import HubSettings, publish_stage, write_model_card
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import LocalHub  # noqa: E402
+from hub_server import LocalHub, SilentServer  # noqa: E402
 
 TOKEN = "hf_TESTtokenDoNotLeak_7f3c9a1e5b"
 TEACHER = "microsoft/Phi-3.5-MoE-instruct"
@@ -322,3 +323,63 @@ def test_push_command_in_a_fresh_process_reads_hf_endpoint_and_hf_token(output_d
     assert hub.file("tester/tiny-moe-stage1", "model.safetensors") == (output_dir / "stage-1" / "model.safetensors"
                                                                          ).read_bytes()
     _assert_token_absent(hub, [output_dir, tmp_path / "hf_home"], [result.stdout, result.stderr])
+
+
+# ------------------------------------------------------------------------------------------------------ timeouts
+@pytest.fixture
+def silent_hub(tmp_path, monkeypatch):
+    """A Hub endpoint that accepts connections and never answers, with a 1 s huggingface_hub timeout."""
+    home = tmp_path / "hf_home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    with SilentServer() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        yield server
+
+
+def test_push_to_a_hub_that_never_answers_gives_up_with_a_clear_message(output_dir, silent_hub, caplog, capsys):
+    from huggingface_hub import get_session
+
+    before = get_session().timeout
+    for repo_id in ("{user}/tiny-moe-stage{stage}", "tester/tiny-moe-stage{stage}"):  # whoami or create_repo first
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="hf_slimmoe"):
+            assert cli_main(["push", str(output_dir), "--repo-id", repo_id]) == 1
+        assert time.monotonic() - started < 60  # 2 stages x (1 s timeout + no retry of a plain call); never forever
+        captured = capsys.readouterr()
+        assert "failed: stage-1, stage-2" in captured.out
+        assert captured.err.strip().splitlines()[-1].startswith("slimmoe push: error: 2 stage(s) not pushed")
+        assert caplog.text.count(f"did not answer within 1 s") == 2 and "HF_HUB_DOWNLOAD_TIMEOUT" in caplog.text
+        caplog.clear()
+    assert silent_hub.connections  # it was asked
+    assert get_session().timeout == before  # the shared client's setting is restored
+
+
+def test_push_command_times_out_in_a_fresh_process(output_dir, tmp_path):
+    """As a user runs it: HF_ENDPOINT and HF_HUB_DOWNLOAD_TIMEOUT only from the environment."""
+    with SilentServer() as silent:
+        env = {**os.environ, "HF_ENDPOINT": silent.endpoint, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf_home"),
+               "HF_HUB_DISABLE_XET": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-m", "hf_slimmoe.cli", "push", str(output_dir), "--stage", "1"],
+                                env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "did not answer within 1 s" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compress_continues_past_a_push_to_a_hub_that_never_answers(tmp_path, silent_hub, caplog):
+    from test_pipeline import tiny_recipe, write_recipe
+
+    from hf_slimmoe.pipeline import is_finished_stage
+
+    out = tmp_path / "run"
+    values = tiny_recipe(out, stages__budget__steps=[2, 2], teacher__build__pretrain_steps=4,
+                         hub={"push_to_hub": True, "repo_id": "tester/tiny-moe-stage{stage}"})
+    recipe = write_recipe(tmp_path / "recipe.yaml", values)
+    with caplog.at_level(logging.WARNING, logger="hf_slimmoe"):
+        assert cli_main(["compress", recipe, "--log-level", "WARNING"]) == 0
+    assert is_finished_stage(str(out / "stage-1")) and is_finished_stage(str(out / "stage-2"))
+    assert caplog.text.count("did not answer within 1 s") == 2  # each stage's push gave up; the run went on

@@ -84,7 +84,7 @@ def test_export_loads_in_stock_transformers_without_the_plugin(tmp_path, inputs)
     export = tmp_path / "export"
     model.export_phimoe(export)
     config = json.loads((export / "config.json").read_text())
-    assert config["model_type"] == "phimoe" and config["architectures"] == ["PhimoeForCausalLM"]
+    assert config["model_type"] == "phimoe" and config["architectures"] == ["PhiMoEForCausalLM"]  # vLLM's name
     assert config["head_dim"] == 12
     torch.save(inputs, tmp_path / "inputs.pt")
     subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(export), str(tmp_path / "inputs.pt"),

@@ -30,6 +30,7 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from tqdm.auto import tqdm
 
 from ..data import collate_tokens, rows_of
+from ..distributed import barrier, rank_and_world
 from ..modeling_utils import backbone, teacher_topk_from_model, vocab_size
 from .losses import teacher_samples_from_hidden
 
@@ -377,26 +378,35 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
         raise ValueError(f"The dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it "
                          "first.")
     dataset = dataset.remove_columns([c for c in kind.columns if c in dataset.column_names])
+    rank, world = rank_and_world()
+    if world > 1 and output_dir is None:
+        raise ValueError("Caching the teacher on several processes needs output_dir: every rank writes its shards "
+                         "there and the main process joins them.")
     work_dir = None
     if output_dir is not None:
         output_dir = os.fspath(output_dir)
-        if os.path.isdir(output_dir):
+        if os.path.isdir(output_dir):  # every rank looks before any rank may write
             return _reuse_finished(output_dir, dataset, kind, record, teacher)
         work_dir = output_dir + ".partial"
-        _start_work_dir(work_dir, record)
+        if rank == 0:
+            _start_work_dir(work_dir, record)
+        barrier()
     was_training = teacher.training
     teacher.eval()
     num_shards = (len(dataset) + shard_size - 1) // shard_size
-    shards = []
-    progress = tqdm(total=len(dataset), desc=f"Caching teacher {kind.name}", unit="row")
+    mine = range(rank, num_shards, world)  # several processes: shard i is built by rank i % world_size
+    shards, reused = [], 0
+    progress = tqdm(total=sum(min(shard_size, len(dataset) - i * shard_size) for i in mine),
+                    desc=f"Caching teacher {kind.name}", unit="row")
     try:
-        for shard_index in range(num_shards):
+        for shard_index in mine:
             rows = dataset.select(range(shard_index * shard_size, min((shard_index + 1) * shard_size, len(dataset))))
             path = _shard_path(work_dir, shard_index) if work_dir is not None else None
             if path is not None and os.path.exists(path):
                 shard = Dataset.from_parquet(path, features=features)
                 if shard[kind.fingerprint_column] == _fingerprints(rows):
                     shards.append(shard)
+                    reused += 1
                     progress.update(len(rows))
                     continue
                 logger.warning("Shard %s does not match the dataset; recomputing it.", path)
@@ -419,7 +429,16 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
     finally:
         progress.close()
         teacher.train(was_training)
-    return _finish_cache(dataset, shards, kind, features, record, output_dir, work_dir)
+    logger.info("Teacher %s cache: rank %d of %d built %d shard(s) and reused %d finished one(s)", kind.name, rank,
+                world, len(mine) - reused, reused)
+    if world == 1:
+        return _finish_cache(dataset, shards, kind, features, record, output_dir, work_dir)
+    barrier()  # every shard is on disk: the main process joins them in order and saves, the others load the result
+    if rank == 0:
+        shards = [Dataset.from_parquet(_shard_path(work_dir, i), features=features) for i in range(num_shards)]
+        result = _finish_cache(dataset, shards, kind, features, record, output_dir, work_dir)
+    barrier()
+    return result if rank == 0 else load_from_disk(output_dir)
 
 
 def _start_work_dir(work_dir: str, record: dict) -> None:
@@ -487,7 +506,10 @@ def cache_teacher_topk(
         output_dir (`str`, *optional*): where to save the cached dataset (`datasets.save_to_disk`). Work goes to
             `<output_dir>.partial/` in parquet shards of `shard_size` rows, so re-running after an interruption
             continues from the last finished shard; an existing `output_dir` is loaded and returned when it was made
-            for the same rows, teacher and top_k, and refused otherwise.
+            for the same rows, teacher and top_k, and refused otherwise. Called by every process of a distributed run
+            (`torchrun` / `accelerate launch`), the shards are split over the ranks (rank `r` builds shards `r, r +
+            world_size, ...`, writing its own files), the main process joins them in order and saves `output_dir`,
+            and every rank returns it: the rows one process computes, bit for bit. Several processes need it.
         shard_size (`int`, *optional*, defaults to `512`): rows per resumable shard.
         chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
         pad_token_id (`int`, *optional*, defaults to `0`): id used to right-pad a batch (masked out).

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
-from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 from trl.models.utils import _ForwardRedirection
 
+from ..architectures import get_architecture
 from ..data import TokenCollator
 from ..distributed import call_through_forward
 from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_hidden, vocab_size
@@ -188,6 +188,11 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
 
     @staticmethod
     def _validate(model, teacher_model, args, train_dataset, eval_dataset) -> None:
+        if args.aux_loss_coef > 0:  # the load-balancing loss needs a supported MoE family (any model without it)
+            arch = get_architecture(model.config)
+            if arch.aux_loss is None:
+                logger.warning("aux_loss_coef=%g is ignored: %s models train without a load-balancing loss.",
+                               args.aux_loss_coef, arch.model_type)
         student_vocab = vocab_size(model)
         if args.top_k > student_vocab:
             raise ValueError(f"top_k={args.top_k} is larger than the student's vocabulary ({student_vocab}).")
@@ -335,7 +340,9 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
     ) -> dict[str, torch.Tensor]:
         """Student backbone + chunked losses; runs inside the wrapper's forward. Returns raw sums over tokens."""
         args = self.args
-        want_aux = args.aux_loss_coef > 0
+        arch = get_architecture(student.config) if args.aux_loss_coef > 0 else None
+        aux_loss = arch and arch.aux_loss_function()  # the family's own load-balancing loss (None: trained without)
+        want_aux = aux_loss is not None
         outputs = backbone(student)(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_router_logits=want_aux
         )
@@ -348,8 +355,8 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         zero = torch.zeros((), device=weight.device)
         result = {"num_tokens": mask.sum(), "aux": zero, "ce_sum": zero}
         if want_aux:
-            result["aux"] = load_balancing_loss_func(
-                outputs.router_logits, student.config.num_local_experts, student.config.num_experts_per_tok,
+            result["aux"] = aux_loss(
+                outputs.router_logits, arch.num_experts_of(student.config), arch.top_k_of(student.config),
                 inputs["attention_mask"],
             )
         if args.ce_weight > 0 or evaluation:

@@ -7,11 +7,13 @@ For a weight `W_ij`, `s_ij = |dL/dW_ij * W_ij|` (first-order Taylor estimate of 
   top-k KD loss against the teacher plus the MoE load-balancing loss;
 - `criterion="clm"` (the ablation of Table 3): next-token cross-entropy `+ c * Aux`.
 
-Only two weights per layer are scored, so only they keep gradients: the expert down projections
-(`mlp.experts.down_proj`, `[E, H, I]`; neuron `i` of expert `e` is column `i` of `down_proj[e]`) and the attention
-output projection (`self_attn.o_proj.weight`, `[H, num_heads * head_dim]`; its columns are the attention neurons).
-A neuron's score is the l2 norm of its entries' scores (Eq. 4); a GQA group's score is the mean of the neuron scores
-of all its query heads' `o_proj` columns.
+Only the down projections are scored, so only they keep gradients, located through the family's
+[`~hf_slimmoe.architectures.MoeArchitecture`]: the routed experts' `down_proj` (`[E, H, I]`, neuron `i` of expert `e`
+is column `i` of `down_proj[e]`; gpt-oss stores it transposed, `[E, I, H]`), a shared expert's `down_proj.weight`
+(`[H, I_s]`) and the attention output projection (`o_proj.weight`, `[H, num_heads * head_dim]`; its columns are the
+attention neurons). A neuron's score is the l2 norm of its entries' scores (Eq. 4); a GQA group's score is the mean
+of the neuron scores of all its query heads' `o_proj` columns. Dense layers (Qwen `mlp_only_layers`, DeepSeek
+`first_k_dense_replace`) get empty expert scores.
 
 Stage 1 subtlety: when the student *is* the teacher, the full-vocabulary KL is at its minimum and has zero gradient,
 so it carries no information. The *top-k truncated* teacher distribution keeps only the top-k probabilities (their
@@ -30,8 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
 
+from ..architectures import get_architecture
 from ..distillation.losses import chunked_cross_entropy, topk_kl_loss
 from ..distributed import all_reduce_sum, call_through_forward, full_tensor, is_sharded, rank_and_world, rank_share
 from ..modeling_utils import check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
@@ -44,22 +46,26 @@ CRITERIA = ("kd", "clm")
 @dataclass
 class SensitivityScores:
     """
-    Neuron-level sensitivity scores of a SlimMoE/PhiMoE model, one float32 tensor per decoder layer.
+    Neuron-level sensitivity scores of a MoE model (any supported family), one float32 tensor per decoder layer.
 
     Attributes:
         experts (`list[torch.Tensor]`):
-            `experts[layer]` has shape `[num_experts, intermediate_size]`: the l2 norm of the scores of neuron `i`'s
-            entries in expert `e`'s down projection.
+            `experts[layer]` has shape `[num_experts, expert_width]`: the l2 norm of the scores of neuron `i`'s
+            entries in expert `e`'s down projection. Empty (`[0, 0]`) for a dense layer.
         kv_groups (`list[torch.Tensor]`):
             `kv_groups[layer]` has shape `[num_key_value_heads]`: the mean neuron score of the `o_proj` input columns
             of all query heads in the GQA group.
         metadata (`dict[str, str]`):
             How the scores were computed (criterion, top_k, number of tokens and batches); saved with them.
+        shared_experts (`list[torch.Tensor]`):
+            For families with a shared expert (Qwen2-MoE, DeepSeek), `shared_experts[layer]` has shape
+            `[shared_width]` (empty for a dense layer); an empty list otherwise.
     """
 
     experts: list[torch.Tensor]
     kv_groups: list[torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    shared_experts: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self):
         if len(self.experts) != len(self.kv_groups):
@@ -67,17 +73,23 @@ class SensitivityScores:
                 f"SensitivityScores: experts has {len(self.experts)} layers but kv_groups has {len(self.kv_groups)}; "
                 "both need one tensor per decoder layer."
             )
+        if self.shared_experts and len(self.shared_experts) != len(self.experts):
+            raise ValueError(
+                f"SensitivityScores: shared_experts has {len(self.shared_experts)} layers but experts has "
+                f"{len(self.experts)}; it needs one tensor per decoder layer (or none at all)."
+            )
 
     @property
     def num_layers(self) -> int:
         return len(self.experts)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save to a safetensors file (keys `experts.{layer}` and `kv_groups.{layer}`, metadata in the header)."""
+        """Save to a safetensors file (keys `experts.{layer}`, `kv_groups.{layer}` and, with shared experts,
+        `shared_experts.{layer}`; metadata in the header)."""
         tensors = {}
-        for layer, (experts, groups) in enumerate(zip(self.experts, self.kv_groups)):
-            tensors[f"experts.{layer}"] = experts.detach().float().cpu().contiguous()
-            tensors[f"kv_groups.{layer}"] = groups.detach().float().cpu().contiguous()
+        for name in ("experts", "kv_groups", "shared_experts"):
+            for layer, tensor in enumerate(getattr(self, name)):
+                tensors[f"{name}.{layer}"] = tensor.detach().float().cpu().contiguous()
         metadata = {str(k): str(v) for k, v in self.metadata.items()}
         metadata["format"] = "hf_slimmoe.SensitivityScores"
         directory = os.path.dirname(os.path.abspath(path))
@@ -106,13 +118,23 @@ class SensitivityScores:
             experts=[tensors[f"experts.{layer}"] for layer in range(num_layers)],
             kv_groups=[tensors[f"kv_groups.{layer}"] for layer in range(num_layers)],
             metadata=metadata,
+            shared_experts=[tensors[f"shared_experts.{layer}"] for layer in range(num_layers)
+                            if f"shared_experts.{layer}" in tensors],
         )
 
 
-def _scored_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """The expert down projections and attention output projection weights, one per decoder layer."""
-    layers = model.model.layers
-    return [layer.mlp.experts.down_proj for layer in layers], [layer.self_attn.o_proj.weight for layer in layers]
+def scored_parameters(model: nn.Module) -> dict[str, dict[int, nn.Parameter]]:
+    """The weights whose sensitivity is scored, by kind and decoder layer: routed experts' `down_proj` and shared
+    experts' `down_proj.weight` (MoE layers only), and every layer's attention `o_proj.weight`."""
+    arch = get_architecture(model)
+    blocks = arch.moe_blocks(model)
+    scored = {
+        "experts": {i: arch.experts_of(block).down_proj for i, block in blocks.items()},
+        "kv_groups": {i: arch.attention_of(layer).o_proj.weight for i, layer in enumerate(arch.decoder_layers(model))},
+    }
+    if arch.shared_expert is not None:
+        scored["shared_experts"] = {i: arch.shared_of(block).down_proj.weight for i, block in blocks.items()}
+    return scored
 
 
 def _as_batch(batch: Mapping, device: torch.device) -> dict[str, torch.Tensor]:
@@ -152,44 +174,6 @@ def _cached_topk(batch: dict[str, torch.Tensor], top_k: int):
     return ids, logprobs
 
 
-def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None, criterion: str,
-                top_k: int, coef: float, chunk_size: int) -> tuple[torch.Tensor, int]:
-    """The summed scoring loss of one batch and its number of counted tokens (`teacher=None`: the model itself)."""
-    config, lm_head = model.config, model.lm_head
-    input_ids = batch["input_ids"]  # [B, T]
-    attention_mask = batch.get("attention_mask")
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    outputs = model.model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True,
-                          use_cache=False)
-    hidden = outputs.last_hidden_state  # [B, T, H]
-    if criterion == "kd":
-        num_tokens = int(mask.sum())
-        if "teacher_topk_ids" in batch and "teacher_topk_logprobs" in batch:
-            ids, logprobs = _cached_topk(batch, top_k)
-        elif teacher is None:
-            ids, logprobs = teacher_topk_from_hidden(hidden.detach(), lm_head, top_k, chunk_size=chunk_size)
-        else:
-            teacher_device = next(teacher.parameters()).device
-            ids, logprobs = call_through_forward(  # [B, T, k], no [B, T, V] teacher logits
-                teacher, teacher_topk_from_model, teacher, input_ids.to(teacher_device),
-                None if attention_mask is None else attention_mask.to(teacher_device), top_k, chunk_size=chunk_size,
-            )
-            ids, logprobs = ids.to(hidden.device), logprobs.to(hidden.device)
-        loss = topk_kl_loss(hidden, lm_head.weight, lm_head.bias, ids, logprobs, mask,
-                            chunk_size=chunk_size, reduction="sum")
-    else:
-        labels = batch.get("labels", input_ids).masked_fill(~mask, -100)
-        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # next token
-        num_tokens = int((labels != -100).sum())
-        loss = chunked_cross_entropy(hidden, lm_head.weight, lm_head.bias, labels,
-                                     chunk_size=chunk_size, reduction="sum")
-    if coef:
-        aux = load_balancing_loss_func(outputs.router_logits, config.num_local_experts, config.num_experts_per_tok,
-                                       attention_mask)
-        loss = loss + coef * num_tokens * aux  # the per-token mean aux, weighted like the summed KD term
-    return loss, num_tokens
-
-
 def compute_sensitivity(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -217,8 +201,9 @@ def compute_sensitivity(
     float rounding). An FSDP2-sharded `teacher` is run through its own forward.
 
     Args:
-        model (`SlimMoeForCausalLM` or `PhimoeForCausalLM`):
-            The model to score (the student).
+        model (`PreTrainedModel`):
+            The model to score (the student): any supported MoE family (`SlimMoeForCausalLM`, `MixtralForCausalLM`,
+            `Qwen3MoeForCausalLM`, ...; see `hf_slimmoe.SUPPORTED_MODEL_TYPES`).
         batches (`Iterable[Mapping]`):
             Calibration batches: mappings with `input_ids` `[B, T]`, optionally `attention_mask` `[B, T]`,
             `labels` `[B, T]` (for `"clm"`; default: `input_ids`, padding ignored; shifted here) and cached teacher
@@ -233,8 +218,9 @@ def compute_sensitivity(
         top_k (`int`, *optional*, defaults to `8`):
             Number of teacher probabilities kept; the rest are 0 (not renormalized).
         aux_loss_coef (`float`, *optional*):
-            Weight of the load-balancing loss; defaults to the model's `config.router_aux_loss_coef`, the weight it
-            is trained with. `0` scores with the KD/CLM term alone.
+            Weight of the family's load-balancing loss; defaults to the model's `config.router_aux_loss_coef`, the
+            weight it is trained with. `0` scores with the KD/CLM term alone, as do families trained without one
+            (DeepSeek).
         chunk_size (`int`, *optional*, defaults to `1024`):
             Tokens projected to the vocabulary at a time.
         show_progress (`bool`, *optional*, defaults to `True`):
@@ -247,29 +233,29 @@ def compute_sensitivity(
         `ValueError`: for an unknown criterion, a bad `top_k`, a teacher with another vocabulary, a malformed batch,
             a teacher cache that does not match its batch, or an empty calibration set.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"compute_sensitivity: criterion={criterion!r} is not supported; use one of {CRITERIA}.")
+    arch = _check_arguments(model, teacher, criterion, top_k)
+    aux_loss = arch.aux_loss_function()
+    if aux_loss is None and aux_loss_coef:
+        raise ValueError(f"compute_sensitivity: {arch.model_type} models train without a load-balancing loss; pass "
+                         "aux_loss_coef=0 (or None).")
     config = model.config
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
-        raise ValueError(f"compute_sensitivity: top_k={top_k!r} must be an integer in [1, {config.vocab_size}].")
+    coef = 0.0 if aux_loss is None else float(
+        getattr(config, "router_aux_loss_coef", 0.0) if aux_loss_coef is None else aux_loss_coef)
     self_teacher = teacher is None or teacher is model
-    if criterion == "kd" and not self_teacher:
-        check_same_vocabulary(model, teacher)
-    coef = config.router_aux_loss_coef if aux_loss_coef is None else float(aux_loss_coef)
     device = next(model.parameters()).device
-    down_projs, o_projs = _scored_parameters(model)
-    scored = down_projs + o_projs
-    scored_ids = {id(p) for p in scored}
+    scored = scored_parameters(model)
+    params = [p for per_layer in scored.values() for p in per_layer.values()]
+    scored_ids = {id(p) for p in params}
 
-    # Only the scored weights require gradients; their gradients are summed over batches into float32 buffers.
+    # Only the scored weights require gradients. Single process: their gradients are summed over batches into float32
+    # buffers by hooks. FSDP2 accumulates the reduce-scattered gradient shards in `.grad` itself (hooks on the shards
+    # would never fire).
     was_training = model.training
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_grads = [(p, p.grad) for p in scored]
+    saved_grads = [(p, p.grad) for p in params]
     teacher_was_training = None if self_teacher else teacher.training
     sharded, world_size = is_sharded(model), rank_and_world()[1]
-    # Single process: gradients are summed over batches into float32 buffers by hooks. FSDP2 accumulates the
-    # reduce-scattered gradient shards in `.grad` itself (hooks on the shards would never fire).
-    buffers = None if sharded else [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in scored]
+    buffers = {} if sharded else {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
     hooks = []
 
     def _accumulate(buffer):
@@ -281,26 +267,23 @@ def compute_sensitivity(
     total_tokens, num_batches = 0, 0
     try:
         model.eval()
-        if teacher is not None and not self_teacher:
+        if not self_teacher:
             teacher.eval()
         for p in model.parameters():
             p.requires_grad_(id(p) in scored_ids)
-        for p, buffer in zip(scored, buffers or [None] * len(scored)):
+        for p in params:
             p.grad = None
-            if buffer is not None:
-                hooks.append(p.register_post_accumulate_grad_hook(_accumulate(buffer)))
-
-        if sharded:  # FSDP2: each rank takes its share of the batches, all ranks step in lockstep
-            work = rank_share(list(batches))
-        else:
-            work = ((raw, True) for raw in batches)
+            if not sharded:
+                hooks.append(p.register_post_accumulate_grad_hook(_accumulate(buffers[id(p)])))
+        # FSDP2: each rank takes its share of the batches, all ranks step in lockstep
+        work = rank_share(list(batches)) if sharded else ((raw, True) for raw in batches)
         total = len(work) if sharded else (len(batches) if hasattr(batches, "__len__") else None)
         for raw, counted in tqdm(work, total=total, desc=f"Sensitivity ({criterion})", unit="batch",
                                  disable=not show_progress):
-            batch = _as_batch(raw, device)
             # Through the root's forward: under FSDP2 the LM head is gathered there and reduce-scattered after.
-            loss, num_tokens = call_through_forward(model, _batch_loss, model, batch, teacher if not self_teacher
-                                                    else None, criterion, top_k, coef, chunk_size)
+            loss, num_tokens = call_through_forward(model, _batch_loss, model, _as_batch(raw, device),
+                                                    None if self_teacher else teacher, criterion, top_k, chunk_size,
+                                                    aux_loss, coef)
             if not counted:  # a padding step of this rank: it runs the collectives and adds nothing
                 loss, num_tokens = loss * 0.0, 0
             if loss.requires_grad:
@@ -308,8 +291,8 @@ def compute_sensitivity(
             total_tokens += num_tokens
             num_batches += int(counted)
             del loss
-        if sharded:
-            buffers = [p.grad for p in scored]  # the reduce-scattered shards: the mean over ranks of their sums
+        if sharded:  # the reduce-scattered shards: the mean over ranks of their sums
+            buffers = {id(p): p.grad for p in params}
     finally:
         for hook in hooks:
             hook.remove()
@@ -325,29 +308,99 @@ def compute_sensitivity(
         total_tokens, num_batches = int(all_reduce_sum(total_tokens)), int(all_reduce_sum(num_batches))
     if num_batches == 0 or total_tokens == 0:
         raise ValueError("compute_sensitivity: the calibration set is empty (no batches or no counted tokens).")
-
-    experts_scores, group_scores = [], []
-    with torch.no_grad():
-        for down, down_grad, o_proj, o_grad in zip(down_projs, buffers[:len(down_projs)], o_projs,
-                                                   buffers[len(down_projs):]):
-            # Eq. 2 on the gradient of the mean loss over the set, then Eq. 4 (l2 over a neuron's entries)
-            if sharded:  # gather one weight at a time; the shards hold the mean over ranks, the loss is their sum
-                down, down_grad = full_tensor(down), full_tensor(down_grad) * world_size
-                o_proj, o_grad = full_tensor(o_proj), full_tensor(o_grad) * world_size
-            s = (down_grad / total_tokens * down.float()).abs_()  # [E, H, I]
-            experts_scores.append(torch.linalg.vector_norm(s, dim=1).cpu())  # [E, I]
-            s = (o_grad / total_tokens * o_proj.float()).abs_()  # [H, num_heads * head_dim]
-            neurons = torch.linalg.vector_norm(s, dim=0)  # [num_heads * head_dim]
-            group_scores.append(neurons.reshape(config.num_key_value_heads, -1).mean(dim=1).cpu())  # [num_kv]
-            del s
+    scores = _neuron_scores(model, scored, buffers, total_tokens, world_size if sharded else None)
     logger.info("Scored %d layers on %d tokens in %d batches (criterion=%s, top_k=%d, aux coef=%g)",
-                len(down_projs), total_tokens, num_batches, criterion, top_k, coef)
+                config.num_hidden_layers, total_tokens, num_batches, criterion, top_k, coef)
     return SensitivityScores(
-        experts=experts_scores,
-        kv_groups=group_scores,
+        **scores,
         metadata={"criterion": criterion, "top_k": str(top_k), "aux_loss_coef": str(coef),
                   "num_tokens": str(total_tokens), "num_batches": str(num_batches)},
     )
 
 
-__all__ = ["SensitivityScores", "compute_sensitivity", "CRITERIA"]
+def _check_arguments(model: nn.Module, teacher: nn.Module | None, criterion: str, top_k: int):
+    """The model's architecture adapter, after checking the criterion, `top_k` and the teacher's vocabulary."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"compute_sensitivity: criterion={criterion!r} is not supported; use one of {CRITERIA}.")
+    arch = get_architecture(model)
+    config = model.config
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= config.vocab_size:
+        raise ValueError(f"compute_sensitivity: top_k={top_k!r} must be an integer in [1, {config.vocab_size}].")
+    if criterion == "kd" and teacher is not None and teacher is not model:
+        check_same_vocabulary(model, teacher)
+    return arch
+
+
+def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None, criterion: str,
+                top_k: int, chunk_size: int, aux_loss, coef: float) -> tuple[torch.Tensor, int]:
+    """The summed loss of one calibration batch (KD or CLM term + `coef` x the per-token aux loss) and the number of
+    tokens it counts. `teacher=None` takes the teacher distribution from the model's own forward (stage 1)."""
+    base, lm_head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    device = lm_head.weight.device
+    input_ids = batch["input_ids"]  # [B, T]
+    attention_mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    outputs = base(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=bool(coef),
+                   use_cache=False)
+    hidden = outputs.last_hidden_state  # [B, T, H]
+    if criterion == "kd":
+        num_tokens = int(mask.sum())
+        if "teacher_topk_ids" in batch and "teacher_topk_logprobs" in batch:
+            ids, logprobs = _cached_topk(batch, top_k)
+        elif teacher is None:
+            ids, logprobs = teacher_topk_from_hidden(hidden.detach(), lm_head, top_k, chunk_size=chunk_size)
+        else:
+            teacher_device = next(teacher.parameters()).device
+            ids, logprobs = call_through_forward(  # [B, T, k], no [B, T, V] teacher logits
+                teacher, teacher_topk_from_model, teacher, input_ids.to(teacher_device),
+                None if attention_mask is None else attention_mask.to(teacher_device), top_k, chunk_size=chunk_size,
+            )
+            ids, logprobs = ids.to(device), logprobs.to(device)
+        loss = topk_kl_loss(hidden, lm_head.weight, lm_head.bias, ids, logprobs, mask, chunk_size=chunk_size,
+                            reduction="sum")
+    else:
+        labels = batch.get("labels", input_ids).masked_fill(~mask, -100)
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # next token
+        num_tokens = int((labels != -100).sum())
+        loss = chunked_cross_entropy(hidden, lm_head.weight, lm_head.bias, labels, chunk_size=chunk_size,
+                                     reduction="sum")
+    if coef:
+        arch = get_architecture(model)
+        aux = aux_loss(outputs.router_logits, arch.num_experts_of(model.config), arch.top_k_of(model.config),
+                       attention_mask)
+        loss = loss + coef * num_tokens * aux  # the per-token mean aux, weighted like the summed KD term
+    return loss, num_tokens
+
+
+@torch.no_grad()
+def _neuron_scores(model: nn.Module, scored: dict[str, dict[int, nn.Parameter]], buffers: dict[int, torch.Tensor],
+                   total_tokens: int, world_size: int | None = None) -> dict[str, list[torch.Tensor]]:
+    """Eq. 2 on the gradient of the mean loss over the set, then Eq. 4 (l2 over a neuron's entries), per layer.
+    With `world_size` (FSDP2) every weight and its gradient shard are gathered one at a time; the shards hold the
+    mean over ranks, the loss is their sum."""
+    arch, config = get_architecture(model), model.config
+    blocks = arch.moe_blocks(model)
+    out = {name: [] for name in scored}
+    for layer in range(config.num_hidden_layers):
+        for name, per_layer in scored.items():
+            param = per_layer.get(layer)
+            if param is None:  # a dense layer: no experts to score
+                out[name].append(torch.zeros((0, 0) if name == "experts" else (0,)))
+                continue
+            weight, grad = param, buffers[id(param)]
+            if world_size is not None:
+                weight, grad = full_tensor(param), full_tensor(grad) * world_size
+            s = (grad / total_tokens * weight.float()).abs_()
+            if name == "experts":  # [E, H, I] (or [E, I, H] transposed) -> [E, I]
+                hidden_axis = 2 if getattr(arch.experts_of(blocks[layer]), "is_transposed", False) else 1
+                out[name].append(torch.linalg.vector_norm(s, dim=hidden_axis).cpu())
+            elif name == "shared_experts":  # [H, I_s] -> [I_s]
+                out[name].append(torch.linalg.vector_norm(s, dim=0).cpu())
+            else:  # o_proj [H, num_heads * head_dim] -> neurons -> mean per GQA group [num_kv]
+                neurons = torch.linalg.vector_norm(s, dim=0)
+                out[name].append(neurons.reshape(config.num_key_value_heads, -1).mean(dim=1).cpu())
+            del s
+    return out
+
+
+__all__ = ["SensitivityScores", "compute_sensitivity", "scored_parameters", "CRITERIA"]

@@ -1,13 +1,19 @@
-"""Tensor surgery: slice a SlimMoE/PhiMoE model down to a smaller configuration, in place.
+"""Tensor surgery: slice a MoE model of any supported family down to a smaller configuration, in place.
 
-Two structured cuts, both driven by [`SensitivityScores`]:
+Two structured cuts, both driven by [`SensitivityScores`] and located through the family's [`MoeArchitecture`]:
 
-- **Expert slimming.** Every expert keeps its own `target.intermediate_size` highest-scoring neurons. A neuron `i` of
-  expert `e` is row `i` of the gate half and row `I + i` of the up half of `gate_up_proj[e]` (`[2I, H]`) and column `i`
-  of `down_proj[e]` (`[H, I]`); the three slices leave together and the kept neurons keep their original order.
+- **Expert slimming.** Every routed expert keeps its own `target` expert-width highest-scoring neurons. A neuron `i`
+  of expert `e` is one gate row, one up row and one down column of the fused experts; where they sit is read from the
+  layout flags transformers records on the experts module: `gate_up_proj [E, 2I, H]` with the gate half first
+  (Mixtral, PhiMoE, OLMoE, Qwen, DeepSeek) or gpt-oss's transposed `[E, H, 2I]` with gate and up interleaved
+  (`2i`, `2i + 1`) and a `gate_up_proj_bias [E, 2I]`; `down_proj [E, H, I]` or `[E, I, H]`. The slices leave
+  together and the kept neurons keep their original order. A shared expert (a dense GLU beside the router) is slimmed
+  the same way when the target narrows it.
 - **Attention pruning by GQA group.** Each layer keeps its `target.num_key_value_heads` highest-scoring groups; a
   dropped group takes its KV head (rows of `k_proj`/`v_proj`) and its `num_attention_heads // num_key_value_heads`
-  query heads (rows of `q_proj`, columns of `o_proj`) with it, biases included. `head_dim` never changes.
+  query heads (rows of `q_proj`, columns of `o_proj`, per-query-head parameters such as gpt-oss's `sinks`) with it,
+  biases included. `head_dim` never changes. Families whose attention cannot lose a group (OLMoE, DeepSeek MLA)
+  refuse with the reason.
 
 Everything is validated before the first weight is touched; a bad target raises a `ValueError` naming the field.
 """
@@ -20,45 +26,44 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..architectures import get_architecture
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
+    from ..architectures import MoeArchitecture
     from .sensitivity import SensitivityScores
 
 logger = logging.getLogger(__name__)
 
-# Fields a pruning target must share with the model: structured pruning never changes them.
-FIXED_FIELDS = ("hidden_size", "vocab_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
-                "head_dim", "attention_bias", "lm_head_bias", "tie_word_embeddings")
+# Module attributes that cache an expert / MLP width and must follow the pruned tensors.
+_WIDTH_ATTRIBUTES = ("intermediate_dim", "intermediate_size", "ffn_dim")
 
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def validate_prune_target(config: PretrainedConfig, target: PretrainedConfig, scores: SensitivityScores) -> None:
-    """Check that `model` with configuration `config` can be pruned to `target` with `scores`; raise otherwise.
-
-    Raises:
-        `ValueError`: naming the offending field, for a target wider than the model, a changed fixed field
-            (hidden size, vocabulary, layers, experts, top-k, head_dim, biases), a different number of query heads
-            per GQA group, or scores whose shapes do not match the model.
-    """
-    for name in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+def _check_sizes(arch: MoeArchitecture, config, target) -> None:
+    """Target sizes: positive, fixed fields kept, nothing wider, whole GQA groups, attention prunable."""
+    for name in arch.pruned_fields():
         value = getattr(target, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"prune_to: target {name} must be a positive integer, got {value!r}.")
-    for name in FIXED_FIELDS:
+    for name in arch.fixed_fields():
         now = _head_dim(config) if name == "head_dim" else getattr(config, name, None)
         wanted = _head_dim(target) if name == "head_dim" else getattr(target, name, None)
         if now != wanted:
             raise ValueError(
                 f"prune_to: target {name}={wanted!r} differs from the model's {name}={now!r}; pruning only narrows "
-                "intermediate_size and removes whole GQA groups. Build the target with `model.config.slimmed(...)`."
+                "the experts and removes whole GQA groups. Build the target with `slim_config(model.config, ...)` "
+                "(or `model.config.slimmed(...)`)."
             )
-    for name in ("intermediate_size", "num_key_value_heads", "num_attention_heads"):
-        now, wanted = getattr(config, name), getattr(target, name)
-        if wanted > now:
+    widths = [(name, getattr(config, name), getattr(target, name)) for name in arch.pruned_fields()]
+    if arch.shared_expert is not None:
+        widths.append(("shared expert width", arch.shared_width_of(config), arch.shared_width_of(target)))
+    for name, now, wanted in widths:
+        if wanted > now and name != (arch.shared_expert and arch.shared_expert.count):
             raise ValueError(
                 f"prune_to: target {name}={wanted} is wider than the model's {name}={now}; pruning can only remove."
             )
@@ -70,11 +75,26 @@ def validate_prune_target(config: PretrainedConfig, target: PretrainedConfig, sc
             f"per GQA group, the model has {per_group}; whole groups are removed, so set num_attention_heads="
             f"{target.num_key_value_heads * per_group}."
         )
+    if target.num_key_value_heads != config.num_key_value_heads and not arch.attention_prunable:
+        raise ValueError(
+            f"prune_to: the attention of {arch.model_type} models cannot be pruned: {arch.attention_refusal}. Keep "
+            f"num_key_value_heads={config.num_key_value_heads} and slim the experts only."
+        )
+
+
+def _check_scores(arch: MoeArchitecture, config, target, scores: SensitivityScores) -> None:
+    """One score tensor per decoder layer of the right shape (empty for layers without what it scores)."""
     if scores is None:
         raise ValueError("prune_to: scores is None; compute them with `compute_sensitivity(model, batches)`.")
+    moe = set(arch.moe_layer_indices(config))
+    expected = {
+        "experts": lambda i: (arch.num_experts_of(config), arch.expert_width_of(config)) if i in moe else None,
+        "kv_groups": lambda i: (config.num_key_value_heads,),
+    }
+    if arch.shared_expert is not None and arch.shared_width_of(target) != arch.shared_width_of(config):
+        expected["shared_experts"] = lambda i: (arch.shared_width_of(config),) if i in moe else None
     layers = config.num_hidden_layers
-    for name, expected in (("experts", (config.num_local_experts, config.intermediate_size)),
-                           ("kv_groups", (config.num_key_value_heads,))):
+    for name, shape_of in expected.items():
         per_layer = getattr(scores, name)
         if len(per_layer) != layers:
             raise ValueError(
@@ -82,11 +102,27 @@ def validate_prune_target(config: PretrainedConfig, target: PretrainedConfig, sc
                 "computed on a different model."
             )
         for layer, tensor in enumerate(per_layer):
-            if tuple(tensor.shape) != expected:
+            shape = shape_of(layer)
+            if (tuple(tensor.shape) != shape) if shape is not None else tensor.numel() != 0:
                 raise ValueError(
-                    f"prune_to: scores.{name}[{layer}] has shape {list(tensor.shape)}, expected {list(expected)} for "
-                    "this model; these scores were computed on a model of different sizes."
+                    f"prune_to: scores.{name}[{layer}] has shape {list(tensor.shape)}, expected "
+                    f"{list(shape) if shape is not None else 'an empty tensor (a dense layer)'} for this model; these "
+                    "scores were computed on a model of different sizes."
                 )
+
+
+def validate_prune_target(config: PretrainedConfig, target: PretrainedConfig, scores: SensitivityScores) -> None:
+    """Check that a model with configuration `config` can be pruned to `target` with `scores`; raise otherwise.
+
+    Raises:
+        `ValueError`: naming the offending field, for an unsupported family, a target wider than the model, a
+            changed fixed field (hidden size, vocabulary, layers, experts, top-k, head_dim, biases, dense layers), a
+            different number of query heads per GQA group, attention pruning on a family that cannot prune its
+            attention, or scores whose shapes do not match the model.
+    """
+    arch = get_architecture(config)
+    _check_sizes(arch, config, target)
+    _check_scores(arch, config, target, scores)
 
 
 def keep_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -104,12 +140,23 @@ def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
 
+def _set_width(module: nn.Module, value: int) -> None:
+    for name in _WIDTH_ATTRIBUTES:
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, value)
+
+
 def expert_neurons(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views of a fused experts module's weights with one row per neuron: `(gate, up, down)`, each
-    `[num_experts, intermediate, hidden]`. Row `i` of expert `e` in all three is neuron `i` of that expert."""
-    size = experts.down_proj.shape[-1]
-    gate_up = experts.gate_up_proj  # [E, 2I, H], gate half first
-    return gate_up[:, :size], gate_up[:, size:], experts.down_proj.transpose(1, 2)  # down_proj: [E, H, I]
+    `[num_experts, width, hidden]`. Row `i` of expert `e` in all three is neuron `i` of that expert, whatever the
+    layout (gate half first or interleaved, transposed or not: the module's `@use_experts_implementation` flags)."""
+    transposed = getattr(experts, "is_transposed", False)
+    gate_up = experts.gate_up_proj.transpose(1, 2) if transposed else experts.gate_up_proj  # [E, 2I, H]
+    down = experts.down_proj if transposed else experts.down_proj.transpose(1, 2)  # [E, I, H]
+    if getattr(experts, "is_concatenated", True):
+        size = down.shape[1]
+        return gate_up[:, :size], gate_up[:, size:], down
+    return gate_up[:, 0::2], gate_up[:, 1::2], down
 
 
 def gqa_rows(groups: torch.Tensor, heads_per_group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,17 +170,35 @@ def gqa_rows(groups: torch.Tensor, heads_per_group: int, head_dim: int) -> tuple
     return q_rows, kv_rows
 
 
+def gate_up_index(keep: torch.Tensor, old_size: int, concatenated: bool) -> torch.Tensor:
+    """Positions in a fused `gate_up` axis of the neurons `keep` (`[E, I_new]`): `[E, 2 * I_new]`, gate half first
+    (`i` and `I + i`) or interleaved (`2i`, `2i + 1`) as the experts store them."""
+    if concatenated:
+        return torch.cat([keep, keep + old_size], dim=1)
+    return torch.stack([2 * keep, 2 * keep + 1], dim=-1).reshape(keep.shape[0], -1)
+
+
 def slim_experts(experts: nn.Module, keep: torch.Tensor) -> None:
-    """Keep, per expert, the neurons `keep` (`[num_experts, new_intermediate]`, ascending) of a fused experts module."""
-    num_experts, new_size = keep.shape
-    hidden = experts.down_proj.shape[1]
+    """Keep, per expert, the neurons `keep` (`[num_experts, new_width]`, ascending) of a fused experts module.
+
+    The layout comes from the flags `@use_experts_implementation` sets on the module: `is_transposed` (weights stored
+    `[E, in, out]`), `is_concatenated` (gate half first, else interleaved) and `has_bias`.
+    """
+    transposed = getattr(experts, "is_transposed", False)
+    concatenated = getattr(experts, "is_concatenated", True)
+    neuron_axis = 1 if transposed else 2  # of down_proj: [E, I, H] or [E, H, I]
+    gate_up_axis = 2 if transposed else 1  # of gate_up_proj: [E, H, 2I] or [E, 2I, H]
+    old_size = experts.down_proj.shape[neuron_axis]
     keep = keep.to(experts.down_proj.device)
+    rows = gate_up_index(keep, old_size, concatenated)  # [E, 2I_new]
     with torch.no_grad():
-        rows = keep[:, :, None].expand(num_experts, new_size, hidden)  # [E, I_new, H]
-        gate, up, down = (weight.gather(1, rows) for weight in expert_neurons(experts))  # each [E, I_new, H]
-        replace_parameter(experts, "gate_up_proj", torch.cat([gate, up], dim=1))  # [E, 2I_new, H]
-        replace_parameter(experts, "down_proj", down.transpose(1, 2))  # [E, H, I_new]
-    experts.intermediate_dim = new_size
+        replace_parameter(experts, "gate_up_proj", torch.take_along_dim(
+            experts.gate_up_proj, rows.unsqueeze(3 - gate_up_axis), dim=gate_up_axis))
+        replace_parameter(experts, "down_proj", torch.take_along_dim(
+            experts.down_proj, keep.unsqueeze(3 - neuron_axis), dim=neuron_axis))
+        if getattr(experts, "has_bias", False):
+            replace_parameter(experts, "gate_up_proj_bias", experts.gate_up_proj_bias.gather(1, rows))  # [E, 2I_new]
+    _set_width(experts, keep.shape[1])
 
 
 def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
@@ -149,50 +214,101 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
         linear.in_features = index.numel()
 
 
-def prune_attention_groups(attention: nn.Module, keep_groups: torch.Tensor, heads_per_group: int) -> None:
-    """Keep the GQA groups `keep_groups` (ascending) of a `PhimoeAttention`: their KV heads and their query heads."""
+def slim_glu(mlp: nn.Module, keep: torch.Tensor) -> None:
+    """Keep the neurons `keep` (ascending) of a dense GLU MLP (`gate_proj`, `up_proj` rows; `down_proj` columns)."""
+    _slice_linear(mlp.gate_proj, keep, dim=0)
+    _slice_linear(mlp.up_proj, keep, dim=0)
+    _slice_linear(mlp.down_proj, keep, dim=1)
+    _set_width(mlp, keep.numel())
+
+
+def prune_attention_groups(attention: nn.Module, keep_groups: torch.Tensor, heads_per_group: int,
+                           query_head_parameters: tuple[str, ...] = ()) -> None:
+    """Keep the GQA groups `keep_groups` (ascending) of a GQA attention module: their KV heads and their query heads
+    (with the per-query-head parameters named in `query_head_parameters`, e.g. gpt-oss's `sinks`)."""
     q_rows, kv_rows = gqa_rows(keep_groups, heads_per_group, attention.head_dim)
+    q_heads = (keep_groups[:, None] * heads_per_group + torch.arange(heads_per_group)).reshape(-1)
     _slice_linear(attention.q_proj, q_rows, dim=0)
     _slice_linear(attention.k_proj, kv_rows, dim=0)
     _slice_linear(attention.v_proj, kv_rows, dim=0)
     _slice_linear(attention.o_proj, q_rows, dim=1)
+    with torch.no_grad():
+        for name in query_head_parameters:
+            value = getattr(attention, name)
+            replace_parameter(attention, name, value.index_select(0, q_heads.to(value.device)))  # [kept query heads, ...]
+
+
+def _prune_moe_blocks(arch: MoeArchitecture, model: nn.Module, target, scores: SensitivityScores) -> None:
+    config = model.config
+    new_width, new_shared = arch.expert_width_of(target), arch.shared_width_of(target)
+    for index, block in arch.moe_blocks(model).items():
+        if new_width != arch.expert_width_of(config):
+            slim_experts(arch.experts_of(block), keep_indices(scores.experts[index], new_width))
+            _set_width(block, new_width)
+        if new_shared != arch.shared_width_of(config):
+            slim_glu(arch.shared_of(block), keep_indices(scores.shared_experts[index], new_shared))
 
 
 def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: SensitivityScores) -> PreTrainedModel:
-    """Prune `model` (a [`SlimMoeForCausalLM`] or stock `PhimoeForCausalLM`) in place to the sizes of `target`.
+    """Prune `model` (any supported MoE family: [`SlimMoeForCausalLM`], `MixtralForCausalLM`,
+    `Qwen3MoeForCausalLM`, ...) in place to the sizes of `target`.
 
-    Keeps, in every expert of every layer, the `target.intermediate_size` neurons with the highest
-    `scores.experts[layer][expert]`, and in every layer the `target.num_key_value_heads` GQA groups with the highest
-    `scores.kv_groups[layer]`. Updates `model.config` (`intermediate_size`, `num_attention_heads`,
-    `num_key_value_heads`; `head_dim` is kept) and the size attributes of the modules. Returns `model`.
+    Keeps, in every routed expert of every MoE layer, the target expert-width neurons with the highest
+    `scores.experts[layer][expert]`; in a shared expert the target shared-width neurons with the highest
+    `scores.shared_experts[layer]`; and in every layer the `target.num_key_value_heads` GQA groups with the highest
+    `scores.kv_groups[layer]`. Updates `model.config` (the family's expert width field, heads, the shared expert's
+    width; `head_dim` is kept and written explicitly) and the size attributes of the modules. Returns `model`.
 
     Raises:
         `ValueError`: before any weight changes, for a target or scores that do not fit the model
             (see [`validate_prune_target`]).
     """
-    config = model.config
+    arch, config = get_architecture(model), model.config
     validate_prune_target(config, target, scores)
-    new_size, new_groups = target.intermediate_size, target.num_key_value_heads
+    new_groups = target.num_key_value_heads
     heads_per_group = config.num_attention_heads // config.num_key_value_heads
-    layers = model.model.layers
-    for index, layer in enumerate(layers):
-        if new_size != config.intermediate_size:
-            slim_experts(layer.mlp.experts, keep_indices(scores.experts[index], new_size))
-            layer.mlp.ffn_dim = new_size
-        if new_groups != config.num_key_value_heads:
-            prune_attention_groups(layer.self_attn, keep_indices(scores.kv_groups[index], new_groups),
-                                   heads_per_group)
+    _prune_moe_blocks(arch, model, target, scores)
+    layers = arch.decoder_layers(model)
+    if new_groups != config.num_key_value_heads:
+        for index, layer in enumerate(layers):
+            prune_attention_groups(arch.attention_of(layer), keep_indices(scores.kv_groups[index], new_groups),
+                                   heads_per_group, arch.query_head_parameters)
     logger.info(
-        "Pruned %d layers: intermediate_size %d -> %d, attention heads %d/%d -> %d/%d (head_dim %d)",
-        len(layers), config.intermediate_size, new_size, config.num_attention_heads, config.num_key_value_heads,
-        new_groups * heads_per_group, new_groups, _head_dim(config),
+        "Pruned %d layers (%s): expert width %d -> %d, attention heads %d/%d -> %d/%d (head_dim %d)",
+        len(layers), arch.model_type, arch.expert_width_of(config), arch.expert_width_of(target),
+        config.num_attention_heads, config.num_key_value_heads, new_groups * heads_per_group, new_groups,
+        _head_dim(config),
     )
-    config.head_dim = _head_dim(config)
-    config.intermediate_size = new_size
-    config.num_key_value_heads = new_groups
-    config.num_attention_heads = new_groups * heads_per_group
+    if arch.attention_kind == "gqa":
+        config.head_dim = _head_dim(config)
+    for name in arch.pruned_fields():
+        setattr(config, name, getattr(target, name))
     return model
 
 
-__all__ = ["validate_prune_target", "prune_model", "slim_experts", "prune_attention_groups", "expert_neurons",
-           "gqa_rows", "FIXED_FIELDS"]
+def experts_kernel_fits(model: PreTrainedModel) -> bool:
+    """Whether the experts' rows are 16-byte aligned in the model's dtype, as the `grouped_mm` kernel needs (expert
+    widths that are multiples of 4 in float32, of 8 in bf16)."""
+    arch = get_architecture(model)
+    multiple = max(1, 16 // torch.empty((), dtype=model.dtype).element_size())
+    return arch.expert_width_of(model.config) % multiple == 0 and model.config.hidden_size % multiple == 0
+
+
+def prune_to(model: PreTrainedModel, target: PretrainedConfig, scores: SensitivityScores) -> PreTrainedModel:
+    """Prune `model` in place to the sizes of `target` (from [`slim_config`]) with `scores` (from
+    [`compute_sensitivity`]) and return it. The model keeps its own class; see [`prune_model`].
+
+    An expert width whose rows are not 16-byte aligned switches the experts to the eager kernel (the stock
+    `grouped_mm` one would fail on it).
+    """
+    prune_model(model, target, scores)
+    if getattr(model.config, "_experts_implementation", None) == "grouped_mm" and not experts_kernel_fits(model):
+        logger.warning("Expert width %d is not 16-byte aligned in %s: switching the experts to the eager kernel. Load "
+                       "the saved model with experts_implementation='eager' too.",
+                       get_architecture(model).expert_width_of(model.config), model.dtype)
+        model.set_experts_implementation("eager")
+    return model
+
+
+__all__ = ["validate_prune_target", "prune_model", "prune_to", "slim_experts", "slim_glu", "prune_attention_groups",
+           "gate_up_index", "keep_indices", "replace_parameter", "experts_kernel_fits", "expert_neurons", "gqa_rows"]

@@ -1,4 +1,5 @@
-"""What every `slimmoe` sub-command shares: the `Command` base class and the YAML + flags parsing of config dataclasses.
+"""What every `slimmoe` sub-command shares: the `Command` base class, the YAML + flags parsing of config dataclasses,
+and the checks of paths and sizes that run before any work.
 
 Modules in this package import nothing heavy at module level (no torch, transformers, TRL, datasets): `slimmoe --help`
 builds every command's parser, and only the command that runs imports what it needs, inside `run`.
@@ -7,10 +8,33 @@ builds every command's parser, and only the command that runs imports what it ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
-LOG_LEVEL_HELP = "logging level of hf_slimmoe: DEBUG, INFO, WARNING, ERROR (default: INFO)"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """Every command's `--log-level` (of hf_slimmoe's own logging; `--log_level` of a trainer config is another)."""
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                        help="logging level: DEBUG, INFO, WARNING, ERROR (default: INFO); DEBUG also shows the "
+                        "traceback of an error")
+
+
+def one_line_error(parser: argparse.ArgumentParser, message: str):
+    """`ArgumentParser.error` as one line (the argument and the problem) and exit status 2, without the usage block."""
+    parser.exit(2, f"{parser.prog}: error: {message} (`{parser.prog} --help` lists the arguments)\n")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors are one line; sub-parsers made by `add_subparsers` inherit the class."""
+
+    error = one_line_error
 
 
 class Command:
@@ -30,7 +54,7 @@ class Command:
         """Add this command's parser to `subparsers` (every command takes `--log-level`)."""
         parser = subparsers.add_parser(self.name, help=self.help, description=self.description)
         self.add_arguments(parser)
-        parser.add_argument("--log-level", default="INFO", help=LOG_LEVEL_HELP)
+        add_log_level(parser)
         return parser
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -60,7 +84,7 @@ class DataclassCommand(Command):
         # The real parser is built from the dataclasses in `parse` (importing them is slow): this one only takes
         # --log-level and leaves every other argument, -h included, to `run`.
         parser = subparsers.add_parser(self.name, help=self.help, add_help=False, allow_abbrev=False)
-        parser.add_argument("--log-level", default="INFO", help=LOG_LEVEL_HELP)
+        add_log_level(parser)
         return parser
 
     def dataclass_types(self) -> tuple[type, ...]:
@@ -75,7 +99,10 @@ class DataclassCommand(Command):
         """Parse `argv` (what follows the command name) into `(dataclass instances, {section: value})`."""
         from trl import TrlParser
 
-        parser = TrlParser(self.dataclass_types(), prog=f"slimmoe {self.name}", description=self.description)
+        class CommandParser(TrlParser):
+            error = one_line_error
+
+        parser = CommandParser(self.dataclass_types(), prog=f"slimmoe {self.name}", description=self.description)
         parser.set_defaults(**self.field_defaults())
         config_path, argv = split_config_path(argv)
         values = read_yaml_mapping(config_path) if config_path is not None else {}
@@ -87,8 +114,104 @@ class DataclassCommand(Command):
         unknown = parser.set_defaults_with_config(**values)
         if unknown:
             keys = ", ".join(key.lstrip("-") for key in unknown[::2])
-            raise ValueError(f"Unknown key(s) in {config_path}: {keys}; `slimmoe {self.name} --help` lists the fields.")
+            raise ValueError(f"Unknown key(s) in {config_path}: {keys}; `slimmoe {self.name} --help` lists the "
+                             "fields.")
         return tuple(parser.parse_args_into_dataclasses(args=argv)), sections
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (`--block-size`, `--batch-size`, ...): an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_model_path(path: str, name: str) -> str:
+    """
+    Check a model argument before anything loads it: a local directory with a `config.json` (or a LoRA
+    `adapter_config.json`) whose safetensors files have a readable header, or, when no such path exists, a Hub id
+    (`org/name`, downloaded by `from_pretrained`). Raises naming `name` (the argument) and the path.
+    """
+    if not os.path.exists(path):
+        if _HUB_ID.fullmatch(path) and not path.startswith((".", "/")):
+            return path
+        raise FileNotFoundError(f"{name} {path} does not exist: pass a model directory (config.json and "
+                                "*.safetensors) or a Hub id such as org/model.")
+    if not os.path.isdir(path):
+        raise ValueError(f"{name} {path} is a file: pass the model's directory (config.json and *.safetensors).")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+        raise FileNotFoundError(f"{name} {path} has no config.json: pass a saved model directory.")
+    for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        check_safetensors_header(os.path.join(path, file))
+    return path
+
+
+def check_safetensors_header(path: str) -> None:
+    """Raise `ValueError` naming `path` when it is empty, truncated or not a safetensors file, and what to do."""
+    from ...outputs import check_safetensors
+
+    try:
+        check_safetensors(path)
+    except ValueError as e:
+        raise ValueError(f"{e} Re-create it: re-run the command that wrote it, or download it again.") from None
+
+
+def check_output_dir(path: str, name: str, overwrite: bool = False, resumable: bool = False) -> None:
+    """
+    Check a directory a command writes into: it is not a file, and it is empty or missing unless `overwrite` (then
+    it must hold a model, so that `--overwrite` never replaces a directory of something else) or `resumable` (a
+    command that continues what an earlier run left there).
+    """
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"{name} {path} is a file, not a directory: choose another path or remove the file.")
+    entries = os.listdir(path)
+    if not entries or resumable:
+        return
+    if not overwrite:
+        raise ValueError(f"{name} {path} exists and is not empty; choose a new directory, or pass --overwrite to "
+                         "replace the model in it.")
+    if not {"config.json", "adapter_config.json"} & set(entries):
+        raise ValueError(f"{name} {path} is not empty and holds no model (no config.json); --overwrite only "
+                         "replaces a model directory: choose a new directory.")
+
+
+def check_output_file(path: str, name: str) -> None:
+    """Check a file a command writes: not a directory, and its directory can be created."""
+    if os.path.isdir(path):
+        example = os.path.join(path, "scores.safetensors")
+        raise ValueError(f"{name} {path} is a directory: pass a file path, e.g. {example}.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"{name} {path}: {parent} is a file, not a directory.")
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir: str) -> Iterator[str]:
+    """
+    Yield an empty temporary directory beside `output_dir` to write into. When the block succeeds it replaces
+    `output_dir` (whatever was there is removed); when it fails it is deleted. A reader never sees a half-written
+    directory, nor a mix of old and new files.
+    """
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}-", dir=parent)
+    try:
+        yield staging
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def split_config_path(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -16,7 +16,8 @@ class CardCommand(Command):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("stage_dir", help="a saved model directory holding stage.json (e.g. OUTPUT_DIR/stage-2)")
-        parser.add_argument("--repo-id", default=None, help="Hub id to show in the usage snippets (default: the directory)")
+        parser.add_argument("--repo-id", default=None,
+                            help="Hub id to show in the usage snippets (default: the directory)")
         parser.add_argument("--template", default=None, help="a Jinja card template (default: the packaged one)")
 
     def run(self, args, extra_args) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Command
+from .base import Command, check_output_dir
 
 
 class CompressCommand(Command):
@@ -20,6 +20,12 @@ class CompressCommand(Command):
                             help="check everything (files, sizes, vocabulary, training arguments) and print the plan; "
                             "no compute")
         parser.add_argument("--output-dir", help="override the recipe's output_dir")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="start fresh: remove what an earlier run left in the output directory (stages, built "
+                            "teacher, teacher cache) instead of refusing when it was made by another recipe or teacher")
+        parser.add_argument("--reuse-stale", action="store_true",
+                            help="reuse what the output directory holds even though it was made by another recipe or "
+                            "teacher (the differences are logged and remembered)")
 
     def run(self, args, extra_args) -> int:
         from ...pipeline import compress, plan_text
@@ -28,7 +34,10 @@ class CompressCommand(Command):
         recipe = load_recipe(args.recipe)
         if args.output_dir:
             recipe.output_dir = args.output_dir
-        output_dir = compress(recipe, dry_run=args.dry_run)
+        check_output_dir(recipe.output_dir, "output_dir", resumable=True)
+        if args.overwrite and args.reuse_stale:
+            raise ValueError("--overwrite and --reuse-stale exclude each other: start fresh, or reuse what is there.")
+        output_dir = compress(recipe, dry_run=args.dry_run, overwrite=args.overwrite, reuse_stale=args.reuse_stale)
         if args.dry_run:
             print(plan_text(recipe))
             print(f"{args.recipe}: OK (dry run; nothing computed). Output would go to {output_dir}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .base import DataclassCommand
+from .base import DataclassCommand, check_model_path, check_output_dir
 
 
 class DistillCommand(DataclassCommand):
@@ -31,6 +31,8 @@ class DistillCommand(DataclassCommand):
         from ...distillation.run import run_distill
 
         (script_args, config), _ = self.parse(extra_args)
+        check_model_path(script_args.student, "--student")
+        check_output_dir(config.output_dir, "--output_dir", resumable=True)  # its checkpoints are resumed from
         metrics = run_distill(script_args, config)
         if metrics and config.process_index == 0:
             print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 
-from .base import Command
+from .base import Command, check_model_path, positive_int
 
 
 class EvalCommand(Command):
     name = "eval"
     help = "held-out perplexity, KL to a teacher and top-1 agreement of a model (optionally lm-eval tasks)"
     description = (
-        "Evaluate MODEL on held-out data: perplexity, and with --teacher (or a --data directory that carries a teacher "
-        "top-k cache) the top-k KL to the teacher and top-1 agreement. Default data: the demo's held-out "
+        "Evaluate MODEL on held-out data: perplexity, and with --teacher (or a --data directory that carries a "
+        "teacher top-k cache) the top-k KL to the teacher and top-1 agreement. Default data: the demo's held-out "
         "standard-library modules (email/, http/, urllib/, xml/), packed into --block-size blocks. --lm-eval-tasks "
         "runs lm-evaluation-harness tasks (pip install 'hf_slimmoe[eval]'); given alone, without --data or --teacher, "
         "only those tasks run."
@@ -23,17 +23,24 @@ class EvalCommand(Command):
         parser.add_argument("--teacher", help="teacher directory for KL and top-1 agreement")
         parser.add_argument("--data", help="a .txt/.py/.jsonl file, or a save_to_disk directory (input_ids or text, "
                             "optionally with a teacher cache); default: the held-out standard-library modules")
-        parser.add_argument("--top-k", type=int, default=8, help="teacher tokens kept for the KL (default: 8)")
-        parser.add_argument("--max-blocks", type=int, default=256, help="rows evaluated at most (default: 256)")
-        parser.add_argument("--block-size", type=int, default=128, help="tokens per row of text data (default: 128)")
-        parser.add_argument("--batch-size", type=int, default=16, help="rows per forward (default: 16)")
+        parser.add_argument("--top-k", type=positive_int, default=8,
+                            help="teacher tokens kept for the KL (default: 8)")
+        parser.add_argument("--max-blocks", type=positive_int, default=256,
+                            help="rows evaluated at most (default: 256)")
+        parser.add_argument("--block-size", type=positive_int, default=128,
+                            help="tokens per row of text data (default: 128)")
+        parser.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward (default: 16)")
         parser.add_argument("--text-column", default="text", help="text field of .jsonl files / text datasets")
-        parser.add_argument("--lm-eval-tasks", help="comma-separated lm-eval task names or task YAML files/directories, "
+        parser.add_argument("--lm-eval-tasks",
+                            help="comma-separated lm-eval task names or task YAML files/directories, "
                             "e.g. benchmarks/lm_eval_tasks (needs the `eval` extra)")
-        parser.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task at most")
+        parser.add_argument("--lm-eval-limit", type=positive_int, help="examples per lm-eval task at most")
         parser.add_argument("--json", action="store_true", help="print a JSON object instead of lines")
 
     def run(self, args, extra_args) -> int:
+        check_model_path(args.model, "MODEL")
+        if args.teacher:
+            check_model_path(args.teacher, "--teacher")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .base import Command
+from .base import Command, check_model_path, check_output_dir, staged_directory
 
 logger = logging.getLogger("hf_slimmoe")
 
@@ -14,24 +14,30 @@ class ExportCommand(Command):
     help = "write a stock model_type: phimoe checkpoint that plain transformers loads without this plugin"
     description = (
         "Load a SlimMoE (or PhiMoE) checkpoint and save it as a stock PhiMoE checkpoint (config.json with model_type "
-        "phimoe and an explicit head_dim; safetensors in the per-expert key layout), with its tokenizer and generation "
-        "config, loadable by AutoModelForCausalLM with no remote code."
+        "phimoe and an explicit head_dim; safetensors in the per-expert key layout), with its tokenizer and "
+        "generation config, loadable by AutoModelForCausalLM with no remote code."
     )
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("model", help="SlimMoE or PhiMoE checkpoint directory")
-        parser.add_argument("output_dir", help="directory to write the stock checkpoint to")
+        parser.add_argument("output_dir", help="directory to write the stock checkpoint to (new or empty)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace the model OUTPUT_DIR already holds (refused without it, and refused for a "
+                            "non-empty directory that holds no model)")
 
     def run(self, args, extra_args) -> int:
+        check_model_path(args.model, "MODEL")
+        check_output_dir(args.output_dir, "OUTPUT_DIR", overwrite=args.overwrite)
         from transformers import AutoTokenizer
 
         from ...modeling_slimmoe import SlimMoeForCausalLM
 
         model = SlimMoeForCausalLM.from_pretrained(args.model)
-        model.export_phimoe(args.output_dir)
-        try:
-            AutoTokenizer.from_pretrained(args.model).save_pretrained(args.output_dir)
-        except (OSError, ValueError):
-            logger.warning("No tokenizer found in %s; exported the model only.", args.model)
+        with staged_directory(args.output_dir) as staging:  # the old files go only once the new ones are complete
+            model.export_phimoe(staging)
+            try:
+                AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
+            except (OSError, ValueError):
+                logger.warning("No tokenizer found in %s; exported the model only.", args.model)
         print(f"exported {args.model} -> {args.output_dir} (model_type phimoe)")
         return 0

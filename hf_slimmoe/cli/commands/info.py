@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 
-from .base import Command
+from .base import Command, check_safetensors_header
 
 logger = logging.getLogger("hf_slimmoe")
 
@@ -30,11 +30,13 @@ def checkpoint_tensor_count(directory: str) -> int | None:
     """Parameters stored in a directory's safetensors files, read from their headers only."""
     from safetensors import safe_open
 
-    files = [f for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
+    files = [f for f in sorted(os.listdir(directory))  # the weights, not a stage's scores.safetensors
+             if f.endswith(".safetensors") and f.startswith("model")]
     if not files:
         return None
     total = 0
     for name in files:
+        check_safetensors_header(os.path.join(directory, name))
         with safe_open(os.path.join(directory, name), "pt") as f:
             for key in f.keys():
                 numel = 1
@@ -45,9 +47,10 @@ def checkpoint_tensor_count(directory: str) -> int | None:
 
 
 def describe(path: str) -> dict:
-    """Architecture and parameter counts of a checkpoint directory or a config.json, as a dict."""
-    from ...configuration_slimmoe import SlimMoeConfig
-    from ...modeling_slimmoe import SUPPORTED_MODEL_TYPES
+    """Architecture and parameter counts of a checkpoint directory or a config.json of any supported family, as a
+    dict (`intermediate_size` / `num_local_experts`: the routed experts' width and count, whatever the family calls
+    them)."""
+    from ...architectures import SUPPORTED_MODEL_TYPES, config_from_dict, count_parameters, get_architecture
 
     config_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(config_file):
@@ -56,22 +59,26 @@ def describe(path: str) -> dict:
         values = json.load(f)
     model_type = values.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{config_file} has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    config = SlimMoeConfig.from_config_dict(values)
+        raise ValueError(f"{config_file} has model_type {model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
+    config = config_from_dict(values)
+    arch = get_architecture(config)
+    total, active = count_parameters(config)
     info = {
         "path": path,
         "model_type": model_type,
         "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
-        "num_local_experts": config.num_local_experts,
-        "num_experts_per_tok": config.num_experts_per_tok,
-        "intermediate_size": config.intermediate_size,
+        "num_local_experts": arch.num_experts_of(config),
+        "num_experts_per_tok": arch.top_k_of(config),
+        "intermediate_size": arch.expert_width_of(config),
+        "shared_expert_width": arch.shared_width_of(config),
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
+        "head_dim": arch.head_dim_of(config),
         "vocab_size": config.vocab_size,
-        "num_parameters": config.num_parameters(),
-        "num_active_parameters": config.num_active_parameters(),
+        "num_parameters": total,
+        "num_active_parameters": active,
     }
     if os.path.isdir(path):
         info["stored_parameters"] = checkpoint_tensor_count(path)
@@ -110,7 +117,9 @@ class InfoCommand(Command):
             ("hidden size", info["hidden_size"]),
             ("experts", f"{info['num_local_experts']} (top-{info['num_experts_per_tok']})"),
             ("d_expert", info["intermediate_size"]),
-            ("heads q/kv", f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
+            *([("d_shared (shared experts)", info["shared_expert_width"])] if info["shared_expert_width"] else []),
+            ("heads q/kv",
+             f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
             ("vocab", info["vocab_size"]),
             ("total parameters", f"{total:,} ({human_count(total, digits=2)})"),
             ("active parameters", f"{active:,} ({human_count(active, digits=2)})"),

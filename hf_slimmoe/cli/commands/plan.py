@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .base import Command
+from .base import Command, positive_int
 from .info import describe
 
 
@@ -20,11 +20,15 @@ class PlanCommand(Command):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("recipe", nargs="?", help="a compression recipe YAML (e.g. recipes/phi-tiny-moe.yaml)")
-        parser.add_argument("--teacher", help="checkpoint directory or config.json of the model to compress (without RECIPE)")
-        parser.add_argument("--intermediate-size", type=int, help="target expert width d_expert (without RECIPE)")
-        parser.add_argument("--num-key-value-heads", type=int, help="target number of GQA groups (without RECIPE)")
-        parser.add_argument("--num-stages", type=int, default=2, help="number of stages T (without RECIPE; default 2)")
-        parser.add_argument("--expert-multiple", type=int, default=64,
+        parser.add_argument("--teacher",
+                            help="checkpoint directory or config.json of the model to compress (without RECIPE)")
+        parser.add_argument("--intermediate-size", type=positive_int,
+                            help="target routed-expert width d_expert, whatever the family calls it (without RECIPE)")
+        parser.add_argument("--num-key-value-heads", type=positive_int,
+                            help="target number of GQA groups (without RECIPE)")
+        parser.add_argument("--num-stages", type=positive_int, default=2,
+                            help="number of stages T (without RECIPE; default 2)")
+        parser.add_argument("--expert-multiple", type=positive_int, default=64,
                             help="round intermediate expert widths to a multiple of this (without RECIPE; default 64)")
         parser.add_argument("--json", action="store_true", help="print the rows as JSON")
 
@@ -33,14 +37,15 @@ class PlanCommand(Command):
             return self.run_recipe(args)
         if not args.teacher:
             raise ValueError("give RECIPE.yaml, or --teacher with --intermediate-size and/or --num-key-value-heads.")
-        from ...configuration_slimmoe import SlimMoeConfig
+        from ...architectures import config_from_dict, slim_config
         from ...schedule import format_plan, plan_rows, plan_stages
 
-        describe(args.teacher)  # refuses a missing file or an unsupported model_type, naming it
+        describe(args.teacher)  # names a missing file or an unsupported family
         config_file = os.path.join(args.teacher, "config.json") if os.path.isdir(args.teacher) else args.teacher
         with open(config_file) as f:
-            teacher = SlimMoeConfig.from_config_dict(json.load(f))
-        target = teacher.slimmed(intermediate_size=args.intermediate_size, num_key_value_heads=args.num_key_value_heads)
+            teacher = config_from_dict(json.load(f))  # any supported family
+        target = slim_config(teacher, expert_width=args.intermediate_size,
+                             num_key_value_heads=args.num_key_value_heads)
         stages = plan_stages(teacher, target, args.num_stages, expert_multiple=args.expert_multiple)
         print(json.dumps(plan_rows(teacher, stages), indent=2) if args.json else format_plan(teacher, stages))
         return 0

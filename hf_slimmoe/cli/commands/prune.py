@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .base import Command
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+from .base import Command, check_model_path, check_output_dir, positive_int
+
+logger = logging.getLogger(__name__)
 
 
 class PruneCommand(Command):
@@ -11,26 +19,46 @@ class PruneCommand(Command):
     description = (
         "Prune a checkpoint with scores from `slimmoe score`: every expert keeps its highest-scoring "
         "--intermediate-size neurons, every layer its highest-scoring --num-key-value-heads GQA groups (with their "
-        "query heads). Streams: reads the (sharded) safetensors checkpoint one tensor at a time and writes the pruned "
-        "shards as it goes, so checkpoints larger than memory prune on a small machine; the output (weights in the "
-        "input's layout and shard split, index, config, generation config, tokenizer, stage.json and card) holds "
-        "exactly the tensors loading, pruning and saving the model would."
+        "query heads). SlimMoE / PhiMoE checkpoints stream: the (sharded) safetensors checkpoint is read one tensor at "
+        "a time and the pruned shards are written as it goes, so checkpoints larger than memory prune on a small "
+        "machine; the output (weights in the input's layout and shard split, index, config, generation config, "
+        "tokenizer, stage.json and card) holds exactly the tensors loading, pruning and saving the model would. "
+        "Checkpoints of the other supported families (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, gpt-oss) are pruned in "
+        "memory and saved as stock checkpoints of their family."
     )
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("model", help="SlimMoE or PhiMoE checkpoint directory")
+        parser.add_argument("model", help="checkpoint directory of any supported MoE family (SlimMoE, Mixtral, ...)")
         parser.add_argument("--scores", required=True, help="scores file written by `slimmoe score`")
         parser.add_argument("--output-dir", required=True, help="directory to write the pruned model to")
-        parser.add_argument("--intermediate-size", type=int, default=None, help="new expert width (default: unchanged)")
-        parser.add_argument("--num-key-value-heads", type=int, default=None,
+        parser.add_argument("--intermediate-size", type=positive_int, default=None,
+                            help="new routed-expert width, whatever the family calls it (default: unchanged)")
+        parser.add_argument("--num-key-value-heads", type=positive_int, default=None,
                             help="GQA groups to keep; query heads follow (default: unchanged)")
+        parser.add_argument("--shared-expert-width", type=positive_int, default=None,
+                            help="new shared-expert width (Qwen2-MoE, DeepSeek; default: the family's rule)")
 
     def run(self, args, extra_args) -> int:
+        from ...architectures import SLIMMOE_TYPES
         from ...pruning import SensitivityScores
+
+        check_model_path(args.model, "MODEL")
+        check_output_dir(args.output_dir, "--output-dir")
+        scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before reading the checkpoint
+        config_file = os.path.join(args.model, "config.json")
+        model_type = None
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                model_type = json.load(f).get("model_type")
+        if model_type in SLIMMOE_TYPES or not os.path.isfile(config_file):
+            return self.run_streaming(args, scores)
+        return self.run_in_memory(args, scores)
+
+    @staticmethod
+    def run_streaming(args, scores) -> int:
         from ...pruning.streaming import prune_checkpoint, read_source_config
         from ...schedule import human_count
 
-        scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before reading the checkpoint
         config = read_source_config(args.model)
         target = config.slimmed(intermediate_size=args.intermediate_size,
                                 num_key_value_heads=args.num_key_value_heads)
@@ -38,4 +66,40 @@ class PruneCommand(Command):
         print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {target.intermediate_size}, heads "
               f"{target.num_attention_heads}/{target.num_key_value_heads}, parameters "
               f"{human_count(config.num_parameters(), digits=2)} -> {human_count(target.num_parameters(), digits=2)}")
+        return 0
+
+    @staticmethod
+    def run_in_memory(args, scores) -> int:
+        """Load, `prune_to`, save (complete, then renamed into place): a stock checkpoint of the model's family."""
+        from transformers import AutoTokenizer
+
+        from ...architectures import count_parameters, get_architecture, load_model, slim_config
+        from ...pruning import prune_to
+        from ...schedule import human_count
+
+        model = load_model(args.model, dtype="auto")
+        before = count_parameters(model.config)[0]
+        target = slim_config(model.config, expert_width=args.intermediate_size,
+                             num_key_value_heads=args.num_key_value_heads, shared_expert_width=args.shared_expert_width)
+        prune_to(model, target, scores)
+        parent = os.path.dirname(os.path.abspath(args.output_dir))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".prune-", dir=parent)  # complete, then renamed: never half-written
+        try:
+            model.save_pretrained(staging)
+            try:
+                AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
+            except (OSError, ValueError):
+                logger.warning("No tokenizer found in %s; saved the model only.", args.model)
+            if os.path.isdir(args.output_dir):
+                os.rmdir(args.output_dir)
+            os.replace(staging, args.output_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        after = count_parameters(model.config)[0]
+        width = get_architecture(model).expert_width_of(model.config)
+        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {width}, heads "
+              f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters "
+              f"{human_count(before, digits=2)} -> {human_count(after, digits=2)}")
         return 0

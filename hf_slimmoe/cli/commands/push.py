@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 
 from .base import Command
 
@@ -15,14 +16,17 @@ class PushCommand(Command):
     name = "push"
     help = "publish the complete stages of an output directory to the Hub (what is missing or changed)"
     description = (
-        "Push every complete OUTPUT_DIR/stage-N/ to the Hub as the `hub:` section of OUTPUT_DIR/recipe.yaml says (repo "
-        "per stage or branch per stage, private or public), regenerating each card with its Hub id. Unchanged stages "
-        "make no new commit, so re-running after a failed push publishes only what is missing. The token comes from "
-        "HF_TOKEN or `hf auth login`; the endpoint from HF_ENDPOINT. Exit status 1 if any push failed."
+        "Push every complete OUTPUT_DIR/stage-N/ to the Hub as the `hub:` section of OUTPUT_DIR/recipe.yaml says "
+        "(repo per stage or branch per stage, private or public), regenerating each card with its Hub id. Unchanged "
+        "stages make no new commit, so re-running after a failed push publishes only what is missing. The token comes "
+        "from HF_TOKEN or `hf auth login`; the endpoint from HF_ENDPOINT. Every request times out after "
+        "HF_HUB_DOWNLOAD_TIMEOUT seconds (default 10), with huggingface_hub's bounded retries. Exit status 1 if any "
+        "push failed."
     )
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("output_dir", help="output directory of `slimmoe compress` (holds recipe.yaml and stage-N/)")
+        parser.add_argument("output_dir",
+                            help="output directory of `slimmoe compress` (holds recipe.yaml and stage-N/)")
         parser.add_argument("--stage", type=int, default=None, help="push only this stage")
         parser.add_argument("--repo-id", default=None, help="override hub.repo_id of the recipe")
         parser.add_argument("--layout", choices=["repo-per-stage", "branch-per-stage"], default=None,
@@ -48,10 +52,16 @@ class PushCommand(Command):
         for stage_dir in dirs:
             if not is_complete_stage(stage_dir):
                 skipped.append(stage_dir.name)
-                logger.info("Skipping %s: not a complete stage (no stage.json, config.json or weights yet).", stage_dir)
+                logger.info("Skipping %s: not a complete stage (no stage.json, config.json or weights yet).",
+                            stage_dir)
                 continue
             (pushed if publish_stage(stage_dir, settings) else failed).append(stage_dir.name)
         print(f"pushed (or already up to date): {', '.join(pushed) or 'none'}")
         print(f"skipped (incomplete): {', '.join(skipped) or 'none'}")
         print(f"failed: {', '.join(failed) or 'none'}")
+        if failed:
+            print(f"slimmoe push: error: {len(failed)} stage(s) not pushed ({', '.join(failed)}; the warnings "
+                  f"above say why); they stay complete on disk: run `slimmoe push {args.output_dir}` again to "
+                  "publish them.",
+                  file=sys.stderr)
         return 1 if failed else 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Command
+from .base import Command, check_model_path, check_output_file, positive_int
 
 
 class ScoreCommand(Command):
@@ -18,17 +18,22 @@ class ScoreCommand(Command):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("model", help="SlimMoE or PhiMoE checkpoint directory to score")
-        parser.add_argument("--data", required=True, help="dataset directory (input_ids) or .txt/.jsonl calibration file")
+        parser.add_argument("--data", required=True,
+                            help="dataset directory (input_ids) or .txt/.jsonl calibration file")
         parser.add_argument("--output", required=True, help="scores file to write, e.g. scores.safetensors")
         parser.add_argument("--teacher", default=None, help="teacher checkpoint (default: the model itself)")
         parser.add_argument("--criterion", choices=("kd", "clm"), default="kd",
                             help="kd (paper, default) or clm (ablation)")
-        parser.add_argument("--top-k", type=int, default=8, help="teacher probabilities kept by the KD loss (default 8)")
+        parser.add_argument("--top-k", type=positive_int, default=8,
+                            help="teacher probabilities kept by the KD loss (default 8)")
         parser.add_argument("--aux-loss-coef", type=float, default=None,
                             help="weight of the load-balancing loss (default: the model's router_aux_loss_coef)")
-        parser.add_argument("--max-length", type=int, default=512, help="tokens per calibration example (default 512)")
-        parser.add_argument("--num-examples", type=int, default=None, help="use the first N examples (default: all)")
-        parser.add_argument("--batch-size", type=int, default=4, help="examples per forward/backward (default 4)")
+        parser.add_argument("--max-length", type=positive_int, default=512,
+                            help="tokens per calibration example (default 512)")
+        parser.add_argument("--num-examples", type=positive_int, default=None,
+                            help="use the first N examples (default: all)")
+        parser.add_argument("--batch-size", type=positive_int, default=4,
+                            help="examples per forward/backward (default 4)")
         parser.add_argument("--tokenizer", default=None, help="tokenizer for text data (default: the model directory)")
         parser.add_argument("--text-column", default="text", help="jsonl field holding the text (default: text)")
         parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -38,16 +43,20 @@ class ScoreCommand(Command):
     def run(self, args, extra_args) -> int:
         import torch
 
-        from ...modeling_slimmoe import SlimMoeForCausalLM
+        from ...architectures import load_model
         from ...pruning import compute_sensitivity
         from ...data import load_calibration_batches
 
+        check_model_path(args.model, "MODEL")
+        if args.teacher is not None:
+            check_model_path(args.teacher, "--teacher")
+        check_output_file(args.output, "--output")
         batches = load_calibration_batches(args.data, args.tokenizer or args.model, max_length=args.max_length,
                                            num_examples=args.num_examples, batch_size=args.batch_size,
                                            text_column=args.text_column)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-        model = SlimMoeForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+        model = load_model(args.model, dtype=dtype).to(device)  # any supported family
         teacher = None
         if args.teacher is not None and args.criterion == "kd":
             from transformers import AutoModelForCausalLM

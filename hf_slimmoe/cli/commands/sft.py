@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import DataclassCommand
+from .base import DataclassCommand, check_output_dir
 
 
 class SFTCommand(DataclassCommand):
@@ -37,6 +37,7 @@ class SFTCommand(DataclassCommand):
         from ...hub import HubSettings
 
         (script_args, model_args, config), sections = self.parse(extra_args)
+        check_output_dir(config.output_dir, "output_dir", resumable=True)  # its checkpoints are resumed from
         hub = sections.get("hub")
         if hub is not None:
             HubSettings.from_dict(hub)  # validate before any work
