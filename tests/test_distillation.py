@@ -174,6 +174,20 @@ def test_teacher_samples_follow_the_teacher_distribution_and_many_samples_give_t
         assert (g_.double() - w_).norm() < 0.05 * w_.norm()
 
 
+def test_stratified_teacher_samples_draw_each_token_its_expected_count_up_to_two():
+    from hf_slimmoe.distillation import sample_uniforms, teacher_samples_from_hidden
+
+    teacher_head = torch.nn.Linear(16, 30)
+    torch.nn.init.normal_(teacher_head.weight, std=0.5)
+    teacher_hidden = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(7))
+    uniforms = sample_uniforms(torch.arange(5)[None], None, num_samples=1000, seed=3)  # (1, 5, S)
+    assert torch.equal((uniforms * 1000).floor(), torch.arange(1000, dtype=torch.float64).expand(1, 5, -1))
+    ids = teacher_samples_from_hidden(teacher_hidden, teacher_head, uniforms)[0]  # (5, S)
+    p = torch.softmax(teacher_head(teacher_hidden[0]).detach().double(), -1)  # (5, V)
+    counts = torch.zeros_like(p).scatter_add_(-1, ids, torch.ones_like(ids, dtype=p.dtype))
+    assert (counts - 1000 * p).abs().max() <= 2  # i.i.d. draws would spread by about sqrt(1000 p)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_full_kl_loss_matches_naive_values_and_gradients(temperature):
     from hf_slimmoe.distillation import full_kl_loss
