@@ -156,10 +156,10 @@ def check(recipe: Recipe) -> PretrainedConfig:
         if recipe.method == "iterative":
             raise ValueError(f"method: iterative masks PhiMoE / SlimMoE teachers only; the teacher is "
                              f"{teacher_config.model_type!r}: use multi-stage or one-stage.")
-        if recipe.prune.streaming or recipe.training.get("fsdp") or fsdp_requested():
-            raise ValueError(f"prune.streaming and FSDP (whose stages prune by streaming) read PhiMoE / SlimMoE "
-                             f"checkpoints only; the teacher is {teacher_config.model_type!r}: prune in memory "
-                             "(prune.streaming: false) on one process, DDP or DeepSpeed.")
+        if recipe.training.get("fsdp") or fsdp_requested():
+            raise ValueError(f"FSDP runs were tested with PhiMoE / SlimMoE teachers only; the teacher is "
+                             f"{teacher_config.model_type!r}: run on one process or DDP (prune.streaming works for "
+                             "every family).")
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
     recipe.gradient_accumulation_steps(world_size())
@@ -528,7 +528,6 @@ class StageRunner:
 
     def streamed_prune(self):
         """Streaming surgery of the parent checkpoint (the main process, once; a resumed stage reuses it), loaded."""
-        from .modeling_slimmoe import SlimMoeForCausalLM
         from .pruning.streaming import prune_checkpoint
 
         run, pruned_dir = self.run, os.path.join(self.work_dir, "pruned")
@@ -541,7 +540,7 @@ class StageRunner:
                     source = snapshot_download(source, revision=run.recipe.teacher.revision)
                 shutil.rmtree(pruned_dir, ignore_errors=True)
                 prune_checkpoint(source, pruned_dir, self.config, self.scores, card=False)
-        return SlimMoeForCausalLM.from_pretrained(pruned_dir, dtype=run.dtype)
+        return load_model(pruned_dir, dtype=run.dtype)  # SlimMoE for PhiMoE, else the family's own class
 
     def distill(self) -> None:
         """Distill from the original teacher, continuing from the latest complete checkpoint, with early stopping on

@@ -2,7 +2,9 @@
 keeps the ranks in sync and computes what one process computes, `slimmoe compress` runs under `accelerate launch`
 with the shipped `recipes/accelerate/fsdp2.yaml`, and the iterative baseline is refused under FSDP.
 
-The multi-process tests were run 10 times in a row (see the README's scale section for the counts)."""
+The multi-process tests were run 10 times in a row (see the README's scale section for the counts). `torchrun
+--standalone` and a free `--main_process_port` keep them off the default port 29500, which other jobs on the machine
+may hold."""
 
 import json
 import os
@@ -17,6 +19,15 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    """A TCP port free right now (other jobs on the machine may run their own multi-process tests on 29500)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:
@@ -40,8 +51,8 @@ def descendants(pid: int) -> list[int]:
 
 def torchrun_worker(mode: str, out_dir) -> list[dict]:
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", os.path.join(HERE, "fsdp_worker.py"), mode,
-                             str(out_dir)], env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "fsdp_worker.py"),
+                             mode, str(out_dir)], env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.load(open(os.path.join(out_dir, f"rank-{r}.json"))) for r in range(2)]
 
@@ -96,8 +107,9 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(values))
     result = subprocess.run(
         [accelerate, "launch", "--config_file", os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"),
-         "--num_processes", "2", "--mixed_precision", "no", "-m", "hf_slimmoe.cli", "compress",
-         str(tmp_path / "recipe.yaml"), "--log-level", "INFO"], env=ENV, capture_output=True, text=True, timeout=400)
+         "--main_process_port", str(free_port()), "--num_processes", "2", "--mixed_precision", "no",
+         "-m", "hf_slimmoe.cli", "compress", str(tmp_path / "recipe.yaml"), "--log-level", "INFO"],
+        env=ENV, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("Streaming surgery of") == 2  # the main process cut each parent on disk
     for stage in (1, 2):
@@ -162,8 +174,9 @@ def test_cache_teacher_on_two_ranks_equals_one_process_and_resumes_after_a_kill(
 
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
     out, partial = tmp_path / "two", tmp_path / "two.partial"
-    command = [torchrun, "--nproc_per_node", "2", "-m", "hf_slimmoe.cli", "cache-teacher", str(tmp_path / "teacher"),
-               str(tmp_path / "data"), str(out), "--top-k", "4", "--batch-size", "2", "--shard-size", "4"]
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "hf_slimmoe.cli", "cache-teacher",
+               str(tmp_path / "teacher"), str(tmp_path / "data"), str(out), "--top-k", "4", "--batch-size", "2",
+               "--shard-size", "4"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline, finished = time.time() + 200, []
     try:
@@ -192,7 +205,7 @@ def test_cache_teacher_on_two_ranks_equals_one_process_and_resumes_after_a_kill(
 
     samples = cache_teacher_samples(teacher, load_from_disk(str(tmp_path / "data")), num_samples=3, seed=5,
                                     batch_size=2, output_dir=tmp_path / "one-samples", shard_size=16)
-    result = subprocess.run(command[:8] + [str(tmp_path / "two-samples"), "--kd-loss", "sampled", "--num-samples", "3",
+    result = subprocess.run(command[:9] + [str(tmp_path / "two-samples"), "--kd-loss", "sampled", "--num-samples", "3",
                                            "--seed", "5", "--batch-size", "2", "--shard-size", "16"],
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -340,8 +340,9 @@ def test_compress_runs_under_torchrun_with_two_ranks(tmp_path):
     recipe_path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(out))
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "hf_slimmoe.cli", "compress", recipe_path,
-                             "--log-level", "WARNING"], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "hf_slimmoe.cli", "compress",
+                             recipe_path, "--log-level", "WARNING"], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,5 +1,6 @@
 """`slimmoe plan / compress / info` on teachers of other families than PhiMoE: a two-stage compression of a tiny
-built Qwen3-MoE and a tiny built Mixtral; every stage is a stock checkpoint of the teacher's family."""
+built Qwen3-MoE (pruned in memory) and a tiny built Mixtral (pruned by streaming surgery); every stage is a stock
+checkpoint of the teacher's family."""
 
 import copy
 import json
@@ -47,6 +48,7 @@ def recipe_for(model_type: str, output_dir) -> dict:
     values["stages"].update(target=target, budget={"steps": [4, 4]})
     values["early_stopping"]["enabled"] = False
     values["data"].update(train_blocks=64, eval_blocks=8)  # what 2 x 4 steps use; the teacher cache stays small
+    values["prune"] = {"streaming": model_type == "mixtral"}  # the Mixtral stages are cut on disk (streaming surgery)
     return values
 
 

@@ -129,7 +129,7 @@ def test_streaming_prune_of_the_fused_layout_and_of_experts_only(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("rename", "match none of the known layouts"),
+    ("rename", "match none of the layouts known for this family"),
     ("drop", "no tensor matching"),
     ("reshape", "has shape"),
 ])
@@ -190,3 +190,34 @@ def test_compress_with_streaming_prune_saves_the_stages_prune_to_gives(tmp_path,
     for stage in ("stage-1", "stage-2"):
         assert_same_tensors(tensors(tmp_path / "streamed" / stage), tensors(tmp_path / "in-memory" / stage))
     assert not (tmp_path / "streamed" / ".stage-2.work").exists()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2",
+                                        "gpt_oss"])
+def test_streaming_prune_of_every_family_equals_load_prune_save(tmp_path, model_type):
+    """Every family the adapters support, saved by `save_pretrained` in a few shards (dense layers, shared experts,
+    gpt-oss's transposed interleaved experts and sinks, MLA left whole): the streamed checkpoint holds exactly the
+    tensors and config that loading, `prune_to` and `save_pretrained` give, and loads as the stock family."""
+    from test_architectures import score, tiny
+
+    from hf_slimmoe import prune_to, slim_config
+    from hf_slimmoe.architectures import get_architecture, load_model
+
+    model = tiny(model_type)
+    model.save_pretrained(tmp_path / "model", max_shard_size="40KB")
+    assert len([n for n in os.listdir(tmp_path / "model") if n.endswith(".safetensors")]) >= 2
+    arch = get_architecture(model)
+    shared = {"shared_expert_width": 8} if arch.shared_expert is not None and arch.shared_expert.width else {}
+    heads = {"num_key_value_heads": 2} if arch.attention_prunable else {}
+    target = slim_config(model.config, expert_width=16, **heads, **shared)
+    scores = score(model)
+    prune_checkpoint(tmp_path / "model", tmp_path / "streamed", target, scores, show_progress=False)
+
+    reference = prune_to(load_model(tmp_path / "model", dtype="auto"), target, scores)
+    reference.save_pretrained(tmp_path / "reference")
+    assert_same_tensors(tensors(tmp_path / "streamed"), tensors(tmp_path / "reference"))
+    produced, expected = (json.load(open(tmp_path / d / "config.json")) for d in ("streamed", "reference"))
+    assert produced == expected
+    loaded = load_model(tmp_path / "streamed")
+    assert type(loaded) is type(model) and all(torch.equal(v, loaded.state_dict()[k])
+                                               for k, v in reference.state_dict().items())

@@ -14,15 +14,21 @@ same key layout, with `model.safetensors.index.json` (or a single `model.safeten
 pruned `config.json`, the generation config, the tokenizer files and, with `card=True`, a `stage.json` and model card.
 
 How a stored tensor is cut is data: a [`SliceRule`] says which keys it matches, which kept-index set it uses and along
-which dim. Layouts understood:
+which dim; [`family_rules`] reads the rules of a family off its architecture adapter. Layouts understood:
 
     per-expert w1/w2/w3 (PhiMoE, Mixtral)   layers.L.block_sparse_moe.experts.E.w1/w3.weight [I, H], w2.weight [H, I]
-    per-expert gate/up/down (Qwen-style)    layers.L.mlp.experts.E.gate_proj/up_proj.weight [I, H], down_proj [H, I]
+    per-expert gate/up/down (Qwen2/3-MoE,   layers.L.mlp.experts.E.gate_proj/up_proj.weight [I, H], down_proj [H, I]
+      OLMoE, DeepSeek-V2/V3)
     fused (transformers' module layout)     layers.L.mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]
-    GQA attention                           layers.L.self_attn.q/k/v_proj.weight|bias (rows), o_proj.weight (columns)
+    fused transposed (gpt-oss)              layers.L.mlp.experts.gate_up_proj [E, H, 2I] (gate/up interleaved) and
+                                            its bias [E, 2I], down_proj [E, I, H]
+    shared expert (Qwen2-MoE, DeepSeek)     layers.L.mlp.shared_expert(s).gate_proj/up_proj (rows), down_proj (columns)
+    GQA attention                           layers.L.self_attn.q/k/v_proj.weight|bias (rows), o_proj.weight (columns),
+                                            per-query-head parameters (gpt-oss sinks)
 
-Every other tensor is copied unchanged. A checkpoint whose expert tensors match none of the layouts, or miss some
-layer or expert, is refused before anything is written.
+Every other tensor (dense layers' MLPs, routers, norms, MLA attention, embeddings) is copied unchanged. A checkpoint
+whose expert tensors match none of its family's layouts, or miss some layer or expert, is refused before anything is
+written.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..architectures import get_architecture
 from .safetensors_stream import SafetensorsStreamWriter, tensor_nbytes
 from .surgery import gqa_rows, keep_indices, validate_prune_target
 
@@ -59,12 +66,15 @@ class SliceRule:
         pattern (`str`): a regular expression matched in full against stored keys; its group `layer` is the decoder
             layer and, in per-expert layouts, its group `expert` the expert.
         index (`str`): the kept indices used: `"neurons"` (the expert's kept neurons), `"gate_up"` (the expert's kept
-            neurons in both halves of a fused gate/up projection, gate half first), `"q"` (the rows of the kept query
-            heads) or `"kv"` (the rows of the kept key/value heads).
+            neurons in both halves of a fused gate/up projection, gate half first), `"gate_up_interleaved"` (the same
+            in gpt-oss's interleaved gate/up: gate at even, up at odd positions), `"shared"` (the shared expert's
+            kept neurons), `"q"` (the rows of the kept query heads), `"kv"` (the rows of the kept key/value heads) or
+            `"q_heads"` (the kept query heads themselves, for one-entry-per-head parameters such as `sinks`).
         dim (`int`): the dim of the stored tensor those indices select.
         fused (`bool`): dim 0 enumerates the experts (transformers' fused layout); each expert is cut with its own
             kept neurons.
         required (`bool`): every layer (and expert) must store this tensor; `False` for optional ones such as biases.
+        moe_only (`bool`): only the MoE layers hold it (routed and shared experts), not the dense ones.
     """
 
     pattern: str
@@ -72,6 +82,7 @@ class SliceRule:
     dim: int
     fused: bool = False
     required: bool = True
+    moe_only: bool = False
 
     @property
     def per_expert(self) -> bool:
@@ -79,19 +90,24 @@ class SliceRule:
         return "(?P<expert>" in self.pattern
 
 
-PER_EXPERT_W123 = (
-    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w1\.weight", "neurons", 0),
-    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w3\.weight", "neurons", 0),
-    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w2\.weight", "neurons", 1),
+PER_EXPERT_W123 = (  # PhiMoE, Mixtral (what save_pretrained writes for them)
+    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w1\.weight", "neurons", 0, moe_only=True),
+    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w3\.weight", "neurons", 0, moe_only=True),
+    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w2\.weight", "neurons", 1, moe_only=True),
 )
-PER_EXPERT_GATE_UP_DOWN = (
-    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.gate_proj\.weight", "neurons", 0),
-    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.up_proj\.weight", "neurons", 0),
-    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.down_proj\.weight", "neurons", 1),
+PER_EXPERT_GATE_UP_DOWN = (  # Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3
+    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.gate_proj\.weight", "neurons", 0, moe_only=True),
+    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.up_proj\.weight", "neurons", 0, moe_only=True),
+    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.down_proj\.weight", "neurons", 1, moe_only=True),
 )
-FUSED_EXPERTS = (
-    SliceRule(_LAYER + r"mlp\.experts\.gate_up_proj", "gate_up", 1, fused=True),
-    SliceRule(_LAYER + r"mlp\.experts\.down_proj", "neurons", 2, fused=True),
+FUSED_EXPERTS = (  # transformers' module layout, gate half first
+    SliceRule(_LAYER + r"mlp\.experts\.gate_up_proj", "gate_up", 1, fused=True, moe_only=True),
+    SliceRule(_LAYER + r"mlp\.experts\.down_proj", "neurons", 2, fused=True, moe_only=True),
+)
+FUSED_TRANSPOSED_EXPERTS = (  # gpt-oss: gate_up_proj [E, H, 2I] interleaved, down_proj [E, I, H], with biases
+    SliceRule(_LAYER + r"mlp\.experts\.gate_up_proj", "gate_up_interleaved", 2, fused=True, moe_only=True),
+    SliceRule(_LAYER + r"mlp\.experts\.gate_up_proj_bias", "gate_up_interleaved", 1, fused=True, moe_only=True),
+    SliceRule(_LAYER + r"mlp\.experts\.down_proj", "neurons", 1, fused=True, moe_only=True),
 )
 GQA_ATTENTION = (
     SliceRule(_LAYER + r"self_attn\.q_proj\.weight", "q", 0),
@@ -104,6 +120,26 @@ GQA_ATTENTION = (
 )
 EXPERT_LAYOUTS = {"per-expert w1/w2/w3": PER_EXPERT_W123, "per-expert gate/up/down": PER_EXPERT_GATE_UP_DOWN,
                   "fused": FUSED_EXPERTS}
+TRANSPOSED_EXPERT_LAYOUTS = {"fused transposed": FUSED_TRANSPOSED_EXPERTS}
+
+
+def family_rules(arch) -> tuple[dict[str, tuple[SliceRule, ...]], tuple[SliceRule, ...]]:
+    """The slicing rules of a family, read off its adapter ([`MoeArchitecture`]): the candidate layouts of its
+    routed experts (the one the checkpoint's keys match is used) and the rules of its shared expert and attention."""
+    layouts = TRANSPOSED_EXPERT_LAYOUTS if arch.expert_bias else EXPERT_LAYOUTS
+    rules: list[SliceRule] = []
+    if arch.shared_expert is not None:
+        shared = _LAYER + re.escape(f"{arch.moe_block}.{arch.shared_expert.module}.")
+        rules += [SliceRule(shared + r"gate_proj\.weight", "shared", 0, moe_only=True),
+                  SliceRule(shared + r"up_proj\.weight", "shared", 0, moe_only=True),
+                  SliceRule(shared + r"down_proj\.weight", "shared", 1, moe_only=True),
+                  SliceRule(shared + r"gate_proj\.bias", "shared", 0, required=False, moe_only=True),
+                  SliceRule(shared + r"up_proj\.bias", "shared", 0, required=False, moe_only=True)]
+    if arch.attention_kind == "gqa":
+        rules += list(GQA_ATTENTION)
+        rules += [SliceRule(_LAYER + re.escape(f"{arch.attention}.{name}"), "q_heads", 0)
+                  for name in arch.query_head_parameters]
+    return layouts, tuple(rules)
 
 
 @dataclass
@@ -169,43 +205,47 @@ def read_headers(model_dir: str, shards: dict[str, list[str]]) -> tuple[list[Ten
 
 
 # ----------------------------------------------------------------------------------------------------- planning
-def _match_layout(cuts: list[TensorCut]) -> tuple[str, tuple[SliceRule, ...]]:
-    found = {name: rules for name, rules in EXPERT_LAYOUTS.items()
+def _match_layout(cuts: list[TensorCut], layouts: dict[str, tuple[SliceRule, ...]]) -> tuple[str, tuple]:
+    found = {name: rules for name, rules in layouts.items()
              if any(re.fullmatch(rule.pattern, cut.key) for rule in rules for cut in cuts)}
     if len(found) != 1:
         sample = ", ".join(cut.key for cut in cuts if ".layers." in cut.key or cut.key.startswith("layers."))[:300]
         raise ValueError(
-            f"The checkpoint's expert tensors match {'none' if not found else ' and '.join(found)} of the known "
-            f"layouts ({', '.join(EXPERT_LAYOUTS)}); streaming surgery cannot tell how to cut them. Keys: {sample}"
+            f"The checkpoint's expert tensors match {'none' if not found else ' and '.join(found)} of the layouts "
+            f"known for this family ({', '.join(layouts)}); streaming surgery cannot tell how to cut them. Keys: "
+            f"{sample}"
         )
     (name, rules), = found.items()
     return name, rules
 
 
-def _full_size(rule: SliceRule, config) -> int:
-    if rule.index == "neurons":
-        return config.intermediate_size
-    if rule.index == "gate_up":
-        return 2 * config.intermediate_size
-    heads = config.num_attention_heads if rule.index == "q" else config.num_key_value_heads
-    return heads * config.head_dim
+def cut_sizes(arch, config) -> dict[str, int]:
+    """The full size of every index kind in a model of `config` (the dim a rule's indices select)."""
+    width, heads = arch.expert_width_of(config), config.num_attention_heads
+    head_dim = arch.head_dim_of(config)
+    return {"neurons": width, "gate_up": 2 * width, "gate_up_interleaved": 2 * width,
+            "shared": arch.shared_width_of(config) or 0, "q": heads * head_dim,
+            "kv": config.num_key_value_heads * head_dim, "q_heads": heads}
 
 
-def _assign(cut: TensorCut, rules: tuple[SliceRule, ...], config, new_sizes: dict[str, int]) -> None:
+def _assign(cut: TensorCut, rules: tuple[SliceRule, ...], arch, config, sizes: tuple[dict, dict]) -> None:
     """Attach the rule matching `cut` (if any), check its stored shape and set `out_shape`."""
     cut.out_shape = list(cut.shape)
+    full_sizes, new_sizes = sizes
     for rule in rules:
         match = re.fullmatch(rule.pattern, cut.key)
         if match is None:
             continue
         cut.rule, cut.layer = rule, int(match.group("layer"))
         cut.expert = int(match.group("expert")) if rule.per_expert else None
-        experts = config.num_local_experts
-        if cut.layer >= config.num_hidden_layers or (cut.expert is not None and cut.expert >= experts):
+        experts = arch.num_experts_of(config)
+        if (cut.layer >= config.num_hidden_layers or (cut.expert is not None and cut.expert >= experts)
+                or (rule.moe_only and cut.layer not in arch.moe_layer_indices(config))):
             raise ValueError(f"{cut.key} ({cut.shard}) names layer {cut.layer}" +
                              (f", expert {cut.expert}" if cut.expert is not None else "") +
-                             f"; the config has {config.num_hidden_layers} layers and {experts} experts.")
-        full = _full_size(rule, config)
+                             f"; the config has {config.num_hidden_layers} layers (MoE layers "
+                             f"{arch.moe_layer_indices(config)}) of {experts} experts.")
+        full = full_sizes[rule.index]
         if len(cut.shape) <= rule.dim or cut.shape[rule.dim] != full or (rule.fused and cut.shape[0] != experts):
             raise ValueError(f"{cut.key} ({cut.shard}) has shape {cut.shape}; the config says dim {rule.dim} holds "
                              f"{full}{f' and dim 0 the {experts} experts' if rule.fused else ''}.")
@@ -214,22 +254,26 @@ def _assign(cut: TensorCut, rules: tuple[SliceRule, ...], config, new_sizes: dic
 
 
 def plan_cuts(cuts: list[TensorCut], config, target) -> str:
-    """Attach to every stored tensor its slicing rule and output shape; returns the expert layout's name.
+    """Attach to every stored tensor its slicing rule (read off the family's adapter, see [`family_rules`]) and
+    output shape; returns the expert layout's name.
 
     Raises:
-        `ValueError`: the expert tensors match no known layout (or several), a tensor's shape disagrees with the
-            config, or a layer or expert lacks a required tensor.
+        `ValueError`: the expert tensors match no layout known for the family (or several), a tensor's shape
+            disagrees with the config, or a layer or expert lacks a required tensor.
     """
-    layout, expert_rules = _match_layout(cuts)
-    rules = expert_rules + GQA_ATTENTION
-    new_sizes = {"neurons": target.intermediate_size, "gate_up": 2 * target.intermediate_size,
-                 "q": target.num_attention_heads * config.head_dim, "kv": target.num_key_value_heads * config.head_dim}
+    arch = get_architecture(config)
+    layouts, other_rules = family_rules(arch)
+    layout, expert_rules = _match_layout(cuts, layouts)
+    rules = expert_rules + other_rules
+    sizes = (cut_sizes(arch, config), cut_sizes(arch, target))
     for cut in cuts:
-        _assign(cut, rules, config, new_sizes)
+        _assign(cut, rules, arch, config, sizes)
+    moe_layers = arch.moe_layer_indices(config)
     for rule in rules:
         seen = {(c.layer, c.expert) for c in cuts if c.rule is rule}
-        wanted = {(layer, e if rule.per_expert else None) for layer in range(config.num_hidden_layers)
-                  for e in range(config.num_local_experts if rule.per_expert else 1)}
+        wanted = {(layer, e if rule.per_expert else None)
+                  for layer in (moe_layers if rule.moe_only else range(config.num_hidden_layers))
+                  for e in range(arch.num_experts_of(config) if rule.per_expert else 1)}
         if (rule.required or seen) and seen != wanted:
             layer, expert = sorted(wanted - seen, key=str)[0]
             raise ValueError(f"The checkpoint has no tensor matching {rule.pattern!r} for layer {layer}"
@@ -239,30 +283,42 @@ def plan_cuts(cuts: list[TensorCut], config, target) -> str:
 
 # ----------------------------------------------------------------------------------------------------- cutting
 def kept_indices(config, target, scores) -> dict[str, list]:
-    """Per layer, the kept indices of every kind (`None` where the size does not change): `neurons`
-    `[E, I_new]`, `q` `[q_rows]`, `kv` `[kv_rows]` (ascending; exactly those [`prune_model`] keeps)."""
+    """Per layer, the kept indices of every kind (`None` where the size does not change, or in a dense layer):
+    `neurons` `[E, width_new]`, `shared` `[shared_width_new]`, `q` `[q_rows]`, `kv` `[kv_rows]`, `q_heads`
+    `[kept query heads]` (ascending; exactly those [`prune_model`] keeps)."""
+    arch = get_architecture(config)
+    full, new = cut_sizes(arch, config), cut_sizes(arch, target)
     per_group = config.num_attention_heads // config.num_key_value_heads
-    kept: dict[str, list] = {"neurons": [], "q": [], "kv": []}
+    moe_layers = set(arch.moe_layer_indices(config))
+    kept: dict[str, list] = {"neurons": [], "shared": [], "q": [], "kv": [], "q_heads": []}
     for layer in range(config.num_hidden_layers):
-        kept["neurons"].append(keep_indices(scores.experts[layer], target.intermediate_size)
-                               if target.intermediate_size != config.intermediate_size else None)
-        rows = (None, None)
+        moe = layer in moe_layers
+        kept["neurons"].append(keep_indices(scores.experts[layer], new["neurons"])
+                               if moe and new["neurons"] != full["neurons"] else None)
+        kept["shared"].append(keep_indices(scores.shared_experts[layer], new["shared"])
+                              if moe and new["shared"] != full["shared"] else None)
+        rows = (None, None, None)
         if target.num_key_value_heads != config.num_key_value_heads:
             groups = keep_indices(scores.kv_groups[layer], target.num_key_value_heads)
-            rows = gqa_rows(groups, per_group, config.head_dim)
-        kept["q"].append(rows[0])
-        kept["kv"].append(rows[1])
+            q_heads = (groups[:, None] * per_group + torch.arange(per_group)).reshape(-1)
+            rows = (*gqa_rows(groups, per_group, arch.head_dim_of(config)), q_heads)
+        for name, value in zip(("q", "kv", "q_heads"), rows):
+            kept[name].append(value)
     return kept
 
 
 def _index(cut: TensorCut, kept: dict[str, list], expert: int | None, full: int) -> list[int] | None:
     rule = cut.rule
-    if rule.index in ("neurons", "gate_up"):
+    if rule.index in ("neurons", "gate_up", "gate_up_interleaved"):
         neurons = kept["neurons"][cut.layer]
         if neurons is None:
             return None
         mine = neurons[cut.expert if expert is None else expert]
-        return (torch.cat([mine, mine + full // 2]) if rule.index == "gate_up" else mine).tolist()
+        if rule.index == "gate_up":
+            mine = torch.cat([mine, mine + full // 2])
+        elif rule.index == "gate_up_interleaved":
+            mine = torch.stack([2 * mine, 2 * mine + 1], dim=1).reshape(-1)
+        return mine.tolist()
     rows = kept[rule.index][cut.layer]
     return None if rows is None else rows.tolist()
 
@@ -331,26 +387,40 @@ def _write_shard(model_dir: str, staging: str, shard: str, cuts: list[TensorCut]
 
 # ----------------------------------------------------------------------------------------------------- entry point
 def read_source_config(model_dir: str):
-    """The configuration `SlimMoeForCausalLM.from_pretrained(model_dir)` builds (stock PhiMoE becomes SlimMoE)."""
-    from transformers import AutoConfig
+    """The configuration loading `model_dir` builds: [`SlimMoeConfig`] for PhiMoE / SlimMoE checkpoints (as
+    `SlimMoeForCausalLM.from_pretrained` does), the stock class of any other supported family.
 
-    from ..configuration_slimmoe import SlimMoeConfig
+    Raises:
+        `FileNotFoundError` / `ValueError`: no config.json, or a `model_type` no adapter supports.
+    """
+    from ..architectures import config_from_dict
 
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"No config.json in {model_dir}: pass a checkpoint directory.")
-    config = AutoConfig.from_pretrained(model_dir)
-    return config if isinstance(config, SlimMoeConfig) else SlimMoeConfig.from_phimoe(config)
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)
+    if "model_type" not in values:
+        raise ValueError(f"{path} has no model_type: streaming surgery needs to know the MoE family.")
+    return config_from_dict(values)
 
 
 def _pruned_config(config, target, cuts: list[TensorCut]):
-    """`config` with the sizes `prune_model` sets, as `save_pretrained` would write it."""
+    """`config` with the fields `prune_model` sets (the family's pruned fields, `head_dim` kept), as `save_pretrained`
+    writes it: the model class in `architectures`, the stored dtype in `dtype`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ..configuration_slimmoe import SlimMoeConfig
+
+    arch = get_architecture(config)
     pruned = type(config)(**{k: v for k, v in config.to_dict().items()
                              if k not in ("model_type", "transformers_version")})
-    pruned.intermediate_size = target.intermediate_size
-    pruned.num_key_value_heads = target.num_key_value_heads
-    pruned.num_attention_heads = target.num_attention_heads
-    pruned.head_dim = config.head_dim
-    pruned.architectures = ["SlimMoeForCausalLM"]
+    for name in arch.pruned_fields():
+        setattr(pruned, name, getattr(target, name))
+    if arch.attention_kind == "gqa":
+        pruned.head_dim = arch.head_dim_of(config)
+    pruned.architectures = ["SlimMoeForCausalLM" if isinstance(config, SlimMoeConfig)
+                            else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     stored = next((c.dtype for c in cuts if c.dtype in _FLOAT_DTYPES), None)
     if stored is not None:
         pruned.dtype = _FLOAT_DTYPES[stored]
@@ -375,7 +445,7 @@ def _write_companions(model_dir: str, staging: str, final_dir: str, config, card
             json.dump(card_info, f, indent=2)
         from ..hub import write_model_card
 
-        write_model_card(staging, repo_id=os.path.abspath(final_dir))
+        write_model_card(staging, local_dir=os.path.abspath(final_dir))
 
 
 def prune_checkpoint(
@@ -390,14 +460,17 @@ def prune_checkpoint(
     """
     Prune the checkpoint in `model_dir` to the sizes of `target` with `scores`, streaming, into `output_dir`.
 
-    The tensors written are bit-identical to those of `SlimMoeForCausalLM.from_pretrained(model_dir)`,
-    `.prune_to(target, scores)`, `.save_pretrained(...)`, in the input's own key layout and shard split; the config
-    carries the new sizes. Nothing but one piece of one tensor is held in memory.
+    The tensors written are bit-identical to those of loading the model (`architectures.load_model(model_dir)`),
+    `prune_to(model, target, scores)` and `save_pretrained`, in the input's own key layout and shard split; the
+    config carries the new sizes. Nothing but one piece of one tensor is held in memory. Every family the
+    architecture adapters support works: routed experts in any stored layout, shared experts, dense layers left as
+    they are, GQA attention with its per-head parameters (gpt-oss `sinks`).
 
     Args:
-        model_dir (`str`): a PhiMoE / SlimMoE checkpoint directory (`model.safetensors` or a sharded index).
+        model_dir (`str`): a checkpoint directory of a supported MoE family (`model.safetensors` or a sharded index).
         output_dir (`str`): a new (or empty) directory; written under a temporary name, then renamed.
-        target (`SlimMoeConfig`): the sizes to prune to (e.g. `config.slimmed(intermediate_size=448)`).
+        target (`PretrainedConfig`): the sizes to prune to, of the same family (from [`slim_config`], or
+            `SlimMoeConfig.slimmed`).
         scores ([`SensitivityScores`]): from [`compute_sensitivity`] on this checkpoint's model.
         card (`bool`, *optional*, defaults to `True`): also write `stage.json` (method `"prune"`) and a model card.
         max_piece_bytes (`int`, *optional*, defaults to 64 MiB): the most bytes read and written at a time (an
@@ -414,6 +487,9 @@ def prune_checkpoint(
     """
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
     config = read_source_config(model_dir)
+    if type(target) is not type(config):
+        raise ValueError(f"prune_checkpoint: the target is a {type(target).__name__}, the checkpoint's config a "
+                         f"{type(config).__name__}; build the target from it (slim_config(config, ...)).")
     validate_prune_target(config, target, scores)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f"output directory {output_dir} exists and is not empty; choose a new directory.")
@@ -455,11 +531,16 @@ def prune_checkpoint(
 
 def _card_info(model_dir: str, config, scores) -> dict:
     """The `stage.json` of a pruned (not yet distilled) checkpoint, from which its model card is written."""
-    sizes = {n: getattr(config, n) for n in ("intermediate_size", "num_attention_heads", "num_key_value_heads",
-                                             "num_hidden_layers", "num_local_experts", "num_experts_per_tok")}
+    from ..architectures import count_parameters
+
+    arch = get_architecture(config)
+    total, active = count_parameters(config)
+    sizes = {name: getattr(config, name) for name in ("num_attention_heads", "num_key_value_heads",
+                                                      "num_hidden_layers")}
+    sizes.update(intermediate_size=arch.expert_width_of(config), num_local_experts=arch.num_experts_of(config),
+                 num_experts_per_tok=arch.top_k_of(config), model_type=config.model_type)
     return {"method": "prune", "parent": model_dir, "teacher": model_dir, "scores": dict(scores.metadata),
-            "teacher_config": {**sizes, "num_parameters": config.num_parameters(),
-                               "num_active_parameters": config.num_active_parameters()}}
+            "teacher_config": {**sizes, "num_parameters": total, "num_active_parameters": active}}
 
 
 def _numel(shape: list[int]) -> int:
@@ -469,6 +550,6 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
-__all__ = ["prune_checkpoint", "SliceRule", "TensorCut", "EXPERT_LAYOUTS", "GQA_ATTENTION", "checkpoint_shards",
-           "read_headers", "plan_cuts", "kept_indices", "piece_plan", "tensor_pieces",
-           "read_source_config"]
+__all__ = ["prune_checkpoint", "SliceRule", "TensorCut", "EXPERT_LAYOUTS", "TRANSPOSED_EXPERT_LAYOUTS", "GQA_ATTENTION",
+           "family_rules", "cut_sizes", "checkpoint_shards", "read_headers", "plan_cuts", "kept_indices", "piece_plan",
+           "tensor_pieces", "read_source_config"]

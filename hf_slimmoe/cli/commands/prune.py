@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,12 +18,12 @@ class PruneCommand(Command):
     description = (
         "Prune a checkpoint with scores from `slimmoe score`: every expert keeps its highest-scoring "
         "--intermediate-size neurons, every layer its highest-scoring --num-key-value-heads GQA groups (with their "
-        "query heads). SlimMoE / PhiMoE checkpoints stream: the (sharded) safetensors checkpoint is read one tensor at "
-        "a time and the pruned shards are written as it goes, so checkpoints larger than memory prune on a small "
-        "machine; the output (weights in the input's layout and shard split, index, config, generation config, "
-        "tokenizer, stage.json and card) holds exactly the tensors loading, pruning and saving the model would. "
-        "Checkpoints of the other supported families (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, gpt-oss) are pruned in "
-        "memory and saved as stock checkpoints of their family."
+        "query heads). Safetensors checkpoints of every supported family (SlimMoE / PhiMoE, Mixtral, Qwen2/3-MoE, "
+        "OLMoE, DeepSeek, gpt-oss) stream: the (sharded) checkpoint is read one tensor at a time and the pruned "
+        "shards are written as it goes, so checkpoints larger than memory prune on a small machine; the output "
+        "(weights in the input's layout and shard split, index, config, generation config, tokenizer, stage.json and "
+        "card) holds exactly the tensors loading, pruning and saving the model would, and loads as the stock family. "
+        "Checkpoints stored otherwise (pytorch_model.bin) are pruned in memory."
     )
 
     def add_arguments(self, parser) -> None:
@@ -39,33 +38,31 @@ class PruneCommand(Command):
                             help="new shared-expert width (Qwen2-MoE, DeepSeek; default: the family's rule)")
 
     def run(self, args, extra_args) -> int:
-        from ...architectures import SLIMMOE_TYPES
         from ...pruning import SensitivityScores
+        from ...pruning.streaming import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
         check_model_path(args.model, "MODEL")
         check_output_dir(args.output_dir, "--output-dir")
         scores = SensitivityScores.load(args.scores)  # fail on a missing/bad file before reading the checkpoint
-        config_file = os.path.join(args.model, "config.json")
-        model_type = None
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                model_type = json.load(f).get("model_type")
-        if model_type in SLIMMOE_TYPES or not os.path.isfile(config_file):
+        stored = [os.path.join(args.model, name) for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)]
+        if any(os.path.isfile(path) for path in stored) or not os.path.isfile(os.path.join(args.model, "config.json")):
             return self.run_streaming(args, scores)
-        return self.run_in_memory(args, scores)
+        return self.run_in_memory(args, scores)  # weights not in safetensors (e.g. pytorch_model.bin)
 
     @staticmethod
     def run_streaming(args, scores) -> int:
+        from ...architectures import count_parameters, get_architecture, slim_config
         from ...pruning.streaming import prune_checkpoint, read_source_config
         from ...schedule import human_count
 
         config = read_source_config(args.model)
-        target = config.slimmed(intermediate_size=args.intermediate_size,
-                                num_key_value_heads=args.num_key_value_heads)
+        target = slim_config(config, expert_width=args.intermediate_size, num_key_value_heads=args.num_key_value_heads,
+                             shared_expert_width=args.shared_expert_width)
         prune_checkpoint(args.model, args.output_dir, target, scores)  # streams: one tensor in memory at a time
-        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {target.intermediate_size}, heads "
-              f"{target.num_attention_heads}/{target.num_key_value_heads}, parameters "
-              f"{human_count(config.num_parameters(), digits=2)} -> {human_count(target.num_parameters(), digits=2)}")
+        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size "
+              f"{get_architecture(target).expert_width_of(target)}, heads {target.num_attention_heads}/"
+              f"{target.num_key_value_heads}, parameters {human_count(count_parameters(config)[0], digits=2)} -> "
+              f"{human_count(count_parameters(target)[0], digits=2)}")
         return 0
 
     @staticmethod
