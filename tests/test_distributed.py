@@ -21,6 +21,16 @@ ROOT = os.path.dirname(HERE)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process references run on one thread, as the workers do (`ENV`): with more threads the CPU kernels sum in
+    another order, so "bit-identical to one process" would compare two different summation orders."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     """A TCP port free right now (other jobs on the machine may run their own multi-process tests on 29500)."""
     import socket
