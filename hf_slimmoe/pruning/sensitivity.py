@@ -23,6 +23,7 @@ much each neuron contributes to the model's confident predictions. This is why `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -241,69 +242,25 @@ def compute_sensitivity(
     config = model.config
     coef = 0.0 if aux_loss is None else float(
         getattr(config, "router_aux_loss_coef", 0.0) if aux_loss_coef is None else aux_loss_coef)
-    self_teacher = teacher is None or teacher is model
-    device = next(model.parameters()).device
+    teacher = None if teacher is model else teacher  # None: stage 1, the model's own distribution
     scored = scored_parameters(model)
     params = [p for per_layer in scored.values() for p in per_layer.values()]
-    scored_ids = {id(p) for p in params}
-
-    # Only the scored weights require gradients. Single process: their gradients are summed over batches into float32
-    # buffers by hooks. FSDP2 accumulates the reduce-scattered gradient shards in `.grad` itself (hooks on the shards
-    # would never fire).
-    was_training = model.training
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_grads = [(p, p.grad) for p in params]
-    teacher_was_training = None if self_teacher else teacher.training
     sharded, world_size = is_sharded(model), rank_and_world()[1]
+    # Single process: the scored weights' gradients are summed over batches into float32 buffers by hooks. FSDP2
+    # accumulates the reduce-scattered gradient shards in `.grad` itself (hooks on the shards would never fire).
     buffers = {} if sharded else {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
-    hooks = []
-
-    def _accumulate(buffer):
-        def hook(param):
-            buffer.add_(param.grad)
-            param.grad = None
-        return hook
-
-    total_tokens, num_batches = 0, 0
-    try:
-        model.eval()
-        if not self_teacher:
-            teacher.eval()
-        for p in model.parameters():
-            p.requires_grad_(id(p) in scored_ids)
-        for p in params:
-            p.grad = None
-            if not sharded:
-                hooks.append(p.register_post_accumulate_grad_hook(_accumulate(buffers[id(p)])))
-        # FSDP2: each rank takes its share of the batches, all ranks step in lockstep
-        work = rank_share(list(batches)) if sharded else ((raw, True) for raw in batches)
-        total = len(work) if sharded else (len(batches) if hasattr(batches, "__len__") else None)
-        for raw, counted in tqdm(work, total=total, desc=f"Sensitivity ({criterion})", unit="batch",
-                                 disable=not show_progress):
-            # Through the root's forward: under FSDP2 the LM head is gathered there and reduce-scattered after.
-            loss, num_tokens = call_through_forward(model, _batch_loss, model, _as_batch(raw, device),
-                                                    None if self_teacher else teacher, criterion, top_k, chunk_size,
-                                                    aux_loss, coef)
-            if not counted:  # a padding step of this rank: it runs the collectives and adds nothing
-                loss, num_tokens = loss * 0.0, 0
-            if loss.requires_grad:
-                loss.backward()
-            total_tokens += num_tokens
-            num_batches += int(counted)
-            del loss
+    with _scoring_mode(model, teacher, params):
+        hooks = [] if sharded else [p.register_post_accumulate_grad_hook(_accumulate_into(buffers[id(p)]))
+                                    for p in params]
+        try:
+            total_tokens, num_batches = _backward_over(
+                model, batches, teacher, sharded, show_progress,
+                criterion=criterion, top_k=top_k, chunk_size=chunk_size, aux_loss=aux_loss, coef=coef)
+        finally:
+            for hook in hooks:
+                hook.remove()
         if sharded:  # the reduce-scattered shards: the mean over ranks of their sums
             buffers = {id(p): p.grad for p in params}
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
-        for p, grad in saved_grads:
-            p.grad = grad
-        model.train(was_training)
-        if teacher_was_training is not None:
-            teacher.train(teacher_was_training)
-
     if sharded:
         total_tokens, num_batches = int(all_reduce_sum(total_tokens)), int(all_reduce_sum(num_batches))
     if num_batches == 0 or total_tokens == 0:
@@ -316,6 +273,62 @@ def compute_sensitivity(
         metadata={"criterion": criterion, "top_k": str(top_k), "aux_loss_coef": str(coef),
                   "num_tokens": str(total_tokens), "num_batches": str(num_batches)},
     )
+
+
+@contextlib.contextmanager
+def _scoring_mode(model: nn.Module, teacher: nn.Module | None, params: list[nn.Parameter]):
+    """`eval()` mode with only `params` requiring gradients (their `.grad` cleared); the `requires_grad` flags, the
+    `.grad` of `params` and both models' train/eval modes are restored afterwards."""
+    scored_ids = {id(p) for p in params}
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_grads = [(p, p.grad) for p in params]
+    was_training, teacher_was_training = model.training, None if teacher is None else teacher.training
+    try:
+        model.eval()
+        if teacher is not None:
+            teacher.eval()
+        for p in model.parameters():
+            p.requires_grad_(id(p) in scored_ids)
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        for p, grad in saved_grads:
+            p.grad = grad
+        model.train(was_training)
+        if teacher_was_training is not None:
+            teacher.train(teacher_was_training)
+
+
+def _accumulate_into(buffer: torch.Tensor):
+    def hook(param):
+        buffer.add_(param.grad)
+        param.grad = None
+    return hook
+
+
+def _backward_over(model, batches, teacher, sharded: bool, show_progress: bool, **loss_args) -> tuple[int, int]:
+    """Backpropagate the scoring loss of every calibration batch (under FSDP2, this rank's share, all ranks in
+    lockstep); returns this process's counted tokens and batches."""
+    device = next(model.parameters()).device
+    work = rank_share(list(batches)) if sharded else ((raw, True) for raw in batches)
+    total = len(work) if sharded else (len(batches) if hasattr(batches, "__len__") else None)
+    total_tokens, num_batches = 0, 0
+    for raw, counted in tqdm(work, total=total, desc=f"Sensitivity ({loss_args['criterion']})", unit="batch",
+                             disable=not show_progress):
+        # Through the root's forward: under FSDP2 the LM head is gathered there and reduce-scattered after.
+        loss, num_tokens = call_through_forward(model, _batch_loss, model, _as_batch(raw, device), teacher,
+                                                **loss_args)
+        if not counted:  # a padding step of this rank: it runs the collectives and adds nothing
+            loss, num_tokens = loss * 0.0, 0
+        if loss.requires_grad:
+            loss.backward()
+        total_tokens += num_tokens
+        num_batches += int(counted)
+        del loss
+    return total_tokens, num_batches
 
 
 def _check_arguments(model: nn.Module, teacher: nn.Module | None, criterion: str, top_k: int):
