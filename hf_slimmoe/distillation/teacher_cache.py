@@ -185,18 +185,17 @@ def teacher_samples_from_model(
 # ------------------------------------------------------------------------------------------ checking a cache
 @dataclass
 class _Kind:
-    """What differs between the cache kinds: column names, per-position width and its name in messages."""
+    """What differs between the cache kinds: their name and column names."""
 
     name: str
     ids_column: str
     fingerprint_column: str
     columns: tuple[str, ...]
-    width_name: str  # "k" or "S"
 
 
 _KINDS = {
-    "topk": _Kind("topk", TOPK_IDS_COLUMN, FINGERPRINT_COLUMN, CACHE_COLUMNS, "k"),
-    "samples": _Kind("samples", SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN, SAMPLE_COLUMNS, "S"),
+    "topk": _Kind("topk", TOPK_IDS_COLUMN, FINGERPRINT_COLUMN, CACHE_COLUMNS),
+    "samples": _Kind("samples", SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN, SAMPLE_COLUMNS),
 }
 _LOSSES_OF_KIND = {"topk": "'topk' / 'topk_tail'", "samples": "'sampled'"}
 _MAKER = {"topk": "`cache_teacher_topk` / `slimmoe cache-teacher --kd-loss topk`",

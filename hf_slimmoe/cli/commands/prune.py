@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -51,18 +52,14 @@ class PruneCommand(Command):
 
     @staticmethod
     def run_streaming(args, scores) -> int:
-        from ...architectures import count_parameters, get_architecture, slim_config
+        from ...architectures import slim_config
         from ...pruning.streaming import prune_checkpoint, read_source_config
-        from ...schedule import human_count
 
         config = read_source_config(args.model)
         target = slim_config(config, expert_width=args.intermediate_size, num_key_value_heads=args.num_key_value_heads,
                              shared_expert_width=args.shared_expert_width)
         prune_checkpoint(args.model, args.output_dir, target, scores)  # streams: one tensor in memory at a time
-        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size "
-              f"{get_architecture(target).expert_width_of(target)}, heads {target.num_attention_heads}/"
-              f"{target.num_key_value_heads}, parameters {human_count(count_parameters(config)[0], digits=2)} -> "
-              f"{human_count(count_parameters(target)[0], digits=2)}")
+        print(pruned_summary(args, config, target))
         return 0
 
     @staticmethod
@@ -70,12 +67,11 @@ class PruneCommand(Command):
         """Load, `prune_to`, save (complete, then renamed into place): a stock checkpoint of the model's family."""
         from transformers import AutoTokenizer
 
-        from ...architectures import count_parameters, get_architecture, load_model, slim_config
+        from ...architectures import load_model, slim_config
         from ...pruning import prune_to
-        from ...schedule import human_count
 
         model = load_model(args.model, dtype="auto")
-        before = count_parameters(model.config)[0]
+        source = copy.deepcopy(model.config)
         target = slim_config(model.config, expert_width=args.intermediate_size,
                              num_key_value_heads=args.num_key_value_heads, shared_expert_width=args.shared_expert_width)
         prune_to(model, target, scores)
@@ -94,9 +90,16 @@ class PruneCommand(Command):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        after = count_parameters(model.config)[0]
-        width = get_architecture(model).expert_width_of(model.config)
-        print(f"pruned {args.model} -> {args.output_dir}: intermediate_size {width}, heads "
-              f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}, parameters "
-              f"{human_count(before, digits=2)} -> {human_count(after, digits=2)}")
+        print(pruned_summary(args, source, model.config))
         return 0
+
+
+def pruned_summary(args, source, target) -> str:
+    """The line `slimmoe prune` prints: the new expert width and heads, and the total parameters before and after."""
+    from ...architectures import count_parameters, get_architecture
+    from ...schedule import human_count
+
+    return (f"pruned {args.model} -> {args.output_dir}: intermediate_size "
+            f"{get_architecture(target).expert_width_of(target)}, heads {target.num_attention_heads}/"
+            f"{target.num_key_value_heads}, parameters {human_count(count_parameters(source)[0], digits=2)} -> "
+            f"{human_count(count_parameters(target)[0], digits=2)}")
