@@ -260,13 +260,9 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
         plot_trajectory(json.load(f), os.path.join(paths.output_dir, "trajectory.png"))
     rows = _evaluate_all(output_dir, recipe, settings["eval"], eval_set)
     close_step()
-    e = settings["eval"]
     summary = {
         "demo": recipe.name, "fast": fast, "output_dir": paths.output_dir, "rows": rows,
-        "eval": {"data": recipe.data.eval.glob if isinstance(recipe.data.eval.glob, list) else [recipe.data.eval.glob],
-                 "blocks": len(eval_set), "block_size": recipe.data.block_size, "top_k": e["top_k"],
-                 "prefill_shape": f"{min(e['batch_size'], len(eval_set))} x {e['speed_prompt_tokens']}",
-                 "speed_new_tokens": e["speed_new_tokens"], "speed_repeats": e["speed_repeats"]},
+        "eval": _eval_description(recipe, settings["eval"], len(eval_set)),
         "threads": torch.get_num_threads(), "step_seconds": timings,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -275,6 +271,15 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     with open(os.path.join(paths.output_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write(format_summary(summary))
     return summary
+
+
+def _eval_description(recipe, e: dict, num_blocks: int) -> dict:
+    """The held-out set and speed settings the summary's numbers were measured with."""
+    glob = recipe.data.eval.glob
+    return {"data": glob if isinstance(glob, list) else [glob], "blocks": num_blocks,
+            "block_size": recipe.data.block_size, "top_k": e["top_k"],
+            "prefill_shape": f"{min(e['batch_size'], num_blocks)} x {e['speed_prompt_tokens']}",
+            "speed_new_tokens": e["speed_new_tokens"], "speed_repeats": e["speed_repeats"]}
 
 
 __all__ = ["STEPS", "cache_root", "demo_recipe", "ensure_teacher", "format_summary", "run_demo",

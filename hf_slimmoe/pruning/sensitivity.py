@@ -234,40 +234,20 @@ def compute_sensitivity(
         `ValueError`: for an unknown criterion, a bad `top_k`, a teacher with another vocabulary, a malformed batch,
             a teacher cache that does not match its batch, or an empty calibration set.
     """
-    arch = _check_arguments(model, teacher, criterion, top_k)
-    aux_loss = arch.aux_loss_function()
-    if aux_loss is None and aux_loss_coef:
-        raise ValueError(f"compute_sensitivity: {arch.model_type} models train without a load-balancing loss; pass "
-                         "aux_loss_coef=0 (or None).")
-    config = model.config
-    coef = 0.0 if aux_loss is None else float(
-        getattr(config, "router_aux_loss_coef", 0.0) if aux_loss_coef is None else aux_loss_coef)
+    aux_loss, coef = _check_arguments(model, teacher, criterion, top_k, aux_loss_coef)
     teacher = None if teacher is model else teacher  # None: stage 1, the model's own distribution
     scored = scored_parameters(model)
     params = [p for per_layer in scored.values() for p in per_layer.values()]
     sharded, world_size = is_sharded(model), rank_and_world()[1]
-    # Single process: the scored weights' gradients are summed over batches into float32 buffers by hooks. FSDP2
-    # accumulates the reduce-scattered gradient shards in `.grad` itself (hooks on the shards would never fire).
-    buffers = {} if sharded else {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
     with _scoring_mode(model, teacher, params):
-        hooks = [] if sharded else [p.register_post_accumulate_grad_hook(_accumulate_into(buffers[id(p)]))
-                                    for p in params]
-        try:
-            total_tokens, num_batches = _backward_over(
-                model, batches, teacher, sharded, show_progress,
-                criterion=criterion, top_k=top_k, chunk_size=chunk_size, aux_loss=aux_loss, coef=coef)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if sharded:  # the reduce-scattered shards: the mean over ranks of their sums
-            buffers = {id(p): p.grad for p in params}
-    if sharded:
-        total_tokens, num_batches = int(all_reduce_sum(total_tokens)), int(all_reduce_sum(num_batches))
+        buffers, total_tokens, num_batches = _summed_gradients(
+            model, params, batches, teacher, sharded, show_progress,
+            criterion=criterion, top_k=top_k, chunk_size=chunk_size, aux_loss=aux_loss, coef=coef)
     if num_batches == 0 or total_tokens == 0:
         raise ValueError("compute_sensitivity: the calibration set is empty (no batches or no counted tokens).")
     scores = _neuron_scores(model, scored, buffers, total_tokens, world_size if sharded else None)
     logger.info("Scored %d layers on %d tokens in %d batches (criterion=%s, top_k=%d, aux coef=%g)",
-                config.num_hidden_layers, total_tokens, num_batches, criterion, top_k, coef)
+                model.config.num_hidden_layers, total_tokens, num_batches, criterion, top_k, coef)
     return SensitivityScores(
         **scores,
         metadata={"criterion": criterion, "top_k": str(top_k), "aux_loss_coef": str(coef),
@@ -309,6 +289,24 @@ def _accumulate_into(buffer: torch.Tensor):
     return hook
 
 
+def _summed_gradients(model, params, batches, teacher, sharded: bool, show_progress: bool, **loss_args):
+    """The gradients of `params` summed over every calibration batch, with the counted tokens and batches (all
+    ranks' totals under FSDP2). Single process: hooks sum each gradient into a float32 buffer as it is accumulated.
+    FSDP2 accumulates the reduce-scattered gradient shards in `.grad` itself (hooks on the shards would never fire)."""
+    buffers = {} if sharded else {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
+    hooks = [] if sharded else [p.register_post_accumulate_grad_hook(_accumulate_into(buffers[id(p)]))
+                                for p in params]
+    try:
+        total_tokens, num_batches = _backward_over(model, batches, teacher, sharded, show_progress, **loss_args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if sharded:  # the reduce-scattered shards: the mean over ranks of their sums
+        buffers = {id(p): p.grad for p in params}
+        total_tokens, num_batches = int(all_reduce_sum(total_tokens)), int(all_reduce_sum(num_batches))
+    return buffers, total_tokens, num_batches
+
+
 def _backward_over(model, batches, teacher, sharded: bool, show_progress: bool, **loss_args) -> tuple[int, int]:
     """Backpropagate the scoring loss of every calibration batch (under FSDP2, this rank's share, all ranks in
     lockstep); returns this process's counted tokens and batches."""
@@ -331,8 +329,9 @@ def _backward_over(model, batches, teacher, sharded: bool, show_progress: bool, 
     return total_tokens, num_batches
 
 
-def _check_arguments(model: nn.Module, teacher: nn.Module | None, criterion: str, top_k: int):
-    """The model's architecture adapter, after checking the criterion, `top_k` and the teacher's vocabulary."""
+def _check_arguments(model: nn.Module, teacher: nn.Module | None, criterion: str, top_k: int, aux_loss_coef):
+    """The model's load-balancing loss and its weight, after checking the criterion, `top_k`, the weight and the
+    teacher's vocabulary."""
     if criterion not in CRITERIA:
         raise ValueError(f"compute_sensitivity: criterion={criterion!r} is not supported; use one of {CRITERIA}.")
     arch = get_architecture(model)
@@ -341,7 +340,13 @@ def _check_arguments(model: nn.Module, teacher: nn.Module | None, criterion: str
         raise ValueError(f"compute_sensitivity: top_k={top_k!r} must be an integer in [1, {config.vocab_size}].")
     if criterion == "kd" and teacher is not None and teacher is not model:
         check_same_vocabulary(model, teacher)
-    return arch
+    aux_loss = arch.aux_loss_function()
+    if aux_loss is None and aux_loss_coef:
+        raise ValueError(f"compute_sensitivity: {arch.model_type} models train without a load-balancing loss; pass "
+                         "aux_loss_coef=0 (or None).")
+    coef = 0.0 if aux_loss is None else float(
+        getattr(config, "router_aux_loss_coef", 0.0) if aux_loss_coef is None else aux_loss_coef)
+    return aux_loss, coef
 
 
 def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None, criterion: str,
