@@ -3,7 +3,6 @@ into `(PostTrainScriptArguments, trl.ModelConfig, SFTDistillationConfig | trl.DP
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from trl import DPOConfig, ModelConfig
@@ -28,32 +27,19 @@ def parse_recipe(
     (`--learning_rate 1e-5`) override the YAML; an unknown key raises. `MODEL_DEFAULTS` lists the `ModelConfig`
     defaults that differ (`dtype: auto`, `lora_dropout: 0.0`).
     """
-    import yaml
-    from trl import TrlParser
+    from ..recipe import parse_config_file
 
     if kind not in ("sft", "lora", "dpo"):
         raise ValueError(f"Unknown post-training kind {kind!r}; use 'sft', 'lora' or 'dpo'.")
-    values: dict[str, Any] = {}
-    if recipe is not None:
-        if not os.path.isfile(recipe):
-            raise FileNotFoundError(f"No recipe file at {recipe}.")
-        with open(recipe) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{recipe} must hold a YAML mapping of config fields.")
-    hub = values.pop("hub", None)
+    config_cls = DPOConfig if kind == "dpo" else SFTDistillationConfig
+    (script_args, model_args, config), sections = parse_config_file(
+        (PostTrainScriptArguments, ModelConfig, config_cls), recipe, overrides, defaults=MODEL_DEFAULTS,
+        sections=("hub",), help_command=f"slimmoe {kind} RECIPE --help")
+    hub = sections.get("hub")
     if hub is not None:
         from ..hub import HubSettings
 
         HubSettings.from_dict(hub)  # validate before any work
-    config_cls = DPOConfig if kind == "dpo" else SFTDistillationConfig
-    parser = TrlParser((PostTrainScriptArguments, ModelConfig, config_cls))
-    parser.set_defaults(**MODEL_DEFAULTS)
-    unknown = parser.set_defaults_with_config(**values)
-    if unknown:
-        keys = ", ".join(k.lstrip("-") for k in unknown[::2])
-        raise ValueError(f"Unknown key(s) in {recipe}: {keys}; `slimmoe {kind} RECIPE --help` lists the fields.")
-    script_args, model_args, config = parser.parse_args_into_dataclasses(args=list(overrides or []))
     if kind == "lora":
         model_args.use_peft = True
     return script_args, model_args, config, hub

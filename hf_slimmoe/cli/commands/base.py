@@ -99,24 +99,15 @@ class DataclassCommand(Command):
         """Parse `argv` (what follows the command name) into `(dataclass instances, {section: value})`."""
         from trl import TrlParser
 
+        from ...recipe import parse_config_file
+
         class CommandParser(TrlParser):
             error = one_line_error
 
-        parser = CommandParser(self.dataclass_types(), prog=f"slimmoe {self.name}", description=self.description)
-        parser.set_defaults(**self.field_defaults())
         config_path, argv = split_config_path(argv)
-        values = read_yaml_mapping(config_path) if config_path is not None else {}
-        sections = {key: values.pop(key) for key in self.sections if key in values}
-        env = values.pop("env", None) or {}
-        if not isinstance(env, dict):
-            raise ValueError(f"`env` in {config_path} must be a mapping of environment variables to values.")
-        os.environ.update({str(key): str(value) for key, value in env.items()})
-        unknown = parser.set_defaults_with_config(**values)
-        if unknown:
-            keys = ", ".join(key.lstrip("-") for key in unknown[::2])
-            raise ValueError(f"Unknown key(s) in {config_path}: {keys}; `slimmoe {self.name} --help` lists the "
-                             "fields.")
-        return tuple(parser.parse_args_into_dataclasses(args=argv)), sections
+        return parse_config_file(self.dataclass_types(), config_path, argv, defaults=self.field_defaults(),
+                                 sections=self.sections, help_command=f"slimmoe {self.name} --help",
+                                 parser_class=CommandParser, prog=f"slimmoe {self.name}", description=self.description)
 
 
 def positive_int(text: str) -> int:
@@ -227,21 +218,3 @@ def split_config_path(argv: list[str]) -> tuple[str | None, list[str]]:
         if arg.startswith("--config="):
             return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
     return None, argv
-
-
-def read_yaml_mapping(path: str) -> dict[str, Any]:
-    """A YAML file holding a mapping (an empty file is an empty mapping); errors name the file."""
-    import yaml
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No config file at {path}.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            values = yaml.safe_load(f)
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a valid YAML text file: {e}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a YAML mapping of field names to values.")
-    return values
