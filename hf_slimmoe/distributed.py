@@ -9,7 +9,9 @@ gather explicitly ([`full_tensor`]). Work split over ranks must give every rank 
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +35,29 @@ def init_from_environment() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return rank_and_world()
+
+
+def destroy_process_group() -> None:
+    """
+    Destroy the default process group and free it now, on this rank, so its threads end before the interpreter does.
+
+    `torch.distributed.destroy_process_group` drops torch's own references to the group, but every `DeviceMesh` of an
+    FSDP2-sharded model keeps the group in its registry, and DTensor's sharding caches keep those meshes alive until
+    exit. The group's gloo worker threads then outlive `main`, and one that frees a tensor while the interpreter shuts
+    down aborts the process ("terminate called without an active exception") after the work succeeded, so `torchrun`
+    reports a finished job as failed. Detaching the group from every live mesh destroys it here, joining its threads.
+    Nothing happens without an initialized group.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.destroy_process_group()
+    gc.collect()  # sharded models are reference cycles: free those no longer used, with their meshes
+    mesh_class = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
+    for obj in gc.get_objects() if mesh_class is not None else ():
+        registry = getattr(obj, "_pg_registry", None) if type(obj) is mesh_class else None
+        if isinstance(registry, dict):  # torch's per-mesh {group name: group}; the group is destroyed already
+            registry.clear()
+    gc.collect()
 
 
 def barrier() -> None:
@@ -118,5 +143,5 @@ def rank_share(items: Sequence) -> list[tuple[Any, bool]]:
     return mine + [(items[0], False)] * (steps - len(mine))
 
 
-__all__ = ["rank_and_world", "init_from_environment", "barrier", "is_sharded", "fsdp_requested", "shard_decoder_layers", "call_through_forward",
+__all__ = ["rank_and_world", "init_from_environment", "destroy_process_group", "barrier", "is_sharded", "fsdp_requested", "shard_decoder_layers", "call_through_forward",
            "full_tensor", "all_reduce_sum", "rank_share"]

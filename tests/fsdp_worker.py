@@ -19,7 +19,7 @@ import torch
 
 from hf_slimmoe import DistillationConfig, DistillationTrainer, SlimMoeConfig, SlimMoeForCausalLM, compute_sensitivity
 from hf_slimmoe.data import TokenCollator
-from hf_slimmoe.distributed import is_sharded, rank_and_world, shard_decoder_layers
+from hf_slimmoe.distributed import destroy_process_group, is_sharded, rank_and_world, shard_decoder_layers
 from hf_slimmoe.pruning.surgery import keep_indices
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=8,
@@ -124,7 +124,11 @@ def main(mode: str, out_dir: str) -> None:
     result = score() if mode == "score" else distill(out_dir)
     with open(os.path.join(out_dir, f"rank-{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    destroy_process_group()  # frees the group the sharded models' meshes hold: its threads end before exit
+    tasks = "/proc/self/task"  # the names of this process's native threads (Linux)
+    names = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else None
+    with open(os.path.join(out_dir, f"threads-{os.environ['RANK']}.json"), "w") as f:
+        json.dump(names, f)
 
 
 if __name__ == "__main__":

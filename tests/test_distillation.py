@@ -632,6 +632,7 @@ import os, sys, torch
 sys.path.insert(0, {tests_dir!r})
 from test_distillation import _args, _pruned_student, _teacher, _token_dataset
 from hf_slimmoe.distillation import DistillationTrainer, cache_teacher_samples, cache_teacher_topk
+from hf_slimmoe.distributed import destroy_process_group
 import pathlib
 teacher = _teacher()
 train = cache_teacher_topk(teacher, _token_dataset(32), top_k=8)
@@ -650,7 +651,8 @@ for name, kd_loss, online, data in (("topk", "topk", teacher, train), ("topk_tai
     final = torch.cat([p.detach().flatten() for p in student.parameters()])
     results[name] = {{"wrapper": type(trainer.model_wrapped).__name__, "initial": initial, "final": final}}
 torch.save(results, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
-torch.distributed.destroy_process_group()  # its gloo threads must not outlive the interpreter (exit status 0)
+del trainer, student  # the DDP-wrapped model holds the process group
+destroy_process_group()  # its gloo threads must not outlive the interpreter (exit status 0)
 """
 
 

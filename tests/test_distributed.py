@@ -78,6 +78,18 @@ def test_sensitivity_scores_under_fsdp2_equal_one_process(tmp_path):
             assert result["tokens"][0] == result["tokens"][1] and result["batches"] == ["5", "5"], result
 
 
+def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(tmp_path):
+    """`hf_slimmoe.distributed.destroy_process_group` frees the group the FSDP2 models' device meshes (kept alive by
+    DTensor's caches) still hold, so no gloo thread is left to abort the rank at interpreter exit (torch's own
+    `destroy_process_group` left `pt_gloo_runloop` and `gloo_tcp_loop` running here)."""
+    torchrun_worker("score", tmp_path)
+    for rank in range(2):
+        names = json.load(open(tmp_path / f"threads-{rank}.json"))
+        if names is None:
+            pytest.skip("no /proc/self/task on this system")
+        assert not [name for name in names if "gloo" in name], names
+
+
 def test_distillation_under_fsdp2_keeps_ranks_in_sync_and_equals_one_process(tmp_path):
     """3 SGD steps of `DistillationTrainer.compute_loss` (online sharded teacher, KD + aux), each rank on half of
     every global batch: both ranks gather the same weights, and they are bit-identical to one process accumulating

@@ -54,8 +54,10 @@ def release_resources() -> None:
     """
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from ..distributed import destroy_process_group
+
         try:
-            torch.distributed.destroy_process_group()
+            destroy_process_group()
         except Exception:  # never hide the command's own outcome
             logger.warning("Could not destroy the torch.distributed process group.", exc_info=True)
     monitor_class = getattr(sys.modules.get("tqdm._monitor"), "TMonitor", None)
