@@ -2,9 +2,9 @@
 keeps the ranks in sync and computes what one process computes, `slimmoe compress` runs under `accelerate launch`
 with the shipped `recipes/accelerate/fsdp2.yaml`, and the iterative baseline is refused under FSDP.
 
-The multi-process tests were run 10 times in a row (see the README's scale section for the counts). `torchrun
---standalone` and a free `--main_process_port` keep them off the default port 29500, which other jobs on the machine
-may hold."""
+Every multi-process test passed 30 runs in a row (10 idle, 10 with a busy loop on one core, 10 idle; the README's
+scale section has the details). `torchrun --standalone` and a free `--main_process_port` keep them off the default
+port 29500, which other jobs on the machine may hold."""
 
 import json
 import os
