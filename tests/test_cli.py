@@ -259,3 +259,26 @@ def test_dataclass_commands_read_config_files_and_flags_override_them(tmp_path, 
     config.write_text("student: s\ndataset: d\ntop_kk: 8\n")
     with pytest.raises(ValueError, match=r"Unknown key\(s\) in .*distill.yaml: top_kk"):
         command.parse(["--config", str(config)])
+
+
+def test_parse_config_file_serves_user_scripts(tmp_path):
+    """The library function behind the dataclass commands: the file's fields, flags over them, `sections` returned
+    beside the instances, field `defaults` the file can still override, an unknown key named with the help hint."""
+    import dataclasses
+
+    from hf_slimmoe import DistillationConfig
+    from hf_slimmoe.recipe import parse_config_file
+
+    @dataclasses.dataclass
+    class ScriptArgs:
+        data: str = "default"
+
+    config = tmp_path / "x.yaml"
+    config.write_text(f"data: mine\noutput_dir: {tmp_path / 'out'}\nmax_steps: 5\nhub: {{repo_id: a/b}}\n")
+    (script, training), sections = parse_config_file((ScriptArgs, DistillationConfig), config, ["--max_steps", "7"],
+                                                    defaults={"top_k": 4, "max_steps": 2}, sections=("hub",))
+    assert (script.data, training.max_steps, training.top_k) == ("mine", 7, 4)
+    assert sections == {"hub": {"repo_id": "a/b"}}
+    config.write_text("dataa: x\n")
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) in .*x.yaml: dataa; `my.py --help` lists the fields"):
+        parse_config_file((ScriptArgs, DistillationConfig), config, help_command="my.py --help")
