@@ -9,6 +9,22 @@ from transformers import TrainingArguments
 KD_LOSSES = ("sampled", "topk_tail", "topk", "full")
 
 
+def check_kd_fields(kd_loss: str, kd_samples: int, top_k: int, temperature: float, renormalize: bool,
+                    renormalize_field: str = "renormalize") -> None:
+    """Check the KD fields every distillation config has (`DistillationConfig`, `SFTDistillationConfig`); errors name
+    the field (`renormalize_field`: that config's name for the top-k renormalization flag)."""
+    if kd_loss not in KD_LOSSES:
+        raise ValueError(f"kd_loss={kd_loss!r} is not one of {list(KD_LOSSES)}.")
+    if kd_samples < 1:
+        raise ValueError(f"kd_samples={kd_samples} must be at least 1.")
+    if renormalize and kd_loss != "topk":
+        raise ValueError(f"{renormalize_field}=True applies to kd_loss='topk' only, not kd_loss={kd_loss!r}.")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be at least 1.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+
+
 @dataclass
 class DistillationConfig(TrainingArguments):
     r"""
@@ -107,16 +123,7 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kd_loss not in KD_LOSSES:
-            raise ValueError(f"kd_loss={self.kd_loss!r} is not one of {list(KD_LOSSES)}.")
-        if self.kd_samples < 1:
-            raise ValueError(f"kd_samples={self.kd_samples} must be at least 1.")
-        if self.renormalize and self.kd_loss != "topk":
-            raise ValueError(f"renormalize=True applies to kd_loss='topk' only, not kd_loss={self.kd_loss!r}.")
-        if self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be at least 1.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be positive.")
+        check_kd_fields(self.kd_loss, self.kd_samples, self.top_k, self.temperature, self.renormalize)
         if self.aux_loss_coef < 0 or self.ce_weight < 0:
             raise ValueError(
                 f"aux_loss_coef={self.aux_loss_coef} and ce_weight={self.ce_weight} must be non-negative."

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, SFTConfig
 from trl.trainer.utils import get_peft_config
 
-from ..distillation.config import KD_LOSSES
+from ..distillation.config import KD_LOSSES, check_kd_fields
 
 BUILTIN_DOCSTRINGS = "builtin:stdlib-docstrings"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -81,16 +81,8 @@ class SFTDistillationConfig(SFTConfig):
         super().__post_init__()
         if not 0.0 <= self.ce_mix <= 1.0:
             raise ValueError(f"ce_mix={self.ce_mix} must be between 0 and 1.")
-        if self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be at least 1.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be positive.")
-        if self.kd_loss not in KD_LOSSES:
-            raise ValueError(f"kd_loss={self.kd_loss!r} is not one of {list(KD_LOSSES)}.")
-        if self.kd_samples < 1:
-            raise ValueError(f"kd_samples={self.kd_samples} must be at least 1.")
-        if self.renormalize_topk and self.kd_loss != "topk":
-            raise ValueError(f"renormalize_topk=True applies to kd_loss='topk' only, not {self.kd_loss!r}.")
+        check_kd_fields(self.kd_loss, self.kd_samples, self.top_k, self.temperature, self.renormalize_topk,
+                        renormalize_field="renormalize_topk")
         if self.kd_loss == "full" and self.teacher_cache_dir is not None:
             raise ValueError("kd_loss='full' needs the teacher online: drop teacher_cache_dir or use "
                              "kd_loss='sampled'.")
