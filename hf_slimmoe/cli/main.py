@@ -50,7 +50,7 @@ def release_resources() -> None:
     """
     End what a command may have started: the default `torch.distributed` process group (its gloo/NCCL threads must
     not outlive the interpreter, or a finished rank aborts at exit and torchrun reports the job failed) and tqdm's
-    monitor threads. Runs on every rank; imports nothing that is not already loaded.
+    monitor threads. Runs on every rank; imports nothing heavy that is not already loaded.
     """
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
