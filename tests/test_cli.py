@@ -224,10 +224,15 @@ def test_ctrl_c_prints_how_to_resume(monkeypatch, capsys):
 
 
 def test_ctrl_c_in_a_running_command(tmp_path):
-    """A real SIGINT to `slimmoe demo` while it works: exit status 130, the resume hint, no traceback."""
+    """A real SIGINT to `slimmoe demo` while it works: exit status 130, the resume hint, no traceback.
+
+    The command starts with SIGINT's default disposition, as from a terminal: a test runner started in the background
+    of a non-interactive shell ignores SIGINT, and a child would inherit that (Python then never raises
+    KeyboardInterrupt)."""
     env = {**os.environ, "HF_SLIMMOE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "hf_slimmoe.cli", "demo", str(tmp_path / "demo"), "--fast",
-                                "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     started = time.monotonic()
     line = "\n"
     while line and "====" not in line:  # the first step's banner: the command is running

@@ -174,7 +174,7 @@ def test_teacher_samples_follow_the_teacher_distribution_and_many_samples_give_t
         assert (g_.double() - w_).norm() < 0.05 * w_.norm()
 
 
-def test_stratified_teacher_samples_draw_each_token_its_expected_count_up_to_two():
+def test_systematic_teacher_samples_draw_each_token_floor_or_ceil_of_its_expected_count():
     from hf_slimmoe.distillation import sample_uniforms, teacher_samples_from_hidden
 
     teacher_head = torch.nn.Linear(16, 30)
@@ -182,10 +182,12 @@ def test_stratified_teacher_samples_draw_each_token_its_expected_count_up_to_two
     teacher_hidden = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(7))
     uniforms = sample_uniforms(torch.arange(5)[None], None, num_samples=1000, seed=3)  # (1, 5, S)
     assert torch.equal((uniforms * 1000).floor(), torch.arange(1000, dtype=torch.float64).expand(1, 5, -1))
+    offsets = uniforms * 1000 - torch.arange(1000, dtype=torch.float64)  # one offset per position, shared by its S
+    assert torch.allclose(offsets, offsets[..., :1].expand_as(offsets)) and offsets[0, :, 0].unique().numel() == 5
     ids = teacher_samples_from_hidden(teacher_hidden, teacher_head, uniforms)[0]  # (5, S)
     p = torch.softmax(teacher_head(teacher_hidden[0]).detach().double(), -1)  # (5, V)
     counts = torch.zeros_like(p).scatter_add_(-1, ids, torch.ones_like(ids, dtype=p.dtype))
-    assert (counts - 1000 * p).abs().max() <= 2  # i.i.d. draws would spread by about sqrt(1000 p)
+    assert ((counts == (1000 * p).floor()) | (counts == (1000 * p).ceil())).all()  # i.i.d.: spread ~ sqrt(1000 p)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

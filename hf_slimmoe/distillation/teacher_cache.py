@@ -45,7 +45,7 @@ SAMPLE_FINGERPRINT_COLUMN = "teacher_sample_fingerprint"
 SAMPLE_COLUMNS = (SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN)
 METADATA_KEY = "hf_slimmoe.teacher_cache"  # key of the cache records in the dataset's `info.description` (JSON)
 KIND_FOR_LOSS = {"topk": "topk", "topk_tail": "topk", "sampled": "samples"}  # which cache each kd_loss reads
-SAMPLING = "stratified"  # how teacher samples are drawn (see `sample_uniforms`); recorded in every samples cache
+SAMPLING = "systematic"  # how teacher samples are drawn (see `sample_uniforms`); recorded in every samples cache
 
 _TOPK_FEATURES = Features(
     {
@@ -140,23 +140,25 @@ def sample_uniforms(
     """
     The uniforms `(B, T, S)` (float64, CPU) that [`teacher_samples_from_hidden`] turns into teacher samples.
 
-    Stratified: at every position draw `s` is uniform on `[s / S, (s + 1) / S)`, so each is marginally uniform (the
-    sampled loss stays an unbiased estimate of the full cross-entropy) while the S draws cover the teacher's CDF evenly:
-    a token of probability `p` is drawn `S * p` times up to 2 (i.i.d. draws: a binomial spread), a lower-variance
-    gradient at the same storage. Each row draws from its own generator, seeded by `seed` and a digest of its token
+    Systematic: at every position one uniform `U` gives the S draws `(s + U) / S`, `s = 0 .. S-1`, so each is
+    marginally uniform (the sampled loss stays an unbiased estimate of the full cross-entropy) while the S draws cover
+    the teacher's CDF evenly: a token of probability `p` is drawn `floor(S * p)` or `ceil(S * p)` times (i.i.d. draws:
+    a binomial spread). No S unweighted draws can have a smaller error token by token, so this is the lowest-variance
+    gradient this storage allows (`benchmarks/bench_sample_schemes.py` measures it against i.i.d. and stratified
+    draws). Each row draws from its own generator, seeded by `seed` and a digest of its token
     ids (up to its last attended token), position after position: a row gets the same draws whatever batch, padding,
     shard, rank or resume it is processed in, so online sampling and [`cache_teacher_samples`] agree. Identical rows
     get identical draws.
     """
     uniforms = torch.zeros(*input_ids.shape, num_samples, dtype=torch.float64)
     rows = input_ids.detach().cpu()
-    strata = torch.arange(num_samples, dtype=torch.float64)  # (S,)
+    slices = torch.arange(num_samples, dtype=torch.float64)  # (S,)
     for row, length in enumerate(_row_lengths(input_ids, attention_mask)):
         key = hashlib.blake2b(f"{seed}:".encode() + rows[row, :length].numpy().astype(np.int64).tobytes(),
                               digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
-        draws = torch.rand(length, num_samples, generator=generator, dtype=torch.float64)  # (L, S)
-        uniforms[row, :length] = (strata + draws) / num_samples
+        offsets = torch.rand(length, 1, generator=generator, dtype=torch.float64)  # (L, 1)
+        uniforms[row, :length] = (slices + offsets) / num_samples  # (L, S)
     return uniforms
 
 
@@ -550,9 +552,9 @@ def cache_teacher_samples(
     Adds `teacher_sample_ids` (per row `(T, S)`, `uint16` when the vocabulary has at most 65,536 tokens, else `int32`:
     `2 * S` bytes per token) and `teacher_sample_fingerprint` (a digest of the row's `input_ids`), and records kind,
     teacher fingerprint, vocabulary, S, temperature, seed and sampling scheme in the dataset's `info.description`.
-    Draws are stratified over the teacher's distribution and seeded per row (by `seed` and the row's tokens, see
-    [`sample_uniforms`]), so batching, resuming and multiple ranks give the same samples, and online sampling with the
-    same seed draws the same ones. Position `t` holds draws of the
+    Draws are systematic over the teacher's distribution (each token drawn `floor(S p)` or `ceil(S p)` times) and
+    seeded per row (by `seed` and the row's tokens, see [`sample_uniforms`]), so batching, resuming and multiple ranks
+    give the same samples, and online sampling with the same seed draws the same ones. Position `t` holds draws of the
     teacher's prediction of token `t + 1`.
 
     Args:
