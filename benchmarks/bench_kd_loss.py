@@ -5,7 +5,7 @@ untouched), then distilled for the same number of steps (same data order, optimi
 
 - `topk`: the paper's Eq. 3 on the teacher's top-8 (cached), and `topk renormalized` (its ablation);
 - `topk_tail`: top-8 + one "rest of the vocabulary" outcome (cached top-8);
-- `sampled S=8` / `sampled S=16`: teacher samples per token (cached, `cache_teacher_samples`);
+- `sampled S=8` / `16` / `24` / `32`: teacher samples per token (cached, `cache_teacher_samples`);
 - `full`: the full-vocabulary KL with the teacher online (the reference).
 
 Reported on the held-out blocks: full-vocabulary KL(teacher || student) (the quality measure: what distillation is
@@ -37,8 +37,11 @@ LOSSES = (  # name, kd_loss, DistillationConfig overrides, cache
     ("topk_tail", "topk_tail", {}, "topk"),
     ("sampled S=8", "sampled", {"kd_samples": 8}, "samples-8"),
     ("sampled S=16", "sampled", {"kd_samples": 16}, "samples-16"),
+    ("sampled S=24", "sampled", {"kd_samples": 24}, "samples-24"),
+    ("sampled S=32", "sampled", {"kd_samples": 32}, "samples-32"),
     ("full (online)", "full", {}, None),
 )
+SAMPLE_COUNTS = (8, 16, 24, 32)
 logger = logging.getLogger("bench_kd_loss")
 
 
@@ -74,16 +77,17 @@ def setup(args):
     pad = tokenizer.pad_token_id or 0
     caches = {"topk": cache_teacher_topk(teacher, blocks["train"], top_k=8, pad_token_id=pad,
                                          output_dir=os.path.join(cache, "train-topk8"))}
-    for s in (8, 16):
+    for s in SAMPLE_COUNTS:
         caches[f"samples-{s}"] = cache_teacher_samples(teacher, blocks["train"], num_samples=s, pad_token_id=pad,
                                                        output_dir=os.path.join(cache, f"train-samples{s}"))
     eval_set = cache_teacher_topk(teacher, blocks["eval"], top_k=8, pad_token_id=pad,
                                   output_dir=os.path.join(cache, "eval-topk8"))
-    columns = {"topk": ["teacher_topk_ids", "teacher_topk_logprobs"], "samples-8": ["teacher_sample_ids"],
-               "samples-16": ["teacher_sample_ids"]}
-    fingerprint = {"topk": "teacher_topk_fingerprint", "samples-8": "teacher_sample_fingerprint",
-                   "samples-16": "teacher_sample_fingerprint"}
-    directories = {"topk": "train-topk8", "samples-8": "train-samples8", "samples-16": "train-samples16"}
+    columns = {"topk": ["teacher_topk_ids", "teacher_topk_logprobs"]}
+    fingerprint = {"topk": "teacher_topk_fingerprint"}
+    directories = {"topk": "train-topk8"}
+    for s in SAMPLE_COUNTS:
+        columns[f"samples-{s}"], fingerprint[f"samples-{s}"] = ["teacher_sample_ids"], "teacher_sample_fingerprint"
+        directories[f"samples-{s}"] = f"train-samples{s}"
     sizes = {name: {"values": arrow_bytes_per_token(caches[name], columns[name]),
                     "columns": arrow_bytes_per_token(caches[name], columns[name] + [fingerprint[name]]),
                     "disk": disk_bytes_per_token(os.path.join(cache, directories[name]), blocks["train"])}
@@ -164,8 +168,7 @@ def report(rows, pruned, data, args, seconds) -> str:
     mean = {name: {k: statistics.mean(r[k] for r in rs) for k in ("full_kl", "tail_kl", "ppl", "step_seconds")}
             for name, rs in by_loss.items() if rs}
     ref = mean["full (online)"]
-    size_of = {"topk": data["sizes"]["topk"], "samples-8": data["sizes"]["samples-8"],
-               "samples-16": data["sizes"]["samples-16"]}
+    size_of = data["sizes"]
     epochs = args.steps * data["recipe"].training["per_device_train_batch_size"] / data["train_rows"]
     lines = [
         "## Choosing the distillation loss",
@@ -218,6 +221,12 @@ def report(rows, pruned, data, args, seconds) -> str:
         f"row's list offset): **{'met' if bytes_goal else 'not met'}** ({data['sizes']['samples-8']['values']:.2f})."
         if s8 else "",
     ]
+    within = [(name, cache) for name, kd_loss, _, cache in LOSSES
+              if kd_loss == "sampled" and name in mean and mean[name]["full_kl"] <= 1.1 * ref["full_kl"]]
+    if within:
+        name, cache = within[0]
+        lines += ["", f"Fewest samples within 10% of `full` on this setting: {name.split()[-1]} "
+                  f"({size_of[cache]['values']:.2f} B/token of samples)."]
     return "\n".join(lines)
 
 

@@ -1,0 +1,184 @@
+"""How close can S=8 teacher samples get to the full KL? Sampling schemes, their gradient noise, and the setting.
+
+`sampled` KD at S=8 stops at about 1.2x the online full KL on `bench_kd_loss.py`'s setting. This benchmark asks
+whether a better way of drawing the 8 ids (same bytes) closes that gap, and how the gap depends on the setting:
+
+- the gradient noise of each scheme: per position, the squared error `||p_hat - p||^2` of the empirical
+  distribution of the S draws (the noise in the loss's gradient with respect to the student's logits, `q - p_hat`),
+  averaged over the train positions, for i.i.d. draws, stratified draws (draw s uniform on the s-th of S equal slices
+  of the teacher's CDF, the library's scheme before) and systematic draws (one uniform shared by the S slices, the
+  library's scheme now). Systematic draws give every token `floor(S p)` or `ceil(S p)` copies, the least error any S
+  unweighted ids can have token by token: `sum_j f_j (1 - f_j) / S^2` with `f_j` the fractional part of `S p_j`
+  (also reported, "floor");
+- held-out full KL after distillation with each scheme against online `full`, at two pruning depths (25% and 12.5%
+  of the expert width; the deeper cut leaves the student further from the teacher).
+
+The systematic rows use `cache_teacher_samples` itself; the i.i.d. and stratified rows replace its ids with draws made
+here from the same teacher probabilities. Everything else is `bench_kd_loss.py`'s run (same steps, optimizer, data
+order, evaluation).
+
+    python benchmarks/bench_sample_schemes.py --train-blocks 1920   # writes the "bench_sample_schemes" section
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_kd_loss  # noqa: E402
+from results import write_section  # noqa: E402
+
+SCHEMES = ("iid", "stratified", "systematic")
+logger = logging.getLogger("bench_sample_schemes")
+
+
+def draw(probs: torch.Tensor, scheme: str, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+    """`(n, S)` ids drawn from the rows of `probs` `(n, V)` (float64) by inverting their CDF."""
+    n, vocab = probs.shape
+    slices = torch.arange(num_samples, dtype=torch.float64)  # (S,)
+    if scheme == "iid":
+        u = torch.rand(n, num_samples, generator=generator, dtype=torch.float64)
+    elif scheme == "stratified":
+        u = (slices + torch.rand(n, num_samples, generator=generator, dtype=torch.float64)) / num_samples
+    else:  # systematic: one offset for all S slices
+        u = (slices + torch.rand(n, 1, generator=generator, dtype=torch.float64)) / num_samples
+    cdf = probs.cumsum(-1)  # (n, V)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+
+
+def teacher_probs(teacher, input_ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's next-token distributions `(B * T, V)`, float64."""
+    with torch.no_grad():
+        logits = teacher(input_ids=input_ids).logits  # (B, T, V)
+    return torch.softmax(logits.float(), -1, dtype=torch.float64).flatten(0, 1)
+
+
+def noise(data, num_samples: int, rows: int = 64) -> dict:
+    """Mean `||p_hat - p||^2` per position over the first `rows` train rows, per scheme; and the integer floor."""
+    ids = torch.tensor(data["caches"]["samples-8"][:rows]["input_ids"])
+    probs = teacher_probs(data["teacher"], ids)  # (n, V)
+    generator = torch.Generator().manual_seed(0)
+    result = {}
+    for scheme in SCHEMES:
+        drawn = draw(probs, scheme, num_samples, generator)  # (n, S)
+        counts = torch.zeros_like(probs).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
+        result[scheme] = ((counts / num_samples - probs) ** 2).sum(-1).mean().item()
+    frac = (probs * num_samples).frac()
+    result["floor"] = (frac * (1 - frac)).sum(-1).mean().item() / num_samples**2
+    result["top8_mass"] = probs.topk(8, dim=-1).values.sum(-1).mean().item()
+    return result
+
+
+def scheme_cache(data, scheme: str, seed: int):
+    """The S=8 samples cache with its ids replaced by draws of `scheme` (the library's own cache for systematic)."""
+    base = data["caches"]["samples-8"]
+    if scheme == "systematic":
+        return base
+    from datasets import List, Value
+
+    generator = torch.Generator().manual_seed(1000 + seed)
+    rows = []
+    for start in range(0, len(base), 64):
+        ids = torch.tensor(base[start:start + 64]["input_ids"])  # (b, T)
+        drawn = draw(teacher_probs(data["teacher"], ids), scheme, 8, generator)  # (b * T, 8)
+        rows.extend(drawn.view(*ids.shape, 8).tolist())
+    feature = List(List(Value("uint16"), length=8))
+    cache = base.remove_columns(["teacher_sample_ids"]).add_column("teacher_sample_ids", rows, feature=feature)
+    cache.info.description = base.info.description  # the cache record (kind, teacher, S, temperature)
+    return cache
+
+
+def run(data, args, fraction: float, seed: int) -> list[dict]:
+    """`full` and S=8 with every scheme, on the teacher pruned to `fraction` of its expert width."""
+    config = data["teacher"].config
+    data["pruned_config"] = config.slimmed(intermediate_size=round(config.intermediate_size * fraction))
+    rows = [dict(bench_kd_loss.evaluate(bench_kd_loss.pruned_student(data), data, args), name="pruned")]
+    rows.append(bench_kd_loss.run_loss(f"full-{fraction}", "full", {}, None, seed, data, args))
+    for scheme in SCHEMES:
+        data["caches"]["scheme"] = scheme_cache(data, scheme, seed)
+        rows.append(bench_kd_loss.run_loss(f"{scheme}-{fraction}", "sampled", {"kd_samples": 8}, "scheme", seed,
+                                           data, args))
+    for row, name in zip(rows, ("pruned", "full", *SCHEMES)):
+        row.update(name=name, fraction=fraction, seed=seed)
+    return rows
+
+
+def report(noises: dict, rows: list[dict], data, args, seconds: float) -> str:
+    c = data["teacher"].config
+    lines = [
+        "## How close can S=8 teacher samples get? Sampling schemes and their noise "
+        "(`benchmarks/bench_sample_schemes.py`)",
+        "",
+        f"`{args.command}` ({seconds / 60:.1f} min, {platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), CPU). Teacher, data, steps, optimizer and evaluation as in "
+        f"`bench_kd_loss.py` ({args.steps} steps of {data['recipe'].training['per_device_train_batch_size']} x "
+        f"{data['recipe'].data.block_size} tokens, AdamW lr {args.learning_rate}, cosine); student: the teacher "
+        f"pruned by KD scores to 25% or 12.5% of its expert width (d_expert {c.intermediate_size} -> "
+        f"{round(c.intermediate_size * 0.25)} / {round(c.intermediate_size * 0.125)}); training seeds "
+        f"{sorted({r['seed'] for r in rows})}.",
+        "",
+        f"Gradient noise of 8 draws: mean `||p_hat - p||^2` per position (teacher top-8 mass "
+        f"{noises[8]['top8_mass']:.2f}); 16 draws for comparison:",
+        "",
+        "| draws | i.i.d. | stratified | systematic (the library's) | floor for S unweighted ids |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for s, n in noises.items():
+        lines.append(f"| {s} | {n['iid']:.4f} | {n['stratified']:.4f} | {n['systematic']:.4f} | {n['floor']:.4f} |")
+    lines += ["", "Held-out full KL after distillation (mean over seeds; ratio against `full` in the same run):", "",
+              "| expert width | after pruning | `full` | S=8 i.i.d. | S=8 stratified | S=8 systematic (library) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for fraction in args.fractions:
+        kl = {name: statistics.mean(r["full_kl"] for r in rows if r["fraction"] == fraction and r["name"] == name)
+              for name in ("pruned", "full", *SCHEMES)}
+        cells = " | ".join(f"{kl[s]:.4f} ({kl[s] / kl['full']:.2f}x)" for s in SCHEMES)
+        lines.append(f"| {fraction:.1%} | {kl['pruned']:.3f} | {kl['full']:.4f} | {cells} |")
+    runs = [f"{r['name']} {r['fraction']:.3g} seed {r['seed']}: {r['full_kl']:.4f}"
+            for r in rows if r["name"] != "pruned"]
+    lines += ["", "Runs (full KL): " + "; ".join(runs) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="outputs/bench-kd-loss")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.125])
+    parser.add_argument("--train-blocks", type=int, default=None,
+                        help="cache and train on the first N train blocks (default: all)")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    args.command = " ".join(["python benchmarks/bench_sample_schemes.py", *sys.argv[1:]])
+    args.expert_fraction = args.fractions[0]  # bench_kd_loss.setup's pruned config; run() sets each fraction's
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("hf_slimmoe", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    data = bench_kd_loss.setup(args)
+    noises = {s: noise(data, s) for s in (8, 16)}
+    logger.info("noise: %s", json.dumps(noises))
+    rows = [row for fraction in args.fractions for seed in range(args.seeds)
+            for row in run(data, args, fraction, seed)]
+    markdown = report(noises, rows, data, args, time.perf_counter() - start)
+    print(markdown)
+    if not args.no_write:
+        write_section("bench_sample_schemes", markdown)
+
+
+if __name__ == "__main__":
+    main()
