@@ -230,26 +230,36 @@ def report(rows, pruned, data, args, seconds) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser, seeds: int) -> None:
+    """The run's options shared with `bench_sample_schemes.py` (same teacher, data, steps and optimizer)."""
     parser.add_argument("--output-dir", default="outputs/bench-kd-loss")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--expert-fraction", type=float, default=0.25)
     parser.add_argument("--train-blocks", type=int, default=None,
                         help="cache and train on the first N train blocks (default: all)")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=seeds)
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--losses", nargs="+", default=[name for name, *_ in LOSSES])
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    args.command = " ".join(["python benchmarks/bench_kd_loss.py", *sys.argv[1:]])
+
+
+def start_run(args, script: str) -> None:
+    """Record the command line, quiet the libraries' logs and set the thread count."""
+    args.command = " ".join([f"python benchmarks/{script}", *sys.argv[1:]])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("hf_slimmoe", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, seeds=1)
+    parser.add_argument("--expert-fraction", type=float, default=0.25)
+    parser.add_argument("--losses", nargs="+", default=[name for name, *_ in LOSSES])
+    args = parser.parse_args()
+    start_run(args, "bench_kd_loss.py")
     start = time.perf_counter()
     data = setup(args)
     data["teacher_ppl"] = evaluate(data["teacher"], data, args)["ppl"]

@@ -150,24 +150,11 @@ def report(noises: dict, rows: list[dict], data, args, seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="outputs/bench-kd-loss")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--warmup-steps", type=int, default=10)
+    bench_kd_loss.add_run_arguments(parser, seeds=2)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.125])
-    parser.add_argument("--train-blocks", type=int, default=None,
-                        help="cache and train on the first N train blocks (default: all)")
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--eval-batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    args.command = " ".join(["python benchmarks/bench_sample_schemes.py", *sys.argv[1:]])
+    bench_kd_loss.start_run(args, "bench_sample_schemes.py")
     args.expert_fraction = args.fractions[0]  # bench_kd_loss.setup's pruned config; run() sets each fraction's
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for name in ("hf_slimmoe", "transformers", "datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = bench_kd_loss.setup(args)
     noises = {s: noise(data, s) for s in (8, 16)}
