@@ -145,10 +145,10 @@ def sample_uniforms(
     the teacher's CDF evenly: a token of probability `p` is drawn `floor(S * p)` or `ceil(S * p)` times (i.i.d. draws:
     a binomial spread). No S unweighted draws can have a smaller error token by token, so this is the lowest-variance
     gradient this storage allows (`benchmarks/bench_sample_schemes.py` measures it against i.i.d. and stratified
-    draws). Each row draws from its own generator, seeded by `seed` and a digest of its token
-    ids (up to its last attended token), position after position: a row gets the same draws whatever batch, padding,
-    shard, rank or resume it is processed in, so online sampling and [`cache_teacher_samples`] agree. Identical rows
-    get identical draws.
+    draws). Each row draws from its own generator, seeded by `seed` and a digest of its token ids (up to its last
+    attended token), position after position: a row gets the same draws whatever batch, padding, shard, rank or
+    resume it is processed in, so online sampling and [`cache_teacher_samples`] agree. Identical rows get identical
+    draws.
     """
     uniforms = torch.zeros(*input_ids.shape, num_samples, dtype=torch.float64)
     rows = input_ids.detach().cpu()
