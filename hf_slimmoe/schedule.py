@@ -76,7 +76,7 @@ def check_target(source_config, target_config) -> None:
             f"{source_group}; GQA groups are pruned whole, so set num_attention_heads = "
             f"{source_group} * num_key_value_heads."
         )
-    for name in arch.fixed_fields():
+    for name in arch.fixed_fields(source_config):
         now, wanted = getattr(source_config, name, None), getattr(target_config, name, None)
         if name == "head_dim":
             now, wanted = arch.head_dim_of(source_config), arch.head_dim_of(target_config)

@@ -163,8 +163,9 @@ def test_scores_are_deterministic_and_nonzero_at_stage_1(model_type):
     moe, reached = set(arch.moe_layer_indices(model.config)), routed(model, calibration())
     for name in ("experts", "kv_groups", "shared_experts"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(first, name), getattr(second, name)))
+    attention = set(arch.attention_layer_indices(model.config))  # none for MLA: no GQA groups to score
     for layer in range(3):
-        assert first.kv_groups[layer].shape == (model.config.num_key_value_heads,)
+        assert first.kv_groups[layer].shape == ((model.config.num_key_value_heads,) if layer in attention else (0,))
         assert bool((first.kv_groups[layer] > 0).all())
         if layer in moe:
             assert first.experts[layer].shape == (4, arch.expert_width_of(model.config))

@@ -1,15 +1,18 @@
-"""Architecture adapters: one [`MoeArchitecture`] per transformers MoE family, in a registry keyed by `model_type`.
+"""Architecture adapters: one [`MoeArchitecture`] per transformers MoE family, read off a meta-device model of it.
 
-Supported: PhiMoE (and hf_slimmoe's SlimMoE), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3 and
-gpt-oss. Everything that prunes, scores, drops experts or counts parameters asks the adapter where things are.
+Supported: every family of the installed transformers whose causal LM keeps routed experts in the fused layout
+(`SUPPORTED_MODEL_TYPES`, found in transformers' own sources), PhiMoE and hf_slimmoe's SlimMoE among them.
+Everything that prunes, scores, drops experts or counts parameters asks the adapter where things are.
 """
 
-from .adapter import DenseLayers, MoeArchitecture, SharedExpert
+from .adapter import MoeArchitecture, SharedExpert
+from .derive import derive_architecture
+from .skeleton import UnsupportedArchitecture
 from .export import save_stock, stock_config
 from .loading import SLIMMOE_TYPES, config_from_dict, load_model, new_model
-from .registry import ARCHITECTURES, SUPPORTED_MODEL_TYPES, count_parameters, get_architecture
+from .registry import SUPPORTED_MODEL_TYPES, count_parameters, get_architecture
 from .slimming import slim_config
 
-__all__ = ["ARCHITECTURES", "SLIMMOE_TYPES", "SUPPORTED_MODEL_TYPES", "DenseLayers", "MoeArchitecture",
-           "SharedExpert", "config_from_dict", "count_parameters", "get_architecture", "load_model", "new_model",
+__all__ = ["SLIMMOE_TYPES", "SUPPORTED_MODEL_TYPES", "MoeArchitecture", "SharedExpert", "UnsupportedArchitecture",
+           "config_from_dict", "derive_architecture", "count_parameters", "get_architecture", "load_model", "new_model",
            "save_stock", "slim_config", "stock_config"]

@@ -1,9 +1,10 @@
-"""What SlimMoE needs to know about one transformers MoE family, declared as data.
+"""What SlimMoE needs to know about one transformers MoE family, as data read off the model.
 
 An [`MoeArchitecture`] names where a family keeps its decoder layers, routed experts, shared experts, router and
-attention, which configuration fields hold the expert width and count, which layers are dense, the family's own
-load-balancing loss, and whether its attention can lose whole GQA groups. The pruning, scoring, expert-dropping and
-parameter-accounting code reads these facts and nothing else: no code path tests a `model_type`.
+attention, which configuration fields hold the expert width and count, the family's own load-balancing loss, and
+whether its attention can lose whole GQA groups. `derive.derive_architecture` fills it from a meta-device model of
+the configuration. The pruning, scoring, expert-dropping and parameter-accounting code reads these facts and nothing
+else: no code path tests a `model_type`.
 
 The routed experts themselves are read through the layout flags that transformers' `@use_experts_implementation`
 records on every experts module (`is_transposed`, `is_concatenated`, `has_bias`), so the same slicing serves
@@ -15,40 +16,17 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
+from .skeleton import skeleton
 
-@dataclass(frozen=True)
-class DenseLayers:
-    """
-    Configuration fields that make a decoder layer dense (a plain GLU MLP instead of a sparse MoE block). A layer is
-    an MoE layer when it passes every rule that is set.
-
-    listed (`str`, *optional*):
-        Field holding a list of dense layer indices (Qwen2/3-MoE `mlp_only_layers`).
-    sparse_step (`str`, *optional*):
-        Field `n`: only layers with `(index + 1) % n == 0` are MoE (Qwen2/3-MoE `decoder_sparse_step`).
-    first_k (`str`, *optional*):
-        Field `k`: the first `k` layers are dense (DeepSeek `first_k_dense_replace`).
-    width (`str`, *optional*):
-        Field holding the dense MLP width (`intermediate_size` where the experts use `moe_intermediate_size`).
-    """
-
-    listed: str | None = None
-    sparse_step: str | None = None
-    first_k: str | None = None
-    width: str | None = None
-
-    def is_moe(self, config, index: int) -> bool:
-        if self.listed and index in (getattr(config, self.listed, None) or ()):
-            return False
-        step = getattr(config, self.sparse_step, None) if self.sparse_step else None
-        if step and (index + 1) % step != 0:
-            return False
-        first_k = getattr(config, self.first_k, None) if self.first_k else None
-        return not (first_k and index < first_k)
+# Configuration entries that are not part of the architecture: bookkeeping and runtime switches.
+_NOT_STRUCTURAL = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                   "output_router_logits", "output_attentions", "output_hidden_states", "return_dict", "torchscript",
+                   "chunk_size_feed_forward", "problem_type", "tokenizer_class", "prefix", "task_specific_params",
+                   "id2label", "label2id", "finetuning_task", "auto_map", "custom_pipelines"}
 
 
 @dataclass(frozen=True)
@@ -59,62 +37,64 @@ class SharedExpert:
     module (`str`):
         Attribute of the sparse MoE block holding it (Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`).
     width (`str`, *optional*):
-        Configuration field of its width (Qwen2-MoE `shared_expert_intermediate_size`).
+        Configuration field of its own width (Qwen2-MoE `shared_expert_intermediate_size`).
     count (`str`, *optional*):
-        Set instead of `width` when the family ties the shared width to the routed one:
-        `width = expert width * config.<count>` (DeepSeek `n_shared_experts`).
+        With `tied`: the field `n` of `width = expert width * config.<n>` (DeepSeek / GLM `n_shared_experts`).
     gate (`str`, *optional*):
         Attribute of the sparse block holding its sigmoid gate, a `Linear(H, 1)` (Qwen2-MoE `shared_expert_gate`).
+    tied (`bool`):
+        Its width follows the routed expert width field: `x config.<count>`, or equal to it without `count`
+        (Hunyuan, Llama-4); it narrows with the routed experts and has no size of its own.
     """
 
     module: str
     width: str | None = None
     count: str | None = None
     gate: str | None = None
+    tied: bool = False
 
 
 @dataclass(frozen=True)
 class MoeArchitecture:
     """
-    The facts SlimMoE reads about one transformers MoE family (one entry of the registry, keyed by `model_type`).
+    The facts SlimMoE reads about one transformers MoE family, derived from a meta-device model of its configuration
+    ([`derive_architecture`]); the few that cannot be seen are overrides (`families.FAMILY_OVERRIDES`).
 
-    Parameters that say where things are (attribute names; decoder layers are `model.model.layers`):
-        model_type (`str`): the registry key, `config.model_type`.
-        architecture (`str`): the `architectures` name servers register (vLLM's registry), written on export.
+    Parameters that say where things are (paths inside a decoder layer of `model.<base_model_prefix>.layers`):
+        model_type (`str`): `config.model_type`.
+        architecture (`str`): the `architectures` name servers register (vLLM's registry), written on export;
+            the causal LM class name unless overridden.
         export_model_type (`str`, *optional*): the stock `model_type` exports use (defaults to `model_type`;
             hf_slimmoe's own `slimmoe` exports as `phimoe`).
-        moe_block (`str`, defaults to `"mlp"`): the decoder layer's sparse block (or dense MLP on dense layers).
-        router (`str`, defaults to `"gate"`): the block's router, `weight [E, H]` (and `bias [E]` where present).
-        experts (`str`, defaults to `"experts"`): the block's fused experts module.
-        attention (`str`, defaults to `"self_attn"`): the layer's attention (`q/k/v/o_proj` for GQA).
+        moe_block (`str`): path of the sparse block holding the experts (`"mlp"`, `"block_sparse_moe"`,
+            `"feed_forward"`, `"mixer"`); on dense layers the dense MLP sits there.
+        experts (`str`): the fused experts module inside the block.
+        router (`str`, *optional*): the block's router, a `weight [E, H]` holder.
+        attention (`str`, *optional*): path of the GQA attention module (`q/k/v/o_proj`); `None` when no layer has
+            one (MLA). Layers of a hybrid without it (linear attention, Mamba) keep their mixer.
         shared_expert ([`SharedExpert`], *optional*): the block's always-active dense expert.
 
     Parameters that name configuration fields:
-        expert_width (`str`): routed expert width (`intermediate_size` or `moe_intermediate_size`).
-        num_experts (`str`): routed experts per layer (`num_local_experts`, `num_experts`, `n_routed_experts`).
-        top_k (`str`, defaults to `"num_experts_per_tok"`): experts per token.
-        dense_layers ([`DenseLayers`]): which layers are dense.
-        qkv_bias / o_bias (`str`, *optional*): flags of the attention biases (Qwen2-MoE has `qkv_bias`, no `o_proj`
-            bias).
-        lm_head_bias (`str`, *optional*): flag of an `lm_head` bias (PhiMoE).
-        mlp_bias (`str`, *optional*): flag of biases in the dense and shared MLPs (DeepSeek-V2 `mlp_bias`).
-        expert_groups (`str`, *optional*): router expert groups (DeepSeek `n_group`); dropping experts would break
-            group-limited routing, so `drop_experts` refuses when it is above 1.
+        expert_width (`str`): the routed expert width field.
+        num_experts (`str`): the routed experts per layer.
+        top_k (`str`): experts per token.
+        expert_groups (`str`, *optional*): router expert groups (DeepSeek `n_group`) when above 1; dropping experts
+            would break group-limited routing, so `drop_experts` refuses.
 
-    Parameters that describe what the modules hold (for exact parameter counts without weights):
-        attention_kind (`str`, defaults to `"gqa"`): `"gqa"` (q/k/v/o projections) or `"mla"` (DeepSeek latent
-            attention: `q_a/q_b` or `q_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `o_proj`).
-        qk_norm (`str`, *optional*): `"head"` (RMSNorm over each head's `head_dim`, Qwen3-MoE) or `"projection"`
-            (RMSNorm over the whole q and k projections, OLMoE).
+    Parameters that describe the modules:
+        expert_bias (`bool`): the experts have biases (gpt-oss).
+        expert_gate (`bool`, defaults to `True`): the experts are GLUs (`gate_up_proj`); `False` for `up_proj`-only
+            experts (relu², Nemotron-H).
+        expert_transposed / expert_concatenated (`bool`): the experts' layout flags (`[E, in, out]` weights; gate
+            half first rather than interleaved), as `@use_experts_implementation` records them (for checkpoints).
+        gated_queries (`bool`): `q_proj` gives each head its queries and then as many gate logits (Qwen3-Next), so a
+            head owns `2 x head_dim` rows of it.
         query_head_parameters (`tuple[str]`): attention parameters with one entry per query head (gpt-oss `sinks`);
             they leave with their heads.
-        norm_bias (`bool`): LayerNorm with a bias (PhiMoE) instead of RMSNorm.
-        router_bias (`bool`): the router has a bias `[E]` (gpt-oss).
-        expert_bias (`bool`): the experts have biases `gate_up_proj_bias [E, 2I]`, `down_proj_bias [E, H]` (gpt-oss).
 
     Parameters that say what may be pruned:
-        attention_prunable (`bool`, defaults to `True`): whether whole GQA groups can be removed and the stock class
-            still builds the pruned model and computes the same function on the kept heads.
+        attention_prunable (`bool`): whether whole GQA groups can be removed and the stock class still builds the
+            pruned model and computes the same function on the kept heads.
         attention_refusal (`str`): why not, for the error message.
         aux_loss (`str`, *optional*): `"module:function"` of the family's own load-balancing loss
             (`f(router_logits, num_experts, top_k, attention_mask)`); `None` when the family trains without one.
@@ -124,24 +104,19 @@ class MoeArchitecture:
     architecture: str
     expert_width: str
     num_experts: str
-    top_k: str = "num_experts_per_tok"
+    top_k: str
     moe_block: str = "mlp"
-    router: str = "gate"
     experts: str = "experts"
-    attention: str = "self_attn"
+    router: str | None = "gate"
+    attention: str | None = "self_attn"
     shared_expert: SharedExpert | None = None
-    dense_layers: DenseLayers = field(default_factory=DenseLayers)
-    qkv_bias: str | None = None
-    o_bias: str | None = None
-    lm_head_bias: str | None = None
-    mlp_bias: str | None = None
     expert_groups: str | None = None
-    attention_kind: str = "gqa"
-    qk_norm: str | None = None
-    query_head_parameters: tuple[str, ...] = ()
-    norm_bias: bool = False
-    router_bias: bool = False
     expert_bias: bool = False
+    expert_gate: bool = True
+    expert_transposed: bool = False
+    expert_concatenated: bool = True
+    gated_queries: bool = False
+    query_head_parameters: tuple[str, ...] = ()
     attention_prunable: bool = True
     attention_refusal: str = ""
     aux_loss: str | None = None
@@ -165,39 +140,39 @@ class MoeArchitecture:
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def moe_layer_indices(self, config) -> list[int]:
-        """Indices of the decoder layers that hold a sparse MoE block."""
-        return [i for i in range(config.num_hidden_layers) if self.dense_layers.is_moe(config, i)]
+        """Indices of the decoder layers that hold routed experts (read off a meta-device model of `config`)."""
+        return list(self.moe_blocks(skeleton(config)))
+
+    def attention_layer_indices(self, config) -> list[int]:
+        """Indices of the decoder layers with GQA attention (all but the linear-attention / Mamba ones of a hybrid)."""
+        layers = self.decoder_layers(skeleton(config))
+        return [i for i, layer in enumerate(layers) if self.attention_of(layer) is not None]
 
     def shared_width_of(self, config) -> int | None:
         """Width of the shared expert (`None` for a family without one)."""
         shared = self.shared_expert
         if shared is None:
             return None
-        if shared.width:
+        if not shared.tied:
             return getattr(config, shared.width)
-        return self.expert_width_of(config) * getattr(config, shared.count)
+        return self.expert_width_of(config) * (getattr(config, shared.count) if shared.count else 1)
 
-    def fixed_fields(self) -> tuple[str, ...]:
-        """Every configuration field structured pruning keeps (sizes, expert count, top-k, biases, dense layers and,
-        for MLA, the latent ranks and head widths)."""
-        dense = self.dense_layers
-        mla = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-        names = ("hidden_size", "vocab_size", "num_hidden_layers", self.num_experts, self.top_k, "head_dim",
-                 self.qkv_bias, self.o_bias, self.lm_head_bias, self.mlp_bias, "tie_word_embeddings",
-                 dense.listed, dense.sparse_step, dense.first_k, dense.width, *(mla if self.attention_kind == "mla"
-                                                                               else ()))
-        return tuple(dict.fromkeys(name for name in names if name))
+    def fixed_fields(self, config) -> tuple[str, ...]:
+        """Configuration fields of `config` structured pruning keeps: every structural one (sizes, counts, flags, layer
+        lists, activation names, `head_dim`) except the pruned ones; not runtime switches, token ids or floats."""
+        pruned = set(self.pruned_fields())
+        names = [name for name, value in config.to_dict().items()
+                 if name not in pruned and name not in _NOT_STRUCTURAL and not name.startswith("_")
+                 and not name.endswith("token_id") and (value is None or isinstance(value, (int, str, list)))
+                 and not isinstance(value, float)]
+        return tuple(dict.fromkeys([*names, "head_dim"]))
 
     def pruned_fields(self) -> tuple[str, ...]:
-        """The configuration fields pruning changes: expert width, heads and the shared expert's width (or
-        count)."""
+        """The configuration fields pruning changes: expert width, heads and the shared expert's width (or count)."""
         shared = self.shared_expert
         names = (self.expert_width, "num_key_value_heads", "num_attention_heads",
-                 shared.width or shared.count if shared else None)
+                 (shared.count if shared.tied else shared.width) if shared else None)
         return tuple(name for name in names if name)
-
-    def flag(self, config, name: str | None) -> bool:
-        return bool(name and getattr(config, name, False))
 
     def aux_loss_function(self) -> Callable | None:
         """The family's load-balancing loss function, imported on first use."""
@@ -211,21 +186,31 @@ class MoeArchitecture:
         return getattr(model, model.base_model_prefix).layers
 
     def moe_blocks(self, model: nn.Module) -> dict[int, nn.Module]:
-        """`{layer index: sparse MoE block}` for the MoE layers of `model`."""
-        layers = self.decoder_layers(model)
-        return {i: getattr(layers[i], self.moe_block) for i in self.moe_layer_indices(model.config)}
+        """`{layer index: sparse MoE block}` for the layers of `model` that hold routed experts."""
+        blocks = {}
+        for index, layer in enumerate(self.decoder_layers(model)):
+            block = layer.get_submodule(self.moe_block) if self.moe_block else layer
+            if isinstance(getattr(getattr(block, self.experts, None), "down_proj", None), nn.Parameter):
+                blocks[index] = block
+        return blocks
 
     def experts_of(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.experts)
 
-    def router_of(self, block: nn.Module) -> nn.Module:
-        return getattr(block, self.router)
+    def router_of(self, block: nn.Module) -> nn.Module | None:
+        return getattr(block, self.router) if self.router else None
 
     def shared_of(self, block: nn.Module) -> nn.Module | None:
         return getattr(block, self.shared_expert.module) if self.shared_expert else None
 
-    def attention_of(self, layer: nn.Module) -> nn.Module:
-        return getattr(layer, self.attention)
+    def attention_of(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's GQA attention module; `None` on a layer without one (linear attention, Mamba, MLA)."""
+        if self.attention is None:
+            return None
+        try:
+            return layer.get_submodule(self.attention)
+        except AttributeError:
+            return None
 
 
-__all__ = ["MoeArchitecture", "SharedExpert", "DenseLayers"]
+__all__ = ["MoeArchitecture", "SharedExpert"]

@@ -20,7 +20,7 @@ def stock_config(config):
     `head_dim` (after pruning heads it is no longer `hidden_size // num_attention_heads`)."""
     arch = get_architecture(config)
     values = config_fields(config.to_dict())
-    if arch.attention_kind == "gqa":
+    if arch.attention_prunable:
         values["head_dim"] = arch.head_dim_of(config)
     stock = CONFIG_MAPPING[arch.stock_model_type](**values)
     stock.architectures = [arch.architecture]

@@ -1,128 +1,76 @@
-"""One [`MoeArchitecture`] per transformers MoE family: the registry's data.
+"""The families of the installed transformers whose causal LM keeps routed experts in the fused layout, and the few
+facts about them that cannot be read off a model (`FAMILY_OVERRIDES`).
 
-Each entry was read off the installed `transformers/models/<family>/modeling_<family>.py` and
-`configuration_<family>.py`; the comments say what decided each non-default value.
+The list is transformers' own: every `model_type` of `AutoModelForCausalLM` whose configuration is a text-only one
+(no `sub_configs`; multimodal wrappers are covered by their `*_text` family) and whose modeling file defines fused
+experts (`@use_experts_implementation`, or a 3D `gate_up_proj` / `down_proj` parameter). It is found by reading the
+installed sources, without importing them, so a new transformers release brings its new families by itself. Whether a
+given configuration can be slimmed is then decided by [`derive_architecture`] on a meta-device model of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import functools
+import os
+import re
 
-from .adapter import DenseLayers, MoeArchitecture, SharedExpert
+# Only what a model cannot show: vLLM's architecture name where it differs from transformers' class name, the stock
+# `model_type` hf_slimmoe's own SlimMoE checkpoints export as.
+_PHIMOE = {"architecture": "PhiMoEForCausalLM"}  # transformers' class is PhimoeForCausalLM (loads by model_type)
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "phimoe": _PHIMOE,
+    "slimmoe": {**_PHIMOE, "export_model_type": "phimoe"},
+}
 
-_LOSS = "transformers.models.{0}.modeling_{0}:load_balancing_loss_func"
+_FUSED_EXPERTS = re.compile(r"@use_experts_implementation|self\.(gate_up_proj|down_proj) = nn\.Parameter\(\s*torch\."
+                            r"(empty|zeros|ones)\(\s*self\.num_experts")
 
-PHIMOE = MoeArchitecture(
-    model_type="phimoe",
-    architecture="PhiMoEForCausalLM",  # vLLM's name; transformers' class is PhimoeForCausalLM (loads by model_type)
-    expert_width="intermediate_size",
-    num_experts="num_local_experts",
-    router="router",  # PhimoeSparseMoeBlock.router, a Linear(H, E) with sparsemixer top-2
-    qkv_bias="attention_bias",
-    o_bias="attention_bias",
-    lm_head_bias="lm_head_bias",
-    norm_bias=True,  # nn.LayerNorm (weight + bias) everywhere
-    aux_loss=_LOSS.format("phimoe"),
-)
 
-# hf_slimmoe's own PhiMoE subclass: same modules, exported as stock phimoe.
-SLIMMOE = replace(PHIMOE, model_type="slimmoe", export_model_type="phimoe")
+def _source(models_dir: str, family: str, kind: str) -> str:
+    path = os.path.join(models_dir, family, f"{kind}_{family}.py")
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
-MIXTRAL = MoeArchitecture(
-    model_type="mixtral",
-    architecture="MixtralForCausalLM",
-    expert_width="intermediate_size",
-    num_experts="num_local_experts",
-    aux_loss=_LOSS.format("mixtral"),
-)
 
-QWEN2_MOE = MoeArchitecture(
-    model_type="qwen2_moe",
-    architecture="Qwen2MoeForCausalLM",
-    expert_width="moe_intermediate_size",
-    num_experts="num_experts",
-    shared_expert=SharedExpert(module="shared_expert", width="shared_expert_intermediate_size",
-                               gate="shared_expert_gate"),
-    dense_layers=DenseLayers(listed="mlp_only_layers", sparse_step="decoder_sparse_step", width="intermediate_size"),
-    qkv_bias="qkv_bias",  # q/k/v carry biases, o_proj does not
-    aux_loss=_LOSS.format("qwen2_moe"),
-)
+@functools.lru_cache(maxsize=1)
+def fused_moe_families() -> tuple[str, ...]:
+    """`model_type`s of the installed transformers' causal LMs with fused routed experts and a text-only
+    configuration, plus hf_slimmoe's own `slimmoe` (sorted)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-QWEN3_MOE = MoeArchitecture(
-    model_type="qwen3_moe",
-    architecture="Qwen3MoeForCausalLM",
-    expert_width="moe_intermediate_size",
-    num_experts="num_experts",
-    dense_layers=DenseLayers(listed="mlp_only_layers", sparse_step="decoder_sparse_step", width="intermediate_size"),
-    qkv_bias="attention_bias",
-    o_bias="attention_bias",
-    qk_norm="head",  # q_norm/k_norm are RMSNorm(head_dim), applied per head: GQA groups leave cleanly
-    aux_loss=_LOSS.format("qwen3_moe"),
-)
+    models_dir = os.path.join(os.path.dirname(transformers.__file__), "models")
+    found = {"slimmoe"}
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config_class = CONFIG_MAPPING_NAMES.get(model_type)
+        if config_class is None:
+            continue
+        family = _family_dir(models_dir, model_type)
+        configuration = _source(models_dir, family, "configuration")
+        if _config_has_sub_configs(configuration, config_class):
+            continue
+        if _FUSED_EXPERTS.search(_source(models_dir, family, "modeling")):
+            found.add(model_type)
+    return tuple(sorted(found))
 
-OLMOE = MoeArchitecture(
-    model_type="olmoe",
-    architecture="OlmoeForCausalLM",
-    expert_width="intermediate_size",
-    num_experts="num_experts",
-    qkv_bias="attention_bias",
-    o_bias="attention_bias",
-    qk_norm="projection",
-    attention_prunable=False,
-    attention_refusal=(
-        "OLMoE normalizes the whole query projection with q_norm = RMSNorm(hidden_size) and the keys with "
-        "k_norm = RMSNorm(hidden_size // num_attention_heads * num_key_value_heads) before splitting heads: the stock "
-        "class cannot build a model with fewer heads (q_norm stays hidden_size wide), and the RMS over the kept heads "
-        "would differ anyway, so removing a GQA group is not exact"
-    ),
-    aux_loss=_LOSS.format("olmoe"),
-)
 
-_MLA_REFUSAL = (
-    "{} uses multi-head latent attention (MLA): keys and values are decoded per head from one shared latent "
-    "(kv_b_proj) with a shared rotary key, and num_key_value_heads equals num_attention_heads, so there are no GQA "
-    "groups to remove"
-)
+def _family_dir(models_dir: str, model_type: str) -> str:
+    """The folder of `transformers/models/` holding `model_type` (`qwen3_5_moe_text` lives in `qwen3_5_moe`)."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
 
-DEEPSEEK_V3 = MoeArchitecture(
-    model_type="deepseek_v3",
-    architecture="DeepseekV3ForCausalLM",
-    expert_width="moe_intermediate_size",
-    num_experts="n_routed_experts",
-    shared_expert=SharedExpert(module="shared_experts", count="n_shared_experts"),  # width = moe width * count
-    dense_layers=DenseLayers(first_k="first_k_dense_replace", width="intermediate_size"),
-    qkv_bias="attention_bias",  # q_a_proj and kv_a_proj_with_mqa
-    o_bias="attention_bias",
-    expert_groups="n_group",  # group-limited routing over num_experts // n_group experts per group
-    attention_kind="mla",
-    attention_prunable=False,
-    attention_refusal=_MLA_REFUSAL.format("DeepSeek-V3"),
-    aux_loss=None,  # auxiliary-loss-free balancing (e_score_correction_bias); transformers has no aux loss for it
-)
+    family = model_type_to_module_name(model_type)
+    if not os.path.isdir(os.path.join(models_dir, family)) and family.endswith("_text"):
+        family = family[: -len("_text")]
+    return family
 
-DEEPSEEK_V2 = replace(
-    DEEPSEEK_V3,
-    model_type="deepseek_v2",
-    architecture="DeepseekV2ForCausalLM",
-    mlp_bias="mlp_bias",  # dense and shared MLPs may carry biases
-    attention_refusal=_MLA_REFUSAL.format("DeepSeek-V2"),
-)
 
-GPT_OSS = MoeArchitecture(
-    model_type="gpt_oss",
-    architecture="GptOssForCausalLM",
-    expert_width="intermediate_size",
-    num_experts="num_local_experts",
-    router="router",
-    qkv_bias="attention_bias",
-    o_bias="attention_bias",
-    query_head_parameters=("sinks",),  # one attention-sink logit per query head
-    router_bias=True,
-    expert_bias=True,  # transposed, interleaved gate/up with biases (read from the experts' layout flags)
-    aux_loss=_LOSS.format("gpt_oss"),
-)
+def _config_has_sub_configs(source: str, config_class: str) -> bool:
+    """Whether the class `config_class` in a configuration file declares `sub_configs` (a multimodal wrapper)."""
+    match = re.search(rf"class {re.escape(config_class)}\(.*?(?=\nclass |\Z)", source, re.S)
+    return bool(match and re.search(r"\n    sub_configs\w*\s*(:[^=\n]*)?=", match.group(0)))
 
-FAMILIES = (PHIMOE, SLIMMOE, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V3, DEEPSEEK_V2, GPT_OSS)
 
-__all__ = ["FAMILIES", "PHIMOE", "SLIMMOE", "MIXTRAL", "QWEN2_MOE", "QWEN3_MOE", "OLMOE", "DEEPSEEK_V3", "DEEPSEEK_V2",
-           "GPT_OSS"]
+__all__ = ["FAMILY_OVERRIDES", "fused_moe_families"]

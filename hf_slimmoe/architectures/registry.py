@@ -1,33 +1,45 @@
-"""The registry of supported MoE families, keyed by `model_type`."""
+"""The supported MoE families: those of the installed transformers with fused routed experts, each read off its
+model ([`derive_architecture`])."""
 
 from __future__ import annotations
 
-from .accounting import total_and_active
 from .adapter import MoeArchitecture
-from .families import FAMILIES
+from .families import fused_moe_families
 
-ARCHITECTURES: dict[str, MoeArchitecture] = {arch.model_type: arch for arch in FAMILIES}
-#: The `model_type`s SlimMoE can score, slim, count and export.
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHITECTURES)
+#: The `model_type`s whose causal LM keeps routed experts in transformers' fused layout: SlimMoE derives what it needs
+#: from their models. A configuration whose parts it cannot slim is refused by [`get_architecture`] with the reason.
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = fused_moe_families()
+
+
+def _default_config(model_type: str):
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type]()
 
 
 def get_architecture(source) -> MoeArchitecture:
-    """The [`MoeArchitecture`] of `source`: a `model_type` string, a configuration, or a model.
+    """The [`MoeArchitecture`] of `source`: a configuration, a model or a `model_type` (its default configuration),
+    read off a meta-device model of it.
 
     Raises:
-        `ValueError`: naming the `model_type` and the supported ones, for a family that is not in the registry.
+        `ValueError`: naming the `model_type` and the supported ones, for a family without fused routed experts; naming
+            the `model_type`, the part and the reason, for a configuration SlimMoE cannot slim.
     """
+    from .derive import derive_architecture
+
     config = getattr(source, "config", source)
     model_type = source if isinstance(source, str) else getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
-    return ARCHITECTURES[model_type]
+    return derive_architecture(_default_config(model_type) if isinstance(source, str) else config)
 
 
 def count_parameters(config) -> tuple[int, int]:
-    """Exact `(total, active)` parameter counts of a model with configuration `config`, from the configuration alone.
+    """Exact `(total, active)` parameter counts of a model with configuration `config`, from a meta-device model of
+    it (no weights materialized). *Active* parameters are those one token uses: everything except the routed experts
+    it is not sent to (`num_experts - top_k` per MoE layer).
 
     ```python
     >>> from transformers import MixtralConfig
@@ -38,7 +50,9 @@ def count_parameters(config) -> tuple[int, int]:
 
     ```
     """
+    from .accounting import total_and_active
+
     return total_and_active(get_architecture(config), config)
 
 
-__all__ = ["ARCHITECTURES", "SUPPORTED_MODEL_TYPES", "get_architecture", "count_parameters"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "get_architecture", "count_parameters"]

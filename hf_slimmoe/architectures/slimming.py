@@ -29,11 +29,16 @@ def _shared_values(arch: MoeArchitecture, config, expert_width: int, shared_widt
         return {}
     if shared_width is not None:
         _check_size("shared_expert_width", shared_width, current)
-    if spec.width:
+    if not spec.tied:
         return {} if shared_width is None else {spec.width: shared_width}
-    # The family sizes its shared experts as expert width x count (DeepSeek): without a shared width the count is
-    # kept (the shared experts follow the routed width); a given width must be a multiple of the expert width.
+    # The family ties its shared experts to the routed width (x count as in DeepSeek, or equal): without a shared width
+    # the count is kept (the shared experts follow the routed width); a given width must be a multiple of it.
     if shared_width is None:
+        return {}
+    if spec.count is None:
+        if shared_width != expert_width:
+            raise ValueError(f"slim_config: {arch.model_type} sizes its shared expert as {arch.expert_width}, so "
+                             f"shared_expert_width={shared_width} must equal expert_width={expert_width}.")
         return {}
     if shared_width % expert_width:
         raise ValueError(
@@ -90,7 +95,7 @@ def slim_config(config, expert_width: int | None = None, num_key_value_heads: in
             f"group with num_key_value_heads={values['num_key_value_heads']}; GQA groups are removed whole, so it "
             f"must be {values['num_key_value_heads'] * per_group}."
         )
-    if arch.attention_kind == "gqa":
+    if arch.attention_prunable:
         values["head_dim"] = arch.head_dim_of(config)
     return type(config)(**values)
 

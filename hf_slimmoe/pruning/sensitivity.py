@@ -126,12 +126,14 @@ class SensitivityScores:
 
 def scored_parameters(model: nn.Module) -> dict[str, dict[int, nn.Parameter]]:
     """The weights whose sensitivity is scored, by kind and decoder layer: routed experts' `down_proj` and shared
-    experts' `down_proj.weight` (MoE layers only), and every layer's attention `o_proj.weight`."""
+    experts' `down_proj.weight` (MoE layers only), and the GQA attention's `o_proj.weight` (layers that have one:
+    not the linear-attention or Mamba layers of a hybrid)."""
     arch = get_architecture(model)
     blocks = arch.moe_blocks(model)
     scored = {
         "experts": {i: arch.experts_of(block).down_proj for i, block in blocks.items()},
-        "kv_groups": {i: arch.attention_of(layer).o_proj.weight for i, layer in enumerate(arch.decoder_layers(model))},
+        "kv_groups": {i: arch.attention_of(layer).o_proj.weight for i, layer in enumerate(arch.decoder_layers(model))
+                      if arch.attention_of(layer) is not None},
     }
     if arch.shared_expert is not None:
         scored["shared_experts"] = {i: arch.shared_of(block).down_proj.weight for i, block in blocks.items()}
@@ -402,7 +404,7 @@ def _neuron_scores(model: nn.Module, scored: dict[str, dict[int, nn.Parameter]],
     for layer in range(config.num_hidden_layers):
         for name, per_layer in scored.items():
             param = per_layer.get(layer)
-            if param is None:  # a dense layer: no experts to score
+            if param is None:  # a dense layer (no experts) or one without GQA attention
                 out[name].append(torch.zeros((0, 0) if name == "experts" else (0,)))
                 continue
             weight, grad = param, buffers[id(param)]

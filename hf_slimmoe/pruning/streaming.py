@@ -135,7 +135,7 @@ def family_rules(arch) -> tuple[dict[str, tuple[SliceRule, ...]], tuple[SliceRul
                   SliceRule(shared + r"down_proj\.weight", "shared", 1, moe_only=True),
                   SliceRule(shared + r"gate_proj\.bias", "shared", 0, required=False, moe_only=True),
                   SliceRule(shared + r"up_proj\.bias", "shared", 0, required=False, moe_only=True)]
-    if arch.attention_kind == "gqa":
+    if arch.attention_prunable:
         rules += list(GQA_ATTENTION)
         rules += [SliceRule(_LAYER + re.escape(f"{arch.attention}.{name}"), "q_heads", 0)
                   for name in arch.query_head_parameters]
@@ -417,7 +417,7 @@ def _pruned_config(config, target, cuts: list[TensorCut]):
                              if k not in ("model_type", "transformers_version")})
     for name in arch.pruned_fields():
         setattr(pruned, name, getattr(target, name))
-    if arch.attention_kind == "gqa":
+    if arch.attention_prunable:
         pruned.head_dim = arch.head_dim_of(config)
     pruned.architectures = ["SlimMoeForCausalLM" if isinstance(config, SlimMoeConfig)
                             else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]

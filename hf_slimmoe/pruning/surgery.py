@@ -50,7 +50,7 @@ def _check_sizes(arch: MoeArchitecture, config, target) -> None:
         value = getattr(target, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"prune_to: target {name} must be a positive integer, got {value!r}.")
-    for name in arch.fixed_fields():
+    for name in arch.fixed_fields(config):
         now = _head_dim(config) if name == "head_dim" else getattr(config, name, None)
         wanted = _head_dim(target) if name == "head_dim" else getattr(target, name, None)
         if now != wanted:
@@ -87,9 +87,10 @@ def _check_scores(arch: MoeArchitecture, config, target, scores: SensitivityScor
     if scores is None:
         raise ValueError("prune_to: scores is None; compute them with `compute_sensitivity(model, batches)`.")
     moe = set(arch.moe_layer_indices(config))
+    attention = set(arch.attention_layer_indices(config))
     expected = {
         "experts": lambda i: (arch.num_experts_of(config), arch.expert_width_of(config)) if i in moe else None,
-        "kv_groups": lambda i: (config.num_key_value_heads,),
+        "kv_groups": lambda i: (config.num_key_value_heads,) if i in attention else None,
     }
     if arch.shared_expert is not None and arch.shared_width_of(target) != arch.shared_width_of(config):
         expected["shared_experts"] = lambda i: (arch.shared_width_of(config),) if i in moe else None
@@ -106,7 +107,7 @@ def _check_scores(arch: MoeArchitecture, config, target, scores: SensitivityScor
             if (tuple(tensor.shape) != shape) if shape is not None else tensor.numel() != 0:
                 raise ValueError(
                     f"prune_to: scores.{name}[{layer}] has shape {list(tensor.shape)}, expected "
-                    f"{list(shape) if shape is not None else 'an empty tensor (a dense layer)'} for this model; these "
+                    f"{list(shape) if shape is not None else 'an empty tensor (a layer without it)'} for this model; these "
                     "scores were computed on a model of different sizes."
                 )
 
@@ -159,15 +160,17 @@ def expert_neurons(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     return gate_up[:, 0::2], gate_up[:, 1::2], down
 
 
+def head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
+    """The rows `[len(heads) * rows_per_head]` of the heads `heads` in a projection holding `rows_per_head` rows per
+    head, heads one after the other."""
+    return (heads[:, None] * rows_per_head + torch.arange(rows_per_head, device=heads.device)).reshape(-1)
+
+
 def gqa_rows(groups: torch.Tensor, heads_per_group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of the GQA groups `groups` (`[G]`): `(q_rows, kv_rows)`, where `q_rows`
     (`[G * heads_per_group * head_dim]`) index `q_proj`'s outputs and `o_proj`'s inputs, and `kv_rows`
     (`[G * head_dim]`) index `k_proj`'s and `v_proj`'s outputs."""
-    offsets = torch.arange(head_dim, device=groups.device)
-    kv_rows = (groups[:, None] * head_dim + offsets).reshape(-1)
-    q_heads = (groups[:, None] * heads_per_group + torch.arange(heads_per_group, device=groups.device)).reshape(-1)
-    q_rows = (q_heads[:, None] * head_dim + offsets).reshape(-1)
-    return q_rows, kv_rows
+    return head_rows(head_rows(groups, heads_per_group), head_dim), head_rows(groups, head_dim)
 
 
 def gate_up_index(keep: torch.Tensor, old_size: int, concatenated: bool) -> torch.Tensor:
@@ -222,13 +225,14 @@ def slim_glu(mlp: nn.Module, keep: torch.Tensor) -> None:
     _set_width(mlp, keep.numel())
 
 
-def prune_attention_groups(attention: nn.Module, keep_groups: torch.Tensor, heads_per_group: int,
-                           query_head_parameters: tuple[str, ...] = ()) -> None:
+def prune_attention_groups(attention: nn.Module, keep_groups: torch.Tensor, heads_per_group: int, head_dim: int,
+                           query_head_parameters: tuple[str, ...] = (), gated_queries: bool = False) -> None:
     """Keep the GQA groups `keep_groups` (ascending) of a GQA attention module: their KV heads and their query heads
-    (with the per-query-head parameters named in `query_head_parameters`, e.g. gpt-oss's `sinks`)."""
-    q_rows, kv_rows = gqa_rows(keep_groups, heads_per_group, attention.head_dim)
-    q_heads = (keep_groups[:, None] * heads_per_group + torch.arange(heads_per_group)).reshape(-1)
-    _slice_linear(attention.q_proj, q_rows, dim=0)
+    (with the per-query-head parameters named in `query_head_parameters`, e.g. gpt-oss's `sinks`, and, with
+    `gated_queries`, each head's gate rows, which follow its query rows in `q_proj`: `2 * head_dim` rows a head)."""
+    q_rows, kv_rows = gqa_rows(keep_groups, heads_per_group, head_dim)
+    q_heads = head_rows(keep_groups, heads_per_group)
+    _slice_linear(attention.q_proj, head_rows(q_heads, 2 * head_dim) if gated_queries else q_rows, dim=0)
     _slice_linear(attention.k_proj, kv_rows, dim=0)
     _slice_linear(attention.v_proj, kv_rows, dim=0)
     _slice_linear(attention.o_proj, q_rows, dim=1)
@@ -236,6 +240,9 @@ def prune_attention_groups(attention: nn.Module, keep_groups: torch.Tensor, head
         for name in query_head_parameters:
             value = getattr(attention, name)
             replace_parameter(attention, name, value.index_select(0, q_heads.to(value.device)))  # [kept query heads, ...]
+    for name in ("num_heads", "num_key_value_heads"):  # cached head counts follow the kept groups
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, len(keep_groups) * (heads_per_group if name == "num_heads" else 1))
 
 
 def _prune_moe_blocks(arch: MoeArchitecture, model: nn.Module, target, scores: SensitivityScores) -> None:
@@ -270,16 +277,17 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
     _prune_moe_blocks(arch, model, target, scores)
     layers = arch.decoder_layers(model)
     if new_groups != config.num_key_value_heads:
-        for index, layer in enumerate(layers):
-            prune_attention_groups(arch.attention_of(layer), keep_indices(scores.kv_groups[index], new_groups),
-                                   heads_per_group, arch.query_head_parameters)
+        for index in arch.attention_layer_indices(config):
+            prune_attention_groups(arch.attention_of(layers[index]), keep_indices(scores.kv_groups[index], new_groups),
+                                   heads_per_group, _head_dim(config), arch.query_head_parameters,
+                                   arch.gated_queries)
     logger.info(
         "Pruned %d layers (%s): expert width %d -> %d, attention heads %d/%d -> %d/%d (head_dim %d)",
         len(layers), arch.model_type, arch.expert_width_of(config), arch.expert_width_of(target),
         config.num_attention_heads, config.num_key_value_heads, new_groups * heads_per_group, new_groups,
         _head_dim(config),
     )
-    if arch.attention_kind == "gqa":
+    if arch.attention_prunable:
         config.head_dim = _head_dim(config)
     for name in arch.pruned_fields():
         setattr(config, name, getattr(target, name))
