@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import get_architecture
 from .safetensors_stream import SafetensorsStreamWriter, tensor_nbytes
-from .surgery import gqa_rows, keep_indices, validate_prune_target
+from .surgery import gqa_rows, head_rows, keep_indices, validate_prune_target
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class SliceRule:
             kept neurons.
         required (`bool`): every layer (and expert) must store this tensor; `False` for optional ones such as biases.
         moe_only (`bool`): only the MoE layers hold it (routed and shared experts), not the dense ones.
+        attention_only (`bool`): only the layers with GQA attention hold it (not a hybrid's linear-attention or Mamba
+            layers).
     """
 
     pattern: str
@@ -83,6 +85,7 @@ class SliceRule:
     fused: bool = False
     required: bool = True
     moe_only: bool = False
+    attention_only: bool = False
 
     @property
     def per_expert(self) -> bool:
@@ -100,45 +103,54 @@ PER_EXPERT_GATE_UP_DOWN = (  # Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3
     SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.up_proj\.weight", "neurons", 0, moe_only=True),
     SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.down_proj\.weight", "neurons", 1, moe_only=True),
 )
-FUSED_EXPERTS = (  # transformers' module layout, gate half first
-    SliceRule(_LAYER + r"mlp\.experts\.gate_up_proj", "gate_up", 1, fused=True, moe_only=True),
-    SliceRule(_LAYER + r"mlp\.experts\.down_proj", "neurons", 2, fused=True, moe_only=True),
-)
-FUSED_TRANSPOSED_EXPERTS = (  # gpt-oss: gate_up_proj [E, H, 2I] interleaved, down_proj [E, I, H], with biases
-    SliceRule(_LAYER + r"mlp\.experts\.gate_up_proj", "gate_up_interleaved", 2, fused=True, moe_only=True),
-    SliceRule(_LAYER + r"mlp\.experts\.gate_up_proj_bias", "gate_up_interleaved", 1, fused=True, moe_only=True),
-    SliceRule(_LAYER + r"mlp\.experts\.down_proj", "neurons", 1, fused=True, moe_only=True),
-)
-GQA_ATTENTION = (
-    SliceRule(_LAYER + r"self_attn\.q_proj\.weight", "q", 0),
-    SliceRule(_LAYER + r"self_attn\.q_proj\.bias", "q", 0, required=False),
-    SliceRule(_LAYER + r"self_attn\.k_proj\.weight", "kv", 0),
-    SliceRule(_LAYER + r"self_attn\.k_proj\.bias", "kv", 0, required=False),
-    SliceRule(_LAYER + r"self_attn\.v_proj\.weight", "kv", 0),
-    SliceRule(_LAYER + r"self_attn\.v_proj\.bias", "kv", 0, required=False),
-    SliceRule(_LAYER + r"self_attn\.o_proj\.weight", "q", 1),
-)
-EXPERT_LAYOUTS = {"per-expert w1/w2/w3": PER_EXPERT_W123, "per-expert gate/up/down": PER_EXPERT_GATE_UP_DOWN,
-                  "fused": FUSED_EXPERTS}
-TRANSPOSED_EXPERT_LAYOUTS = {"fused transposed": FUSED_TRANSPOSED_EXPERTS}
+EXPERT_LAYOUTS = {"per-expert w1/w2/w3": PER_EXPERT_W123, "per-expert gate/up/down": PER_EXPERT_GATE_UP_DOWN}
+
+
+def fused_rules(arch) -> tuple[SliceRule, ...]:
+    """The rules of transformers' fused experts module at the family's path, in its layout: `gate_up_proj`
+    `[E, 2I, H]` (`[E, H, 2I]` transposed; gate half first or interleaved) or an `up_proj` without gate, its bias,
+    and `down_proj` `[E, H, I]` (`[E, I, H]` transposed)."""
+    prefix = _LAYER + re.escape(".".join(part for part in (arch.moe_block, arch.experts) if part) + ".")
+    transposed = arch.expert_transposed
+    name, index = ("gate_up_proj", "gate_up" if arch.expert_concatenated else "gate_up_interleaved") \
+        if arch.expert_gate else ("up_proj", "neurons")
+    return (SliceRule(prefix + name, index, 2 if transposed else 1, fused=True, moe_only=True),
+            SliceRule(prefix + name + "_bias", index, 1, fused=True, required=False, moe_only=True),
+            SliceRule(prefix + "down_proj", "neurons", 1 if transposed else 2, fused=True, moe_only=True))
+
+
+def attention_rules(arch) -> tuple[SliceRule, ...]:
+    """The rules of the GQA attention at the family's path: `q_proj` rows (with each head's gate rows where the
+    queries are gated), `k_proj`/`v_proj` rows, `o_proj` columns and the per-query-head parameters."""
+    prefix = _LAYER + re.escape(arch.attention + ".")
+    q = "q_gated" if arch.gated_queries else "q"
+    rules = [SliceRule(prefix + r"q_proj\.weight", q, 0), SliceRule(prefix + r"q_proj\.bias", q, 0, required=False),
+             SliceRule(prefix + r"o_proj\.weight", "q", 1)]
+    for name in ("k_proj", "v_proj"):
+        rules += [SliceRule(prefix + name + r"\.weight", "kv", 0),
+                  SliceRule(prefix + name + r"\.bias", "kv", 0, required=False)]
+    rules += [SliceRule(prefix + re.escape(name), "q_heads", 0) for name in arch.query_head_parameters]
+    return tuple(SliceRule(r.pattern, r.index, r.dim, required=r.required, attention_only=True) for r in rules)
 
 
 def family_rules(arch) -> tuple[dict[str, tuple[SliceRule, ...]], tuple[SliceRule, ...]]:
     """The slicing rules of a family, read off its adapter ([`MoeArchitecture`]): the candidate layouts of its
-    routed experts (the one the checkpoint's keys match is used) and the rules of its shared expert and attention."""
-    layouts = TRANSPOSED_EXPERT_LAYOUTS if arch.expert_bias else EXPERT_LAYOUTS
+    routed experts (the one the checkpoint's keys match is used: the fused module's own, or the per-expert keys a
+    conversion mapping writes for GLU experts stored gate half first) and the rules of its shared expert and
+    attention."""
+    layouts = {"fused": fused_rules(arch)}
+    if arch.expert_gate and arch.expert_concatenated and not arch.expert_transposed:
+        layouts.update(EXPERT_LAYOUTS)
     rules: list[SliceRule] = []
     if arch.shared_expert is not None:
-        shared = _LAYER + re.escape(f"{arch.moe_block}.{arch.shared_expert.module}.")
-        rules += [SliceRule(shared + r"gate_proj\.weight", "shared", 0, moe_only=True),
+        shared = _LAYER + re.escape(".".join(part for part in (arch.moe_block, arch.shared_expert.module) if part) + ".")
+        rules += [SliceRule(shared + r"gate_proj\.weight", "shared", 0, required=False, moe_only=True),
                   SliceRule(shared + r"up_proj\.weight", "shared", 0, moe_only=True),
                   SliceRule(shared + r"down_proj\.weight", "shared", 1, moe_only=True),
                   SliceRule(shared + r"gate_proj\.bias", "shared", 0, required=False, moe_only=True),
                   SliceRule(shared + r"up_proj\.bias", "shared", 0, required=False, moe_only=True)]
     if arch.attention_prunable:
-        rules += list(GQA_ATTENTION)
-        rules += [SliceRule(_LAYER + re.escape(f"{arch.attention}.{name}"), "q_heads", 0)
-                  for name in arch.query_head_parameters]
+        rules += list(attention_rules(arch))
     return layouts, tuple(rules)
 
 
@@ -224,7 +236,7 @@ def cut_sizes(arch, config) -> dict[str, int]:
     width, heads = arch.expert_width_of(config), config.num_attention_heads
     head_dim = arch.head_dim_of(config)
     return {"neurons": width, "gate_up": 2 * width, "gate_up_interleaved": 2 * width,
-            "shared": arch.shared_width_of(config) or 0, "q": heads * head_dim,
+            "shared": arch.shared_width_of(config) or 0, "q": heads * head_dim, "q_gated": 2 * heads * head_dim,
             "kv": config.num_key_value_heads * head_dim, "q_heads": heads}
 
 
@@ -240,7 +252,8 @@ def _assign(cut: TensorCut, rules: tuple[SliceRule, ...], arch, config, sizes: t
         cut.expert = int(match.group("expert")) if rule.per_expert else None
         experts = arch.num_experts_of(config)
         if (cut.layer >= config.num_hidden_layers or (cut.expert is not None and cut.expert >= experts)
-                or (rule.moe_only and cut.layer not in arch.moe_layer_indices(config))):
+                or (rule.moe_only and cut.layer not in arch.moe_layer_indices(config))
+                or (rule.attention_only and cut.layer not in arch.attention_layer_indices(config))):
             raise ValueError(f"{cut.key} ({cut.shard}) names layer {cut.layer}" +
                              (f", expert {cut.expert}" if cut.expert is not None else "") +
                              f"; the config has {config.num_hidden_layers} layers (MoE layers "
@@ -268,11 +281,13 @@ def plan_cuts(cuts: list[TensorCut], config, target) -> str:
     sizes = (cut_sizes(arch, config), cut_sizes(arch, target))
     for cut in cuts:
         _assign(cut, rules, arch, config, sizes)
-    moe_layers = arch.moe_layer_indices(config)
+    moe_layers, attention_layers = arch.moe_layer_indices(config), arch.attention_layer_indices(config)
     for rule in rules:
         seen = {(c.layer, c.expert) for c in cuts if c.rule is rule}
+        layers = moe_layers if rule.moe_only else attention_layers if rule.attention_only else range(
+            config.num_hidden_layers)
         wanted = {(layer, e if rule.per_expert else None)
-                  for layer in (moe_layers if rule.moe_only else range(config.num_hidden_layers))
+                  for layer in layers
                   for e in range(arch.num_experts_of(config) if rule.per_expert else 1)}
         if (rule.required or seen) and seen != wanted:
             layer, expert = sorted(wanted - seen, key=str)[0]
@@ -290,19 +305,20 @@ def kept_indices(config, target, scores) -> dict[str, list]:
     full, new = cut_sizes(arch, config), cut_sizes(arch, target)
     per_group = config.num_attention_heads // config.num_key_value_heads
     moe_layers = set(arch.moe_layer_indices(config))
-    kept: dict[str, list] = {"neurons": [], "shared": [], "q": [], "kv": [], "q_heads": []}
+    kept: dict[str, list] = {"neurons": [], "shared": [], "q": [], "q_gated": [], "kv": [], "q_heads": []}
+    attention_layers = set(arch.attention_layer_indices(config))
     for layer in range(config.num_hidden_layers):
         moe = layer in moe_layers
         kept["neurons"].append(keep_indices(scores.experts[layer], new["neurons"])
                                if moe and new["neurons"] != full["neurons"] else None)
         kept["shared"].append(keep_indices(scores.shared_experts[layer], new["shared"])
                               if moe and new["shared"] != full["shared"] else None)
-        rows = (None, None, None)
-        if target.num_key_value_heads != config.num_key_value_heads:
+        rows = (None, None, None, None)
+        if target.num_key_value_heads != config.num_key_value_heads and layer in attention_layers:
             groups = keep_indices(scores.kv_groups[layer], target.num_key_value_heads)
-            q_heads = (groups[:, None] * per_group + torch.arange(per_group)).reshape(-1)
-            rows = (*gqa_rows(groups, per_group, arch.head_dim_of(config)), q_heads)
-        for name, value in zip(("q", "kv", "q_heads"), rows):
+            q_heads, head_dim = head_rows(groups, per_group), arch.head_dim_of(config)
+            rows = (*gqa_rows(groups, per_group, head_dim), q_heads, head_rows(q_heads, 2 * head_dim))
+        for name, value in zip(("q", "kv", "q_heads", "q_gated"), rows):
             kept[name].append(value)
     return kept
 
@@ -550,6 +566,6 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
-__all__ = ["prune_checkpoint", "SliceRule", "TensorCut", "EXPERT_LAYOUTS", "TRANSPOSED_EXPERT_LAYOUTS", "GQA_ATTENTION",
+__all__ = ["prune_checkpoint", "SliceRule", "TensorCut", "EXPERT_LAYOUTS", "fused_rules", "attention_rules",
            "family_rules", "cut_sizes", "checkpoint_shards", "read_headers", "plan_cuts", "kept_indices", "piece_plan",
            "tensor_pieces", "read_source_config"]
