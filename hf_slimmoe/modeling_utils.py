@@ -5,6 +5,7 @@
 - [`forward_hidden`]: a forward through any accelerate / DDP wrapper that also returns that hidden state;
 - [`vocab_size`], [`check_same_vocabulary`], [`check_tokenizer_vocabulary`]: the vocabulary checks made before any
   compute;
+- [`chunk_tokens`]: how many tokens a chunked projection to the vocabulary takes at a time, from a byte budget;
 - [`teacher_topk`], [`teacher_topk_from_hidden`], [`teacher_topk_from_model`]: a model's top-k next-token ids and
   log-probabilities relative to its full vocabulary, without `(tokens, V)` logits for all tokens at once.
 """
@@ -68,6 +69,29 @@ def check_tokenizer_vocabulary(tokenizer, model_vocab_size: int, name: str = "th
                          "teacher and student vocabularies must match.")
 
 
+# ---------------------------------------------------------------------------------------------------- chunks
+CHUNK_BYTES = 128 * 2**20  # default budget of a chunked projection's `(chunk, V)` float32 working blocks together
+
+
+def chunk_tokens(vocab_size: int, blocks: float, chunk_size: int | None = None, chunk_bytes: int | None = None) -> int:
+    """
+    Tokens per chunk of a chunked projection to the vocabulary: `chunk_size` when given, else as many as fit
+    `blocks` float32 `(chunk, vocab_size)` blocks (what that computation holds at its peak) in `chunk_bytes`
+    (default [`CHUNK_BYTES`]), rounded down to a multiple of 8 from 8 tokens up, at least 1. Sizing chunks in bytes
+    keeps their memory the same at every vocabulary: 1,024 tokens of float32 logits are 125 MiB at 32,064 tokens
+    but 970 MiB at 248,320.
+    """
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be at least 1.")
+        return int(chunk_size)
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if budget < 1:
+        raise ValueError(f"chunk_bytes={budget} must be at least 1.")
+    tokens = int(budget // (blocks * 4 * vocab_size))
+    return max(1, tokens - tokens % 8 if tokens >= 8 else tokens)
+
+
 # ----------------------------------------------------------------------------------------------------- top-k
 def teacher_topk(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """
@@ -96,13 +120,18 @@ def teacher_topk(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> 
     return ids.long(), logprobs
 
 
+_TOPK_BLOCKS = 3  # the chunk's logits, their float32 scaled copy and logsumexp's temporary
+
+
 @torch.no_grad()
 def teacher_topk_from_hidden(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float = 1.0, chunk_size: int = 1024
+    hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float = 1.0,
+    chunk_size: int | None = None, chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    [`teacher_topk`] of `lm_head(hidden)` for hidden states `(..., H)`, projecting `chunk_size` tokens at a time, so
-    the teacher's `(tokens, V)` logits are never held for all tokens at once.
+    [`teacher_topk`] of `lm_head(hidden)` for hidden states `(..., H)`, projecting `chunk_size` tokens at a time
+    (`None`: as many as fit `chunk_bytes`, see [`chunk_tokens`]), so the teacher's `(tokens, V)` logits are never
+    held for all tokens at once.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: ids `(..., k)` int64 and log-probabilities `(..., k)` float32.
@@ -110,6 +139,7 @@ def teacher_topk_from_hidden(
     flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
     ids = torch.empty(flat.size(0), top_k, dtype=torch.long, device=flat.device)
     logprobs = torch.empty(flat.size(0), top_k, dtype=torch.float32, device=flat.device)
+    chunk_size = chunk_tokens(lm_head.weight.size(0), _TOPK_BLOCKS, chunk_size, chunk_bytes)
     for start in range(0, flat.size(0), chunk_size):
         ids[start:start + chunk_size], logprobs[start:start + chunk_size] = teacher_topk(
             lm_head(flat[start:start + chunk_size]), top_k, temperature)  # (C, V) -> (C, k)
@@ -124,7 +154,7 @@ def teacher_topk_from_model(
     attention_mask: torch.Tensor | None,
     top_k: int,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Teacher top-k ids and full-vocabulary log-probabilities at every position, without `(tokens, V)` logits.
@@ -135,7 +165,8 @@ def teacher_topk_from_model(
         attention_mask (`torch.Tensor`, *optional*): `(B, T)`.
         top_k (`int`): tokens kept per position.
         temperature (`float`, *optional*, defaults to `1.0`): softmax temperature.
-        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
+        chunk_size (`int`, *optional*): tokens projected to the vocabulary at a time; `None` sizes chunks from
+            [`CHUNK_BYTES`] (see [`chunk_tokens`]).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: ids `(B, T, k)` int64 and log-probabilities `(B, T, k)` float32; position
@@ -145,5 +176,6 @@ def teacher_topk_from_model(
     return teacher_topk_from_hidden(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
 
 
-__all__ = ["backbone", "causal_lm", "check_same_vocabulary", "check_tokenizer_vocabulary", "forward_hidden",
-           "teacher_topk", "teacher_topk_from_hidden", "teacher_topk_from_model", "vocab_size"]
+__all__ = ["CHUNK_BYTES", "backbone", "causal_lm", "check_same_vocabulary", "check_tokenizer_vocabulary",
+           "chunk_tokens", "forward_hidden", "teacher_topk", "teacher_topk_from_hidden", "teacher_topk_from_model",
+           "vocab_size"]

@@ -211,7 +211,8 @@ def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stoppin
             load_best_model_at_end=early_stopping, metric_for_best_model="kl" if early_stopping else None,
             greater_is_better=False if early_stopping else None, restore_callback_states_from_checkpoint=True,
             kd_loss=d.kd_loss, kd_samples=d.kd_samples, top_k=d.top_k, temperature=d.temperature, renormalize=d.renormalize, aux_loss_coef=d.aux_loss_coef,
-            ce_weight=d.ce_weight, kd_chunk_size=d.kd_chunk_size or 1024, **training,
+            ce_weight=d.ce_weight, kd_chunk_size=d.kd_chunk_size,
+            **({} if d.kd_chunk_bytes is None else {"kd_chunk_bytes": d.kd_chunk_bytes}), **training,
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"training: {e}") from None

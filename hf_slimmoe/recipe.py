@@ -15,7 +15,7 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
     scoring:        sensitivity criterion, top_k, batch size
     prune:          streaming (cut the parent checkpoint on disk tensor by tensor instead of in memory)
     distillation:   kd_loss, kd_samples, top_k, temperature, renormalize, aux_loss_coef, ce_weight, kd_chunk_size,
-                    cache_teacher
+                    kd_chunk_bytes, cache_teacher
     training:       any `transformers.TrainingArguments` field (optimizer, schedule, batch, logging ...)
     iterative:      the iterative-pruning baseline's mask schedule
     hub:            push_to_hub, repo_id, layout, private (see `hf_slimmoe.hub.HubSettings`)
@@ -158,7 +158,8 @@ class DistillationSettings:
     renormalize: bool = False
     aux_loss_coef: float = 0.0
     ce_weight: float = 0.0
-    kd_chunk_size: int | None = None
+    kd_chunk_size: int | None = None  # tokens per chunk of the KD loss; None: sized from kd_chunk_bytes
+    kd_chunk_bytes: int | None = None  # byte budget of a chunk's (chunk, vocab) blocks; None: DistillationConfig's
     cache_teacher: bool = False  # cache what the loss reads from the teacher once under OUTPUT_DIR/teacher_cache/
 
 
@@ -407,6 +408,7 @@ def _check_distillation(k: DistillationSettings) -> None:
     _positive(k.aux_loss_coef, "distillation.aux_loss_coef", allow_zero=True)
     _positive(k.ce_weight, "distillation.ce_weight", allow_zero=True)
     _positive(k.kd_chunk_size, "distillation.kd_chunk_size")
+    _positive(k.kd_chunk_bytes, "distillation.kd_chunk_bytes")
 
 
 def validate(recipe: Recipe) -> Recipe:

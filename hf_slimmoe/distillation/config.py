@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..modeling_utils import CHUNK_BYTES
+
 KD_LOSSES = ("sampled", "topk_tail", "topk", "full")
 
 
@@ -77,8 +79,15 @@ class DistillationConfig(TrainingArguments):
             `router_aux_loss_coef`). `0` disables it and skips returning router logits.
         ce_weight (`float`, *optional*, defaults to `0.0`):
             Weight of an optional next-token cross-entropy on the data's own tokens, added to the KD loss.
-        kd_chunk_size (`int`, *optional*, defaults to `1024`):
-            Tokens projected to the vocabulary at a time by the chunked KD loss (memory vs. kernel size).
+        kd_chunk_size (`int`, *optional*):
+            Tokens projected to the vocabulary at a time by the chunked KD loss, the online teacher's targets and the
+            evaluation metrics. `None` (the default) sizes chunks from `kd_chunk_bytes` instead, so their memory stays
+            the same at any vocabulary; an `int` overrides it.
+        kd_chunk_bytes (`int`, *optional*, defaults to `134217728`, 128 MiB):
+            Byte budget of one chunk's float32 `(chunk, vocab)` working blocks when `kd_chunk_size` is `None`: a
+            chunk holds `kd_chunk_bytes / (blocks * 4 * vocab)` tokens, `blocks` being what that computation holds
+            at its peak (2 for `sampled` / `topk` / `topk_tail`, 4 for `full`). Raise it on an accelerator with
+            memory to spare: fewer, larger chunks read the `lm_head` weight fewer times.
         eval_full_kl (`bool`, *optional*, defaults to `True`):
             When the trainer has a teacher model, evaluation also reports `eval_full_kl`, the full-vocabulary
             KL(teacher || student), computed chunked; it runs the teacher on the evaluation batches even when they
@@ -112,7 +121,12 @@ class DistillationConfig(TrainingArguments):
         default=0.01, metadata={"help": "Weight of the student's MoE load-balancing loss (0 disables it)."}
     )
     ce_weight: float = field(default=0.0, metadata={"help": "Weight of an optional next-token cross-entropy loss."})
-    kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens projected to the vocabulary at a time."})
+    kd_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens projected to the vocabulary at a time (default: from kd_chunk_bytes)."}
+    )
+    kd_chunk_bytes: int = field(
+        default=CHUNK_BYTES, metadata={"help": "Byte budget of a chunk's (chunk, vocab) float32 blocks."}
+    )
     eval_full_kl: bool = field(
         default=True, metadata={"help": "Report eval_full_kl (full-vocabulary KL) when the teacher is online."}
     )
@@ -128,5 +142,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"aux_loss_coef={self.aux_loss_coef} and ce_weight={self.ce_weight} must be non-negative."
             )
-        if self.kd_chunk_size < 1:
-            raise ValueError(f"kd_chunk_size={self.kd_chunk_size} must be at least 1.")
+        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
+            raise ValueError(f"kd_chunk_size={self.kd_chunk_size} must be at least 1 (or None: from kd_chunk_bytes).")
+        if self.kd_chunk_bytes < 1:
+            raise ValueError(f"kd_chunk_bytes={self.kd_chunk_bytes} must be at least 1.")

@@ -12,6 +12,10 @@ Four objectives, each a public function with exact gradients (custom autograd, o
 The teacher is summarised per token by its top-k ids and log-probabilities *relative to its full vocabulary*
 (`hf_slimmoe.modeling_utils.teacher_topk`), or by `S` ids drawn from its distribution
 ([`teacher_samples_from_hidden`]); this is what the teacher caches store.
+
+Chunks are sized in bytes, not tokens: with `chunk_size=None` (the default) each function takes as many tokens at a
+time as fit its `(chunk, V)` float32 working blocks in `chunk_bytes` (default `hf_slimmoe.modeling_utils.CHUNK_BYTES`,
+128 MiB; see `chunk_tokens`), so the extra memory of a loss is the same at a vocabulary of 32,064 and of 248,320.
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..modeling_utils import chunk_tokens
+
+# float32 `(chunk, V)` blocks each computation holds at its peak (what `chunk_tokens` divides the byte budget by),
+# counted from the code below and checked with `benchmarks/bench_large_vocab.py`
+_CE_BLOCKS = 2  # the chunk's logits (reused in place for the gradient) + logsumexp's temporary
+_TAIL_BLOCKS = 2  # the same; the masked logsumexp of the rest reuses the logits block
+_FULL_BLOCKS = 4  # student logits, teacher log-probabilities and probabilities, + a logsumexp temporary
+_SAMPLE_BLOCKS = 5  # float32 logits, then float64 probabilities (2 units) and softmax's float64 input (2 units)
 
 
 def _chunk_logits(
@@ -33,7 +46,7 @@ def _chunk_logits(
 class _ChunkedHeadLoss(torch.autograd.Function):
     """
     A scalar loss `sum_n f_n(u_n)` of the student's scaled logits `u_n = (h_n W^T + b) / T`, computed `chunk_size`
-    tokens at a time by `chunk_fn(start, end, u)`: it gets the chunk's float32 `(C, V)` block `u` (which it may
+    tokens at a time (an `int`, see `chunk_tokens`) by `chunk_fn(start, end, u)`: it gets the chunk's float32 `(C, V)` block `u` (which it may
     overwrite) and returns the chunk's loss sum and `d loss / d u` (`(C, V)`, usually `u`'s storage reused in place).
 
     The gradients with respect to the hidden states, weight and bias are computed in the forward pass, one chunk at a
@@ -62,9 +75,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if need_h:
                     grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)  # (C, H)
                 if need_w:
-                    grad_weight += grad_logits.t() @ h.float()  # (V, H)
+                    grad_weight.addmm_(grad_logits.t(), h.float())  # (V, H), no (V, H) temporary
                 if need_b:
                     grad_bias += grad_logits.sum(0)  # (V,)
+            del grad_logits  # freed before the next chunk's logits exist
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -146,7 +160,9 @@ def _full_kl_chunks(teacher_hidden, teacher_weight, teacher_bias, temperature, t
         log_p = teacher.sub_(torch.logsumexp(teacher, dim=-1, keepdim=True))  # (C, V) in place
         p = log_p.exp()  # (C, V)
         log_q = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))  # (C, V) in place
-        per_token = torch.einsum("cv,cv->c", p, log_p) - torch.einsum("cv,cv->c", p, log_q)  # (C,)
+        # (C,) sum_j p_j (log p_j - log q_j), in place on log_p; a float32 `sum` (pairwise), not a dot product, whose
+        # float32 accumulation is off by 1e-3 at V = 248,320
+        per_token = log_p.sub_(log_q).mul_(p).sum(-1)
         del log_p, teacher
         w = token_weight[start:end]
         loss = (w * per_token).sum()
@@ -183,13 +199,11 @@ def _flatten_valid(
     return hidden[valid], valid, flat
 
 
-def _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction) -> None:
+def _check_loss_args(student_hidden, lm_head_weight, temperature, reduction) -> None:
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be at least 1.")
     if student_hidden.size(-1) != lm_head_weight.size(1):
         raise ValueError(
             f"student_hidden has hidden size {student_hidden.size(-1)} but lm_head_weight is "
@@ -233,8 +247,9 @@ def topk_kl_loss(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     renormalize: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     reduction: str = "mean",
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """
     KL divergence from the teacher's top-k distribution to the student's, from the student's hidden states
@@ -246,9 +261,10 @@ def topk_kl_loss(
     its k entries. With `k = V` this is the full-vocabulary KL. For `k < V` its minimizer is the *renormalized* top-k:
     it teaches the student to drop the teacher's tail (see [`topk_tail_kl_loss`] and [`sampled_kd_loss`]).
 
-    Memory: tokens are projected to the vocabulary `chunk_size` at a time and each chunk's gradient with respect to
-    the hidden states, weight and bias is computed while its softmax is at hand, so only one `(chunk_size, V)`
-    float block lives at a time, never the `(tokens, V)` logits; masked tokens are dropped before projection.
+    Memory: tokens are projected to the vocabulary a chunk at a time and each chunk's gradient with respect to
+    the hidden states, weight and bias is computed while its softmax is at hand, so only the chunk's `(chunk, V)`
+    float blocks live at a time, never the `(tokens, V)` logits; masked tokens are dropped before projection. Chunks
+    are sized from a byte budget (`chunk_bytes`), so the extra memory does not grow with the vocabulary.
 
     Args:
         student_hidden (`torch.Tensor`):
@@ -272,19 +288,23 @@ def topk_kl_loss(
         renormalize (`bool`, *optional*, defaults to `False`):
             Renormalize the teacher's top-k probabilities to sum to 1 (the variant of the ablation) instead of
             keeping them relative to the full vocabulary.
-        chunk_size (`int`, *optional*, defaults to `1024`):
-            Number of tokens projected to the vocabulary at a time.
+        chunk_size (`int`, *optional*):
+            Number of tokens projected to the vocabulary at a time; `None` (the default) takes as many as fit the
+            chunk's float32 `(chunk, V)` blocks in `chunk_bytes`.
         reduction (`str`, *optional*, defaults to `"mean"`):
             `"mean"`: sum of per-token KL over the counted tokens divided by their number (0 when there are none).
             `"sum"`: the plain sum. For gradient accumulation and multiple ranks use `"sum"` and divide by the
             number of counted tokens of the whole global batch (Trainer's `num_items_in_batch`), times the number
             of processes under DDP since DDP averages the gradients; then accumulated micro-batches give the same
             loss and gradients as one big batch.
+        chunk_bytes (`int`, *optional*):
+            Byte budget of a chunk's float32 `(chunk, V)` working blocks when `chunk_size` is `None` (default
+            `hf_slimmoe.modeling_utils.CHUNK_BYTES`, 128 MiB).
 
     Returns:
         `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
     """
-    _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction)
+    _check_loss_args(student_hidden, lm_head_weight, temperature, reduction)
     vocab_size = lm_head_weight.size(0)
     _check_topk(teacher_topk_ids, teacher_topk_logprobs, vocab_size)
     hidden, _, (ids, logprobs) = _flatten_valid(student_hidden, mask, teacher_topk_ids, teacher_topk_logprobs)
@@ -295,6 +315,7 @@ def topk_kl_loss(
     probs = logprobs.exp()  # (n, k)
     const = (probs * logprobs).sum(-1)  # (n,) teacher negative entropy over its top-k
     token_weight = _token_weight(hidden.size(0), reduction, hidden.device)
+    chunk_size = chunk_tokens(vocab_size, _CE_BLOCKS, chunk_size, chunk_bytes)
     return _weighted_token_cross_entropy(
         hidden, lm_head_weight, lm_head_bias, ids, probs, const, token_weight, float(temperature), chunk_size
     )
@@ -308,8 +329,9 @@ def topk_tail_kl_loss(
     teacher_topk_logprobs: torch.Tensor,
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     reduction: str = "mean",
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """
     KL divergence between teacher and student over `k + 1` outcomes: the teacher's top-k tokens and one "rest of the
@@ -324,7 +346,7 @@ def topk_tail_kl_loss(
     the top-k holds almost all of the mass; the gradient with respect to the logits is
     `q_j - p_j` on the top-k and `q_j - p_rest * q_j / q_rest` elsewhere.
 
-    Memory: as [`topk_kl_loss`], one `(chunk_size, V)` float block at a time. The top-k ids of a token must be
+    Memory: as [`topk_kl_loss`], one chunk's `(chunk, V)` float blocks at a time. The top-k ids of a token must be
     distinct (as [`teacher_topk`] returns them).
 
     Args:
@@ -333,12 +355,12 @@ def topk_tail_kl_loss(
         teacher_topk_ids (`torch.Tensor`): distinct teacher top-k token ids, integer, `(N, k)` or `(B, T, k)`.
         teacher_topk_logprobs (`torch.Tensor`): their teacher log-probabilities relative to the full vocabulary, at
             the same `temperature`, `(N, k)` or `(B, T, k)`.
-        mask, temperature, chunk_size, reduction: as in [`topk_kl_loss`].
+        mask, temperature, chunk_size, reduction, chunk_bytes: as in [`topk_kl_loss`].
 
     Returns:
         `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
     """
-    _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction)
+    _check_loss_args(student_hidden, lm_head_weight, temperature, reduction)
     vocab_size = lm_head_weight.size(0)
     _check_topk(teacher_topk_ids, teacher_topk_logprobs, vocab_size)
     hidden, _, (ids, logprobs) = _flatten_valid(student_hidden, mask, teacher_topk_ids, teacher_topk_logprobs)
@@ -347,6 +369,7 @@ def topk_tail_kl_loss(
     rest = (1.0 - probs.sum(-1)).clamp(min=0.0)  # (n,)
     token_weight = _token_weight(hidden.size(0), reduction, hidden.device)
     chunk_fn = _topk_tail_chunks(ids, probs, rest, token_weight)
+    chunk_size = chunk_tokens(vocab_size, _TAIL_BLOCKS, chunk_size, chunk_bytes)
     return _chunked_head_loss(hidden, lm_head_weight, lm_head_bias, chunk_fn, float(temperature), chunk_size)
 
 
@@ -357,8 +380,9 @@ def sampled_kd_loss(
     teacher_sample_ids: torch.Tensor,
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     reduction: str = "mean",
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """
     Sampled knowledge distillation (`kd_loss="sampled"`): the student's cross-entropy on `S` tokens drawn from the
@@ -376,19 +400,20 @@ def sampled_kd_loss(
             `(V,)` or `None`.
         teacher_sample_ids (`torch.Tensor`): token ids drawn from the teacher's `softmax(logits / temperature)`,
             integer, `(N, S)` or `(B, T, S)` (see [`teacher_samples_from_hidden`] and `cache_teacher_samples`).
-        mask, temperature, chunk_size, reduction: as in [`topk_kl_loss`]; `temperature` must be the one the samples
-            were drawn at.
+        mask, temperature, chunk_size, reduction, chunk_bytes: as in [`topk_kl_loss`]; `temperature` must be the one
+            the samples were drawn at.
 
     Returns:
         `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
     """
-    _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction)
+    _check_loss_args(student_hidden, lm_head_weight, temperature, reduction)
     hidden, _, (ids,) = _flatten_valid(student_hidden, mask, teacher_sample_ids)
     ids = _check_ids(ids, lm_head_weight.size(0), "teacher_sample_ids")  # (n, S)
     num_samples = ids.size(-1)
     coef = torch.full(ids.shape, 1.0 / num_samples, dtype=torch.float32, device=hidden.device)  # (n, S)
     const = torch.zeros(ids.size(0), dtype=torch.float32, device=hidden.device)  # (n,)
     token_weight = _token_weight(hidden.size(0), reduction, hidden.device)
+    chunk_size = chunk_tokens(lm_head_weight.size(0), _CE_BLOCKS, chunk_size, chunk_bytes)
     return _weighted_token_cross_entropy(
         hidden, lm_head_weight, lm_head_bias, ids, coef, const, token_weight, float(temperature), chunk_size
     )
@@ -403,8 +428,9 @@ def full_kl_loss(
     teacher_lm_head_bias: torch.Tensor | None,
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     reduction: str = "mean",
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """
     Full-vocabulary KL(teacher || student) from both models' last hidden states (`kd_loss="full"`, online teacher).
@@ -412,9 +438,9 @@ def full_kl_loss(
     Per token: `sum_j p_j (log p_j - log q_j)` with `p = softmax(teacher_hidden @ teacher_lm_head_weight.T + b_t) / T)`
     and `q` the student's softmax; the gradient with respect to the student's logits is `(q - p) / T`.
 
-    Memory: both sides are projected `chunk_size` tokens at a time, the teacher's chunk right next to the student's,
-    so at most three `(chunk_size, V)` float blocks live at once (the student's log-probabilities, the teacher's
-    log-probabilities and probabilities), never the `(tokens, V)` logits of either model.
+    Memory: both sides are projected a chunk at a time, the teacher's chunk right next to the student's, so at most
+    four `(chunk, V)` float blocks live at once (the student's log-probabilities, the teacher's log-probabilities and
+    probabilities, a logsumexp temporary), never the `(tokens, V)` logits of either model; `chunk_bytes` bounds them.
 
     Args:
         student_hidden, lm_head_weight, lm_head_bias: as in [`topk_kl_loss`]: `(N, H)` or `(B, T, H)`, `(V, H)`,
@@ -422,12 +448,12 @@ def full_kl_loss(
         teacher_hidden (`torch.Tensor`): teacher last hidden states `(N, H_t)` or `(B, T, H_t)`, same positions.
         teacher_lm_head_weight (`torch.Tensor`): teacher `lm_head` weight `(V, H_t)` (no gradient flows to it).
         teacher_lm_head_bias (`torch.Tensor` or `None`): teacher `lm_head` bias `(V,)`.
-        mask, temperature, chunk_size, reduction: as in [`topk_kl_loss`].
+        mask, temperature, chunk_size, reduction, chunk_bytes: as in [`topk_kl_loss`].
 
     Returns:
         `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
     """
-    _check_loss_args(student_hidden, lm_head_weight, temperature, chunk_size, reduction)
+    _check_loss_args(student_hidden, lm_head_weight, temperature, reduction)
     if teacher_lm_head_weight.size(0) != lm_head_weight.size(0):
         raise ValueError(f"The teacher's vocabulary ({teacher_lm_head_weight.size(0)}) differs from the student's "
                          f"({lm_head_weight.size(0)}): full KL needs the same tokenizer.")
@@ -439,17 +465,18 @@ def full_kl_loss(
     chunk_fn = _full_kl_chunks(teacher.to(teacher_lm_head_weight.device), teacher_lm_head_weight.detach(),
                                None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
                                float(temperature), token_weight)
+    chunk_size = chunk_tokens(lm_head_weight.size(0), _FULL_BLOCKS, chunk_size, chunk_bytes)
     return _chunked_head_loss(hidden, lm_head_weight, lm_head_bias, chunk_fn, float(temperature), chunk_size)
 
 
 @torch.no_grad()
 def teacher_samples_from_hidden(
     hidden: torch.Tensor, lm_head: torch.nn.Module, uniforms: torch.Tensor, temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None, chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """
     Token ids drawn from `softmax(lm_head(hidden) / temperature)` by inverting its CDF at the given uniforms, one
-    `(chunk_size, V)` block at a time.
+    chunk's `(chunk, V)` blocks at a time (a float64 CDF: 5 float32 blocks' worth of `chunk_bytes`).
 
     The randomness is all in `uniforms` (`(..., S)` in `[0, 1)`, e.g. from a per-row seeded generator, see
     `teacher_cache.sample_uniforms`), so the draws do not depend on the chunking, the batch or the device.
@@ -459,7 +486,8 @@ def teacher_samples_from_hidden(
         lm_head (`torch.nn.Module`): the teacher's output embeddings.
         uniforms (`torch.Tensor`): `(..., S)` float uniforms, same leading shape as `hidden`.
         temperature (`float`, *optional*, defaults to `1.0`): softmax temperature.
-        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
+        chunk_size (`int`, *optional*): tokens projected to the vocabulary at a time; `None`: from `chunk_bytes`.
+        chunk_bytes (`int`, *optional*): byte budget of a chunk (default `CHUNK_BYTES`, see `chunk_tokens`).
 
     Returns:
         `torch.Tensor`: `(..., S)` int64 ids; a token of probability 0 is never drawn.
@@ -469,6 +497,7 @@ def teacher_samples_from_hidden(
     flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
     u = uniforms.reshape(flat.size(0), -1).to(device=flat.device, dtype=torch.float64)  # (N, S)
     ids = torch.empty(u.shape, dtype=torch.long, device=flat.device)
+    chunk_size = chunk_tokens(lm_head.weight.size(0), _SAMPLE_BLOCKS, chunk_size, chunk_bytes)
     for start in range(0, flat.size(0), chunk_size):
         logits = lm_head(flat[start:start + chunk_size]).float().div_(temperature)  # (C, V)
         cdf = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(-1)  # (C, V)
@@ -484,8 +513,9 @@ def chunked_cross_entropy(
     lm_head_bias: torch.Tensor | None,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     reduction: str = "mean",
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """
     Next-token cross-entropy from hidden states, chunked like [`topk_kl_loss`] (it is its `k = 1`, one-hot case).
@@ -496,8 +526,9 @@ def chunked_cross_entropy(
         lm_head_bias (`torch.Tensor` or `None`): `(V,)`.
         labels (`torch.Tensor`): target ids `(N,)` or `(B, T)`; `ignore_index` positions are not counted.
         ignore_index (`int`, *optional*, defaults to `-100`): label value that is not counted.
-        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected at a time.
+        chunk_size (`int`, *optional*): tokens projected at a time; `None`: as many as fit `chunk_bytes`.
         reduction (`str`, *optional*, defaults to `"mean"`): `"mean"` over counted tokens or `"sum"`.
+        chunk_bytes (`int`, *optional*): byte budget of a chunk, as in [`topk_kl_loss`].
 
     Returns:
         `torch.Tensor`: scalar float32 loss.
@@ -511,6 +542,7 @@ def chunked_cross_entropy(
     const = torch.zeros((num_tokens,), dtype=torch.float32, device=hidden.device)
     scale = 1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0
     token_weight = torch.full((num_tokens,), scale, dtype=torch.float32, device=hidden.device)
+    chunk_size = chunk_tokens(lm_head_weight.size(0), _CE_BLOCKS, chunk_size, chunk_bytes)
     return _weighted_token_cross_entropy(
         hidden, lm_head_weight, lm_head_bias, ids.long(), coef, const, token_weight, 1.0, chunk_size
     )
@@ -523,11 +555,14 @@ def chunked_student_topk_stats(
     lm_head_bias: torch.Tensor | None,
     teacher_topk_ids: torch.Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For evaluation: the student's argmax token `(N,)` and its log-probabilities at the teacher's top-k ids
-    `(N, k)` (relative to its full vocabulary, at `temperature`), for hidden `(N, H)`, one `(chunk, V)` block at a time.
+    `(N, k)` (relative to its full vocabulary, at `temperature`), for hidden `(N, H)`, one `(chunk, V)` block at a time
+    (`chunk_size` tokens; `None`: as many as fit `chunk_bytes`).
     """
+    chunk_size = chunk_tokens(lm_head_weight.size(0), _CE_BLOCKS, chunk_size, chunk_bytes)
     argmax = torch.empty(hidden.size(0), dtype=torch.long, device=hidden.device)
     logprobs = torch.empty(teacher_topk_ids.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.size(0), chunk_size):

@@ -11,6 +11,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig
 from trl.trainer.utils import get_peft_config
 
 from ..distillation.config import KD_LOSSES, check_kd_fields
+from ..modeling_utils import CHUNK_BYTES
 
 BUILTIN_DOCSTRINGS = "builtin:stdlib-docstrings"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,8 +53,12 @@ class SFTDistillationConfig(SFTConfig):
         renormalize_topk (`bool`, *optional*, defaults to `False`):
             Renormalize the teacher's top-k probabilities to sum to 1 instead of keeping them relative to the full
             vocabulary.
-        kd_chunk_size (`int`, *optional*, defaults to `1024`):
-            Tokens projected to the vocabulary at a time in the KD loss and the teacher top-k.
+        kd_chunk_size (`int`, *optional*):
+            Tokens projected to the vocabulary at a time in the KD loss and the teacher top-k; `None` (the default)
+            sizes chunks from `kd_chunk_bytes`, the same memory at any vocabulary.
+        kd_chunk_bytes (`int`, *optional*, defaults to `134217728`, 128 MiB):
+            Byte budget of a chunk's float32 `(chunk, vocab)` blocks when `kd_chunk_size` is `None` (as in
+            `DistillationConfig`).
 
     Defaults that differ from `SFTConfig`: `learning_rate=2e-6` and `weight_decay=1e-4` (paper, Appendix A.5).
     """
@@ -75,7 +80,12 @@ class SFTDistillationConfig(SFTConfig):
         default=0.0, metadata={"help": "loss = ce_mix * CE + (1 - ce_mix) * KD + aux; 1.0 is plain SFT."}
     )
     renormalize_topk: bool = field(default=False, metadata={"help": "Renormalize the teacher top-k to sum to 1."})
-    kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens projected to the vocabulary at a time."})
+    kd_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens projected to the vocabulary at a time (default: from kd_chunk_bytes)."}
+    )
+    kd_chunk_bytes: int = field(
+        default=CHUNK_BYTES, metadata={"help": "Byte budget of a chunk's (chunk, vocab) float32 blocks."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
