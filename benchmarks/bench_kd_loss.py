@@ -86,7 +86,9 @@ def setup(args):
     fingerprint = {"topk": "teacher_topk_fingerprint"}
     directories = {"topk": "train-topk8"}
     for s in SAMPLE_COUNTS:
-        columns[f"samples-{s}"], fingerprint[f"samples-{s}"] = ["teacher_sample_ids"], "teacher_sample_fingerprint"
+        ids_column = "teacher_sample_packed" if "teacher_sample_packed" in caches[f"samples-{s}"].column_names \
+            else "teacher_sample_ids"  # a cache made before ids were packed, reused from an earlier run
+        columns[f"samples-{s}"], fingerprint[f"samples-{s}"] = [ids_column], "teacher_sample_fingerprint"
         directories[f"samples-{s}"] = f"train-samples{s}"
     sizes = {name: {"values": arrow_bytes_per_token(caches[name], columns[name]),
                     "columns": arrow_bytes_per_token(caches[name], columns[name] + [fingerprint[name]]),
@@ -217,8 +219,8 @@ def report(rows, pruned, data, args, seconds) -> str:
         f"{data['sizes']['samples-16']['disk']:.1f} B/token.",
         "",
         f"Goals: sampled S=8 within 10% of the full-KL quality: **{'met' if goal else 'not met'}** "
-        f"({s8['full_kl'] / ref['full_kl']:.2f}x); sampled S=8 at <= 16 bytes/token of samples (2 bytes x 8, plus the "
-        f"row's list offset): **{'met' if bytes_goal else 'not met'}** ({data['sizes']['samples-8']['values']:.2f})."
+        f"({s8['full_kl'] / ref['full_kl']:.2f}x); sampled S=8 at <= 16 bytes/token of samples (8 ids of ceil(log2 V) "
+        f"bits, plus the row's list offset): **{'met' if bytes_goal else 'not met'}** ({data['sizes']['samples-8']['values']:.2f})."
         if s8 else "",
     ]
     within = [(name, cache) for name, kd_loss, _, cache in LOSSES

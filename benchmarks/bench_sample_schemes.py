@@ -83,16 +83,17 @@ def scheme_cache(data, scheme: str, seed: int):
     base = data["caches"]["samples-8"]
     if scheme == "systematic":
         return base
-    from datasets import List, Value
+    from hf_slimmoe.distillation import sample_packing
 
+    packing = sample_packing(base)  # the cache's own: ids packed in ceil(log2 V) bits
     generator = torch.Generator().manual_seed(1000 + seed)
     rows = []
     for start in range(0, len(base), 64):
         ids = torch.tensor(base[start:start + 64]["input_ids"])  # (b, T)
         drawn = draw(teacher_probs(data["teacher"], ids), scheme, 8, generator)  # (b * T, 8)
-        rows.extend(drawn.view(*ids.shape, 8).tolist())
-    feature = List(List(Value("uint16"), length=8))
-    cache = base.remove_columns(["teacher_sample_ids"]).add_column("teacher_sample_ids", rows, feature=feature)
+        rows.extend(packing.pack(drawn.view(*ids.shape, 8)).tolist())  # (b, T, width) bytes
+    column, feature = "teacher_sample_packed", base.features["teacher_sample_packed"]
+    cache = base.remove_columns([column]).add_column(column, rows, feature=feature)
     cache.info.description = base.info.description  # the cache record (kind, teacher, S, temperature)
     return cache
 

@@ -218,8 +218,10 @@ from hf_slimmoe.distillation import (  # noqa: E402
     DistillationCollator,
     DistillationConfig,
     DistillationTrainer,
+    cache_metadata,
     cache_teacher_samples,
     cache_teacher_topk,
+    sample_packing,
 )
 
 VOCAB = 96
@@ -386,9 +388,8 @@ def test_cached_and_online_teacher_give_the_same_loss_for_each_kd_loss(tmp_path,
     args = _args(tmp_path, kd_loss=kd_loss)
     online = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds)
     offline = DistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=cached)
-    collator = DistillationCollator()
-    loss_online = online.compute_loss(student, collator([ds[i] for i in range(8)]))
-    loss_cached = offline.compute_loss(student, collator([cached[i] for i in range(8)]))
+    loss_online = online.compute_loss(student, online.data_collator([ds[i] for i in range(8)]))
+    loss_cached = offline.compute_loss(student, offline.data_collator([cached[i] for i in range(8)]))  # unpacked
     torch.testing.assert_close(loss_online, loss_cached, atol=1e-5, rtol=1e-5)
 
 
@@ -422,24 +423,32 @@ def test_eval_full_kl_equals_the_tail_kl_when_k_is_the_vocabulary(tmp_path):
     assert "eval_full_kl" not in no_teacher
 
 
+def _sample_ids(cache) -> list:
+    """The teacher sample ids of every row of a (packed) samples cache, `(T, S)` lists."""
+    packing = sample_packing(cache)
+    return [packing.unpack(torch.tensor(row, dtype=torch.uint8).view(-1, packing.width)).tolist()
+            for row in cache["teacher_sample_packed"]]
+
+
 def test_teacher_samples_are_the_same_in_any_batch_shard_order_or_resume(tmp_path):
     teacher = _teacher()
     ds = _token_dataset(12)
     reference = cache_teacher_samples(teacher, ds, num_samples=4, batch_size=12)
-    assert reference.features["teacher_sample_ids"].feature.feature.dtype == "uint16"
-    ids = reference["teacher_sample_ids"]
+    assert reference.features["teacher_sample_packed"].feature.feature.dtype == "uint8"
+    ids = _sample_ids(reference)  # 4 ids of 7 bits (VOCAB 96) in 4 bytes per position
     assert all(len(row) == len(tokens) and all(len(s) == 4 for s in row) for row, tokens in zip(ids, ds["input_ids"]))
+    assert max(i for row in ids for s in row for i in s) < VOCAB
     flaky = _FlakyTeacher(teacher, fail_on=3)  # shards of 4 rows = 2 batches: shard 0 is done
     with pytest.raises(KeyboardInterrupt):
         cache_teacher_samples(flaky, ds, num_samples=4, batch_size=2, shard_size=4, output_dir=tmp_path / "cache")
     resumed = _FlakyTeacher(teacher)
     result = cache_teacher_samples(resumed, ds, num_samples=4, batch_size=3, shard_size=4,
                                    output_dir=tmp_path / "cache")
-    assert resumed.calls == 4 and result["teacher_sample_ids"] == ids  # 2 shards of 2 batches of 3 rows
+    assert resumed.calls == 4 and _sample_ids(result) == ids  # 2 shards of 2 batches of 3 rows
     rows = [5, 1, 7]  # another rank's rows, in another order
     subset = cache_teacher_samples(teacher, ds.select(rows), num_samples=4, batch_size=2)
-    assert subset["teacher_sample_ids"] == [ids[i] for i in rows]
-    assert cache_teacher_samples(teacher, ds, num_samples=4, seed=1)["teacher_sample_ids"] != ids
+    assert _sample_ids(subset) == [ids[i] for i in rows]
+    assert _sample_ids(cache_teacher_samples(teacher, ds, num_samples=4, seed=1)) != ids
 
 
 def test_teacher_fingerprint_follows_the_weights_not_the_dtype_or_runtime_flags(tmp_path):
@@ -457,11 +466,12 @@ def test_teacher_fingerprint_follows_the_weights_not_the_dtype_or_runtime_flags(
     assert teacher_fingerprint(changed) != before and teacher_fingerprint(_teacher(seed=1)) != before
 
 
-def test_teacher_samples_of_a_large_vocabulary_are_int32():
+def test_teacher_samples_of_a_large_vocabulary_are_packed_in_17_bits():
     big = SlimMoeForCausalLM(_tiny_config(vocab_size=70_000, hidden_size=16, intermediate_size=16,
                                           num_hidden_layers=1)).eval()
     cached = cache_teacher_samples(big, _token_dataset(2), num_samples=2)
-    assert cached.features["teacher_sample_ids"].feature.feature.dtype == "int32"
+    assert cached.features["teacher_sample_packed"].feature.length == 5  # 2 ids of 17 bits: 34 bits in 5 bytes
+    assert sample_packing(cached).bits == 17 and cache_metadata(cached)["samples"]["packing"]["bits"] == 17
 
 
 def test_a_cache_is_refused_for_another_loss_teacher_s_or_temperature(tmp_path):
@@ -683,7 +693,8 @@ def test_online_samples_are_drawn_afresh_every_epoch(tmp_path):
     batch = DistillationCollator()([ds[i] for i in range(4)])
     first = trainer._teacher_targets(batch)["samples"]
     cached = cache_teacher_samples(teacher, ds, num_samples=8, batch_size=4)
-    assert first.tolist() == DistillationCollator()([cached[i] for i in range(4)])["teacher_sample_ids"].tolist()
+    collator = DistillationCollator(sample_packing=sample_packing(cached))
+    assert first.tolist() == collator([cached[i] for i in range(4)])["teacher_sample_ids"].tolist()
     trainer.state.epoch = 1.0
     assert not torch.equal(trainer._teacher_targets(batch)["samples"], first)
 

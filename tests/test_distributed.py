@@ -232,6 +232,6 @@ def test_cache_teacher_on_two_ranks_equals_one_process_and_resumes_after_a_kill(
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     cached = load_from_disk(str(tmp_path / "two-samples"))
-    assert cached.column_names == samples.column_names and "teacher_sample_ids" in cached.column_names
+    assert cached.column_names == samples.column_names and "teacher_sample_packed" in cached.column_names
     for column in samples.column_names:
         assert cached[column] == samples[column], column

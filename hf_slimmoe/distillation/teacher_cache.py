@@ -6,11 +6,15 @@ stored next to the tokens, in one of two kinds:
 - **top-k** ([`cache_teacher_topk`], for `kd_loss="topk"` / `"topk_tail"` and for evaluation): per token the teacher's
   top-k ids and their log-probabilities relative to its full vocabulary.
 - **samples** ([`cache_teacher_samples`], for `kd_loss="sampled"`): per token `S` ids drawn from the teacher's
-  distribution at temperature `T`, `uint16` when the vocabulary fits (`2 * S` bytes per token).
+  distribution at temperature `T`, packed in `ceil(log2 V)` bits each ([`SamplePacking`]: 15 bytes per token for
+  S=8 at Phi's 32,064, 18 at Qwen3's 151,936 or 248,320). Caches made before ids were packed (a
+  `teacher_sample_ids` column of `uint16` / `int32` ids) are still read as they are; the record says which layout a
+  cache has, and a layout it does not describe is refused, never guessed.
 
 Each row also stores a fingerprint of its `input_ids`, and the dataset's `info.description` records what made the
-cache (kind, teacher fingerprint, vocabulary, k or S, temperature, seed). [`check_teacher_cache`] refuses a cache whose
-rows do not match their tokens, or that was made for another loss, teacher, k, S or temperature, naming both values.
+cache (kind, teacher fingerprint, vocabulary, k or S, temperature, seed, id packing). [`check_teacher_cache`] refuses
+a cache whose rows do not match their tokens, or that was made for another loss, teacher, k, S or temperature, naming
+both values.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ TOPK_IDS_COLUMN = "teacher_topk_ids"
 TOPK_LOGPROBS_COLUMN = "teacher_topk_logprobs"
 FINGERPRINT_COLUMN = "teacher_topk_fingerprint"
 CACHE_COLUMNS = (TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN, FINGERPRINT_COLUMN)
-SAMPLE_IDS_COLUMN = "teacher_sample_ids"
+SAMPLE_IDS_COLUMN = "teacher_sample_ids"  # unpacked ids (B, T, S): what the collator gives the loss; old caches' layout
+SAMPLE_PACKED_COLUMN = "teacher_sample_packed"  # packed ids, `SamplePacking.width` bytes per position
 SAMPLE_FINGERPRINT_COLUMN = "teacher_sample_fingerprint"
-SAMPLE_COLUMNS = (SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN)
+SAMPLE_COLUMNS = (SAMPLE_PACKED_COLUMN, SAMPLE_FINGERPRINT_COLUMN)
+LEGACY_SAMPLE_COLUMNS = (SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN)  # a samples cache made before ids were packed
 METADATA_KEY = "hf_slimmoe.teacher_cache"  # key of the cache records in the dataset's `info.description` (JSON)
 KIND_FOR_LOSS = {"topk": "topk", "topk_tail": "topk", "sampled": "samples"}  # which cache each kd_loss reads
 SAMPLING = "systematic"  # how teacher samples are drawn (see `sample_uniforms`); recorded in every samples cache
@@ -170,7 +176,7 @@ def teacher_samples_from_model(
     num_samples: int,
     temperature: float = 1.0,
     seed: int = 0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """
     `num_samples` token ids drawn from the teacher's `softmax(logits / temperature)` at every position of a
@@ -184,20 +190,137 @@ def teacher_samples_from_model(
     return teacher_samples_from_hidden(hidden, teacher.get_output_embeddings(), uniforms, temperature, chunk_size)
 
 
+# ------------------------------------------------------------------------------------------ packed sample ids
+@dataclass(frozen=True)
+class SamplePacking:
+    """
+    How a samples cache stores the `num_samples` (S) ids of a position: `bits` bits each (`ceil(log2 V)`: 15 at
+    32,064, 17 at 129,280, 18 at 151,936 to 262,144), packed into `width = ceil(S * bits / 8)` bytes, little-endian:
+    bit `j` of sample `s` is bit `(s * bits + j) % 8` of byte `(s * bits + j) // 8`. Packing and unpacking are a few
+    vectorized tensor operations over all positions at once (no loop per token).
+    """
+
+    bits: int
+    num_samples: int
+
+    def __post_init__(self):
+        if not 1 <= self.bits <= 56 or self.num_samples < 1:
+            raise ValueError(f"Cannot pack {self.num_samples} ids of {self.bits} bits per position (1 to 56 bits).")
+
+    @classmethod
+    def for_vocab(cls, vocab_size: int, num_samples: int) -> "SamplePacking":
+        """The packing of `num_samples` ids of a vocabulary of `vocab_size` tokens: `ceil(log2 vocab_size)` bits."""
+        return cls(max(1, (vocab_size - 1).bit_length()), num_samples)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "SamplePacking":
+        """The packing a samples cache record describes (see [`record`])."""
+        return cls(int(record["packing"]["bits"]), int(record["num_samples"]))
+
+    @property
+    def width(self) -> int:
+        """Bytes per position."""
+        return (self.num_samples * self.bits + 7) // 8
+
+    def record(self) -> dict:
+        """What the cache's record stores under `"packing"`, so that a reader knows the layout."""
+        return {"column": SAMPLE_PACKED_COLUMN, "bits": self.bits, "width": self.width, "bit_order": "little"}
+
+    def _layout(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start = torch.arange(self.num_samples, device=device) * self.bits  # (S,) first bit of each id
+        touched = torch.arange((self.bits + 14) // 8, device=device)  # (t,) bytes one id can straddle
+        return start // 8, start % 8, touched
+
+    def pack(self, ids: torch.Tensor) -> torch.Tensor:
+        """`(..., S)` integer ids in `[0, 2**bits)` -> `(..., width)` uint8."""
+        if ids.size(-1) != self.num_samples:
+            raise ValueError(f"Expected {self.num_samples} ids per position, got {ids.size(-1)}.")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << self.bits):
+            raise ValueError(f"Ids outside [0, 2**{self.bits}) cannot be packed in {self.bits} bits.")
+        first, shift, touched = self._layout(ids.device)
+        flat = ids.reshape(-1, self.num_samples).long() << shift  # (N, S) each id at its bit offset in its first byte
+        parts = (flat[..., None] >> (8 * touched)) & 0xFF  # (N, S, t) the bytes it covers
+        index = (first[:, None] + touched).reshape(1, -1).expand(flat.size(0), -1)  # (N, S * t) where they go
+        packed = torch.zeros(flat.size(0), self.width + touched.numel(), dtype=torch.long, device=ids.device)
+        packed.scatter_add_(1, index, parts.reshape(flat.size(0), -1))  # ids share no bit: the sum is their OR
+        return packed[:, :self.width].to(torch.uint8).view(*ids.shape[:-1], self.width)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """`(..., width)` bytes (uint8 or any integer type) -> `(..., S)` int64 ids."""
+        if packed.size(-1) != self.width:
+            raise ValueError(f"Packed teacher samples have {packed.size(-1)} bytes per position, but {self.num_samples}"
+                             f" ids of {self.bits} bits take {self.width}: the cache's record does not describe it.")
+        first, shift, touched = self._layout(packed.device)
+        flat = torch.nn.functional.pad(packed.reshape(-1, self.width).long(), (0, touched.numel()))  # (N, width + t)
+        parts = flat[:, first[:, None] + touched]  # (N, S, t) the bytes each id covers
+        ids = (parts << (8 * touched)).sum(-1) >> shift  # (N, S)
+        return (ids & ((1 << self.bits) - 1)).view(*packed.shape[:-1], self.num_samples)
+
+
+def sample_packing(dataset: Dataset) -> SamplePacking | None:
+    """
+    The [`SamplePacking`] of `dataset`'s teacher samples cache, read from its record; `None` when the cache stores
+    plain ids (the `teacher_sample_ids` column of a cache made before ids were packed, read as it is) or there is no
+    samples cache. Raises `ValueError` naming the reason when the layout is not the one its record describes: packed
+    bytes without a packing record, a record whose width differs from the column's, both layouts at once, or plain ids
+    under a record that says they are packed.
+    """
+    columns, record = dataset.column_names, cache_metadata(dataset).get("samples", {})
+    packing = record.get("packing")
+    if SAMPLE_PACKED_COLUMN in columns and SAMPLE_IDS_COLUMN in columns:
+        raise ValueError(f"The dataset carries both {SAMPLE_PACKED_COLUMN} (packed teacher samples) and "
+                         f"{SAMPLE_IDS_COLUMN} (unpacked ones); keep one of them.")
+    if SAMPLE_PACKED_COLUMN in columns:
+        if not isinstance(packing, dict) or packing.get("column") != SAMPLE_PACKED_COLUMN:
+            raise ValueError(f"The dataset carries packed teacher samples ({SAMPLE_PACKED_COLUMN}) but its cache record "
+                             "says nothing of their packing (the dataset's info.description was lost or replaced), so "
+                             "their bit width is unknown; rebuild the cache with `cache_teacher_samples`.")
+        result = SamplePacking.from_record(record)
+        feature = dataset.features[SAMPLE_PACKED_COLUMN].feature  # one position: a fixed-size list of bytes
+        if getattr(feature, "length", None) != result.width or packing.get("width") != result.width:
+            raise ValueError(f"The packed teacher samples hold {getattr(feature, 'length', None)} bytes per position "
+                             f"but their record describes {result.num_samples} ids of {result.bits} bits "
+                             f"({result.width} bytes); rebuild the cache.")
+        return result
+    if SAMPLE_IDS_COLUMN in columns and packing:
+        raise ValueError(f"The cache record says the teacher samples are packed ({packing}) but the dataset holds "
+                         f"unpacked ids in {SAMPLE_IDS_COLUMN}; rebuild the cache.")
+    return None
+
+
+def unpack_samples(batch: dict, packing: SamplePacking | None) -> dict:
+    """In a collated batch, replace the packed `teacher_sample_packed` `(B, T, width)` by the ids
+    `teacher_sample_ids` `(B, T, S)` int64, in place; a batch without packed samples is returned as it is."""
+    if SAMPLE_PACKED_COLUMN not in batch:
+        return batch
+    if packing is None:
+        raise ValueError(f"The batch carries packed teacher samples ({SAMPLE_PACKED_COLUMN}) but the collator was not "
+                         "given their packing: pass sample_packing=sample_packing(dataset) to it.")
+    batch[SAMPLE_IDS_COLUMN] = packing.unpack(batch.pop(SAMPLE_PACKED_COLUMN))
+    return batch
+
+
 # ------------------------------------------------------------------------------------------ checking a cache
 @dataclass
 class _Kind:
-    """What differs between the cache kinds: their name and column names."""
+    """What differs between the cache kinds: their name and column names (ids first, fingerprint last)."""
 
     name: str
-    ids_column: str
     fingerprint_column: str
     columns: tuple[str, ...]
+    legacy_columns: tuple[str, ...] = ()  # the kind's columns as caches made before the current layout hold them
+
+    def columns_in(self, dataset: Dataset) -> tuple[str, ...] | None:
+        """The kind's columns `dataset` carries (the current layout, else the legacy one); `None` when neither."""
+        for columns in (self.columns, self.legacy_columns):
+            if columns and all(c in dataset.column_names for c in columns):
+                return columns
+        return None
 
 
 _KINDS = {
-    "topk": _Kind("topk", TOPK_IDS_COLUMN, FINGERPRINT_COLUMN, CACHE_COLUMNS),
-    "samples": _Kind("samples", SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN, SAMPLE_COLUMNS),
+    "topk": _Kind("topk", FINGERPRINT_COLUMN, CACHE_COLUMNS),
+    "samples": _Kind("samples", SAMPLE_FINGERPRINT_COLUMN, SAMPLE_COLUMNS, LEGACY_SAMPLE_COLUMNS),
 }
 _LOSSES_OF_KIND = {"topk": "'topk' / 'topk_tail'", "samples": "'sampled'"}
 _MAKER = {"topk": "`cache_teacher_topk` / `slimmoe cache-teacher --kd-loss topk`",
@@ -206,7 +329,7 @@ _MAKER = {"topk": "`cache_teacher_topk` / `slimmoe cache-teacher --kd-loss topk`
 
 def cache_kinds(dataset: Dataset) -> list[str]:
     """The teacher cache kinds (`"topk"`, `"samples"`) whose columns `dataset` carries."""
-    return [name for name, kind in _KINDS.items() if all(c in dataset.column_names for c in kind.columns)]
+    return [name for name, kind in _KINDS.items() if kind.columns_in(dataset) is not None]
 
 
 def _check_kind(dataset: Dataset, kd_loss: str) -> _Kind:
@@ -215,7 +338,7 @@ def _check_kind(dataset: Dataset, kd_loss: str) -> _Kind:
                          + ("'full' needs the teacher online." if kd_loss == "full" else "check the name."))
     kind = _KINDS[KIND_FOR_LOSS[kd_loss]]
     missing = [c for c in kind.columns if c not in dataset.column_names]
-    if missing:
+    if kind.columns_in(dataset) is None:
         present = cache_kinds(dataset)
         if present:
             records = cache_metadata(dataset)
@@ -236,6 +359,9 @@ def _describe(record: dict, kind: str) -> str:
     if not record:
         return "made before caches recorded their settings"
     width = f"top_k={record.get('top_k')}" if kind == "topk" else f"S={record.get('num_samples')}"
+    if kind == "samples":
+        packing = record.get("packing")
+        width += f" ({packing.get('bits')}-bit packed ids)" if isinstance(packing, dict) else " (unpacked ids)"
     return f"{width}, temperature={record.get('temperature')}, teacher {record.get('teacher', {}).get('fingerprint')}"
 
 
@@ -251,8 +377,9 @@ def _check_rows(dataset: Dataset, kind: _Kind) -> int:
         )
     if len(dataset) == 0:
         return 0
-    table = dataset.with_format("arrow").select_columns(["input_ids", kind.ids_column])[:]
-    positions = table.column(kind.ids_column).combine_chunks()  # rows -> positions -> k
+    ids_column = kind.columns_in(dataset)[0]
+    table = dataset.with_format("arrow").select_columns(["input_ids", ids_column])[:]
+    positions = table.column(ids_column).combine_chunks()  # rows -> positions -> k (or packed bytes)
     if pc.any(pc.not_equal(pc.list_value_length(positions), pc.list_value_length(table.column("input_ids")))).as_py():
         raise ValueError("Some rows have a different number of cached positions than tokens; rebuild the cache.")
     per_position = positions.flatten()  # one list of k ids per token
@@ -321,20 +448,35 @@ def check_teacher_cache(
     """
     kind = _check_kind(dataset, kd_loss)
     record = cache_metadata(dataset).get(kind.name, {})
+    packing = sample_packing(dataset) if kind.name == "samples" else None  # a layout it can read, or refused
     _check_record(record, kind, num_samples, temperature, teacher, vocab_size)
     cached_width = _check_rows(dataset, kind)
     if kind.name == "topk" and top_k is not None and len(dataset) and cached_width < top_k:
         raise ValueError(f"The teacher cache stores k={cached_width} tokens per position but top_k={top_k} was asked; "
                          f"use top_k <= {cached_width} or rebuild the cache with a larger top_k.")
     if vocab_size is not None and len(dataset):
-        column = dataset.with_format("arrow").select_columns([kind.ids_column])[:].column(kind.ids_column)
-        max_id = pc.max(column.combine_chunks().flatten().flatten()).as_py()
+        max_id = _max_cached_id(dataset, kind, packing)
         if max_id is not None and max_id >= vocab_size:
             raise ValueError(
                 f"The teacher cache holds token id {max_id}, outside the student's vocabulary of {vocab_size}: "
                 "teacher and student vocabularies must match."
             )
     return record
+
+
+def _max_cached_id(dataset: Dataset, kind: _Kind, packing: SamplePacking | None,
+                   positions_per_batch: int = 1 << 20) -> int | None:
+    """The largest token id the cache holds (packed ids are unpacked a batch of positions at a time)."""
+    ids_column = kind.columns_in(dataset)[0]
+    column = dataset.with_format("arrow").select_columns([ids_column])[:].column(ids_column)
+    values = column.combine_chunks().flatten().flatten()  # every id (or every packed byte)
+    if packing is None:
+        return pc.max(values).as_py()
+    step = positions_per_batch * packing.width
+    maxima = [int(packing.unpack(torch.tensor(values.slice(start, step).to_numpy(zero_copy_only=False))
+                                 .view(-1, packing.width)).max())  # (positions, width) -> (positions, S)
+              for start in range(0, len(values), step)]
+    return max(maxima, default=None)
 
 
 def _fingerprints(dataset: Dataset, batch_size: int = 1024) -> list[str]:
@@ -353,7 +495,7 @@ def _shard_path(work_dir: str, index: int) -> str:
 def _reuse_finished(output_dir: str, dataset: Dataset, kind: _Kind, record: dict, teacher) -> Dataset:
     """Load a finished cache directory, refusing it when it was made for other data, teacher or settings."""
     cached = load_from_disk(output_dir)
-    if not all(c in cached.column_names for c in kind.columns):
+    if kind.columns_in(cached) is None:
         raise ValueError(f"{output_dir} holds no teacher {kind.name} cache (columns: {cached.column_names}); remove "
                          "it or pick another path.")
     if cached[kind.fingerprint_column] != _fingerprints(dataset):
@@ -367,7 +509,12 @@ def _reuse_finished(output_dir: str, dataset: Dataset, kind: _Kind, record: dict
         if found.get(key) != record.get(key):
             raise ValueError(f"{output_dir} holds a teacher {kind.name} cache made with {key}={found.get(key)}, not "
                              f"{key}={record.get(key)}; remove it or pick another path.")
-    logger.info("Reusing the teacher cache at %s", output_dir)
+    if kind.columns_in(cached) != kind.columns:
+        logger.info("Reusing the teacher cache at %s (made before the current layout: %s; still read as it is, "
+                    "remove it to rebuild it in %s)", output_dir, ", ".join(kind.columns_in(cached)),
+                    ", ".join(kind.columns))
+    else:
+        logger.info("Reusing the teacher cache at %s", output_dir)
     return cached
 
 
@@ -378,7 +525,8 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
     if "input_ids" not in dataset.column_names:
         raise ValueError(f"The dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it "
                          "first.")
-    dataset = dataset.remove_columns([c for c in kind.columns if c in dataset.column_names])
+    dataset = dataset.remove_columns([c for c in dict.fromkeys(kind.columns + kind.legacy_columns)
+                                      if c in dataset.column_names])
     rank, world = rank_and_world()
     if world > 1 and output_dir is None:
         raise ValueError("Caching the teacher on several processes needs output_dir: every rank writes its shards "
@@ -487,7 +635,7 @@ def cache_teacher_topk(
     batch_size: int = 8,
     output_dir: str | os.PathLike | None = None,
     shard_size: int = 512,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     pad_token_id: int = 0,
 ) -> Dataset:
     """
@@ -512,7 +660,8 @@ def cache_teacher_topk(
             world_size, ...`, writing its own files), the main process joins them in order and saves `output_dir`,
             and every rank returns it: the rows one process computes, bit for bit. Several processes need it.
         shard_size (`int`, *optional*, defaults to `512`): rows per resumable shard.
-        chunk_size (`int`, *optional*, defaults to `1024`): tokens projected to the vocabulary at a time.
+        chunk_size (`int`, *optional*): tokens projected to the vocabulary at a time; `None` sizes chunks from a byte
+            budget (`hf_slimmoe.modeling_utils.chunk_tokens`), the same memory at any vocabulary.
         pad_token_id (`int`, *optional*, defaults to `0`): id used to right-pad a batch (masked out).
 
     Returns:
@@ -542,16 +691,18 @@ def cache_teacher_samples(
     batch_size: int = 8,
     output_dir: str | os.PathLike | None = None,
     shard_size: int = 512,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     pad_token_id: int = 0,
 ) -> Dataset:
     """
     Run the teacher once over `dataset` and add `num_samples` token ids drawn from its distribution per token, the
     targets of the unbiased sampled KD loss ([`sampled_kd_loss`], `kd_loss="sampled"`).
 
-    Adds `teacher_sample_ids` (per row `(T, S)`, `uint16` when the vocabulary has at most 65,536 tokens, else `int32`:
-    `2 * S` bytes per token) and `teacher_sample_fingerprint` (a digest of the row's `input_ids`), and records kind,
-    teacher fingerprint, vocabulary, S, temperature, seed and sampling scheme in the dataset's `info.description`.
+    Adds `teacher_sample_packed` (per row `(T, width)` uint8: the S ids of a position packed in `ceil(log2 V)` bits
+    each, see [`SamplePacking`]; for S=8 that is `ceil(log2 V)` bytes per token, 15 at 32,064 and 18 up to 262,144)
+    and `teacher_sample_fingerprint` (a digest of the row's `input_ids`), and records kind, teacher fingerprint,
+    vocabulary, S, temperature, seed, sampling scheme and the packing in the dataset's `info.description`.
+    [`DistillationCollator`] unpacks the ids of a batch into `teacher_sample_ids` `(B, T, S)`.
     Draws are systematic over the teacher's distribution (each token drawn `floor(S p)` or `ceil(S p)` times) and
     seeded per row (by `seed` and the row's tokens, see [`sample_uniforms`]), so batching, resuming and multiple ranks
     give the same samples, and online sampling with the same seed draws the same ones. Position `t` holds draws of the
@@ -575,16 +726,16 @@ def cache_teacher_samples(
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive.")
     device = teacher.get_output_embeddings().weight.device
-    id_type = "uint16" if vocab_size(teacher) <= 2**16 else "int32"
-    features = Features({SAMPLE_IDS_COLUMN: List(List(Value(id_type), length=num_samples)),
+    packing = SamplePacking.for_vocab(vocab_size(teacher), num_samples)
+    features = Features({SAMPLE_PACKED_COLUMN: List(List(Value("uint8"), length=packing.width)),
                          SAMPLE_FINGERPRINT_COLUMN: Value("string")})
     record = {"kind": "samples", "teacher": _teacher_record(teacher), "num_samples": num_samples,
-              "temperature": float(temperature), "seed": seed, "sampling": SAMPLING}
+              "temperature": float(temperature), "seed": seed, "sampling": SAMPLING, "packing": packing.record()}
 
     def compute(input_ids, attention_mask):
         ids = teacher_samples_from_model(teacher, input_ids.to(device), attention_mask.to(device), num_samples,
                                          temperature, seed, chunk_size)  # (b, T, S)
-        return (ids.cpu().numpy().astype(np.dtype(id_type)),)
+        return (packing.pack(ids).cpu().numpy(),)  # (b, T, width) uint8
 
     return _build_cache(teacher, dataset, _KINDS["samples"], features, record, compute, batch_size, output_dir,
                         shard_size, pad_token_id)

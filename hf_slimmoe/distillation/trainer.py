@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
 from trl.models.utils import _ForwardRedirection
 
 from ..architectures import get_architecture
-from ..data import TokenCollator
+from ..data import TokenCollator, pad
 from ..distributed import call_through_forward
 from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_hidden, vocab_size
 from .config import DistillationConfig
@@ -30,23 +31,47 @@ from .losses import (
 from .teacher_cache import (
     KIND_FOR_LOSS,
     SAMPLE_IDS_COLUMN,
+    SAMPLE_PACKED_COLUMN,
     TOPK_IDS_COLUMN,
     TOPK_LOGPROBS_COLUMN,
+    SamplePacking,
     cache_kinds,
     check_teacher_cache,
+    sample_packing,
     sample_uniforms,
+    unpack_samples,
 )
 
 logger = logging.getLogger(__name__)
 _KIND_LABEL = {"topk": "top-k", "samples": "samples"}
 
 
-# The default collator of `DistillationTrainer`: right-pads `input_ids` (+ optional `attention_mask`, row `labels`,
-# teacher columns) and returns `input_ids`, `attention_mask` and `labels` `(B, T)` (the rows' own `labels` when they
-# have them, -100 marks tokens that are not distilled; else `input_ids` with padding at -100) and every teacher column
-# `(B, T, k)` (`teacher_topk_ids` / `teacher_topk_logprobs`, `teacher_sample_ids`). KD, CE and the evaluation metrics
-# count position `t` when `labels[t + 1] != -100`.
-DistillationCollator = TokenCollator
+@dataclass
+class DistillationCollator(TokenCollator):
+    """
+    The default collator of `DistillationTrainer`: right-pads `input_ids` (+ optional `attention_mask`, row `labels`,
+    teacher columns) and returns `input_ids`, `attention_mask` and `labels` `(B, T)` (the rows' own `labels` when they
+    have them, -100 marks tokens that are not distilled; else `input_ids` with padding at -100) and every teacher
+    column `(B, T, k)` (`teacher_topk_ids` / `teacher_topk_logprobs`, `teacher_sample_ids`). KD, CE and the evaluation
+    metrics count position `t` when `labels[t + 1] != -100`.
+
+    Packed teacher samples (`teacher_sample_packed`, see `cache_teacher_samples`) are padded as bytes and unpacked
+    here into `teacher_sample_ids` `(B, T, S)`, vectorized over the batch, with `sample_packing` (what the cache's
+    record says, `sample_packing(dataset)`; the trainer passes its training set's). A samples cache made before ids
+    were packed arrives as `teacher_sample_ids` and is padded as it is.
+    """
+
+    sample_packing: SamplePacking | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        packed = None
+        if features and SAMPLE_PACKED_COLUMN in features[0]:  # bytes stay uint8 until unpacked
+            features = [dict(f) for f in features]
+            packed = [torch.as_tensor(f.pop(SAMPLE_PACKED_COLUMN), dtype=torch.uint8) for f in features]
+        batch = super().__call__(features)
+        if packed is not None:
+            batch[SAMPLE_PACKED_COLUMN] = pad(packed, 0, length=batch["input_ids"].size(1))  # (B, T, width)
+        return unpack_samples(batch, self.sample_packing)
 
 
 def use_fp32_master_weights(model: torch.nn.Module) -> torch.dtype | None:
@@ -156,6 +181,7 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         if isinstance(teacher_model, str):
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=model.dtype)
         self._validate(model, teacher_model, args, train_dataset, eval_dataset)
+        self.sample_packing = self._sample_packing(train_dataset, eval_dataset)
         # float32 master weights for a student that trains (DeepSpeed keeps its own; an evaluation-only trainer, e.g.
         # of the teacher itself, leaves the model as it is); `save_model` writes the dtype the student came in
         trains = train_dataset is not None and model is not teacher_model and not args.deepspeed
@@ -166,7 +192,7 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
             pad_token_id = getattr(processing_class, "pad_token_id", None)
             if pad_token_id is None:
                 pad_token_id = getattr(model.config, "pad_token_id", None) or 0
-            data_collator = DistillationCollator(pad_token_id=pad_token_id)
+            data_collator = DistillationCollator(pad_token_id=pad_token_id, sample_packing=self.sample_packing)
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, **kwargs,
@@ -217,6 +243,17 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
                 DistillationTrainer._validate_cache(name, dataset, kd_loss, teacher_model, args, student_vocab)
 
     @staticmethod
+    def _sample_packing(train_dataset, eval_dataset) -> SamplePacking | None:
+        """The packing of the datasets' teacher samples (`None`: unpacked or none); one packing for all of them, as
+        one collator unpacks every batch."""
+        datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
+        packings = {sample_packing(d) for d in datasets if isinstance(d, Dataset)} - {None}
+        if len(packings) > 1:
+            raise ValueError(f"The datasets carry teacher samples packed in different ways ({sorted(map(str, packings))}"
+                             "); one collator unpacks every batch: drop the samples columns of the evaluation data.")
+        return next(iter(packings), None)
+
+    @staticmethod
     def _validate_cache(name, dataset, kd_loss, teacher_model, args, vocab_size) -> None:
         """The cache `kd_loss` reads must be there and match, unless the teacher runs online for it."""
         kind, present = KIND_FOR_LOSS[kd_loss], cache_kinds(dataset)
@@ -247,6 +284,7 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         hidden states `(B, T, H_t)` with its `lm_head` weight and bias.
         """
         args = self.args
+        unpack_samples(inputs, self.sample_packing)  # done by DistillationCollator already, unless another collates
         needed = {"topk"} if evaluation else {KIND_FOR_LOSS.get(args.kd_loss, "full")}
         targets: dict[str, Any] = {}
         if "topk" in needed and TOPK_IDS_COLUMN in inputs:
@@ -277,12 +315,12 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         targets: dict[str, Any] = {}
         if "topk" in missing:
             targets["topk"] = teacher_topk_from_hidden(hidden, lm_head, args.top_k, args.temperature,
-                                                       args.kd_chunk_size)
+                                                       args.kd_chunk_size, args.kd_chunk_bytes)
         if "samples" in missing:  # fresh draws every epoch, seeded per row (any batch, rank or resume draws alike)
             seed = args.kd_samples_seed + int(self.state.epoch or 0)
             uniforms = sample_uniforms(inputs["input_ids"], inputs["attention_mask"], args.kd_samples, seed)
             targets["samples"] = teacher_samples_from_hidden(hidden, lm_head, uniforms, args.temperature,
-                                                             args.kd_chunk_size)
+                                                             args.kd_chunk_size, args.kd_chunk_bytes)
         if "full" in missing:  # the head is used after this forward: a copy when FSDP2 reshards it afterwards
             from torch.distributed.fsdp import FSDPModule
 
@@ -295,7 +333,8 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
     def _kd_sum(self, hidden, weight, bias, targets: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
         """The sum over counted tokens of the `args.kd_loss` objective; teacher targets are `(B, T, *)`."""
         args = self.args
-        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size, "reduction": "sum"}
+        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size,
+                  "chunk_bytes": args.kd_chunk_bytes, "reduction": "sum"}
         if args.kd_loss == "sampled":
             return sampled_kd_loss(hidden, weight, bias, targets["samples"][:, :-1], mask, **common)
         if args.kd_loss == "full":
@@ -318,20 +357,22 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         teacher_lp = logprobs[:, :-1].reshape(-1, k)[flat_mask].to(weight.device)  # (N, k)
         student_top1, student_lp = chunked_student_topk_stats(
             hidden.reshape(-1, hidden.size(-1))[flat_mask], weight, bias, flat_ids, args.temperature,
-            args.kd_chunk_size,
+            args.kd_chunk_size, args.kd_chunk_bytes,
         )
         stats = {
             "agree": (student_top1 == flat_ids[:, 0]).sum(),
             "kl_sum": topk_tail_kl(teacher_lp, student_lp).sum(),
             "topk_sum": topk_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask,
                                      temperature=args.temperature, renormalize=args.renormalize,
-                                     chunk_size=args.kd_chunk_size, reduction="sum"),
+                                     chunk_size=args.kd_chunk_size, reduction="sum",
+                                     chunk_bytes=args.kd_chunk_bytes),
         }
         if "full" in targets:
             teacher_hidden, teacher_weight, teacher_bias = targets["full"]
             stats["full_kl_sum"] = full_kl_loss(hidden, weight, bias, teacher_hidden[:, :-1], teacher_weight,
                                                 teacher_bias, mask, temperature=args.temperature,
-                                                chunk_size=args.kd_chunk_size, reduction="sum")
+                                                chunk_size=args.kd_chunk_size, reduction="sum",
+                                                chunk_bytes=args.kd_chunk_bytes)
         return stats
 
     def _student_losses(
@@ -361,7 +402,8 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
             )
         if args.ce_weight > 0 or evaluation:
             result["ce_sum"] = chunked_cross_entropy(
-                hidden, weight, bias, labels, chunk_size=args.kd_chunk_size, reduction="sum"
+                hidden, weight, bias, labels, chunk_size=args.kd_chunk_size, reduction="sum",
+                chunk_bytes=args.kd_chunk_bytes,
             )
         if evaluation:
             result.update(self._eval_stats(hidden, weight, bias, targets, mask))

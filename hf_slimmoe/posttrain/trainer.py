@@ -22,9 +22,10 @@ from ..data import TEACHER_PREFIX, is_teacher_value, pad
 from ..distillation.losses import (full_kl_loss, sampled_kd_loss, teacher_samples_from_hidden, topk_kl_loss,
                                    topk_tail_kl_loss)
 from ..distillation.teacher_cache import (FINGERPRINT_COLUMN, KIND_FOR_LOSS, SAMPLE_FINGERPRINT_COLUMN,
-                                          SAMPLE_IDS_COLUMN, TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN,
-                                          cache_teacher_samples, cache_teacher_topk, check_teacher_cache,
-                                          sample_uniforms)
+                                          SAMPLE_IDS_COLUMN, SAMPLE_PACKED_COLUMN, TOPK_IDS_COLUMN,
+                                          TOPK_LOGPROBS_COLUMN, SamplePacking, cache_teacher_samples,
+                                          cache_teacher_topk, check_teacher_cache, sample_packing, sample_uniforms,
+                                          unpack_samples)
 from ..distillation.trainer import MasterWeightsSaving, use_fp32_master_weights
 from ..modeling_utils import (backbone, causal_lm, check_same_vocabulary, forward_hidden, teacher_topk_from_hidden,
                               vocab_size)
@@ -33,16 +34,21 @@ from .config import SFTDistillationConfig
 logger = logging.getLogger(__name__)
 
 TEACHER_TOPK_COLUMNS = (TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN)
-TEACHER_CACHE_COLUMNS = {"topk": TEACHER_TOPK_COLUMNS, "samples": (SAMPLE_IDS_COLUMN,)}  # what each kd_loss reads
+# what each kind of cache holds, in every layout it may have (samples: packed ids, or unpacked as made before packing)
+TEACHER_CACHE_LAYOUTS = {"topk": (TEACHER_TOPK_COLUMNS,), "samples": ((SAMPLE_PACKED_COLUMN,), (SAMPLE_IDS_COLUMN,))}
+TEACHER_CACHE_COLUMNS = {kind: tuple(c for columns in layouts for c in columns)
+                         for kind, layouts in TEACHER_CACHE_LAYOUTS.items()}
 
 
 # ------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class _TeacherTopkCollator:
-    """Wraps TRL's collator: pads the per-position `teacher_*` columns like `input_ids` (right, or flattened)."""
+    """Wraps TRL's collator: pads the per-position `teacher_*` columns like `input_ids` (right, or flattened), and
+    unpacks packed teacher samples into `teacher_sample_ids` `(B, T, S)` with `sample_packing`."""
 
     collator: Callable
     padding_free: bool
+    sample_packing: SamplePacking | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         names = [name for name, value in examples[0].items() if is_teacher_value(name, value)]
@@ -54,7 +60,7 @@ class _TeacherTopkCollator:
         for name in names:
             rows = [c[name] for c in cached]  # each (T_i, k)
             batch[name] = pad([torch.cat(rows)] if self.padding_free else rows, 0, length=length)  # (B, T, k)
-        return batch
+        return unpack_samples(batch, self.sample_packing)
 
 
 class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
@@ -121,6 +127,8 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
         elif self.kd_enabled and self._has_cache(train, args.kd_loss) and (
                 FINGERPRINT_COLUMN in train.column_names or SAMPLE_FINGERPRINT_COLUMN in train.column_names):
             self._check_cache(train, teacher_model)
+        if isinstance(self.train_dataset, Dataset):  # how the cache (if any) packs its teacher samples
+            self.data_collator.sample_packing = sample_packing(self.train_dataset)
         self.teacher_model = None
         if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset, args.kd_loss):
             raise ValueError(
@@ -141,10 +149,10 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
     @staticmethod
     def _has_cache(dataset, kd_loss: str | None = None) -> bool:
         """Whether `dataset` carries the cache columns `kd_loss` reads (any kind's when `kd_loss` is None)."""
-        kinds = TEACHER_CACHE_COLUMNS if kd_loss is None else {k: v for k, v in TEACHER_CACHE_COLUMNS.items()
+        kinds = TEACHER_CACHE_LAYOUTS if kd_loss is None else {k: v for k, v in TEACHER_CACHE_LAYOUTS.items()
                                                                if k == KIND_FOR_LOSS.get(kd_loss)}
         return dataset is not None and any(all(c in (dataset.column_names or []) for c in columns)
-                                           for columns in kinds.values())
+                                           for layouts in kinds.values() for columns in layouts)
 
     def _check_cache(self, dataset: Dataset, teacher: PreTrainedModel | None) -> None:
         args = self.args
@@ -246,8 +254,9 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
             uniforms = sample_uniforms(inputs["input_ids"], inputs.get("attention_mask"), args.kd_samples,
                                        args.kd_samples_seed + int(self.state.epoch or 0))
             return teacher_samples_from_hidden(hidden[:, :-1], lm_head, uniforms[:, :-1], args.temperature,
-                                               args.kd_chunk_size)
-        return teacher_topk_from_hidden(hidden[:, :-1], lm_head, args.top_k, args.temperature, args.kd_chunk_size)
+                                               args.kd_chunk_size, args.kd_chunk_bytes)
+        return teacher_topk_from_hidden(hidden[:, :-1], lm_head, args.top_k, args.temperature, args.kd_chunk_size,
+                                        args.kd_chunk_bytes)
 
     def _kd_sum(self, student: torch.nn.Module, hidden: torch.Tensor, targets: Any, mask: torch.Tensor) -> torch.Tensor:
         """Sum of the `kd_loss` objective over the positions of `mask` (`(B, T-1)`: the next-token label is not
@@ -258,7 +267,8 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
         if isinstance(weight, DTensor):  # FSDP2 shards: gather the head once for the chunked projection
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
-        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size, "reduction": "sum"}
+        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size,
+                  "chunk_bytes": args.kd_chunk_bytes, "reduction": "sum"}
         with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3
             hidden = hidden[:, :-1].to(weight.device)
             if args.kd_loss == "full":
