@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .skeleton import skeleton
+from .skeleton import decoder_layers, skeleton
 
 # Configuration entries that are not part of the architecture: bookkeeping and runtime switches.
 _NOT_STRUCTURAL = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
@@ -72,6 +72,8 @@ class MoeArchitecture:
         router (`str`, *optional*): the block's router, a `weight [E, H]` holder.
         attention (`str`, *optional*): path of the GQA attention module (`q/k/v/o_proj`); `None` when no layer has
             one (MLA). Layers of a hybrid without it (linear attention, Mamba) keep their mixer.
+        attention_class (`str`, *optional*): the GQA attention's class name: a hybrid's linear attention may sit at
+            the same path with projections of the same names, and is told apart by its class.
         shared_expert ([`SharedExpert`], *optional*): the block's always-active dense expert.
 
     Parameters that name configuration fields:
@@ -109,6 +111,7 @@ class MoeArchitecture:
     experts: str = "experts"
     router: str | None = "gate"
     attention: str | None = "self_attn"
+    attention_class: str | None = None
     shared_expert: SharedExpert | None = None
     expert_groups: str | None = None
     expert_bias: bool = False
@@ -183,7 +186,7 @@ class MoeArchitecture:
 
     # ------------------------------------------------------------------ modules
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return getattr(model, model.base_model_prefix).layers
+        return decoder_layers(model)
 
     def moe_blocks(self, model: nn.Module) -> dict[int, nn.Module]:
         """`{layer index: sparse MoE block}` for the layers of `model` that hold routed experts."""
@@ -208,9 +211,10 @@ class MoeArchitecture:
         if self.attention is None:
             return None
         try:
-            return layer.get_submodule(self.attention)
+            module = layer.get_submodule(self.attention)
         except AttributeError:
             return None
+        return module if type(module).__name__ == self.attention_class else None
 
 
 __all__ = ["MoeArchitecture", "SharedExpert"]

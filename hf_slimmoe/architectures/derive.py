@@ -21,9 +21,7 @@ What cannot be read off the model comes from `FAMILY_OVERRIDES` (a refusal reaso
 
 from __future__ import annotations
 
-import functools
 import inspect
-import json
 import logging
 import re
 from dataclasses import replace
@@ -32,7 +30,7 @@ import torch
 from torch import nn
 
 from .adapter import MoeArchitecture, SharedExpert
-from .skeleton import UnsupportedArchitecture, build_skeleton, decoder_layers, skeleton
+from .skeleton import UnsupportedArchitecture, build_skeleton, config_key, decoder_layers, skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +88,13 @@ def _changes(config, name: str, value: int, probe) -> object | None:
         return None
 
 
-def field_of(config, value: int, probe, hint: str = "") -> str | None:
+def field_of(config, value: int, probe, hint: str = "", only_hint: bool = False) -> str | None:
     """The configuration field holding `value` that `probe(meta model)` follows: among the fields whose value is
-    `value` (those whose name contains `hint` first), the first one whose doubling changes `probe`'s reading."""
+    `value` (those whose name contains `hint` first; only those with `only_hint`), the first one whose doubling
+    changes `probe`'s reading."""
     now = probe(skeleton(config))
-    candidates = sorted((k for k, v in _int_fields(config).items() if v == value), key=lambda k: hint not in k)
+    candidates = sorted((k for k, v in _int_fields(config).items() if v == value and (hint in k or not only_hint)),
+                        key=lambda k: hint not in k)
     for name in candidates:
         if _changes(config, name, value * 2, probe) not in (None, now):
             return name
@@ -138,7 +138,10 @@ def _join(*parts: str | None) -> str | None:
 
 
 def _experts_path(model_type: str, layers: nn.ModuleList) -> str:
-    paths = {find_experts(layer) for layer in layers} - {None}
+    try:
+        paths = {find_experts(layer) for layer in layers} - {None}
+    except UnsupportedArchitecture as error:
+        raise UnsupportedArchitecture(f"{model_type}: routed experts: {error}") from None
     if not paths:
         raise UnsupportedArchitecture(
             f"{model_type}: routed experts: no decoder layer holds fused experts (a module with a 3D down_proj "
@@ -184,8 +187,7 @@ def _shared_expert(config, paths, width_field: str, base: dict, widened: dict, s
         if rest or ratio < 1:
             raise UnsupportedArchitecture(f"{config.model_type}: shared expert: its width {base['shared']} follows "
                                           f"{width_field} but is not a multiple of it.")
-        count = None if ratio == 1 else field_of(
-            config, ratio, lambda m: widths(m, paths)["shared"], hint="shared")
+        count = field_of(config, ratio, lambda m: widths(m, paths)["shared"], hint="shared", only_hint=ratio == 1)
         if ratio > 1 and count is None:
             raise UnsupportedArchitecture(f"{config.model_type}: shared expert: width {base['shared']} = "
                                           f"{ratio} x {width_field} but no configuration field holds {ratio}.")
@@ -254,8 +256,8 @@ def _aux_loss(model: nn.Module) -> str | None:
     return f"{module.__name__}:load_balancing_loss_func"
 
 
-def _gqa_paths(layer: nn.Module) -> list[str]:
-    return [name for name, module in layer.named_modules()
+def _gqa_modules(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in layer.named_modules()
             if all(isinstance(getattr(module, p, None), nn.Linear) for p in _GQA_PROJECTIONS)]
 
 
@@ -287,16 +289,14 @@ def _gqa_facts(config, attention: nn.Module) -> dict:
     return {"gated_queries": rows == 2, "query_head_parameters": tuple(query_parameters), "head_dim": head_dim}
 
 
-def _follows_head_counts(config, path: str, head_dim: int, rows: int) -> bool:
-    """Whether a model built with half the GQA groups (same `head_dim`) has every attention module at `path` sized
-    by the new `num_attention_heads` / `num_key_value_heads`."""
+def _follows_head_counts(config, path: str, attention_class: str, head_dim: int, rows: int) -> bool:
+    """Whether a model built with fewer GQA groups (as many query heads per group, the same `head_dim`) has every
+    attention module of class `attention_class` at `path` sized by the new `num_attention_heads` /
+    `num_key_value_heads`."""
     heads, groups = config.num_attention_heads, config.num_key_value_heads
-    if groups % 2:
-        groups_new = groups - 1 if groups > 1 else None
-    else:
-        groups_new = groups // 2
-    if not groups_new:
+    if groups < 2:
         return True  # a single group cannot be checked (nor pruned)
+    groups_new = groups // 2
     heads_new = groups_new * (heads // groups)
     values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
     values.update(num_attention_heads=heads_new, num_key_value_heads=groups_new, head_dim=head_dim)
@@ -306,38 +306,47 @@ def _follows_head_counts(config, path: str, head_dim: int, rows: int) -> bool:
         return False
     for layer in decoder_layers(model):
         attention = _get(layer, path)
-        if attention is not None and (attention.q_proj.out_features != heads_new * head_dim * rows
-                                      or attention.k_proj.out_features != groups_new * head_dim
-                                      or attention.o_proj.in_features != heads_new * head_dim):
+        if type(attention).__name__ == attention_class and (
+                attention.q_proj.out_features != heads_new * head_dim * rows
+                or attention.k_proj.out_features != groups_new * head_dim
+                or attention.o_proj.in_features != heads_new * head_dim):
             return False
     return True
 
 
 def _attention_facts(config, layers: nn.ModuleList) -> dict:
-    """The GQA attention path and what pruning whole groups of it needs, or why it cannot be pruned."""
-    found = [_gqa_paths(layer) for layer in layers]
-    paths = {path for per_layer in found for path in per_layer}
-    refused = {"attention": None, "gated_queries": False, "query_head_parameters": (), "attention_prunable": False}
-    if not paths:
+    """The GQA attention path and class and what pruning whole groups of it needs, or why it cannot be pruned. A
+    module with q/k/v/o projections that fails the checks is taken for another kind of mixer (a hybrid's linear
+    attention) when another class at the same path passes them."""
+    refused = {"attention": None, "attention_class": None, "gated_queries": False, "query_head_parameters": (),
+               "attention_prunable": False}
+    candidates = {}  # (path, class) -> first module
+    for layer in layers:
+        for path, module in _gqa_modules(layer):
+            candidates.setdefault((path, type(module).__name__), module)
+    if not candidates:
         mla = any(hasattr(module, "kv_b_proj") for module in layers[0].modules())
         reason = ("it uses multi-head latent attention (MLA): keys and values are decoded per head from one shared "
                   "latent (kv_b_proj) with a shared rotary key, so there are no GQA groups to remove" if mla else
                   "no layer has an attention module with q_proj/k_proj/v_proj/o_proj Linears")
         return {**refused, "attention_refusal": reason}
-    if len(paths) > 1 or any(len(per_layer) > 1 for per_layer in found):
-        return {**refused, "attention_refusal": f"GQA attention sits at several paths ({', '.join(sorted(paths))})"}
-    path = paths.pop()
-    attention = next(layer.get_submodule(path) for layer, per_layer in zip(layers, found) if per_layer)
-    try:
-        facts = _gqa_facts(config, attention)
-    except ValueError as error:
-        return {**refused, "attention": path, "attention_refusal": str(error)}
-    rows = 2 if facts["gated_queries"] else 1
-    if not _follows_head_counts(config, path, facts["head_dim"], rows):
-        return {**refused, "attention": path, "attention_refusal": "a model built with fewer num_key_value_heads "
-                "(and as many query heads per group, the same head_dim) does not size every attention layer by them"}
-    return {"attention": path, "gated_queries": facts["gated_queries"], "attention_refusal": "",
-            "query_head_parameters": facts["query_head_parameters"], "attention_prunable": True}
+    passed, reasons = [], []
+    for (path, name), module in candidates.items():
+        try:
+            passed.append((path, name, _gqa_facts(config, module)))
+        except ValueError as error:
+            reasons.append(f"{name}: {error}")
+    if len(passed) != 1 or len({path for path, _ in candidates}) > 1:
+        reason = "; ".join(reasons) if not passed else (
+            f"GQA attention of several kinds or paths ({', '.join(f'{n} at {p}' for p, n in candidates)})")
+        return {**refused, "attention_refusal": reason}
+    path, name, facts = passed[0]
+    if not _follows_head_counts(config, path, name, facts["head_dim"], 2 if facts["gated_queries"] else 1):
+        return {**refused, "attention_refusal": "a model built with fewer num_key_value_heads (and as many query "
+                "heads per group, the same head_dim) does not size every attention layer by them"}
+    return {"attention": path, "attention_class": name, "gated_queries": facts["gated_queries"],
+            "attention_refusal": "", "query_head_parameters": facts["query_head_parameters"],
+            "attention_prunable": True}
 
 
 def _derive(config) -> MoeArchitecture:
@@ -369,9 +378,7 @@ def _derive(config) -> MoeArchitecture:
     return replace(arch, **overrides)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_architecture(config_class, config_json: str) -> MoeArchitecture:
-    return _derive(config_class.from_dict(json.loads(config_json)))
+_ARCHITECTURES: dict[tuple, MoeArchitecture] = {}
 
 
 def derive_architecture(config) -> MoeArchitecture:
@@ -380,7 +387,10 @@ def derive_architecture(config) -> MoeArchitecture:
     Raises:
         [`UnsupportedArchitecture`] (a `ValueError`): naming the `model_type`, the part and the reason.
     """
-    return _cached_architecture(type(config), config.to_json_string(use_diff=False))
+    key = config_key(config)
+    if key not in _ARCHITECTURES:
+        _ARCHITECTURES[key] = _derive(config)
+    return _ARCHITECTURES[key]
 
 
 __all__ = ["find_experts", "experts_layout", "field_of", "widths", "derive_architecture"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import json
-
 import torch
 from torch import nn
 
@@ -21,20 +18,27 @@ def build_skeleton(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_skeleton(config_class, config_json: str) -> nn.Module:
-    config = config_class.from_dict(json.loads(config_json))
-    return build_skeleton(config)
+_SKELETONS: dict[tuple, nn.Module] = {}
+
+
+def config_key(config) -> tuple:
+    """A hashable key of a configuration: its class and every value."""
+    return type(config), config.to_json_string(use_diff=False)
 
 
 def skeleton(config) -> nn.Module:
-    """[`build_skeleton`], cached per configuration (class and values)."""
-    return _cached_skeleton(type(config), config.to_json_string(use_diff=False))
+    """[`build_skeleton`], cached per configuration (class and values; the last 16 kept)."""
+    key = config_key(config)
+    if key not in _SKELETONS:
+        if len(_SKELETONS) >= 16:
+            _SKELETONS.pop(next(iter(_SKELETONS)))
+        _SKELETONS[key] = build_skeleton(config)
+    return _SKELETONS[key]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, model.base_model_prefix, model)
-    layers = getattr(base, "layers", None)
+    bases = (getattr(model, model.base_model_prefix, None), getattr(model, "model", None), model)
+    layers = next((base.layers for base in bases if isinstance(getattr(base, "layers", None), nn.ModuleList)), None)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedArchitecture(f"{model.config.model_type}: no decoder layers at "
                                       f"{model.base_model_prefix}.layers.")
