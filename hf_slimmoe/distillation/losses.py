@@ -46,8 +46,9 @@ def _chunk_logits(
 class _ChunkedHeadLoss(torch.autograd.Function):
     """
     A scalar loss `sum_n f_n(u_n)` of the student's scaled logits `u_n = (h_n W^T + b) / T`, computed `chunk_size`
-    tokens at a time (an `int`, see `chunk_tokens`) by `chunk_fn(start, end, u)`: it gets the chunk's float32 `(C, V)` block `u` (which it may
-    overwrite) and returns the chunk's loss sum and `d loss / d u` (`(C, V)`, usually `u`'s storage reused in place).
+    tokens at a time (an `int`, see `chunk_tokens`) by `chunk_fn(start, end, u)`: it gets the chunk's float32 `(C, V)`
+    block `u` (which it may overwrite) and returns the chunk's loss sum and `d loss / d u` (`(C, V)`, usually `u`'s
+    storage reused in place).
 
     The gradients with respect to the hidden states, weight and bias are computed in the forward pass, one chunk at a
     time, while the chunk's softmax is at hand (the loss is a scalar, so the backward only rescales them): peak extra

@@ -44,7 +44,7 @@ TOPK_IDS_COLUMN = "teacher_topk_ids"
 TOPK_LOGPROBS_COLUMN = "teacher_topk_logprobs"
 FINGERPRINT_COLUMN = "teacher_topk_fingerprint"
 CACHE_COLUMNS = (TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN, FINGERPRINT_COLUMN)
-SAMPLE_IDS_COLUMN = "teacher_sample_ids"  # unpacked ids (B, T, S): what the collator gives the loss; old caches' layout
+SAMPLE_IDS_COLUMN = "teacher_sample_ids"  # unpacked ids (B, T, S): what the collator gives the loss; old caches' too
 SAMPLE_PACKED_COLUMN = "teacher_sample_packed"  # packed ids, `SamplePacking.width` bytes per position
 SAMPLE_FINGERPRINT_COLUMN = "teacher_sample_fingerprint"
 SAMPLE_COLUMNS = (SAMPLE_PACKED_COLUMN, SAMPLE_FINGERPRINT_COLUMN)
@@ -248,8 +248,9 @@ class SamplePacking:
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """`(..., width)` bytes (uint8 or any integer type) -> `(..., S)` int64 ids."""
         if packed.size(-1) != self.width:
-            raise ValueError(f"Packed teacher samples have {packed.size(-1)} bytes per position, but {self.num_samples}"
-                             f" ids of {self.bits} bits take {self.width}: the cache's record does not describe it.")
+            raise ValueError(f"Packed teacher samples have {packed.size(-1)} bytes per position, but "
+                             f"{self.num_samples} ids of {self.bits} bits take {self.width}: the cache's record does "
+                             "not describe it.")
         first, shift, touched = self._layout(packed.device)
         flat = torch.nn.functional.pad(packed.reshape(-1, self.width).long(), (0, touched.numel()))  # (N, width + t)
         parts = flat[:, first[:, None] + touched]  # (N, S, t) the bytes each id covers
@@ -272,9 +273,10 @@ def sample_packing(dataset: Dataset) -> SamplePacking | None:
                          f"{SAMPLE_IDS_COLUMN} (unpacked ones); keep one of them.")
     if SAMPLE_PACKED_COLUMN in columns:
         if not isinstance(packing, dict) or packing.get("column") != SAMPLE_PACKED_COLUMN:
-            raise ValueError(f"The dataset carries packed teacher samples ({SAMPLE_PACKED_COLUMN}) but its cache record "
-                             "says nothing of their packing (the dataset's info.description was lost or replaced), so "
-                             "their bit width is unknown; rebuild the cache with `cache_teacher_samples`.")
+            raise ValueError(f"The dataset carries packed teacher samples ({SAMPLE_PACKED_COLUMN}) but its cache "
+                             "record says nothing of their packing (the dataset's info.description was lost or "
+                             "replaced), so their bit width is unknown; rebuild the cache with "
+                             "`cache_teacher_samples`.")
         result = SamplePacking.from_record(record)
         feature = dataset.features[SAMPLE_PACKED_COLUMN].feature  # one position: a fixed-size list of bytes
         if getattr(feature, "length", None) != result.width or packing.get("width") != result.width:

@@ -249,8 +249,9 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
         packings = {sample_packing(d) for d in datasets if isinstance(d, Dataset)} - {None}
         if len(packings) > 1:
-            raise ValueError(f"The datasets carry teacher samples packed in different ways ({sorted(map(str, packings))}"
-                             "); one collator unpacks every batch: drop the samples columns of the evaluation data.")
+            raise ValueError("The datasets carry teacher samples packed in different ways "
+                             f"({sorted(map(str, packings))}); one collator unpacks every batch: drop the samples "
+                             "columns of the evaluation data.")
         return next(iter(packings), None)
 
     @staticmethod
