@@ -24,10 +24,11 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder of a causal LM (its `base_model_prefix` attribute, e.g. `model.model`), through PEFT if present."""
+    """The decoder of a causal LM (its `base_model_prefix` attribute, e.g. `model.model`, else `model.model` as in
+    Llama-4's text model, whose prefix names the multimodal wrapper's attribute), through PEFT if present."""
     model = causal_lm(model)
     prefix = getattr(model, "base_model_prefix", "model")
-    decoder = getattr(model, prefix, None)
+    decoder = getattr(model, prefix, None) or getattr(model, "model", None)
     if decoder is None:
         raise ValueError(f"{type(model).__name__} has no backbone attribute {prefix!r}; pass a causal LM model.")
     return decoder

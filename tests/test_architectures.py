@@ -402,10 +402,10 @@ def test_expert_neuron_views_address_what_slimming_keeps(model_type):
     model = tiny(model_type)
     arch = get_architecture(model)
     experts = arch.experts_of(next(iter(arch.moe_blocks(model).values())))
-    before = [w.detach().clone() for w in expert_neurons(experts)]  # each [E, I, H]
+    before = [w.detach().clone() for w in expert_neurons(arch, experts)]  # each [E, I, H]
     generator = torch.Generator().manual_seed(0)
     keep = torch.stack([torch.randperm(24, generator=generator)[:16].sort().values for _ in range(4)])  # [E, 16]
-    slim_experts(experts, keep)
-    for old, new in zip(before, expert_neurons(experts)):
+    slim_experts(arch, experts, keep)
+    for old, new in zip(before, expert_neurons(arch, experts)):
         assert new.shape == (4, 16, 32)
         assert torch.equal(new, torch.stack([old[e, keep[e]] for e in range(4)]))

@@ -33,8 +33,7 @@ KNOWN_FAILURES = {
     "hunyuan_v1_moe": "the pruned configuration builds no model (its rope settings are lost)",
     "granitemoe_swa": "pruning dead neurons and groups changes its logits",
     "minimax": "count_parameters differs from the materialized count after pruning",
-    "llama4_text": "scoring reads the decoder at base_model_prefix (language_model), which Llama4ForCausalLM lacks",
-    "nemotron_h": "a scoring path reads gate_up_proj, which up-only (relu²) experts lack",
+    "nemotron_h": _STORED + " (its decoder is saved under backbone.)",
     "phimoe": "streaming surgery reads a stock phimoe checkpoint as SlimMoeConfig and refuses a PhimoeConfig target",
 }
 
@@ -77,7 +76,7 @@ def kill(model, arch, dead: int, dead_shared: int, dead_groups: int) -> None:
     with torch.no_grad():
         for block in arch.moe_blocks(model).values():
             experts = arch.experts_of(block)
-            if experts.is_transposed:
+            if arch.expert_transposed:
                 experts.down_proj[:, -dead:, :] = 0  # [E, I, H]
             else:
                 experts.down_proj[:, :, -dead:] = 0  # [E, H, I]

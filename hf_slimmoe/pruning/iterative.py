@@ -13,6 +13,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from ..architectures import get_architecture
 from ..configuration_slimmoe import SlimMoeConfig
 from ..schedule import geometric_size
 from .sensitivity import SensitivityScores, compute_sensitivity
@@ -37,6 +38,7 @@ class IterativeMaskCallback(TrainerCallback):
         self.criterion, self.top_k = criterion, top_k
         self.every, self.target_step, self.multiple = mask_every_steps, target_step, expert_multiple
         self.source = SlimMoeConfig.from_config_dict(model.config.to_dict())
+        self.arch = get_architecture(self.source)
         c = self.source
         self.expert_keep = [torch.ones(c.num_local_experts, c.intermediate_size, dtype=torch.bool)
                             for _ in range(c.num_hidden_layers)]
@@ -77,7 +79,7 @@ class IterativeMaskCallback(TrainerCallback):
         per_group = c.num_attention_heads // c.num_key_value_heads
         for layer, block in enumerate(self.model.model.layers):
             drop = ~self.expert_keep[layer].to(block.mlp.experts.down_proj.device)  # [E, I]
-            for weight in expert_neurons(block.mlp.experts):  # [E, I, H] views
+            for weight in expert_neurons(self.arch, block.mlp.experts):  # [E, I, H] views
                 weight.data[drop] = 0
             dropped = torch.nonzero(~self.group_keep[layer]).flatten()
             if dropped.numel() == 0:
@@ -94,7 +96,7 @@ class IterativeMaskCallback(TrainerCallback):
         """Read the masks back from the model's zeroed units (a resumed run's checkpoint)."""
         c = self.source
         for layer, block in enumerate(self.model.model.layers):
-            down = expert_neurons(block.mlp.experts)[2]  # [E, I, H]
+            down = expert_neurons(self.arch, block.mlp.experts)[-1]  # [E, I, H]
             self.expert_keep[layer] = down.detach().abs().sum(dim=-1).cpu() > 0
             o = block.self_attn.o_proj.weight.detach().abs().sum(dim=0).cpu()  # [heads * head_dim]
             self.group_keep[layer] = o.view(c.num_key_value_heads, -1).sum(dim=1) > 0

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..architectures import get_architecture
 from ..distillation.losses import chunked_cross_entropy, topk_kl_loss
 from ..distributed import all_reduce_sum, call_through_forward, full_tensor, is_sharded, rank_and_world, rank_share
-from ..modeling_utils import check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
+from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Mo
                 top_k: int, chunk_size: int, aux_loss, coef: float) -> tuple[torch.Tensor, int]:
     """The summed loss of one calibration batch (KD or CLM term + `coef` x the per-token aux loss) and the number of
     tokens it counts. `teacher=None` takes the teacher distribution from the model's own forward (stage 1)."""
-    base, lm_head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    base, lm_head = backbone(model), model.get_output_embeddings()
     device = lm_head.weight.device
     input_ids = batch["input_ids"]  # [B, T]
     attention_mask = batch.get("attention_mask")
@@ -412,7 +412,7 @@ def _neuron_scores(model: nn.Module, scored: dict[str, dict[int, nn.Parameter]],
                 weight, grad = full_tensor(param), full_tensor(grad) * world_size
             s = (grad / total_tokens * weight.float()).abs_()
             if name == "experts":  # [E, H, I] (or [E, I, H] transposed) -> [E, I]
-                hidden_axis = 2 if getattr(arch.experts_of(blocks[layer]), "is_transposed", False) else 1
+                hidden_axis = 2 if arch.expert_transposed else 1
                 out[name].append(torch.linalg.vector_norm(s, dim=hidden_axis).cpu())
             elif name == "shared_experts":  # [H, I_s] -> [I_s]
                 out[name].append(torch.linalg.vector_norm(s, dim=0).cpu())

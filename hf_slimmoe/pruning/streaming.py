@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PretrainedConfig
 
 from ..architectures import get_architecture
 from .safetensors_stream import SafetensorsStreamWriter, tensor_nbytes
@@ -414,8 +415,7 @@ def read_source_config(model_dir: str):
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No config.json in {model_dir}: pass a checkpoint directory.")
-    with open(path, encoding="utf-8") as f:
-        values = json.load(f)
+    values, _ = PretrainedConfig.get_config_dict(path)  # JSON-encoded infinities decoded as transformers does
     if "model_type" not in values:
         raise ValueError(f"{path} has no model_type: streaming surgery needs to know the MoE family.")
     return config_from_dict(values)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Module attributes that cache an expert / MLP width and must follow the pruned tensors.
-_WIDTH_ATTRIBUTES = ("intermediate_dim", "intermediate_size", "ffn_dim")
+_WIDTH_ATTRIBUTES = ("intermediate_dim", "intermediate_size", "ffn_dim", "expert_dim", "ffn_hidden_size")
 
 
 def _head_dim(config) -> int:
@@ -147,14 +147,17 @@ def _set_width(module: nn.Module, value: int) -> None:
             setattr(module, name, value)
 
 
-def expert_neurons(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views of a fused experts module's weights with one row per neuron: `(gate, up, down)`, each
-    `[num_experts, width, hidden]`. Row `i` of expert `e` in all three is neuron `i` of that expert, whatever the
-    layout (gate half first or interleaved, transposed or not: the module's `@use_experts_implementation` flags)."""
-    transposed = getattr(experts, "is_transposed", False)
-    gate_up = experts.gate_up_proj.transpose(1, 2) if transposed else experts.gate_up_proj  # [E, 2I, H]
+def expert_neurons(arch: MoeArchitecture, experts: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Views of a fused experts module's weights with one row per neuron: `(gate, up, down)` (`(up, down)` for
+    experts without a gate), each `[num_experts, width, in]`. Row `i` of expert `e` in all of them is neuron `i` of
+    that expert, whatever the layout (gate half first or interleaved, transposed or not: the adapter's flags, which
+    are `@use_experts_implementation`'s)."""
+    transposed = arch.expert_transposed
     down = experts.down_proj if transposed else experts.down_proj.transpose(1, 2)  # [E, I, H]
-    if getattr(experts, "is_concatenated", True):
+    if not arch.expert_gate:
+        return (experts.up_proj.transpose(1, 2) if transposed else experts.up_proj), down  # [E, I, H] each
+    gate_up = experts.gate_up_proj.transpose(1, 2) if transposed else experts.gate_up_proj  # [E, 2I, H]
+    if arch.expert_concatenated:
         size = down.shape[1]
         return gate_up[:, :size], gate_up[:, size:], down
     return gate_up[:, 0::2], gate_up[:, 1::2], down
@@ -181,26 +184,27 @@ def gate_up_index(keep: torch.Tensor, old_size: int, concatenated: bool) -> torc
     return torch.stack([2 * keep, 2 * keep + 1], dim=-1).reshape(keep.shape[0], -1)
 
 
-def slim_experts(experts: nn.Module, keep: torch.Tensor) -> None:
+def slim_experts(arch: MoeArchitecture, experts: nn.Module, keep: torch.Tensor) -> None:
     """Keep, per expert, the neurons `keep` (`[num_experts, new_width]`, ascending) of a fused experts module.
 
-    The layout comes from the flags `@use_experts_implementation` sets on the module: `is_transposed` (weights stored
-    `[E, in, out]`), `is_concatenated` (gate half first, else interleaved) and `has_bias`.
+    The layout is the adapter's (the flags `@use_experts_implementation` sets on the module): transposed (weights
+    stored `[E, in, out]`), concatenated (gate half first, else interleaved), biased, gated (`gate_up_proj`) or
+    up-only (`up_proj`).
     """
-    transposed = getattr(experts, "is_transposed", False)
-    concatenated = getattr(experts, "is_concatenated", True)
+    transposed = arch.expert_transposed
     neuron_axis = 1 if transposed else 2  # of down_proj: [E, I, H] or [E, H, I]
-    gate_up_axis = 2 if transposed else 1  # of gate_up_proj: [E, H, 2I] or [E, 2I, H]
+    input_axis = 2 if transposed else 1  # of gate_up_proj [E, H, 2I] / [E, 2I, H], up_proj [E, H, I] / [E, I, H]
     old_size = experts.down_proj.shape[neuron_axis]
     keep = keep.to(experts.down_proj.device)
-    rows = gate_up_index(keep, old_size, concatenated)  # [E, 2I_new]
+    name = "gate_up_proj" if arch.expert_gate else "up_proj"
+    rows = gate_up_index(keep, old_size, arch.expert_concatenated) if arch.expert_gate else keep  # [E, 2I_new | I_new]
     with torch.no_grad():
-        replace_parameter(experts, "gate_up_proj", torch.take_along_dim(
-            experts.gate_up_proj, rows.unsqueeze(3 - gate_up_axis), dim=gate_up_axis))
+        replace_parameter(experts, name, torch.take_along_dim(
+            getattr(experts, name), rows.unsqueeze(3 - input_axis), dim=input_axis))
         replace_parameter(experts, "down_proj", torch.take_along_dim(
             experts.down_proj, keep.unsqueeze(3 - neuron_axis), dim=neuron_axis))
-        if getattr(experts, "has_bias", False):
-            replace_parameter(experts, "gate_up_proj_bias", experts.gate_up_proj_bias.gather(1, rows))  # [E, 2I_new]
+        if arch.expert_bias:
+            replace_parameter(experts, f"{name}_bias", getattr(experts, f"{name}_bias").gather(1, rows))
     _set_width(experts, keep.shape[1])
 
 
@@ -218,8 +222,10 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
 
 
 def slim_glu(mlp: nn.Module, keep: torch.Tensor) -> None:
-    """Keep the neurons `keep` (ascending) of a dense GLU MLP (`gate_proj`, `up_proj` rows; `down_proj` columns)."""
-    _slice_linear(mlp.gate_proj, keep, dim=0)
+    """Keep the neurons `keep` (ascending) of a dense MLP (`gate_proj` where it is a GLU, `up_proj` rows; `down_proj`
+    columns)."""
+    if getattr(mlp, "gate_proj", None) is not None:
+        _slice_linear(mlp.gate_proj, keep, dim=0)
     _slice_linear(mlp.up_proj, keep, dim=0)
     _slice_linear(mlp.down_proj, keep, dim=1)
     _set_width(mlp, keep.numel())
@@ -250,7 +256,7 @@ def _prune_moe_blocks(arch: MoeArchitecture, model: nn.Module, target, scores: S
     new_width, new_shared = arch.expert_width_of(target), arch.shared_width_of(target)
     for index, block in arch.moe_blocks(model).items():
         if new_width != arch.expert_width_of(config):
-            slim_experts(arch.experts_of(block), keep_indices(scores.experts[index], new_width))
+            slim_experts(arch, arch.experts_of(block), keep_indices(scores.experts[index], new_width))
             _set_width(block, new_width)
         if new_shared != arch.shared_width_of(config):
             slim_glu(arch.shared_of(block), keep_indices(scores.shared_experts[index], new_shared))

@@ -55,8 +55,9 @@ def describe(path: str) -> dict:
     config_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"No config.json at {path}: pass a checkpoint directory or a config.json file.")
-    with open(config_file) as f:
-        values = json.load(f)
+    from transformers import PretrainedConfig
+
+    values, _ = PretrainedConfig.get_config_dict(config_file)  # JSON-encoded infinities decoded as transformers does
     model_type = values.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{config_file} has model_type {model_type!r}; supported: "

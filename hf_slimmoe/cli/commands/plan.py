@@ -37,13 +37,14 @@ class PlanCommand(Command):
             return self.run_recipe(args)
         if not args.teacher:
             raise ValueError("give RECIPE.yaml, or --teacher with --intermediate-size and/or --num-key-value-heads.")
+        from transformers import PretrainedConfig
+
         from ...architectures import config_from_dict, slim_config
         from ...schedule import format_plan, plan_rows, plan_stages
 
         describe(args.teacher)  # names a missing file or an unsupported family
         config_file = os.path.join(args.teacher, "config.json") if os.path.isdir(args.teacher) else args.teacher
-        with open(config_file) as f:
-            teacher = config_from_dict(json.load(f))  # any supported family
+        teacher = config_from_dict(PretrainedConfig.get_config_dict(config_file)[0])  # any supported family
         target = slim_config(teacher, expert_width=args.intermediate_size,
                              num_key_value_heads=args.num_key_value_heads)
         stages = plan_stages(teacher, target, args.num_stages, expert_multiple=args.expert_multiple)
