@@ -21,14 +21,11 @@ from hf_slimmoe.pruning.streaming import prune_checkpoint
 FAMILIES = [t for t in SUPPORTED_MODEL_TYPES if t != "slimmoe"]  # slimmoe is phimoe's class, tested everywhere else
 EXPORTED: dict[str, str] = {}  # model_type -> pruned stock checkpoint, for the reload test at the end
 _STORED = "streaming surgery does not know the key layout save_pretrained writes for it"
-_HETEROGENEOUS = "slim_config cannot copy its per-layer (heterogeneous) configuration"
 # Families that derive but do not pass every check yet, with what fails (strict: a fix shows up as XPASS).
 KNOWN_FAILURES = {
     "aria_text": _STORED, "deepseek_v4": _STORED, "granitemoe": _STORED, "granitemoeshared": _STORED,
     "flint": _STORED + " (sinks)", "hy_v3": _STORED + " (shared experts)", "kimi_linear": _STORED + " (shared experts)",
     "laguna": _STORED + " (shared experts)", "hy_v4": "streamed and in-memory checkpoints hold different keys",
-    "kolibri1": _HETEROGENEOUS, "lara_mini": _HETEROGENEOUS, "qwen3_5_moe_text": _HETEROGENEOUS,
-    "solar_open": _HETEROGENEOUS, "zaya": _HETEROGENEOUS,
     "dots1": "the pruned configuration builds no model (modeling_dots1 TypeError)",
     "hunyuan_v1_moe": "the pruned configuration builds no model (its rope settings are lost)",
     "granitemoe_swa": "pruning dead neurons and groups changes its logits",

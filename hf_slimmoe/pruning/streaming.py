@@ -514,8 +514,8 @@ def prune_checkpoint(
     layout = plan_cuts(cuts, config, target)
     kept = kept_indices(config, target, scores)
     logger.info("Streaming surgery of %s (%d tensors in %d shard(s), %s experts): d_expert %d -> %d, heads %d/%d -> "
-                "%d/%d", model_dir, len(cuts), len(shards), layout, config.intermediate_size,
-                target.intermediate_size, config.num_attention_heads, config.num_key_value_heads,
+                "%d/%d", model_dir, len(cuts), len(shards), layout, get_architecture(config).expert_width_of(config),
+                get_architecture(config).expert_width_of(target), config.num_attention_heads, config.num_key_value_heads,
                 target.num_attention_heads, target.num_key_value_heads)
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
