@@ -8,20 +8,21 @@ loading of stock PhiMoE checkpoints as SlimMoE, export back to a stock `model_ty
     mlp.experts.down_proj     [num_experts, hidden_size, intermediate_size]
 
 and are saved in the original per-expert layout of Phi-3.5-MoE (`block_sparse_moe.experts.{e}.w1/w2/w3.weight`,
-`block_sparse_moe.gate.weight`), so stock transformers and vLLM-style servers read them.
+`block_sparse_moe.gate.weight`) by transformers' own PhiMoE conversion mapping (registered for `slimmoe`), so stock
+transformers and vLLM-style servers read them; `load_state_dict` reads that layout too (`read_stored_layout`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
 
 from transformers import PhimoeForCausalLM, PretrainedConfig
 
 from .configuration_slimmoe import SlimMoeConfig
+from .modeling_utils import read_stored_layout
 
 logger = logging.getLogger(__name__)
 
@@ -32,32 +33,6 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 def _read_model_type(pretrained_model_name_or_path, **hub_kwargs) -> tuple[str | None, dict]:
     config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
     return config_dict.get("model_type"), config_dict
-
-
-_EXPERT_KEY = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-
-
-def _fuse_phimoe_experts(state_dict: dict) -> dict:
-    """Per-expert keys (`block_sparse_moe.experts.{e}.w1/w2/w3.weight`, `block_sparse_moe.gate.weight`) to the fused
-    module layout (`mlp.experts.gate_up_proj` [E, 2I, H] gate half first, `mlp.experts.down_proj` [E, H, I],
-    `mlp.router.weight`); a state dict already in the module layout is returned unchanged."""
-    if not any(".block_sparse_moe." in key for key in state_dict):
-        return state_dict
-    fused, experts = {}, {}
-    for key, value in state_dict.items():
-        match = _EXPERT_KEY.match(key)
-        if match:
-            prefix, index, name = match.group(1), int(match.group(2)), match.group(3)
-            experts.setdefault(prefix, {}).setdefault(name, {})[index] = value
-        else:
-            fused[key.replace(".block_sparse_moe.gate.weight", ".mlp.router.weight")
-                  .replace(".block_sparse_moe.", ".mlp.")] = value
-    for prefix, weights in experts.items():
-        order = sorted(weights["w1"])
-        fused[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([weights["w1"][e], weights["w3"][e]], dim=0) for e in order])  # [E, 2I, H]
-        fused[f"{prefix}.mlp.experts.down_proj"] = torch.stack([weights["w2"][e] for e in order])  # [E, H, I]
-    return fused
 
 
 def _grouped_mm_aligned(config, dtype: torch.dtype) -> bool:
@@ -71,6 +46,11 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
 
     config_class = SlimMoeConfig
     config: SlimMoeConfig
+
+    def __init__(self, config: SlimMoeConfig):
+        super().__init__(config)
+        # Trainer resumes with a plain `load_state_dict` of the per-expert layout `save_pretrained` writes
+        read_stored_layout(self)
 
     # transformers decides which attention/experts kernels a class supports by reading its module's source. Ours runs
     # the stock PhiMoE modules, so it supports exactly what PhimoeForCausalLM does (without this, a SlimMoE model
@@ -119,15 +99,6 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         elif not isinstance(config, SlimMoeConfig):
             config = SlimMoeConfig.from_phimoe(config)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """`nn.Module.load_state_dict` that also accepts the per-expert Phi-3.5-MoE layout `save_pretrained` writes.
-
-        Trainer reads its own checkpoints back (`resume_from_checkpoint`, `load_best_model_at_end`) with a plain
-        `load_state_dict` on the saved safetensors, which bypasses the checkpoint conversion of `from_pretrained`;
-        without this, the experts and routers of a resumed or best model would silently keep their current values.
-        """
-        return super().load_state_dict(_fuse_phimoe_experts(state_dict), strict=strict, assign=assign)
 
     def export_phimoe(self, save_directory: str | os.PathLike, **save_kwargs) -> None:
         """Save a stock `model_type: phimoe` checkpoint that plain transformers loads, with no plugin and no remote code.

@@ -3,6 +3,8 @@
 - [`causal_lm`] / [`backbone`]: the transformers model inside a PEFT wrapper, and its decoder (the module whose last
   hidden state feeds `lm_head`);
 - [`forward_hidden`]: a forward through any accelerate / DDP wrapper that also returns that hidden state;
+- [`module_layout`] / [`read_stored_layout`]: a state dict in the key layout `save_pretrained` writes (transformers'
+  conversion mapping reverted) converted to the module's own, as `from_pretrained` converts it;
 - [`vocab_size`], [`check_same_vocabulary`], [`check_tokenizer_vocabulary`]: the vocabulary checks made before any
   compute;
 - [`chunk_tokens`]: how many tokens a chunked projection to the vocabulary takes at a time, from a byte budget;
@@ -47,6 +49,55 @@ def forward_hidden(model: torch.nn.Module, decoder: torch.nn.Module, **inputs) -
 
 
 # ------------------------------------------------------------------------------------------------ vocabulary
+def module_layout(model: torch.nn.Module, state_dict: dict) -> dict:
+    """`state_dict` under `model`'s own parameter names: keys in the layout `save_pretrained` writes (the family's
+    conversion mapping reverted: PhiMoE's per-expert `w1/w2/w3`, Qwen's per-expert `gate_proj/up_proj/down_proj`,
+    GraniteMoE's `input_linear`, ...) are renamed and converted as `from_pretrained` converts them, through
+    transformers' own `get_model_conversion_mapping`; keys the model already has are kept as they are."""
+    from copy import deepcopy
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    own = set(model.state_dict())
+    if own.issuperset(state_dict):
+        return state_dict
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    converted, pending = {}, {}
+    for key in sorted(state_dict, key=dot_natural_key):  # experts in their order, as MergeModulelist stacks them
+        name, pattern = (key, None) if key in own else rename_source_key(key, renamings, converters)
+        if pattern is None:
+            converted[name] = state_dict[key]
+            continue
+        if name not in pending:
+            pending[name] = deepcopy(next(c for c in converters if pattern in c.source_patterns))
+        pending[name].add_tensor(name, key, pattern, state_dict[key])
+    for name, converter in pending.items():
+        for target, value in converter.convert(name, model=model, config=model.config).items():
+            converted[target] = value[0] if isinstance(value, list) else value
+    return converted
+
+
+def _convert_stored_layout(module, state_dict, prefix, *args) -> None:
+    converted = module_layout(module, dict(state_dict)) if not prefix else state_dict
+    if converted is not state_dict:
+        state_dict.clear()
+        state_dict.update(converted)
+
+
+def read_stored_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Make `model.load_state_dict` read the key layout `save_pretrained` writes (see [`module_layout`]) and return
+    `model`. `Trainer` resumes from a checkpoint and loads its best model with a plain `load_state_dict` on the saved
+    safetensors, which bypasses the conversion of `from_pretrained`: without this, the routed experts of a family
+    saved in another layout would keep their current values (the load is not strict)."""
+    if not getattr(model, "_reads_stored_layout", False):
+        model.register_load_state_dict_pre_hook(_convert_stored_layout)
+        model._reads_stored_layout = True
+    return model
+
+
 def vocab_size(model: torch.nn.Module) -> int:
     """Rows of the model's output embeddings (the vocabulary its logits cover)."""
     return causal_lm(model).get_output_embeddings().weight.size(0)
@@ -178,5 +229,6 @@ def teacher_topk_from_model(
 
 
 __all__ = ["CHUNK_BYTES", "backbone", "causal_lm", "check_same_vocabulary", "check_tokenizer_vocabulary",
+           "module_layout", "read_stored_layout",
            "chunk_tokens", "forward_hidden", "teacher_topk", "teacher_topk_from_hidden", "teacher_topk_from_model",
            "vocab_size"]

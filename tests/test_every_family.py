@@ -2,7 +2,8 @@
 causal LMs whose modeling file defines fused experts), each as a tiny model of its own config class
 (`family_models`): the adapter is derived from the model, the counts are exact, keeping everything and pruning dead
 neurons and a dead KV group leave the logits unchanged, streaming surgery writes what load-prune-save writes, and a
-fresh process without the plugin reloads the pruned checkpoint. A family that cannot be built tiny, or that SlimMoE
+fresh process without the plugin reloads the pruned checkpoint, and a plain `load_state_dict` (what Trainer resumes with)
+reads what `save_pretrained` wrote. A family that cannot be built tiny, or that SlimMoE
 refuses, shows as skipped with the reason."""
 
 import json
@@ -16,23 +17,17 @@ from safetensors.torch import load_file
 from family_models import VOCAB, tiny_model
 from hf_slimmoe import SUPPORTED_MODEL_TYPES, compute_sensitivity, count_parameters, prune_to, slim_config
 from hf_slimmoe.architectures import UnsupportedArchitecture, get_architecture, save_stock
+from hf_slimmoe.modeling_utils import read_stored_layout
 from hf_slimmoe.pruning.streaming import prune_checkpoint
 
 FAMILIES = [t for t in SUPPORTED_MODEL_TYPES if t != "slimmoe"]  # slimmoe is phimoe's class, tested everywhere else
 EXPORTED: dict[str, str] = {}  # model_type -> pruned stock checkpoint, for the reload test at the end
-_STORED = "streaming surgery does not know the key layout save_pretrained writes for it"
+# Families that round part of a float64 forward to float32 (granitemoe_swa: its attention softmax with sinks; beam: its
+# router and GLU activations), where removing dead units reorders float64 sums by 1e-16 and the float32 step shows it:
+# exact up to float32 rounding.
+FLOAT32_ATOL = {"granitemoe_swa": 1e-6, "beam": 1e-6}
 # Families that derive but do not pass every check yet, with what fails (strict: a fix shows up as XPASS).
-KNOWN_FAILURES = {
-    "aria_text": _STORED, "deepseek_v4": _STORED, "granitemoe": _STORED, "granitemoeshared": _STORED,
-    "flint": _STORED + " (sinks)", "hy_v3": _STORED + " (shared experts)", "kimi_linear": _STORED + " (shared experts)",
-    "laguna": _STORED + " (shared experts)", "hy_v4": "streamed and in-memory checkpoints hold different keys",
-    "dots1": "the pruned configuration builds no model (modeling_dots1 TypeError)",
-    "hunyuan_v1_moe": "the pruned configuration builds no model (its rope settings are lost)",
-    "granitemoe_swa": "pruning dead neurons and groups changes its logits",
-    "minimax": "count_parameters differs from the materialized count after pruning",
-    "nemotron_h": _STORED + " (its decoder is saved under backbone.)",
-    "phimoe": "streaming surgery reads a stock phimoe checkpoint as SlimMoeConfig and refuses a PhimoeConfig target",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def calibration(seed: int = 1) -> list[dict]:
@@ -102,12 +97,17 @@ def test_family_prunes_exactly_counts_exactly_and_streams(model_type, tmp_path_f
     directory = tmp_path_factory.mktemp(model_type)
     model.save_pretrained(directory / "source")
     before, scores = logits(model, batches), compute_sensitivity(model, batches, show_progress=False)
+    # Trainer resumes with a plain load_state_dict of what save_pretrained wrote, in the family's stored key layout
+    resumed = read_stored_layout(tiny_model(model_type, dtype=torch.float64))
+    loaded = resumed.load_state_dict(load_file(directory / "source/model.safetensors"), strict=False)
+    assert set(loaded.missing_keys) <= set(resumed.all_tied_weights_keys) and not loaded.unexpected_keys  # tied: unsaved
+    assert torch.equal(logits(resumed, batches), before)
     target = slim_config(config, expert_width=width - 4, shared_expert_width=shared - 4 if own_shared else None,
                          num_key_value_heads=groups - groups // 2 if groups > 1 else None)
     prune_to(model, target, scores)
     assert arch.expert_width_of(model.config) == width - 4
     assert count_parameters(model.config) == materialized(model, arch)
-    torch.testing.assert_close(logits(model, batches), before, rtol=0, atol=1e-10)
+    torch.testing.assert_close(logits(model, batches), before, rtol=0, atol=FLOAT32_ATOL.get(model_type, 1e-10))
 
     save_stock(model, directory / "pruned")
     prune_checkpoint(directory / "source", directory / "streamed", target, scores, card=False, show_progress=False)
@@ -124,13 +124,18 @@ import json, sys, torch
 from transformers import AutoModelForCausalLM
 failed = {}
 for model_type, directory in json.loads(sys.argv[1]).items():
-    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, dtype=torch.float64,
-                                                       experts_implementation="eager")
-    problems = {k: v for k, v in info.items() if v}
-    expected = torch.load(directory + "/expected.pt")
-    with torch.no_grad():
-        got = model.eval()(input_ids=expected["input_ids"]).logits
-    if problems or not torch.allclose(got, expected["logits"], rtol=0, atol=1e-6):  # hybrids run float32 kernels
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, dtype=torch.float64,
+                                                           experts_implementation="eager")
+        problems = {k: v for k, v in info.items() if v}
+        expected = torch.load(directory + "/expected.pt")
+        with torch.no_grad():
+            got = model.eval()(input_ids=expected["input_ids"]).logits
+    except Exception as error:
+        failed[model_type] = repr(error)
+        continue
+    # hybrids run float32 kernels; some families return float32 logits
+    if problems or not torch.allclose(got.double(), expected["logits"].double(), rtol=0, atol=1e-6):
         failed[model_type] = str(problems or (got - expected["logits"]).abs().max().item())
 assert "hf_slimmoe" not in sys.modules, "the plugin was imported"
 print(json.dumps(failed))

@@ -289,29 +289,36 @@ def _gqa_facts(config, attention: nn.Module) -> dict:
     return {"gated_queries": rows == 2, "query_head_parameters": tuple(query_parameters), "head_dim": head_dim}
 
 
-def _follows_head_counts(config, path: str, attention_class: str, head_dim: int, rows: int) -> bool:
-    """Whether a model built with fewer GQA groups (as many query heads per group, the same `head_dim`) has every
-    attention module of class `attention_class` at `path` sized by the new `num_attention_heads` /
-    `num_key_value_heads`."""
+def _follows_head_counts(config, path: str, attention_class: str, head_dim: int, rows: int) -> str | None:
+    """Why fewer GQA groups cannot be expressed, or `None`: a model built with half the groups (as many query heads
+    per group, the same `head_dim`) must size every attention module of class `attention_class` at `path` by the new
+    `num_attention_heads` / `num_key_value_heads`, and nothing else by them (a hybrid's linear attention may be)."""
     heads, groups = config.num_attention_heads, config.num_key_value_heads
     if groups < 2:
-        return True  # a single group cannot be checked (nor pruned)
+        return None  # a single group cannot be checked (nor pruned)
     groups_new = groups // 2
     heads_new = groups_new * (heads // groups)
     values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
     values.update(num_attention_heads=heads_new, num_key_value_heads=groups_new, head_dim=head_dim)
     try:
         model = build_skeleton(type(config)(**values))
-    except Exception:
-        return False
-    for layer in decoder_layers(model):
-        attention = _get(layer, path)
-        if type(attention).__name__ == attention_class and (
-                attention.q_proj.out_features != heads_new * head_dim * rows
-                or attention.k_proj.out_features != groups_new * head_dim
-                or attention.o_proj.in_features != heads_new * head_dim):
-            return False
-    return True
+    except Exception as error:
+        return f"a model with fewer num_key_value_heads cannot be built ({type(error).__name__}: {error})"
+    original = decoder_layers(skeleton(config))
+    for index, layer in enumerate(decoder_layers(model)):
+        attention, pruned = _get(layer, path), "\0"
+        if type(attention).__name__ == attention_class:
+            if (attention.q_proj.out_features != heads_new * head_dim * rows
+                    or attention.k_proj.out_features != groups_new * head_dim
+                    or attention.o_proj.in_features != heads_new * head_dim):
+                return "a model built with fewer num_key_value_heads does not size every attention layer by them"
+            pruned = f"{path}."
+        before = dict(original[index].named_parameters())
+        for name, param in layer.named_parameters():
+            if not name.startswith(pruned) and name in before and before[name].shape != param.shape:
+                return (f"num_attention_heads also sizes {name} of layer {index} (not GQA attention), which would "
+                        "have to narrow with the pruned heads")
+    return None
 
 
 def _attention_facts(config, layers: nn.ModuleList) -> dict:
@@ -341,9 +348,9 @@ def _attention_facts(config, layers: nn.ModuleList) -> dict:
             f"GQA attention of several kinds or paths ({', '.join(f'{n} at {p}' for p, n in candidates)})")
         return {**refused, "attention_refusal": reason}
     path, name, facts = passed[0]
-    if not _follows_head_counts(config, path, name, facts["head_dim"], 2 if facts["gated_queries"] else 1):
-        return {**refused, "attention_refusal": "a model built with fewer num_key_value_heads (and as many query "
-                "heads per group, the same head_dim) does not size every attention layer by them"}
+    reason = _follows_head_counts(config, path, name, facts["head_dim"], 2 if facts["gated_queries"] else 1)
+    if reason:
+        return {**refused, "attention_refusal": reason}
     return {"attention": path, "attention_class": name, "gated_queries": facts["gated_queries"],
             "attention_refusal": "", "query_head_parameters": facts["query_head_parameters"],
             "attention_prunable": True}

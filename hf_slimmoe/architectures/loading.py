@@ -12,7 +12,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 from ..configuration_slimmoe import SlimMoeConfig, config_fields
 from ..modeling_slimmoe import SlimMoeForCausalLM
-from .registry import get_architecture
+from .registry import check_model_type, get_architecture
 
 #: Families the pipeline runs as SlimMoE (`SlimMoeConfig` / `SlimMoeForCausalLM`).
 SLIMMOE_TYPES = ("phimoe", "slimmoe")
@@ -26,7 +26,7 @@ def config_from_dict(values: dict, default_model_type: str = "slimmoe"):
         `ValueError`: for an unsupported `model_type` (naming the supported ones) or values its class refuses.
     """
     model_type = values.get("model_type") or default_model_type
-    get_architecture(model_type)
+    check_model_type(model_type)
     if model_type in SLIMMOE_TYPES:
         return SlimMoeConfig.from_config_dict(values)
     return CONFIG_MAPPING[model_type](**config_fields(values))
@@ -46,7 +46,7 @@ def load_model(path: str | os.PathLike, **kwargs):
     hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
     values, _ = PretrainedConfig.get_config_dict(path, **hub)
     model_type = values.get("model_type")
-    get_architecture(model_type)
+    check_model_type(model_type)
     if model_type in SLIMMOE_TYPES:
         return SlimMoeForCausalLM.from_pretrained(path, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -17,6 +17,14 @@ def _default_config(model_type: str):
     return CONFIG_MAPPING[model_type]()
 
 
+def check_model_type(model_type) -> None:
+    """Raise a `ValueError` naming `model_type` and the supported ones unless it is a family with fused experts."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+
+
 def get_architecture(source) -> MoeArchitecture:
     """The [`MoeArchitecture`] of `source`: a configuration, a model or a `model_type` (its default configuration),
     read off a meta-device model of it.
@@ -28,12 +36,8 @@ def get_architecture(source) -> MoeArchitecture:
     from .derive import derive_architecture
 
     config = getattr(source, "config", source)
-    model_type = source if isinstance(source, str) else getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
-    return derive_architecture(_default_config(model_type) if isinstance(source, str) else config)
+    check_model_type(source if isinstance(source, str) else getattr(config, "model_type", None))
+    return derive_architecture(_default_config(source) if isinstance(source, str) else config)
 
 
 def count_parameters(config) -> tuple[int, int]:
@@ -55,4 +59,4 @@ def count_parameters(config) -> tuple[int, int]:
     return total_and_active(get_architecture(config), config)
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "get_architecture", "count_parameters"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "check_model_type", "get_architecture", "count_parameters"]

@@ -32,7 +32,11 @@ def skeleton(config) -> nn.Module:
     if key not in _SKELETONS:
         if len(_SKELETONS) >= 16:
             _SKELETONS.pop(next(iter(_SKELETONS)))
-        _SKELETONS[key] = build_skeleton(config)
+        try:
+            _SKELETONS[key] = build_skeleton(config)
+        except Exception as error:  # the family's own classes refuse the configuration
+            raise UnsupportedArchitecture(f"{config.model_type}: model: transformers cannot build a model of this "
+                                          f"configuration ({type(error).__name__}: {error})") from error
     return _SKELETONS[key]
 
 

@@ -16,7 +16,9 @@ from trl.models.utils import _ForwardRedirection
 from ..architectures import get_architecture
 from ..data import TokenCollator, pad
 from ..distributed import call_through_forward
-from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_hidden, vocab_size
+from ..modeling_utils import (
+    backbone, check_same_vocabulary, read_stored_layout, teacher_topk_from_hidden, vocab_size,
+)
 from .config import DistillationConfig
 from .losses import (
     chunked_cross_entropy,
@@ -186,6 +188,7 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         # of the teacher itself, leaves the model as it is); `save_model` writes the dtype the student came in
         trains = train_dataset is not None and model is not teacher_model and not args.deepspeed
         self.save_dtype = use_fp32_master_weights(model) if trains else None
+        read_stored_layout(model)  # resume and load_best_model_at_end read the layout save_pretrained writes
 
         if data_collator is None:
             processing_class = kwargs.get("processing_class")

@@ -27,8 +27,8 @@ from ..distillation.teacher_cache import (FINGERPRINT_COLUMN, KIND_FOR_LOSS, SAM
                                           cache_teacher_topk, check_teacher_cache, sample_packing, sample_uniforms,
                                           unpack_samples)
 from ..distillation.trainer import MasterWeightsSaving, use_fp32_master_weights
-from ..modeling_utils import (backbone, causal_lm, check_same_vocabulary, forward_hidden, teacher_topk_from_hidden,
-                              vocab_size)
+from ..modeling_utils import (backbone, causal_lm, check_same_vocabulary, forward_hidden, read_stored_layout,
+                              teacher_topk_from_hidden, vocab_size)
 from .config import SFTDistillationConfig
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
         super().__init__(model, args=args, **kwargs)
         if self.args.deepspeed is None and not hasattr(self.model, "peft_config"):  # full fine-tuning: fp32 masters
             self.save_dtype = use_fp32_master_weights(self.model)  # (LoRA adapters are float32 already)
+            read_stored_layout(self.model)  # resume and load_best_model_at_end read save_pretrained's layout
         self.data_collator = _TeacherTopkCollator(self.data_collator, padding_free=bool(args.padding_free))
         if teacher_model is not None:
             check_same_vocabulary(self.accelerator.unwrap_model(self.model), teacher_model)

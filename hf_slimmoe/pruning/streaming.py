@@ -13,22 +13,28 @@ The output mirrors the input: shard `k` holds the pruned tensors of input shard 
 same key layout, with `model.safetensors.index.json` (or a single `model.safetensors` for a single-file input), the
 pruned `config.json`, the generation config, the tokenizer files and, with `card=True`, a `stage.json` and model card.
 
-How a stored tensor is cut is data: a [`SliceRule`] says which keys it matches, which kept-index set it uses and along
-which dim; [`family_rules`] reads the rules of a family off its architecture adapter. Layouts understood:
+How a stored tensor is cut is data: a [`SliceRule`] says which module keys it matches, which kept-index set it uses
+and along which dim; [`family_rules`] reads the rules of a family off its architecture adapter, in transformers'
+module layout:
 
-    per-expert w1/w2/w3 (PhiMoE, Mixtral)   layers.L.block_sparse_moe.experts.E.w1/w3.weight [I, H], w2.weight [H, I]
-    per-expert gate/up/down (Qwen2/3-MoE,   layers.L.mlp.experts.E.gate_proj/up_proj.weight [I, H], down_proj [H, I]
-      OLMoE, DeepSeek-V2/V3)
-    fused (transformers' module layout)     layers.L.mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]
+    fused experts                           layers.L.mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]
     fused transposed (gpt-oss)              layers.L.mlp.experts.gate_up_proj [E, H, 2I] (gate/up interleaved) and
                                             its bias [E, 2I], down_proj [E, I, H]
     shared expert (Qwen2-MoE, DeepSeek)     layers.L.mlp.shared_expert(s).gate_proj/up_proj (rows), down_proj (columns)
     GQA attention                           layers.L.self_attn.q/k/v_proj.weight|bias (rows), o_proj.weight (columns),
                                             per-query-head parameters (gpt-oss sinks)
 
+A checkpoint stores its tensors in the family's *original* key layout, the one `save_pretrained` writes by reverting
+transformers' conversion mapping (`transformers.conversion_mapping`): PhiMoE / Mixtral keep
+`block_sparse_moe.experts.E.w1/w2/w3.weight`, Qwen / DeepSeek `mlp.experts.E.gate_proj/up_proj/down_proj.weight`,
+GraniteMoE `input_linear` / `output_linear`, Aria `fc1` / `fc2`, Nemotron-H `backbone.` ... Every stored key is read
+through that same mapping ([`ModuleKeys`]): renamed to its module key and, where a converter stacks the experts
+(`MergeModulelist`) and concatenates the gate and up halves (`Concatenate`), cut as one expert's slice of the fused
+tensor. No key layout is written here.
+
 Every other tensor (dense layers' MLPs, routers, norms, MLA attention, embeddings) is copied unchanged. A checkpoint
-whose expert tensors match none of its family's layouts, or miss some layer or expert, is refused before anything is
-written.
+whose experts are stored through other conversions, or that misses some layer or expert, is refused before anything
+is written.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
-from ..architectures import get_architecture
+from ..architectures import config_from_dict, get_architecture
+from ..architectures.skeleton import skeleton
 from .safetensors_stream import SafetensorsStreamWriter, tensor_nbytes
 from .surgery import gqa_rows, head_rows, keep_indices, validate_prune_target
 
@@ -64,8 +71,8 @@ class SliceRule:
     How one kind of stored tensor is cut.
 
     Attributes:
-        pattern (`str`): a regular expression matched in full against stored keys; its group `layer` is the decoder
-            layer and, in per-expert layouts, its group `expert` the expert.
+        pattern (`str`): a regular expression matched in full against module keys (a stored key as transformers'
+            conversion mapping renames it); its group `layer` is the decoder layer.
         index (`str`): the kept indices used: `"neurons"` (the expert's kept neurons), `"gate_up"` (the expert's kept
             neurons in both halves of a fused gate/up projection, gate half first), `"gate_up_interleaved"` (the same
             in gpt-oss's interleaved gate/up: gate at even, up at odd positions), `"shared"` (the shared expert's
@@ -78,6 +85,8 @@ class SliceRule:
         moe_only (`bool`): only the MoE layers hold it (routed and shared experts), not the dense ones.
         attention_only (`bool`): only the layers with GQA attention hold it (not a hybrid's linear-attention or Mamba
             layers).
+        per_expert (`bool`): one stored tensor per expert (a piece of a fused tensor the conversion mapping stacks);
+            its expert is read off the stored key.
     """
 
     pattern: str
@@ -87,24 +96,7 @@ class SliceRule:
     required: bool = True
     moe_only: bool = False
     attention_only: bool = False
-
-    @property
-    def per_expert(self) -> bool:
-        """One stored tensor per expert (the pattern has an `expert` group)."""
-        return "(?P<expert>" in self.pattern
-
-
-PER_EXPERT_W123 = (  # PhiMoE, Mixtral (what save_pretrained writes for them)
-    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w1\.weight", "neurons", 0, moe_only=True),
-    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w3\.weight", "neurons", 0, moe_only=True),
-    SliceRule(_LAYER + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.w2\.weight", "neurons", 1, moe_only=True),
-)
-PER_EXPERT_GATE_UP_DOWN = (  # Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3
-    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.gate_proj\.weight", "neurons", 0, moe_only=True),
-    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.up_proj\.weight", "neurons", 0, moe_only=True),
-    SliceRule(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.down_proj\.weight", "neurons", 1, moe_only=True),
-)
-EXPERT_LAYOUTS = {"per-expert w1/w2/w3": PER_EXPERT_W123, "per-expert gate/up/down": PER_EXPERT_GATE_UP_DOWN}
+    per_expert: bool = False
 
 
 def fused_rules(arch) -> tuple[SliceRule, ...]:
@@ -134,15 +126,10 @@ def attention_rules(arch) -> tuple[SliceRule, ...]:
     return tuple(SliceRule(r.pattern, r.index, r.dim, required=r.required, attention_only=True) for r in rules)
 
 
-def family_rules(arch) -> tuple[dict[str, tuple[SliceRule, ...]], tuple[SliceRule, ...]]:
-    """The slicing rules of a family, read off its adapter ([`MoeArchitecture`]): the candidate layouts of its
-    routed experts (the one the checkpoint's keys match is used: the fused module's own, or the per-expert keys a
-    conversion mapping writes for GLU experts stored gate half first) and the rules of its shared expert and
-    attention."""
-    layouts = {"fused": fused_rules(arch)}
-    if arch.expert_gate and arch.expert_concatenated and not arch.expert_transposed:
-        layouts.update(EXPERT_LAYOUTS)
-    rules: list[SliceRule] = []
+def family_rules(arch) -> tuple[SliceRule, ...]:
+    """The slicing rules of a family's module keys, read off its adapter ([`MoeArchitecture`]): its fused routed
+    experts, shared expert and attention."""
+    rules = list(fused_rules(arch))
     if arch.shared_expert is not None:
         shared = _LAYER + re.escape(".".join(part for part in (arch.moe_block, arch.shared_expert.module) if part) + ".")
         rules += [SliceRule(shared + r"gate_proj\.weight", "shared", 0, required=False, moe_only=True),
@@ -152,7 +139,7 @@ def family_rules(arch) -> tuple[dict[str, tuple[SliceRule, ...]], tuple[SliceRul
                   SliceRule(shared + r"up_proj\.bias", "shared", 0, required=False, moe_only=True)]
     if arch.attention_prunable:
         rules += list(attention_rules(arch))
-    return layouts, tuple(rules)
+    return tuple(rules)
 
 
 @dataclass
@@ -166,6 +153,7 @@ class TensorCut:
     rule: SliceRule | None = None
     layer: int | None = None
     expert: int | None = None
+    half: int | None = None
     out_shape: list[int] | None = None
 
 
@@ -218,18 +206,54 @@ def read_headers(model_dir: str, shards: dict[str, list[str]]) -> tuple[list[Ten
 
 
 # ----------------------------------------------------------------------------------------------------- planning
-def _match_layout(cuts: list[TensorCut], layouts: dict[str, tuple[SliceRule, ...]]) -> tuple[str, tuple]:
-    found = {name: rules for name, rules in layouts.items()
-             if any(re.fullmatch(rule.pattern, cut.key) for rule in rules for cut in cuts)}
-    if len(found) != 1:
-        sample = ", ".join(cut.key for cut in cuts if ".layers." in cut.key or cut.key.startswith("layers."))[:300]
-        raise ValueError(
-            f"The checkpoint's expert tensors match {'none' if not found else ' and '.join(found)} of the layouts "
-            f"known for this family ({', '.join(layouts)}); streaming surgery cannot tell how to cut them. Keys: "
-            f"{sample}"
-        )
-    (name, rules), = found.items()
-    return name, rules
+class ModuleKeys:
+    """Reads stored keys as transformers' conversion mapping of the family does when it loads them
+    (`get_model_conversion_mapping` of a meta-device model): every renaming, then at most one converter.
+
+    A tensor stored whole has its module key (renamed or not); one expert's tensor that a converter stacks into a fused
+    module tensor (`MergeModulelist` on dim 0, followed for a GLU by `Concatenate` on dim 1 of its gate and up source
+    patterns, gate half first) is that tensor's `piece`.
+    """
+
+    def __init__(self, model):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
+
+    def read(self, key: str) -> tuple[str, str | None]:
+        """`(module key, the matching converter's source pattern or None)` of a stored key."""
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(key, self.renamings, self.converters)
+
+    def piece(self, key: str, name: str, pattern: str) -> tuple[int, int, int]:
+        """`(expert, half, halves)` of the stored key `key` that the converter of `pattern` stacks into `name`."""
+        from transformers.core_model_loading import Concatenate, MergeModulelist
+
+        converter = next(c for c in self.converters if pattern in c.source_patterns)
+        kinds = [type(op) for op in converter.operations]
+        halves = len(converter.source_patterns)
+        if (kinds not in ([MergeModulelist], [MergeModulelist, Concatenate]) or converter.operations[0].dim != 0
+                or (len(kinds) == 2 and (converter.operations[1].dim != 1 or halves != 2))):
+            ops = " + ".join(f"{type(op).__name__}(dim={getattr(op, 'dim', None)})" for op in converter.operations)
+            raise ValueError(f"{key} is stored through {ops} into {name}; streaming surgery cuts experts stacked on "
+                             "dim 0 (with gate and up halves concatenated on dim 1) only.")
+        expert = re.search(pattern.replace("*", r"(\d+)"), key)
+        if expert is None:
+            raise ValueError(f"{key}: no expert number where {pattern!r} has its '*'.")
+        return int(expert.group(1)), converter.source_patterns.index(pattern), halves
+
+
+def piece_rule(rule: SliceRule, halves: int) -> SliceRule:
+    """The rule of one expert's stored piece of the fused tensor `rule` cuts (see [`ModuleKeys`]): the expert dim is
+    gone, and each of the gate and up halves is cut by the expert's kept neurons."""
+    if rule.index == "gate_up_interleaved" or (rule.index == "gate_up") != (halves == 2):
+        raise ValueError(f"{rule.pattern}: {halves} stored part(s) per expert do not fit its {rule.index} layout.")
+    return SliceRule(rule.pattern, "neurons", rule.dim - 1, required=rule.required, moe_only=rule.moe_only,
+                     per_expert=True)
 
 
 def cut_sizes(arch, config) -> dict[str, int]:
@@ -241,17 +265,23 @@ def cut_sizes(arch, config) -> dict[str, int]:
             "kv": config.num_key_value_heads * head_dim, "q_heads": heads}
 
 
-def _assign(cut: TensorCut, rules: tuple[SliceRule, ...], arch, config, sizes: tuple[dict, dict]) -> None:
-    """Attach the rule matching `cut` (if any), check its stored shape and set `out_shape`."""
+def _assign(cut: TensorCut, keys: ModuleKeys, rules: tuple[SliceRule, ...], arch, config,
+            sizes: tuple[dict, dict]) -> None:
+    """Attach the rule matching `cut`'s module key (if any), check its stored shape and set `out_shape`."""
     cut.out_shape = list(cut.shape)
     full_sizes, new_sizes = sizes
+    name, pattern = keys.read(cut.key)
     for rule in rules:
-        match = re.fullmatch(rule.pattern, cut.key)
+        match = re.fullmatch(rule.pattern, name)
         if match is None:
             continue
-        cut.rule, cut.layer = rule, int(match.group("layer"))
-        cut.expert = int(match.group("expert")) if rule.per_expert else None
-        experts = arch.num_experts_of(config)
+        cut.layer, experts = int(match.group("layer")), arch.num_experts_of(config)
+        if pattern is not None:
+            if not rule.fused:
+                raise ValueError(f"{cut.key} ({cut.shard}) is converted into {name}, which is no fused experts tensor.")
+            cut.expert, cut.half, halves = keys.piece(cut.key, name, pattern)
+            rule = piece_rule(rule, halves)
+        cut.rule = rule
         if (cut.layer >= config.num_hidden_layers or (cut.expert is not None and cut.expert >= experts)
                 or (rule.moe_only and cut.layer not in arch.moe_layer_indices(config))
                 or (rule.attention_only and cut.layer not in arch.attention_layer_indices(config))):
@@ -268,33 +298,38 @@ def _assign(cut: TensorCut, rules: tuple[SliceRule, ...], arch, config, sizes: t
 
 
 def plan_cuts(cuts: list[TensorCut], config, target) -> str:
-    """Attach to every stored tensor its slicing rule (read off the family's adapter, see [`family_rules`]) and
-    output shape; returns the expert layout's name.
+    """Attach to every stored tensor its slicing rule (read off the family's adapter, see [`family_rules`], through
+    its conversion mapping, see [`ModuleKeys`]) and output shape; returns how the experts are stored.
 
     Raises:
-        `ValueError`: the expert tensors match no layout known for the family (or several), a tensor's shape
+        `ValueError`: the experts are stored through conversions streaming surgery does not cut, a tensor's shape
             disagrees with the config, or a layer or expert lacks a required tensor.
     """
     arch = get_architecture(config)
-    layouts, other_rules = family_rules(arch)
-    layout, expert_rules = _match_layout(cuts, layouts)
-    rules = expert_rules + other_rules
+    keys, rules = ModuleKeys(skeleton(config)), family_rules(arch)
     sizes = (cut_sizes(arch, config), cut_sizes(arch, target))
     for cut in cuts:
-        _assign(cut, rules, arch, config, sizes)
+        _assign(cut, keys, rules, arch, config, sizes)
     moe_layers, attention_layers = arch.moe_layer_indices(config), arch.attention_layer_indices(config)
+    per_expert = any(cut.expert is not None for cut in cuts)
     for rule in rules:
-        seen = {(c.layer, c.expert) for c in cuts if c.rule is rule}
-        layers = moe_layers if rule.moe_only else attention_layers if rule.attention_only else range(
-            config.num_hidden_layers)
-        wanted = {(layer, e if rule.per_expert else None)
-                  for layer in layers
-                  for e in range(arch.num_experts_of(config) if rule.per_expert else 1)}
-        if (rule.required or seen) and seen != wanted:
-            layer, expert = sorted(wanted - seen, key=str)[0]
-            raise ValueError(f"The checkpoint has no tensor matching {rule.pattern!r} for layer {layer}"
-                             f"{'' if expert is None else f', expert {expert}'} ({layout} layout); it is incomplete.")
-    return layout
+        parts = sorted({(c.rule, c.half) for c in cuts if c.rule is not None and c.rule.pattern == rule.pattern},
+                       key=str) or [(rule, None)]
+        halves = {half for _, half in parts}
+        if halves != {None} and halves != set(range(2 if rule.index == "gate_up" else 1)):
+            raise ValueError(f"The checkpoint stores parts {sorted(halves)} of {rule.pattern!r} per expert; the "
+                             "conversion mapping has them in a different number.")
+        for used, half in parts:
+            seen = {(c.layer, c.expert) for c in cuts if c.rule == used and c.half == half}
+            layers = moe_layers if rule.moe_only else attention_layers if rule.attention_only else range(
+                config.num_hidden_layers)
+            wanted = {(layer, e if used.per_expert else None) for layer in layers
+                      for e in range(arch.num_experts_of(config) if used.per_expert else 1)}
+            if (rule.required or seen) and seen != wanted and not (rule.fused and per_expert and not seen):
+                layer, expert = sorted(wanted - seen, key=str)[0]
+                raise ValueError(f"The checkpoint has no tensor for {rule.pattern!r} of layer {layer}"
+                                 f"{'' if expert is None else f', expert {expert}'}; it is incomplete.")
+    return "per expert (as the conversion mapping stores them)" if per_expert else "fused"
 
 
 # ----------------------------------------------------------------------------------------------------- cutting
@@ -410,8 +445,6 @@ def read_source_config(model_dir: str):
     Raises:
         `FileNotFoundError` / `ValueError`: no config.json, or a `model_type` no adapter supports.
     """
-    from ..architectures import config_from_dict
-
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No config.json in {model_dir}: pass a checkpoint directory.")
@@ -503,6 +536,9 @@ def prune_checkpoint(
     """
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
     config = read_source_config(model_dir)
+    if type(target) is not type(config) and (get_architecture(target).stock_model_type
+                                             == get_architecture(config).stock_model_type):
+        target = config_from_dict({**target.to_dict(), "model_type": config.model_type})  # PhiMoE as SlimMoE
     if type(target) is not type(config):
         raise ValueError(f"prune_checkpoint: the target is a {type(target).__name__}, the checkpoint's config a "
                          f"{type(config).__name__}; build the target from it (slim_config(config, ...)).")
@@ -566,6 +602,6 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
-__all__ = ["prune_checkpoint", "SliceRule", "TensorCut", "EXPERT_LAYOUTS", "fused_rules", "attention_rules",
+__all__ = ["prune_checkpoint", "SliceRule", "TensorCut", "ModuleKeys", "piece_rule", "fused_rules", "attention_rules",
            "family_rules", "cut_sizes", "checkpoint_shards", "read_headers", "plan_cuts", "kept_indices", "piece_plan",
            "tensor_pieces", "read_source_config"]
