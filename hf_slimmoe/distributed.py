@@ -84,13 +84,16 @@ def fsdp_requested(training_args=None) -> bool:
 
 
 def shard_decoder_layers(model: nn.Module) -> nn.Module:
-    """Apply FSDP2 in place: one `fully_shard` unit per decoder layer (`model.model.layers`), then the root (embeddings,
-    final norm, LM head). Returns `model`, whose parameters are now `DTensor` shards over the default process group."""
+    """Apply FSDP2 in place: one `fully_shard` unit per decoder layer (the `layers` of the model's decoder, any family),
+    then the root (embeddings, final norm, LM head). Returns `model`, whose parameters are now `DTensor` shards over the
+    default process group."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    from .modeling_utils import backbone
+
+    layers = getattr(backbone(model), "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} has no `model.layers`: cannot shard it one decoder layer per unit.")
+        raise ValueError(f"{type(model).__name__}'s decoder has no `layers`: cannot shard it one decoder layer per unit.")
     for layer in layers:
         fully_shard(layer)
     fully_shard(model)

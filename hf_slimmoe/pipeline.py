@@ -156,10 +156,6 @@ def check(recipe: Recipe) -> PretrainedConfig:
         if recipe.method == "iterative":
             raise ValueError(f"method: iterative masks PhiMoE / SlimMoE teachers only; the teacher is "
                              f"{teacher_config.model_type!r}: use multi-stage or one-stage.")
-        if recipe.training.get("fsdp") or fsdp_requested():
-            raise ValueError(f"FSDP runs were tested with PhiMoE / SlimMoE teachers only; the teacher is "
-                             f"{teacher_config.model_type!r}: run on one process or DDP (prune.streaming works for "
-                             "every family).")
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
     recipe.gradient_accumulation_steps(world_size())

@@ -110,13 +110,41 @@ def test_distillation_under_fsdp2_keeps_ranks_in_sync_and_equals_one_process(tmp
     assert any(not torch.equal(expected[k], v) for k, v in fsdp_worker.model(0).state_dict().items())  # it trained
 
 
-def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path):
-    """`accelerate launch --config_file recipes/accelerate/fsdp2.yaml` on 2 CPU processes runs the tiny recipe end to
-    end: each stage is scored on the model sharded with FSDP2 (3 calibration batches over 2 ranks), pruned by
-    streaming surgery and distilled; the stage-1 scores equal those one process computes on the teacher."""
+# Teachers of other families, built tiny (`teacher.build.config`), and the stage-2 target: a Qwen3-MoE, a DeepSeek-V3
+# (shared experts, a dense first layer, MLA attention kept) and a Qwen3-Next hybrid (linear-attention and full-attention
+# layers; the GQA groups of the full-attention layer pruned, its shared expert kept).
+FSDP_TEACHERS = {
+    "slimmoe": (None, {"intermediate_size": 16, "num_key_value_heads": 1}),
+    "qwen3_moe": ({"model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 32,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                   "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128},
+                  {"expert_width": 16, "num_key_value_heads": 1}),
+    "deepseek_v3": ({"model_type": "deepseek_v3", "hidden_size": 32, "intermediate_size": 48,
+                     "moe_intermediate_size": 32, "num_hidden_layers": 2, "first_k_dense_replace": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 4, "n_shared_experts": 1,
+                     "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
+                     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 128},
+                    {"expert_width": 16}),
+    "qwen3_next": ({"model_type": "qwen3_next", "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 32,
+                    "shared_expert_intermediate_size": 24, "num_hidden_layers": 2,
+                    "layer_types": ["linear_attention", "full_attention"], "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+                    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                    "linear_value_head_dim": 8, "max_position_embeddings": 128},
+                   {"expert_width": 16, "num_key_value_heads": 1}),
+}
+
+
+@pytest.mark.parametrize("family", list(FSDP_TEACHERS))
+def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family):
+    """`accelerate launch --config_file recipes/accelerate/fsdp2.yaml` on 2 CPU processes runs a tiny recipe end to
+    end for teachers of several families: each stage is scored on the model sharded with FSDP2 (3 calibration batches
+    over 2 ranks), pruned by streaming surgery and distilled; the stage-1 scores equal those one process computes on
+    the teacher, and the last stage has the target sizes."""
     from test_pipeline import STAGE_FILES, tiny_recipe
 
-    from hf_slimmoe import SlimMoeForCausalLM, compute_sensitivity
+    from hf_slimmoe import compute_sensitivity
+    from hf_slimmoe.architectures import get_architecture, load_model
     from hf_slimmoe.data import batches, load_blocks
     from hf_slimmoe.pipeline import is_finished_stage
     from hf_slimmoe.pruning import SensitivityScores
@@ -124,8 +152,11 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path):
 
     accelerate = shutil.which("accelerate") or pytest.skip("accelerate is not installed")
     out = tmp_path / "fsdp"
+    config, target = FSDP_TEACHERS[family]
     values = tiny_recipe(out, stages__budget__steps=[3, 3], early_stopping__enabled=False, data__eval_blocks=4,
-                         data__calibration_blocks=6, scoring__batch_size=2)
+                         data__calibration_blocks=6, scoring__batch_size=2, stages__target=target)
+    if config is not None:
+        values["teacher"]["build"].update(config=config, pretrain_steps=10)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(values))
     result = subprocess.run(
         [accelerate, "launch", "--config_file", os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"),
@@ -145,13 +176,18 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out / "teacher")
     calibration = batches(load_blocks(recipe, tokenizer)["calibration"], 2, tokenizer.pad_token_id or 0)
     assert len(calibration) == 3
-    teacher = SlimMoeForCausalLM.from_pretrained(out / "teacher")
+    teacher = load_model(out / "teacher")
     expected = compute_sensitivity(teacher, calibration, show_progress=False)
     sharded = SensitivityScores.load(out / "stage-1" / "scores.safetensors")
-    for a, b in zip(expected.experts + expected.kv_groups, sharded.experts + sharded.kv_groups):
+    expected = expected.experts + expected.kv_groups + expected.shared_experts
+    sharded = sharded.experts + sharded.kv_groups + sharded.shared_experts
+    assert len(expected) == len(sharded)
+    for a, b in zip(expected, sharded):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10)
-    model = SlimMoeForCausalLM.from_pretrained(out / "stage-2")
-    assert (model.config.intermediate_size, model.config.num_key_value_heads) == (16, 1)
+    model = load_model(out / "stage-2")
+    arch = get_architecture(model.config)
+    assert arch.expert_width_of(model.config) == target.get("expert_width", target.get("intermediate_size"))
+    assert model.config.num_key_value_heads == target.get("num_key_value_heads", config and config["num_key_value_heads"])
 
 
 def test_iterative_baseline_is_refused_under_fsdp(tmp_path, monkeypatch):
