@@ -65,6 +65,33 @@ def test_info_errors_name_the_problem(tmp_path, capsys):
     assert "model_type 'llama'" in capsys.readouterr().err
 
 
+def test_info_says_what_is_slimmed_kept_and_refused_for_any_family(tmp_path, capsys):
+    """`slimmoe info` on stock checkpoints of other families: what slims, whether attention prunes (or why not), what
+    stays as it is, and a refused family's reason (exit 0: the model is described, not an error)."""
+    from family_models import tiny_model
+
+    for model_type in ("qwen3_moe", "deepseek_v3", "olmoe", "jamba"):
+        tiny_model(model_type).save_pretrained(tmp_path / model_type)
+    assert main(["info", str(tmp_path / "qwen3_moe")]) == 0
+    out = capsys.readouterr().out
+    assert "attention pruning        yes: GQA groups (num_key_value_heads)" in out
+    assert "modeling_qwen3_moe.load_balancing_loss_func" in out and "exports as               qwen3_moe" in out
+    assert main(["info", str(tmp_path / "deepseek_v3"), "--json"]) == 0
+    slimming = json.loads(capsys.readouterr().out)["slimming"]
+    assert slimming["attention"].startswith("no: it uses multi-head latent attention (MLA)")
+    assert "`n_shared_experts`" in slimming["shared"] and "`DeepseekV3MLP` (3 of 4 layers)" in slimming["kept"]
+    assert slimming["aux_loss"] == "none (KD alone)"
+    assert main(["info", str(tmp_path / "olmoe")]) == 0
+    out = capsys.readouterr().out
+    assert "attention pruning        no: OlmoeAttention: q_norm holds weights of shapes [(64,)]" in out
+    assert "kept as they are         OlmoeAttention (4 of 4 layers)" in out
+    assert main(["info", str(tmp_path / "jamba")]) == 0
+    assert "SlimMoE      refused: jamba: dense layers: their MLP width is the experts' field" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "jamba"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["refused"].startswith("jamba: dense layers") and "num_parameters" not in info
+
+
 def test_export_command_writes_a_stock_checkpoint(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, PhimoeForCausalLM
 

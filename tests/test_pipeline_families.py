@@ -110,6 +110,45 @@ def test_real_recipes_plan_without_downloading_and_match_published_sizes(capsys)
         assert f"total parameters: {total}B -> " in capsys.readouterr().out
 
 
+# Flagship recipes: the sizes `slimmoe plan` prints (teacher total, teacher active, final total; billions) and the
+# published total / active. A published total may count what transformers does not build (multi-token-prediction
+# layers, Llama-4's vision encoder); a published active count leaves out the embedding table and lm_head (which we
+# count) and is rounded ("A3B").
+FLAGSHIPS = {
+    "qwen3-next-80b-a3b.yaml": ("qwen3_next", (79.7, 3.9, 21.6), (80, 3)),  # "80B in total and 3B activated"
+    "glm-4.6.yaml": ("glm4_moe", (352.8, 33.6, 121.2), (355, 32)),  # GLM-4.5 report: 355B total, 32B activated
+    "deepseek-v3.2.yaml": ("deepseek_v32", (671.9, 38.4, 179.5), (671, 37)),  # DeepSeek-V3: 671B, 37B activated
+    "minimax-m2.yaml": ("minimax_m2", (228.7, 11.0, 78.9), (230, 10)),  # 230B total, 10B active
+    "llama-4-scout.yaml": ("llama4_text", (107.8, 17.2, 29.3), (109, 17)),  # 109B with the vision encoder, 17B active
+    "gpt-oss-120b.yaml": ("gpt_oss", (116.8, 5.7, 47.5), (116.83, 5.13)),  # 116.83B, 5.13B active w/o embeddings
+}
+
+
+def test_flagship_recipes_plan_without_downloading_in_multiples_of_128(capsys):
+    """Every stage's expert width is a multiple of 128 (block-FP8 and FlashInfer MoE kernels), and the counted sizes
+    are the published ones up to what transformers does not build and the embedding tables."""
+    from hf_slimmoe import count_parameters
+    from hf_slimmoe.architectures import get_architecture
+    from hf_slimmoe.recipe import load_recipe
+
+    for name, (model_type, (total, active, final), (published_total, published_active)) in FLAGSHIPS.items():
+        recipe = load_recipe(os.path.join(RECIPES, name))
+        teacher = recipe.teacher_config()
+        assert teacher.model_type == model_type
+        counted_total, counted_active = (n / 1e9 for n in count_parameters(teacher))
+        assert (round(counted_total, 1), round(counted_active, 1)) == (total, active), name
+        assert abs(counted_total / published_total - 1) < 0.03, name
+        embeddings = 2 * teacher.vocab_size * teacher.hidden_size / 1e9  # embedding table and lm_head
+        assert 0 <= counted_active - published_active <= embeddings + 0.5, name
+        stages = recipe.stage_configs(teacher)
+        arch = get_architecture(teacher)
+        assert len(stages) == 2 and all(arch.expert_width_of(c) % 128 == 0 for c in stages), name
+        assert all(arch.shared_width_of(c) is None or arch.shared_width_of(c) % 128 == 0 for c in stages), name
+        assert round(count_parameters(stages[-1])[0] / 1e9, 1) == final, name
+        assert main(["plan", os.path.join(RECIPES, name)]) == 0
+        assert f"total parameters: {total}B -> " in capsys.readouterr().out
+
+
 def test_mixtral_recipe_is_the_rebuttal_setting():
     """20% of the MoE parameters and 50% of the attention parameters of Mixtral-8x7B are kept."""
     from hf_slimmoe.architectures import get_architecture

@@ -49,8 +49,11 @@ def checkpoint_tensor_count(directory: str) -> int | None:
 def describe(path: str) -> dict:
     """Architecture and parameter counts of a checkpoint directory or a config.json of any supported family, as a
     dict (`intermediate_size` / `num_local_experts`: the routed experts' width and count, whatever the family calls
-    them)."""
-    from ...architectures import SUPPORTED_MODEL_TYPES, config_from_dict, count_parameters, get_architecture
+    them), with what SlimMoE slims and keeps (`slimming`, see `slimming_summary`) or why it refuses the model
+    (`refused`, and no expert or parameter counts)."""
+    from ...architectures import (SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, config_from_dict, count_parameters,
+                                  get_architecture)
+    from ...architectures.table import slimming_summary
 
     config_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(config_file):
@@ -63,24 +66,31 @@ def describe(path: str) -> dict:
         raise ValueError(f"{config_file} has model_type {model_type!r}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
     config = config_from_dict(values)
-    arch = get_architecture(config)
-    total, active = count_parameters(config)
     info = {
         "path": path,
         "model_type": model_type,
         "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
-        "num_local_experts": arch.num_experts_of(config),
-        "num_experts_per_tok": arch.top_k_of(config),
-        "intermediate_size": arch.expert_width_of(config),
-        "shared_expert_width": arch.shared_width_of(config),
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": arch.head_dim_of(config),
         "vocab_size": config.vocab_size,
-        "num_parameters": total,
-        "num_active_parameters": active,
     }
+    try:
+        arch = get_architecture(config)
+    except UnsupportedArchitecture as error:
+        info["refused"] = str(error)
+    else:
+        total, active = count_parameters(config)
+        info.update({
+            "num_local_experts": arch.num_experts_of(config),
+            "num_experts_per_tok": arch.top_k_of(config),
+            "intermediate_size": arch.expert_width_of(config),
+            "shared_expert_width": arch.shared_width_of(config),
+            "head_dim": arch.head_dim_of(config),
+            "num_parameters": total,
+            "num_active_parameters": active,
+            "slimming": slimming_summary(arch, config),
+        })
     if os.path.isdir(path):
         info["stored_parameters"] = checkpoint_tensor_count(path)
     return info
@@ -90,9 +100,10 @@ class InfoCommand(Command):
     name = "info"
     help = "print the architecture and total/active parameter counts of a checkpoint or config.json"
     description = (
-        "Print the architecture and the analytic total/active parameter counts of a PhiMoE or SlimMoE checkpoint "
-        "directory or config.json (nothing is loaded but the config and the safetensors headers). Without PATH, "
-        "builds a tiny SlimMoE model in-process, saves it to a temporary directory and reports on it."
+        "Print the architecture, the exact total/active parameter counts and what SlimMoE slims, prunes and keeps "
+        "(or why it refuses the model) for a checkpoint directory or config.json of any supported MoE family "
+        "(nothing is loaded but the config and the safetensors headers). Without PATH, builds a tiny SlimMoE model "
+        "in-process, saves it to a temporary directory and reports on it."
     )
 
     def add_arguments(self, parser) -> None:
@@ -110,24 +121,30 @@ class InfoCommand(Command):
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
-        total, active = info["num_parameters"], info["num_active_parameters"]
-        rows = [
-            ("checkpoint", info["path"]),
-            ("model_type", info["model_type"]),
-            ("layers", info["num_hidden_layers"]),
-            ("hidden size", info["hidden_size"]),
-            ("experts", f"{info['num_local_experts']} (top-{info['num_experts_per_tok']})"),
-            ("d_expert", info["intermediate_size"]),
-            *([("d_shared (shared experts)", info["shared_expert_width"])] if info["shared_expert_width"] else []),
-            ("heads q/kv",
-             f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
-            ("vocab", info["vocab_size"]),
-            ("total parameters", f"{total:,} ({human_count(total, digits=2)})"),
-            ("active parameters", f"{active:,} ({human_count(active, digits=2)})"),
-        ]
-        if info.get("stored_parameters") is not None:
-            rows.append(("stored in safetensors", f"{info['stored_parameters']:,}"))
+        rows = [("checkpoint", info["path"]), ("model_type", info["model_type"]),
+                ("layers", info["num_hidden_layers"]), ("hidden size", info["hidden_size"])]
+        if "refused" in info:
+            rows += [("heads q/kv", f"{info['num_attention_heads']}/{info['num_key_value_heads']}"),
+                     ("vocab", info["vocab_size"]), ("SlimMoE", f"refused: {info['refused']}")]
+        else:
+            total, active, slimming = info["num_parameters"], info["num_active_parameters"], info["slimming"]
+            rows += [
+                ("experts", f"{info['num_local_experts']} (top-{info['num_experts_per_tok']})"),
+                ("d_expert", info["intermediate_size"]),
+                *([("d_shared (shared experts)", info["shared_expert_width"])] if info["shared_expert_width"] else []),
+                ("heads q/kv",
+                 f"{info['num_attention_heads']}/{info['num_key_value_heads']} (head_dim {info['head_dim']})"),
+                ("vocab", info["vocab_size"]),
+                ("total parameters", f"{total:,} ({human_count(total, digits=2)})"),
+                ("active parameters", f"{active:,} ({human_count(active, digits=2)})"),
+                ("slimmed: routed experts", slimming["experts"]),
+                ("slimmed: shared experts", slimming["shared"]),
+                ("attention pruning", slimming["attention"]),
+                ("kept as they are", slimming["kept"]),
+                ("aux loss", slimming["aux_loss"]),
+                ("exports as", slimming["export"]),
+            ]
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {str(value).replace('`', '')}")
         return 0
