@@ -11,6 +11,9 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PhimoeConfig
 
+#: The `model_type`s read as a [`SlimMoeConfig`] / [`SlimMoeForCausalLM`]: stock PhiMoE and hf_slimmoe's own.
+SLIMMOE_TYPES = ("phimoe", "slimmoe")
+
 # Keys of a config dict (`to_dict()`, config.json) that name the class, the library version or remote code, not a size
 CONFIG_METADATA_KEYS = ("model_type", "transformers_version", "architectures", "auto_map")
 
@@ -101,64 +104,29 @@ class SlimMoeConfig(PhimoeConfig):
 
     # ------------------------------------------------------------------ slimming
     def slimmed(self, intermediate_size: int | None = None, num_key_value_heads: int | None = None) -> "SlimMoeConfig":
-        """A copy with a narrower expert width and/or fewer GQA groups.
+        """A copy with a narrower expert width and/or fewer GQA groups: [`slim_config`], the same for every family.
 
         The number of query heads per KV group and `head_dim` are kept, so `num_key_value_heads=4` on a 32/8 model
         gives 16/4 heads. Raises `ValueError` naming the field for a size that is not a positive integer no larger
         than the current one.
         """
-        heads_per_group = self.num_attention_heads // self.num_key_value_heads
-        for name, value, current in (("intermediate_size", intermediate_size, self.intermediate_size),
-                                     ("num_key_value_heads", num_key_value_heads, self.num_key_value_heads)):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"slimmed(): {name} must be a positive integer, got {value!r}.")
-            if value > current:
-                raise ValueError(
-                    f"slimmed(): {name}={value} is larger than the current {name}={current}; slimming only removes "
-                    "neurons and heads."
-                )
-        values = config_fields(self.to_dict())
-        if intermediate_size is not None:
-            values["intermediate_size"] = intermediate_size
-        if num_key_value_heads is not None:
-            values["num_key_value_heads"] = num_key_value_heads
-            values["num_attention_heads"] = num_key_value_heads * heads_per_group
-        values["head_dim"] = self.head_dim
-        return type(self)(**values)
+        from .architectures.slimming import slim_config
+
+        return slim_config(self, expert_width=intermediate_size, num_key_value_heads=num_key_value_heads)
 
     # ------------------------------------------------------------------ parameter accounting
-    def _parameter_groups(self) -> dict[str, int]:
-        """Exact parameter counts per component, matching the tensors `SlimMoeForCausalLM` materializes."""
-        h, v, layers = self.hidden_size, self.vocab_size, self.num_hidden_layers
-        q_width = self.num_attention_heads * self.head_dim
-        kv_width = self.num_key_value_heads * self.head_dim
-        bias = 1 if self.attention_bias else 0
-        attention = (h * q_width + q_width * bias  # q_proj
-                     + 2 * (h * kv_width + kv_width * bias)  # k_proj, v_proj
-                     + q_width * h + h * bias)  # o_proj
-        one_expert = 3 * h * self.intermediate_size  # gate and up [I, H] each, down [H, I]
-        return {
-            "embeddings": v * h,
-            "lm_head": 0 if self.tie_word_embeddings else v * h + (v if self.lm_head_bias else 0),
-            "attention": layers * attention,
-            "norms": layers * 2 * 2 * h + 2 * h,  # two LayerNorms (weight + bias) per layer, one final
-            "router": layers * self.num_local_experts * h,
-            "experts": layers * self.num_local_experts * one_expert,
-            "active_experts": layers * self.num_experts_per_tok * one_expert,
-        }
-
     def num_parameters(self) -> int:
         """Total parameters of a model with this configuration (embeddings, lm_head with bias, attention, norms,
-        routers, all experts)."""
-        groups = self._parameter_groups()
-        return sum(n for name, n in groups.items() if name != "active_experts")
+        routers, all experts), counted as for every family ([`count_parameters`], a meta-device model)."""
+        from .architectures.registry import count_parameters
+
+        return count_parameters(self)[0]
 
     def num_active_parameters(self) -> int:
         """Parameters used per token: as `num_parameters()`, counting only `num_experts_per_tok` experts per layer."""
-        groups = self._parameter_groups()
-        return sum(n for name, n in groups.items() if name != "experts")
+        from .architectures.registry import count_parameters
+
+        return count_parameters(self)[1]
 
 
-__all__ = ["SlimMoeConfig"]
+__all__ = ["SLIMMOE_TYPES", "SlimMoeConfig", "config_fields"]

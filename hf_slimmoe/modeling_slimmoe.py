@@ -14,19 +14,15 @@ transformers and vLLM-style servers read them; `load_state_dict` reads that layo
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from transformers import PhimoeForCausalLM, PretrainedConfig
 
-from .configuration_slimmoe import SlimMoeConfig
+from .configuration_slimmoe import SLIMMOE_TYPES, SlimMoeConfig
 from .modeling_utils import read_stored_layout
 
-logger = logging.getLogger(__name__)
-
-SUPPORTED_MODEL_TYPES = ("phimoe", "slimmoe")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
@@ -88,11 +84,11 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
             source = pretrained_model_name_or_path if config is None else config
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             model_type, config_dict = _read_model_type(source, **hub_kwargs)
-            if model_type not in SUPPORTED_MODEL_TYPES:
+            if model_type not in SLIMMOE_TYPES:
                 raise ValueError(
                     f"{source} holds a checkpoint of model_type {model_type!r} "
                     f"(architectures {config_dict.get('architectures')}); SlimMoeForCausalLM loads only "
-                    f"{' and '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)} checkpoints (Phi-3.5-MoE, Phi-mini-MoE, "
+                    f"{' and '.join(repr(t) for t in SLIMMOE_TYPES)} checkpoints (Phi-3.5-MoE, Phi-mini-MoE, "
                     "Phi-tiny-MoE and models compressed by hf_slimmoe)."
                 )
             config = SlimMoeConfig.from_config_dict(config_dict)
@@ -101,18 +97,20 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
     def export_phimoe(self, save_directory: str | os.PathLike, **save_kwargs) -> None:
-        """Save a stock `model_type: phimoe` checkpoint that plain transformers loads, with no plugin and no remote code.
+        """Save a stock `model_type: phimoe` checkpoint that plain transformers loads, with no plugin and no remote code:
+        [`save_stock`], as for every family.
 
         The weights are the same safetensors `save_pretrained` writes (original per-expert key layout); only
         `config.json` differs: `model_type: phimoe`, `architectures: [PhiMoEForCausalLM]` (vLLM's name; transformers
         itself loads by `model_type`) and an explicit `head_dim`.
         """
-        self.save_pretrained(save_directory, **save_kwargs)
-        self.config.to_phimoe().save_pretrained(save_directory)  # overwrites config.json only
-        logger.info("Exported a stock PhiMoE checkpoint to %s", save_directory)
+        from .architectures.export import save_stock
+
+        save_stock(self, save_directory, **save_kwargs)
 
     def prune_to(self, target_config: PretrainedConfig, scores) -> "SlimMoeForCausalLM":
-        """Prune in place to the sizes of `target_config` (e.g. `model.config.slimmed(...)`) and return the model.
+        """Prune in place to the sizes of `target_config` (e.g. `model.config.slimmed(...)`) and return the model:
+        [`~hf_slimmoe.prune_to`], the surgery of every family.
 
         Every expert keeps its `target_config.intermediate_size` highest-scoring neurons (gate, up and down slices
         together, original order kept); every layer keeps its `target_config.num_key_value_heads` highest-scoring
@@ -120,16 +118,11 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         [`~hf_slimmoe.SensitivityScores`] from [`~hf_slimmoe.compute_sensitivity`]. The config is updated
         (`head_dim` kept). A target that is wider, changes a fixed size (hidden, vocabulary, layers, experts, top-k,
         head_dim) or the query heads per group, or scores of the wrong shape raise a `ValueError` naming the field
-        before any weight changes. See `hf_slimmoe.pruning.surgery`.
+        before any weight changes; expert rows that are not 16-byte aligned switch the experts to the eager kernel.
         """
-        from .pruning.surgery import prune_model
+        from .pruning.surgery import prune_to
 
-        prune_model(self, target_config, scores)
-        if self.config._experts_implementation == "grouped_mm" and not _grouped_mm_aligned(self.config, self.dtype):
-            logger.info("intermediate_size=%d gives expert rows that are not 16-byte aligned in %s: switching the "
-                        "experts to the eager kernel", self.config.intermediate_size, self.dtype)
-            self.set_experts_implementation("eager")
-        return self
+        return prune_to(self, target_config, scores)
 
 
-__all__ = ["SlimMoeForCausalLM", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["SlimMoeForCausalLM"]

@@ -189,6 +189,18 @@ def test_scores_with_dense_layers_and_shared_experts_round_trip(tmp_path):
     assert len(loaded.shared_experts) == 3 and loaded.experts[0].numel() == 0
 
 
+def test_slimmoe_scores_with_phimoe_aux_loss():
+    """SlimMoeForCausalLM runs PhimoeForCausalLM's forward, so it has PhiMoE's load-balancing loss (read off the class
+    that defines `forward`, not the subclass's own module)."""
+    from transformers import PhimoeConfig
+
+    from hf_slimmoe import SlimMoeConfig
+
+    aux = get_architecture(SlimMoeConfig()).aux_loss
+    assert aux == get_architecture(PhimoeConfig()).aux_loss == "transformers.models.phimoe.modeling_phimoe:" \
+        "load_balancing_loss_func"
+
+
 def test_family_without_aux_loss_refuses_an_aux_coefficient():
     with pytest.raises(ValueError, match="without a load-balancing loss"):
         score(tiny("deepseek_v3"), aux_loss_coef=0.01)
@@ -409,3 +421,21 @@ def test_expert_neuron_views_address_what_slimming_keeps(model_type):
     for old, new in zip(before, expert_neurons(arch, experts)):
         assert new.shape == (4, 16, 32)
         assert torch.equal(new, torch.stack([old[e, keep[e]] for e in range(4)]))
+
+
+def test_readme_family_table_is_generated_from_the_adapters():
+    """The README's family table is `family_table()` (regenerate: `python -m hf_slimmoe.architectures.table
+    README.md`): one row per family of SUPPORTED_MODEL_TYPES, read off its default configuration."""
+    import os
+
+    from hf_slimmoe.architectures.table import END, START, family_table
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    in_readme = readme.partition(START)[2].partition(END)[0].lstrip("\n")
+    table = family_table()
+    assert in_readme == table, "README family table is stale: python -m hf_slimmoe.architectures.table README.md"
+    rows = {row.split(" | ")[0].strip("| `"): row for row in table.splitlines()[2:]}
+    assert sorted(rows) == sorted(SUPPORTED_MODEL_TYPES)
+    assert "yes: GQA groups" in rows["qwen3_moe"] and "no: it uses multi-head latent attention" in rows["deepseek_v3"]
+    assert "**refused**: dense layers" in rows["jamba"]

@@ -246,9 +246,10 @@ def _expert_groups_field(config, block: nn.Module, router: str | None) -> str | 
 
 def _aux_loss(model: nn.Module) -> str | None:
     """`"module:load_balancing_loss_func"` when the family's causal LM adds its own load-balancing loss."""
-    module = inspect.getmodule(type(model))
+    owner = next(c for c in type(model).__mro__ if "forward" in vars(c))  # SlimMoE runs PhiMoE's forward
+    module = inspect.getmodule(owner)
     function = getattr(module, "load_balancing_loss_func", None)
-    if function is None or "load_balancing_loss_func" not in inspect.getsource(type(model).forward):
+    if function is None or "load_balancing_loss_func" not in inspect.getsource(owner.forward):
         return None
     parameters = list(inspect.signature(function).parameters)
     if parameters[:3] != ["gate_logits", "num_experts", "top_k"]:
@@ -308,6 +309,8 @@ def _follows_head_counts(config, path: str, attention_class: str, head_dim: int,
     for index, layer in enumerate(decoder_layers(model)):
         attention, pruned = _get(layer, path), "\0"
         if type(attention).__name__ == attention_class:
+            if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in _GQA_PROJECTIONS):
+                return f"a model built with fewer num_key_value_heads has {attention_class} layers without q/k/v/o_proj"
             if (attention.q_proj.out_features != heads_new * head_dim * rows
                     or attention.k_proj.out_features != groups_new * head_dim
                     or attention.o_proj.in_features != heads_new * head_dim):

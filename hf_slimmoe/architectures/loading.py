@@ -10,13 +10,9 @@ import os
 
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
-from ..configuration_slimmoe import SlimMoeConfig, config_fields
+from ..configuration_slimmoe import SLIMMOE_TYPES, SlimMoeConfig, config_fields
 from ..modeling_slimmoe import SlimMoeForCausalLM
 from .registry import check_model_type, get_architecture
-
-#: Families the pipeline runs as SlimMoE (`SlimMoeConfig` / `SlimMoeForCausalLM`).
-SLIMMOE_TYPES = ("phimoe", "slimmoe")
-
 
 def config_from_dict(values: dict, default_model_type: str = "slimmoe"):
     """A configuration from config.json-style `values`: `model_type` `phimoe`/`slimmoe` (the default when absent)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -11,11 +13,12 @@ class UnsupportedArchitecture(ValueError):
 
 
 def build_skeleton(config) -> nn.Module:
-    """A model of `config` on the meta device: every module and shape, no memory."""
+    """A model of `config` on the meta device: every module and shape, no memory. Built from a copy (`from_config`
+    sets the kernels on the configuration it is given) with the eager experts kernel, which takes any width."""
     from transformers import AutoModelForCausalLM  # hf_slimmoe registers its own SlimMoE classes with it
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), experts_implementation="eager")
 
 
 _SKELETONS: dict[tuple, nn.Module] = {}

@@ -78,7 +78,7 @@ def slim_config(config, expert_width: int | None = None, num_key_value_heads: in
     values = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARGUMENTS}
     width = arch.expert_width_of(config)
     if expert_width is not None:
-        _check_size("expert_width", expert_width, width)
+        _check_size(f"expert_width ({arch.expert_width})", expert_width, width)
         values[arch.expert_width] = width = expert_width
     values.update(_shared_values(arch, config, width, shared_expert_width))
     per_group = config.num_attention_heads // config.num_key_value_heads
