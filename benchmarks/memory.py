@@ -7,12 +7,23 @@ import resource
 from collections.abc import Callable
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A memory field of `/proc/self/status` (`VmRSS`, `VmHWM`, ...) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current resident set; `False` where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def extra_peak_rss(work: Callable[[], object]) -> tuple[int, bool]:
@@ -23,14 +34,9 @@ def extra_peak_rss(work: Callable[[], object]) -> tuple[int, bool]:
     the work's peak exceeded everything before it (imports, model build).
     """
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = True
-    except OSError:
-        reset = False
+    reset = reset_peak_rss()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     work()
-    peak = _status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return peak - before, reset or peak > peak_before
