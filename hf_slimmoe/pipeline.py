@@ -45,7 +45,7 @@ from transformers import EarlyStoppingCallback, PretrainedConfig
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .architectures import SLIMMOE_TYPES, count_parameters, get_architecture, load_model
+from .architectures import count_parameters, get_architecture, load_model
 from .data import batches, check_source, load_blocks, source_files
 from .distributed import fsdp_requested, is_sharded, shard_decoder_layers
 from .modeling_utils import check_tokenizer_vocabulary
@@ -152,10 +152,6 @@ def check(recipe: Recipe) -> PretrainedConfig:
                          "attention weights between optimizer steps, and FSDP leaves each process one shard of them. "
                          "Run the iterative baseline on one process or with DDP, or use multi-stage / one-stage.")
     teacher_config = read_teacher_config(recipe, offline_ok=True)
-    if teacher_config.model_type not in SLIMMOE_TYPES:  # what runs on PhiMoE / SlimMoE teachers only
-        if recipe.method == "iterative":
-            raise ValueError(f"method: iterative masks PhiMoE / SlimMoE teachers only; the teacher is "
-                             f"{teacher_config.model_type!r}: use multi-stage or one-stage.")
     recipe.stage_configs(teacher_config)  # sizes legal (raises naming stages.*)
     recipe.stage_steps(world_size())
     recipe.gradient_accumulation_steps(world_size())

@@ -106,6 +106,22 @@ def _stage_arguments(arch, sizes: dict[str, int], target_config) -> dict[str, in
     return sizes
 
 
+def _geometric_sizes(source: dict, target: dict, fraction: float, expert_multiple: int) -> dict[str, int]:
+    multiples = {"expert_width": expert_multiple, "num_key_value_heads": 1, "shared_expert_width": expert_multiple}
+    return {name: geometric_size(source[name], target[name], fraction, multiples[name]) for name in source}
+
+
+def config_between(source_config, target_config, fraction: float, expert_multiple: int = 64):
+    """The configuration `fraction` of the way from `source_config` (0) to `target_config` (1) on the geometric
+    schedule of [`plan_stages`] in continuous time (the iterative baseline's masks): every pruned size is
+    `source * (target / source) ** fraction` rounded to a multiple (`expert_multiple` for widths), the target's
+    sizes from 1 on."""
+    arch = get_architecture(source_config)
+    source, target = stage_sizes(source_config), stage_sizes(target_config)
+    sizes = target if fraction >= 1 else _geometric_sizes(source, target, fraction, expert_multiple)
+    return slim_config(source_config, **_stage_arguments(arch, sizes, target_config))
+
+
 def plan_stages(source_config, target_config, num_stages: int, expert_multiple: int = 64) -> list:
     """The geometric multi-stage schedule from `source_config` to `target_config` (any supported family).
 
@@ -127,13 +143,9 @@ def plan_stages(source_config, target_config, num_stages: int, expert_multiple: 
     check_target(source_config, target_config)
     arch = get_architecture(source_config)
     source, target = stage_sizes(source_config), stage_sizes(target_config)
-    multiples = {"expert_width": expert_multiple, "num_key_value_heads": 1, "shared_expert_width": expert_multiple}
     stages, previous = [], source
     for i in range(1, num_stages + 1):
-        if i == num_stages:
-            sizes = dict(target)
-        else:
-            sizes = {name: geometric_size(source[name], target[name], i / num_stages, multiples[name]) for name in source}
+        sizes = dict(target) if i == num_stages else _geometric_sizes(source, target, i / num_stages, expert_multiple)
         sizes = {name: min(value, previous[name]) for name, value in sizes.items()}  # never grow back
         stages.append(slim_config(source_config, **_stage_arguments(arch, sizes, target_config)))
         previous = stage_sizes(stages[-1])
@@ -245,5 +257,5 @@ def format_plan(source_config, stages: Sequence, budgets: Sequence[str] | None =
     return "\n".join(lines)
 
 
-__all__ = ["plan_stages", "pinned_stages", "check_target", "plan_rows", "format_plan", "human_count", "stage_sizes",
+__all__ = ["config_between", "plan_stages", "pinned_stages", "check_target", "plan_rows", "format_plan", "human_count", "stage_sizes",
            "size_keys", "geometric_size", "SIZE_NAMES"]

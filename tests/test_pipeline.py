@@ -294,39 +294,66 @@ def test_data_sources_text_files_disk_and_pretokenized(tmp_path):
         load_blocks(recipe_from_dict(values), tokenizer)
 
 
-def test_iterative_masks_compute_what_the_pruned_model_computes():
-    """The masked full-size model equals the physically pruned one; a resumed callback reads the masks back."""
+def iterative_model(family: str):
+    """A tiny model of `family` and the iterative baseline's target: a quarter of the expert width (and of a
+    shared expert's own width), half the GQA groups where the attention can lose some."""
+    import torch
+
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, slim_config
+    from hf_slimmoe.architectures import get_architecture
+
+    torch.manual_seed(0)
+    if family == "slimmoe":
+        model = SlimMoeForCausalLM(SlimMoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True))
+    else:
+        from family_models import tiny_model
+
+        model = tiny_model(family, dtype=torch.float32)
+    arch, config = get_architecture(model), model.config
+    shared = arch.shared_width_of(config)
+    target = slim_config(config, expert_width=arch.expert_width_of(config) // 4,
+                         shared_expert_width=shared // 4 if shared and not arch.shared_expert.tied else None,
+                         num_key_value_heads=config.num_key_value_heads // 2 if arch.attention_prunable else None)
+    return model.eval(), target
+
+
+@pytest.mark.parametrize("family", ["slimmoe", "qwen2_moe", "deepseek_v3", "qwen3_next", "gpt_oss"])
+def test_iterative_masks_compute_what_the_pruned_model_computes(family):
+    """The masked full-size model equals the physically pruned one, for routed and shared experts and GQA groups of
+    any family (hybrids: the full-attention layers); a resumed callback reads the masks back."""
     from types import SimpleNamespace
 
     import torch
 
-    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
     from hf_slimmoe.pruning.iterative import IterativeMaskCallback
+    from hf_slimmoe.schedule import stage_sizes
 
-    config = SlimMoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           attention_bias=True, lm_head_bias=True)
-    torch.manual_seed(0)
-    model = SlimMoeForCausalLM(config).eval()
-    calibration = [{"input_ids": torch.randint(0, 64, (4, 16))} for _ in range(2)]
-    target = config.slimmed(intermediate_size=16, num_key_value_heads=1)
+    model, target = iterative_model(family)
+    vocab = model.config.vocab_size
+    calibration = [{"input_ids": torch.randint(5, vocab, (4, 16))} for _ in range(2)]
     callback = IterativeMaskCallback(model, target, calibration, teacher=None, criterion="kd", top_k=8,
-                                     mask_every_steps=1, target_step=4, expert_multiple=16)
-    assert [callback.sizes_at(s) for s in (0, 2, 4, 9)] == [(64, 2), (32, 1), (16, 1), (16, 1)]
+                                     mask_every_steps=1, target_step=4, expert_multiple=4)
+    source = stage_sizes(model.config)
+    assert stage_sizes(callback.config_at(0)) == source and stage_sizes(callback.config_at(9)) == stage_sizes(target)
     callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
     callback.on_step_end(None, SimpleNamespace(global_step=2), None)
-    assert int(callback.expert_keep[0][0].sum()) == 32 and int(callback.group_keep[0].sum()) == 1
+    halfway = stage_sizes(callback.config_at(2))
+    assert source["expert_width"] > halfway["expert_width"] > stage_sizes(target)["expert_width"]
+    assert all(int(keep[0].sum()) == halfway["expert_width"] for keep in callback.expert_keep.values())
     callback.on_step_end(None, SimpleNamespace(global_step=4), None)
-    ids = torch.randint(0, 64, (2, 12))
+    ids = torch.randint(5, vocab, (2, 12))
     with torch.no_grad():
         masked = model(ids).logits
     resumed = IterativeMaskCallback(model, target, calibration, teacher=None, criterion="kd", top_k=8,
-                                    mask_every_steps=1, target_step=4, expert_multiple=16)
+                                    mask_every_steps=1, target_step=4, expert_multiple=4)
     resumed.on_train_begin(None, SimpleNamespace(global_step=4), None)
-    assert all(torch.equal(a, b) for a, b in zip(resumed.expert_keep, callback.expert_keep))
-    assert all(torch.equal(a, b) for a, b in zip(resumed.group_keep, callback.group_keep))
+    for name in ("expert_keep", "shared_keep", "group_keep"):
+        mine, theirs = getattr(resumed, name), getattr(callback, name)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[i], theirs[i]) for i in mine)
     pruned, _ = callback.finalize(model)
-    assert (pruned.config.intermediate_size, pruned.config.num_key_value_heads) == (16, 1)
+    assert stage_sizes(pruned.config) == stage_sizes(target)
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, masked, rtol=1e-5, atol=1e-5)
 

@@ -162,3 +162,20 @@ def test_mixtral_recipe_is_the_rebuttal_setting():
     before, after = parameter_groups(arch, teacher), parameter_groups(arch, target)
     assert round(after["experts"] / before["experts"], 2) == 0.20
     assert after["attention"] / before["attention"] == 0.5
+
+
+def test_iterative_baseline_on_a_qwen3_moe_teacher(tmp_path):
+    """`method: iterative` on another family than PhiMoE: the masks grow on the full-size Qwen3-MoE while it distills,
+    and the one stage is pruned physically to the target, a stock checkpoint of the family."""
+    from hf_slimmoe.pipeline import compress
+    from hf_slimmoe.recipe import recipe_from_dict
+
+    values = recipe_for("qwen3_moe", tmp_path / "out")
+    values.update(method="iterative", iterative={"mask_every_steps": 2, "target_fraction": None})
+    compress(recipe_from_dict(values))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("stage-")) == ["stage-1"]
+    config = json.loads((tmp_path / "out" / "stage-1" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert (config["moe_intermediate_size"], config["num_key_value_heads"]) == (16, 1)
+    info = json.loads((tmp_path / "out" / "stage-1" / "stage.json").read_text())
+    assert info["method"] == "iterative" and info["training"]["steps"] == 8  # the multi-stage total, 4 + 4
