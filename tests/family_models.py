@@ -44,6 +44,8 @@ CONFIG_OVERRIDES: dict[str, dict] = {
     "dots1": {"n_shared_experts": 1},  # the default leaves it unset
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0},
     "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_expand": 2},  # heads x d_head = 2 x hidden
+    # the default Gemma-4 text model is dense; its MoE variant (26B-A4B) has experts beside each layer's dense MLP
+    "gemma4_text": {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2},
 }
 
 

@@ -438,4 +438,5 @@ def test_readme_family_table_is_generated_from_the_adapters():
     rows = {row.split(" | ")[0].strip("| `"): row for row in table.splitlines()[2:]}
     assert sorted(rows) == sorted(SUPPORTED_MODEL_TYPES)
     assert "yes: GQA groups" in rows["qwen3_moe"] and "no: it uses multi-head latent attention" in rows["deepseek_v3"]
-    assert "**refused**: dense layers" in rows["jamba"]
+    assert "dense MLPs are sized by the same field and narrow with them" in rows["jamba"]
+    assert "**refused**: routed experts: the experts module holds" in rows["ergo"]

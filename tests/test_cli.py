@@ -70,7 +70,7 @@ def test_info_says_what_is_slimmed_kept_and_refused_for_any_family(tmp_path, cap
     stays as it is, and a refused family's reason (exit 0: the model is described, not an error)."""
     from family_models import tiny_model
 
-    for model_type in ("qwen3_moe", "deepseek_v3", "olmoe", "jamba"):
+    for model_type in ("qwen3_moe", "deepseek_v3", "olmoe", "ergo"):
         tiny_model(model_type).save_pretrained(tmp_path / model_type)
     assert main(["info", str(tmp_path / "qwen3_moe")]) == 0
     out = capsys.readouterr().out
@@ -85,11 +85,11 @@ def test_info_says_what_is_slimmed_kept_and_refused_for_any_family(tmp_path, cap
     out = capsys.readouterr().out
     assert "attention pruning        no: OlmoeAttention: q_norm holds weights of shapes [(64,)]" in out
     assert "kept as they are         OlmoeAttention (4 of 4 layers)" in out
-    assert main(["info", str(tmp_path / "jamba")]) == 0
-    assert "SlimMoE      refused: jamba: dense layers: their MLP width is the experts' field" in capsys.readouterr().out
-    assert main(["info", str(tmp_path / "jamba"), "--json"]) == 0
+    assert main(["info", str(tmp_path / "ergo")]) == 0
+    assert "SlimMoE      refused: ergo: routed experts: the experts module holds" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "ergo"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["refused"].startswith("jamba: dense layers") and "num_parameters" not in info
+    assert info["refused"].startswith("ergo: routed experts") and "num_parameters" not in info
 
 
 def test_export_command_writes_a_stock_checkpoint(tmp_path, capsys):

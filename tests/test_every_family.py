@@ -61,8 +61,9 @@ def built(model_type):
 
 
 def kill(model, arch, dead: int, dead_shared: int, dead_groups: int) -> None:
-    """Zero the down-projection columns of the last `dead` neurons of every expert (and `dead_shared` of the shared
-    expert), and the o_proj columns of the first `dead_groups` GQA groups: they then contribute nothing."""
+    """Zero the down-projection columns of the last `dead` neurons of every expert and tied dense MLP (and
+    `dead_shared` of the shared expert), and the o_proj columns of the first `dead_groups` GQA groups: they then
+    contribute nothing."""
     head_dim = arch.head_dim_of(model.config)
     per_group = model.config.num_attention_heads // model.config.num_key_value_heads
     with torch.no_grad():
@@ -74,6 +75,8 @@ def kill(model, arch, dead: int, dead_shared: int, dead_groups: int) -> None:
                 experts.down_proj[:, :, -dead:] = 0  # [E, H, I]
             if dead_shared:
                 arch.shared_of(block).down_proj.weight[:, -dead_shared:] = 0
+        for mlp in arch.dense_blocks(model).values():  # dense MLPs sized by the expert width field (Jamba)
+            mlp.down_proj.weight[:, -dead:] = 0
         for index in arch.attention_layer_indices(model.config) if dead_groups else ():
             arch.attention_of(arch.decoder_layers(model)[index]).o_proj.weight[:, :dead_groups * per_group * head_dim] = 0
 

@@ -319,7 +319,7 @@ def iterative_model(family: str):
     return model.eval(), target
 
 
-@pytest.mark.parametrize("family", ["slimmoe", "qwen2_moe", "deepseek_v3", "qwen3_next", "gpt_oss"])
+@pytest.mark.parametrize("family", ["slimmoe", "qwen2_moe", "deepseek_v3", "qwen3_next", "gpt_oss", "jamba"])
 def test_iterative_masks_compute_what_the_pruned_model_computes(family):
     """The masked full-size model equals the physically pruned one, for routed and shared experts and GQA groups of
     any family (hybrids: the full-attention layers); a resumed callback reads the masks back."""
@@ -335,6 +335,7 @@ def test_iterative_masks_compute_what_the_pruned_model_computes(family):
     calibration = [{"input_ids": torch.randint(5, vocab, (4, 16))} for _ in range(2)]
     callback = IterativeMaskCallback(model, target, calibration, teacher=None, criterion="kd", top_k=8,
                                      mask_every_steps=1, target_step=4, expert_multiple=4)
+    assert bool(callback.dense_keep) == (family == "jamba")  # dense MLPs sized by the expert width field
     source = stage_sizes(model.config)
     assert stage_sizes(callback.config_at(0)) == source and stage_sizes(callback.config_at(9)) == stage_sizes(target)
     callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
@@ -349,7 +350,7 @@ def test_iterative_masks_compute_what_the_pruned_model_computes(family):
     resumed = IterativeMaskCallback(model, target, calibration, teacher=None, criterion="kd", top_k=8,
                                     mask_every_steps=1, target_step=4, expert_multiple=4)
     resumed.on_train_begin(None, SimpleNamespace(global_step=4), None)
-    for name in ("expert_keep", "shared_keep", "group_keep"):
+    for name in ("expert_keep", "shared_keep", "dense_keep", "group_keep"):
         mine, theirs = getattr(resumed, name), getattr(callback, name)
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[i], theirs[i]) for i in mine)
     pruned, _ = callback.finalize(model)

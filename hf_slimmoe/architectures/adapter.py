@@ -82,6 +82,8 @@ class MoeArchitecture:
         top_k (`str`): experts per token.
         expert_groups (`str`, *optional*): router expert groups (DeepSeek `n_group`) when above 1; dropping experts
             would break group-limited routing, so `drop_experts` refuses.
+        dense_tied (`bool`): the dense MLPs (at `moe_block` on the layers without experts) are sized by the expert
+            width field too (Jamba), so they narrow with the routed experts, each keeping its own best neurons.
 
     Parameters that describe the modules:
         expert_bias (`bool`): the experts have biases (gpt-oss).
@@ -114,6 +116,7 @@ class MoeArchitecture:
     attention_class: str | None = None
     shared_expert: SharedExpert | None = None
     expert_groups: str | None = None
+    dense_tied: bool = False
     expert_bias: bool = False
     expert_gate: bool = True
     expert_transposed: bool = False
@@ -197,6 +200,19 @@ class MoeArchitecture:
                 blocks[index] = block
         return blocks
 
+    def dense_blocks(self, model: nn.Module) -> dict[int, nn.Module]:
+        """`{layer index: dense MLP}` for the layers whose MLP is sized by the expert width field (`dense_tied`)."""
+        if not self.dense_tied:
+            return {}
+        moe = self.moe_blocks(model)
+        return {i: layer.get_submodule(self.moe_block) for i, layer in enumerate(self.decoder_layers(model))
+                if i not in moe and isinstance(getattr(_get_or_none(layer, self.moe_block), "down_proj", None),
+                                               nn.Linear)}
+
+    def dense_layer_indices(self, config) -> list[int]:
+        """Indices of the decoder layers whose dense MLP narrows with the experts (`dense_tied`)."""
+        return list(self.dense_blocks(skeleton(config)))
+
     def experts_of(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.experts)
 
@@ -215,6 +231,13 @@ class MoeArchitecture:
         except AttributeError:
             return None
         return module if type(module).__name__ == self.attention_class else None
+
+
+def _get_or_none(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 __all__ = ["MoeArchitecture", "SharedExpert"]

@@ -110,15 +110,18 @@ def _get(module: nn.Module, path: str | None) -> nn.Module | None:
         return None
 
 
-def _block_children(block: nn.Module, experts_name: str, num_experts: int, hidden: int) -> dict[str, str | None]:
-    """Router, shared expert and shared-expert gate among the MoE block's direct children."""
+def _block_children(block: nn.Module, experts_name: str, num_experts: int, hidden: int,
+                    extra_rows: set[int]) -> dict[str, str | None]:
+    """Router, shared expert and shared-expert gate among the MoE block's direct children. A router has a row per
+    expert, plus as many as a configuration field of experts says (`extra_rows`: zero-compute experts)."""
     found = {"router": None, "shared": None, "shared_gate": None}
     for name, child in block.named_children():
         if name == experts_name:
             continue
         weight = getattr(child, "weight", None)
         if isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[1] == hidden and (
-                weight.shape[0] >= num_experts and not isinstance(getattr(child, "down_proj", None), nn.Linear)):
+                weight.shape[0] - num_experts in {0, *extra_rows} or weight.shape[0] == 1) and (
+                not isinstance(getattr(child, "down_proj", None), nn.Linear)):
             if weight.shape[0] == 1 and num_experts > 1:
                 found["shared_gate"] = name
             elif found["router"] is None:
@@ -144,9 +147,10 @@ def _experts_path(model_type: str, layers: nn.ModuleList) -> str:
         raise UnsupportedArchitecture(f"{model_type}: routed experts: {error}") from None
     if not paths:
         raise UnsupportedArchitecture(
-            f"{model_type}: routed experts: no decoder layer holds fused experts (a module with a 3D down_proj "
-            "parameter, the layout `@use_experts_implementation` decorates); experts kept as separate modules or in "
-            "another layout cannot go through the same slicing.")
+            f"{model_type}: routed experts: no decoder layer of this configuration holds fused experts (a module "
+            "with a 3D down_proj parameter, the layout `@use_experts_implementation` decorates): the configuration "
+            "is dense, or keeps its experts as separate modules or in another layout, which cannot go through the "
+            "same slicing.")
     if len(paths) > 1:
         raise UnsupportedArchitecture(f"{model_type}: routed experts: the layers keep them at different paths "
                                       f"({', '.join(sorted(paths))}).")
@@ -207,7 +211,8 @@ def _moe_block_facts(config, layers: nn.ModuleList) -> dict:
     index = next(i for i, layer in enumerate(layers) if _get(layer, experts_path) is not None)
     layout = _check_experts(model_type, layers[index].get_submodule(experts_path), hidden)
     block = layers[index].get_submodule(block_path) if block_path else layers[index]
-    children = _block_children(block, experts_name, layout["num_experts"], hidden)
+    extra = {v for k, v in _int_fields(config).items() if re.search(r"(zero|null|identity).*expert", k) and v > 0}
+    children = _block_children(block, experts_name, layout["num_experts"], hidden, extra)
     paths = {"experts": experts_path, "block": block_path, "shared": _join(block_path, children["shared"])}
     width_field = field_of(config, layout["width"], lambda m: widths(m, paths)["experts"], hint="intermediate")
     count_field = field_of(config, layout["num_experts"], lambda m: experts_layout(
@@ -219,9 +224,12 @@ def _moe_block_facts(config, layers: nn.ModuleList) -> dict:
     widened = widths(build_skeleton(_perturbed(config, width_field, 2 * layout["width"])), paths)
     shared = None if base["shared"] is None else _shared_expert(
         config, paths, width_field, base, widened, children["shared_gate"])
+    dense_tied = base["dense"] is not None and widened["dense"] != base["dense"]
+    if dense_tied and base["dense"] != base["experts"]:
+        raise UnsupportedArchitecture(f"{model_type}: dense layers: their MLP width {base['dense']} follows the "
+                                      f"experts' field {width_field} ({base['experts']}) without being equal to it.")
     return {"layout": layout, "paths": paths, "router": children["router"], "shared": shared,
-            "width_field": width_field, "count_field": count_field,
-            "dense_tied": base["dense"] is not None and widened["dense"] != base["dense"], "block": block}
+            "width_field": width_field, "count_field": count_field, "dense_tied": dense_tied, "block": block}
 
 
 def _top_k_field(config, block: nn.Module, router: str | None) -> str | None:
@@ -230,7 +238,7 @@ def _top_k_field(config, block: nn.Module, router: str | None) -> str | None:
     holders = [getattr(block, router) if router else None, block]
     value = next((getattr(h, a) for h in holders if h is not None for a in ("top_k", "num_experts_per_tok")
                   if isinstance(getattr(h, a, None), int)), None)
-    named = [k for k in config.to_dict() if re.search(r"(^|_)(top_?k|moe_k)$|per_tok", k) and "group" not in k]
+    named = [k for k in config.to_dict() if re.search(r"(^|_)(top_?k(_experts)?|moe_k)$|per_tok", k) and "group" not in k]
     candidates = [k for k, v in _int_fields(config).items() if v == value] if value is not None else []
     return min(candidates, key=lambda k: (k not in named, len(k)), default=named[0] if named else None)
 
@@ -368,10 +376,6 @@ def _derive(config) -> MoeArchitecture:
     model = skeleton(config)
     layers = decoder_layers(model)
     moe = _moe_block_facts(config, layers)
-    if moe["dense_tied"]:
-        raise UnsupportedArchitecture(
-            f"{config.model_type}: dense layers: their MLP width is the experts' field {moe['width_field']}, so "
-            "slimming the experts would narrow the dense MLPs too; scoring and slicing them is not implemented yet.")
     top_k = _top_k_field(config, moe["block"], moe["router"])
     if top_k is None:
         raise UnsupportedArchitecture(f"{config.model_type}: router: no configuration field holds its experts per "
@@ -383,6 +387,7 @@ def _derive(config) -> MoeArchitecture:
         model_type=config.model_type, architecture=type(model).__name__, expert_width=moe["width_field"],
         num_experts=moe["count_field"], top_k=top_k, moe_block=block, router=moe["router"], experts=experts,
         shared_expert=moe["shared"], expert_groups=_expert_groups_field(config, moe["block"], moe["router"]),
+        dense_tied=moe["dense_tied"],
         expert_bias=layout["bias"], expert_gate=layout["gate"], expert_transposed=layout["transposed"],
         expert_concatenated=layout["concatenated"], aux_loss=_aux_loss(model), **attention)
     return replace(arch, **overrides)

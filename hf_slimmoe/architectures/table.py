@@ -28,7 +28,8 @@ def _experts(arch: MoeArchitecture) -> str:
                                        ("interleaved gate/up", arch.expert_gate and not arch.expert_concatenated),
                                        ("no gate: up_proj only", not arch.expert_gate), ("biases", arch.expert_bias))
               if shown]
-    return f"`{arch.expert_width}` / `{arch.num_experts}`" + (f" ({', '.join(layout)})" if layout else "")
+    dense = "; the dense MLPs are sized by the same field and narrow with them" if arch.dense_tied else ""
+    return f"`{arch.expert_width}` / `{arch.num_experts}`" + (f" ({', '.join(layout)})" if layout else "") + dense
 
 
 def _shared(arch: MoeArchitecture) -> str:
@@ -42,16 +43,18 @@ def _shared(arch: MoeArchitecture) -> str:
     return f"`{shared.module}`: width {width}, narrows with the routed experts{gate}"
 
 
-def _kept(arch: MoeArchitecture, layer: nn.Module) -> list[str]:
+def _kept(arch: MoeArchitecture, layer: nn.Module, narrowed: list[nn.Module]) -> list[str]:
     """Class names of the layer's parts that SlimMoE keeps as they are: its children (items of a `ModuleList` child)
-    with a matrix weight, other than the MoE block (holding the routed experts) and the pruned GQA attention."""
+    with a matrix weight, other than the MoE block (holding the routed experts), the pruned GQA attention and the
+    `narrowed` dense MLPs (sized by the expert width field)."""
     attention = arch.attention_of(layer) if arch.attention_prunable else None
     names = []
     for child in layer.children():
         for part in child if isinstance(child, nn.ModuleList) else [child]:
             modules = list(part.modules())
             experts = any(isinstance(getattr(m, "down_proj", None), nn.Parameter) for m in modules)
-            if any(p.dim() > 1 for p in part.parameters()) and not experts and attention not in modules:
+            pruned = attention in modules or any(m is part for m in narrowed)
+            if any(p.dim() > 1 for p in part.parameters()) and not experts and not pruned:
                 names.append(type(part).__name__)
     return list(dict.fromkeys(names))
 
@@ -67,7 +70,8 @@ def slimming_summary(arch: MoeArchitecture, config) -> dict[str, str]:
         linear attention and Mamba mixers, an attention that cannot be pruned), `aux_loss` (the family's
         load-balancing loss, or none: KD alone) and `export` (the stock `model_type` and `architectures` name).
     """
-    layers = decoder_layers(skeleton(config))
+    model = skeleton(config)
+    layers, narrowed = decoder_layers(model), list(arch.dense_blocks(model).values())
     attention = set(arch.attention_layer_indices(config))
     if arch.attention_prunable:
         extras = [note for note, shown in (("each head's query gate rows leave with it", arch.gated_queries),
@@ -77,7 +81,7 @@ def slimming_summary(arch: MoeArchitecture, config) -> dict[str, str]:
         attention_text = f"yes: GQA groups (`num_key_value_heads`){where}" + "".join(f"; {e}" for e in extras)
     else:
         attention_text = f"no: {arch.attention_refusal}"
-    kept = Counter(name for layer in layers for name in _kept(arch, layer))
+    kept = Counter(name for layer in layers for name in _kept(arch, layer, narrowed))
     aux = arch.aux_loss
     return {
         "experts": _experts(arch),

@@ -1,6 +1,6 @@
 """The iterative-pruning baseline of the paper's Section 4.2 (after Liang et al. 2023, without layer-wise
-distillation): the full-size model is distilled while masks remove its lowest-scoring expert neurons (routed and
-shared) and GQA groups gradually, then it is pruned physically once. Any supported family.
+distillation): the full-size model is distilled while masks remove its lowest-scoring expert neurons (routed,
+shared, and dense MLPs sized by the expert width) and GQA groups gradually, then it is pruned physically once. Any supported family.
 
 The masks address the same units as the tensor surgery (`expert_neurons`, `gqa_rows`, a shared expert's rows), so a
 masked model computes exactly what the pruned one computes.
@@ -49,6 +49,7 @@ class IterativeMaskCallback(TrainerCallback):
         # masks by decoder layer: [E, width] for the routed experts, [shared width], [KV groups]
         self.expert_keep = {i: torch.ones(arch.num_experts_of(self.source), width, dtype=torch.bool) for i in blocks}
         self.shared_keep = {i: torch.ones(shared, dtype=torch.bool) for i in blocks} if shared else {}
+        self.dense_keep = {i: torch.ones(width, dtype=torch.bool) for i in arch.dense_blocks(model)}  # Jamba
         groups = self.source.num_key_value_heads
         self.group_keep = {i: torch.ones(groups, dtype=torch.bool) for i, layer in enumerate(layers)
                            if arch.attention_prunable and arch.attention_of(layer) is not None}
@@ -72,6 +73,8 @@ class IterativeMaskCallback(TrainerCallback):
             self.expert_keep[i] = _narrow(self.scores.experts[i], keep, arch.expert_width_of(config))
         for i, keep in self.shared_keep.items():
             self.shared_keep[i] = _narrow(self.scores.shared_experts[i], keep, arch.shared_width_of(config))
+        for i, keep in self.dense_keep.items():
+            self.dense_keep[i] = _narrow(self.scores.dense[i], keep, arch.expert_width_of(config))
         for i, keep in self.group_keep.items():
             self.group_keep[i] = _narrow(self.scores.kv_groups[i], keep, config.num_key_value_heads)
         self.masked = sizes
@@ -79,7 +82,8 @@ class IterativeMaskCallback(TrainerCallback):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero every masked expert neuron (gate, up and down), shared-expert neuron and GQA group."""
+        """Zero every masked expert neuron (gate, up and down), shared-expert or tied dense MLP neuron and GQA
+        group."""
         arch, config = self.arch, self.source
         blocks, layers = arch.moe_blocks(self.model), arch.decoder_layers(self.model)
         for i, keep in self.expert_keep.items():
@@ -87,12 +91,14 @@ class IterativeMaskCallback(TrainerCallback):
             drop = ~keep.to(experts.down_proj.device)  # [E, I]
             for weight in expert_neurons(arch, experts):  # [E, I, in] views
                 weight.data[drop] = 0
-        for i, keep in self.shared_keep.items():
-            mlp, rows = arch.shared_of(blocks[i]), torch.nonzero(~keep).flatten()
+        dense = arch.dense_blocks(self.model)
+        for mlp, keep in [*((arch.shared_of(blocks[i]), k) for i, k in self.shared_keep.items()),
+                          *((dense[i], k) for i, k in self.dense_keep.items())]:
+            rows = torch.nonzero(~keep).flatten().to(mlp.down_proj.weight.device)
             for name in ("gate_proj", "up_proj"):
                 if getattr(mlp, name, None) is not None:
-                    getattr(mlp, name).weight.data[rows.to(mlp.down_proj.weight.device)] = 0
-            mlp.down_proj.weight.data[:, rows.to(mlp.down_proj.weight.device)] = 0
+                    getattr(mlp, name).weight.data[rows] = 0
+            mlp.down_proj.weight.data[:, rows] = 0
         per_group, head_dim = config.num_attention_heads // config.num_key_value_heads, arch.head_dim_of(config)
         for i, keep in self.group_keep.items():
             dropped = torch.nonzero(~keep).flatten()
@@ -120,6 +126,9 @@ class IterativeMaskCallback(TrainerCallback):
             self.expert_keep[i] = down.detach().abs().sum(dim=-1).cpu() > 0
         for i in self.shared_keep:
             self.shared_keep[i] = arch.shared_of(blocks[i]).down_proj.weight.detach().abs().sum(dim=0).cpu() > 0
+        dense = arch.dense_blocks(self.model)
+        for i in self.dense_keep:
+            self.dense_keep[i] = dense[i].down_proj.weight.detach().abs().sum(dim=0).cpu() > 0
         for i in self.group_keep:
             o = arch.attention_of(layers[i]).o_proj.weight.detach().abs().sum(dim=0).cpu()  # [heads * head_dim]
             self.group_keep[i] = o.view(self.source.num_key_value_heads, -1).sum(dim=1) > 0
@@ -157,6 +166,7 @@ class IterativeMaskCallback(TrainerCallback):
             experts=mask_scores(self.expert_keep, "experts", (0, 0)),
             kv_groups=mask_scores(self.group_keep, "kv_groups", (0,)),
             shared_experts=mask_scores(self.shared_keep, "shared_experts", (0,)) if self.shared_keep else [],
+            dense=mask_scores(self.dense_keep, "dense", (0,)) if self.dense_keep else [],
             metadata={"method": "iterative"})
         prune_to(model, self.target, scores)
         return model, scores

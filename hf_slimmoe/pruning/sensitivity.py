@@ -61,12 +61,16 @@ class SensitivityScores:
         shared_experts (`list[torch.Tensor]`):
             For families with a shared expert (Qwen2-MoE, DeepSeek), `shared_experts[layer]` has shape
             `[shared_width]` (empty for a dense layer); an empty list otherwise.
+        dense (`list[torch.Tensor]`):
+            For families whose dense MLPs are sized by the expert width field (Jamba), `dense[layer]` has shape
+            `[expert_width]` on a dense layer (empty on a MoE layer); an empty list otherwise.
     """
 
     experts: list[torch.Tensor]
     kv_groups: list[torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     shared_experts: list[torch.Tensor] = field(default_factory=list)
+    dense: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self):
         if len(self.experts) != len(self.kv_groups):
@@ -74,21 +78,22 @@ class SensitivityScores:
                 f"SensitivityScores: experts has {len(self.experts)} layers but kv_groups has {len(self.kv_groups)}; "
                 "both need one tensor per decoder layer."
             )
-        if self.shared_experts and len(self.shared_experts) != len(self.experts):
-            raise ValueError(
-                f"SensitivityScores: shared_experts has {len(self.shared_experts)} layers but experts has "
-                f"{len(self.experts)}; it needs one tensor per decoder layer (or none at all)."
-            )
+        for name in ("shared_experts", "dense"):
+            if getattr(self, name) and len(getattr(self, name)) != len(self.experts):
+                raise ValueError(
+                    f"SensitivityScores: {name} has {len(getattr(self, name))} layers but experts has "
+                    f"{len(self.experts)}; it needs one tensor per decoder layer (or none at all)."
+                )
 
     @property
     def num_layers(self) -> int:
         return len(self.experts)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save to a safetensors file (keys `experts.{layer}`, `kv_groups.{layer}` and, with shared experts,
-        `shared_experts.{layer}`; metadata in the header)."""
+        """Save to a safetensors file (keys `experts.{layer}`, `kv_groups.{layer}` and, where scored,
+        `shared_experts.{layer}` and `dense.{layer}`; metadata in the header)."""
         tensors = {}
-        for name in ("experts", "kv_groups", "shared_experts"):
+        for name in ("experts", "kv_groups", "shared_experts", "dense"):
             for layer, tensor in enumerate(getattr(self, name)):
                 tensors[f"{name}.{layer}"] = tensor.detach().float().cpu().contiguous()
         metadata = {str(k): str(v) for k, v in self.metadata.items()}
@@ -121,13 +126,15 @@ class SensitivityScores:
             metadata=metadata,
             shared_experts=[tensors[f"shared_experts.{layer}"] for layer in range(num_layers)
                             if f"shared_experts.{layer}" in tensors],
+            dense=[tensors[f"dense.{layer}"] for layer in range(num_layers) if f"dense.{layer}" in tensors],
         )
 
 
 def scored_parameters(model: nn.Module) -> dict[str, dict[int, nn.Parameter]]:
     """The weights whose sensitivity is scored, by kind and decoder layer: routed experts' `down_proj` and shared
-    experts' `down_proj.weight` (MoE layers only), and the GQA attention's `o_proj.weight` (layers that have one:
-    not the linear-attention or Mamba layers of a hybrid)."""
+    experts' `down_proj.weight` (MoE layers only), the dense MLPs' `down_proj.weight` where they narrow with the
+    experts (dense layers only), and the GQA attention's `o_proj.weight` (layers that have one: not the
+    linear-attention or Mamba layers of a hybrid)."""
     arch = get_architecture(model)
     blocks = arch.moe_blocks(model)
     scored = {
@@ -137,6 +144,8 @@ def scored_parameters(model: nn.Module) -> dict[str, dict[int, nn.Parameter]]:
     }
     if arch.shared_expert is not None:
         scored["shared_experts"] = {i: arch.shared_of(block).down_proj.weight for i, block in blocks.items()}
+    if arch.dense_tied:
+        scored["dense"] = {i: mlp.down_proj.weight for i, mlp in arch.dense_blocks(model).items()}
     return scored
 
 
@@ -414,7 +423,7 @@ def _neuron_scores(model: nn.Module, scored: dict[str, dict[int, nn.Parameter]],
             if name == "experts":  # [E, H, I] (or [E, I, H] transposed) -> [E, I]
                 hidden_axis = 2 if arch.expert_transposed else 1
                 out[name].append(torch.linalg.vector_norm(s, dim=hidden_axis).cpu())
-            elif name == "shared_experts":  # [H, I_s] -> [I_s]
+            elif name in ("shared_experts", "dense"):  # [H, I] -> [I]
                 out[name].append(torch.linalg.vector_norm(s, dim=0).cpu())
             else:  # o_proj [H, num_heads * head_dim] -> neurons -> mean per GQA group [num_kv]
                 neurons = torch.linalg.vector_norm(s, dim=0)

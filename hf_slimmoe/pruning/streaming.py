@@ -85,6 +85,7 @@ class SliceRule:
         moe_only (`bool`): only the MoE layers hold it (routed and shared experts), not the dense ones.
         attention_only (`bool`): only the layers with GQA attention hold it (not a hybrid's linear-attention or Mamba
             layers).
+        dense_only (`bool`): only the dense layers hold it (dense MLPs sized by the expert width field, Jamba).
         per_expert (`bool`): one stored tensor per expert (a piece of a fused tensor the conversion mapping stacks);
             its expert is read off the stored key.
     """
@@ -96,6 +97,7 @@ class SliceRule:
     required: bool = True
     moe_only: bool = False
     attention_only: bool = False
+    dense_only: bool = False
     per_expert: bool = False
 
 
@@ -137,6 +139,11 @@ def family_rules(arch) -> tuple[SliceRule, ...]:
                   SliceRule(shared + r"down_proj\.weight", "shared", 1, moe_only=True),
                   SliceRule(shared + r"gate_proj\.bias", "shared", 0, required=False, moe_only=True),
                   SliceRule(shared + r"up_proj\.bias", "shared", 0, required=False, moe_only=True)]
+    if arch.dense_tied:  # dense MLPs narrow with the experts: rows of gate_proj / up_proj, columns of down_proj
+        dense = _LAYER + re.escape(arch.moe_block + ".")
+        rules += [SliceRule(dense + r"gate_proj\.weight", "dense", 0, required=False, dense_only=True),
+                  SliceRule(dense + r"up_proj\.weight", "dense", 0, dense_only=True),
+                  SliceRule(dense + r"down_proj\.weight", "dense", 1, dense_only=True)]
     if arch.attention_prunable:
         rules += list(attention_rules(arch))
     return tuple(rules)
@@ -260,7 +267,7 @@ def cut_sizes(arch, config) -> dict[str, int]:
     """The full size of every index kind in a model of `config` (the dim a rule's indices select)."""
     width, heads = arch.expert_width_of(config), config.num_attention_heads
     head_dim = arch.head_dim_of(config)
-    return {"neurons": width, "gate_up": 2 * width, "gate_up_interleaved": 2 * width,
+    return {"neurons": width, "gate_up": 2 * width, "gate_up_interleaved": 2 * width, "dense": width,
             "shared": arch.shared_width_of(config) or 0, "q": heads * head_dim, "q_gated": 2 * heads * head_dim,
             "kv": config.num_key_value_heads * head_dim, "q_heads": heads}
 
@@ -284,7 +291,8 @@ def _assign(cut: TensorCut, keys: ModuleKeys, rules: tuple[SliceRule, ...], arch
         cut.rule = rule
         if (cut.layer >= config.num_hidden_layers or (cut.expert is not None and cut.expert >= experts)
                 or (rule.moe_only and cut.layer not in arch.moe_layer_indices(config))
-                or (rule.attention_only and cut.layer not in arch.attention_layer_indices(config))):
+                or (rule.attention_only and cut.layer not in arch.attention_layer_indices(config))
+                or (rule.dense_only and cut.layer not in arch.dense_layer_indices(config))):
             raise ValueError(f"{cut.key} ({cut.shard}) names layer {cut.layer}" +
                              (f", expert {cut.expert}" if cut.expert is not None else "") +
                              f"; the config has {config.num_hidden_layers} layers (MoE layers "
@@ -321,8 +329,8 @@ def plan_cuts(cuts: list[TensorCut], config, target) -> str:
                              "conversion mapping has them in a different number.")
         for used, half in parts:
             seen = {(c.layer, c.expert) for c in cuts if c.rule == used and c.half == half}
-            layers = moe_layers if rule.moe_only else attention_layers if rule.attention_only else range(
-                config.num_hidden_layers)
+            layers = (moe_layers if rule.moe_only else attention_layers if rule.attention_only
+                      else arch.dense_layer_indices(config) if rule.dense_only else range(config.num_hidden_layers))
             wanted = {(layer, e if used.per_expert else None) for layer in layers
                       for e in range(arch.num_experts_of(config) if used.per_expert else 1)}
             if (rule.required or seen) and seen != wanted and not (rule.fused and per_expert and not seen):
@@ -334,19 +342,23 @@ def plan_cuts(cuts: list[TensorCut], config, target) -> str:
 
 # ----------------------------------------------------------------------------------------------------- cutting
 def kept_indices(config, target, scores) -> dict[str, list]:
-    """Per layer, the kept indices of every kind (`None` where the size does not change, or in a dense layer):
-    `neurons` `[E, width_new]`, `shared` `[shared_width_new]`, `q` `[q_rows]`, `kv` `[kv_rows]`, `q_heads`
+    """Per layer, the kept indices of every kind (`None` where the size does not change, or in a layer without it):
+    `neurons` `[E, width_new]`, `shared` `[shared_width_new]`, `dense` `[width_new]` (dense MLPs sized by the expert
+    width field), `q` `[q_rows]`, `kv` `[kv_rows]`, `q_heads`
     `[kept query heads]` (ascending; exactly those [`prune_model`] keeps)."""
     arch = get_architecture(config)
     full, new = cut_sizes(arch, config), cut_sizes(arch, target)
     per_group = config.num_attention_heads // config.num_key_value_heads
     moe_layers = set(arch.moe_layer_indices(config))
-    kept: dict[str, list] = {"neurons": [], "shared": [], "q": [], "q_gated": [], "kv": [], "q_heads": []}
-    attention_layers = set(arch.attention_layer_indices(config))
+    kept: dict[str, list] = {"neurons": [], "shared": [], "dense": [], "q": [], "q_gated": [], "kv": [],
+                             "q_heads": []}
+    attention_layers, dense_layers = set(arch.attention_layer_indices(config)), set(arch.dense_layer_indices(config))
     for layer in range(config.num_hidden_layers):
         moe = layer in moe_layers
         kept["neurons"].append(keep_indices(scores.experts[layer], new["neurons"])
                                if moe and new["neurons"] != full["neurons"] else None)
+        kept["dense"].append(keep_indices(scores.dense[layer], new["dense"])
+                             if layer in dense_layers and new["dense"] != full["dense"] else None)
         kept["shared"].append(keep_indices(scores.shared_experts[layer], new["shared"])
                               if moe and new["shared"] != full["shared"] else None)
         rows = (None, None, None, None)

@@ -94,6 +94,9 @@ def _check_scores(arch: MoeArchitecture, config, target, scores: SensitivityScor
     }
     if arch.shared_expert is not None and arch.shared_width_of(target) != arch.shared_width_of(config):
         expected["shared_experts"] = lambda i: (arch.shared_width_of(config),) if i in moe else None
+    if arch.dense_tied and arch.expert_width_of(target) != arch.expert_width_of(config):
+        dense = set(arch.dense_layer_indices(config))
+        expected["dense"] = lambda i: (arch.expert_width_of(config),) if i in dense else None
     layers = config.num_hidden_layers
     for name, shape_of in expected.items():
         per_layer = getattr(scores, name)
@@ -260,6 +263,9 @@ def _prune_moe_blocks(arch: MoeArchitecture, model: nn.Module, target, scores: S
             _set_width(block, new_width)
         if new_shared != arch.shared_width_of(config):
             slim_glu(arch.shared_of(block), keep_indices(scores.shared_experts[index], new_shared))
+    if new_width != arch.expert_width_of(config):  # dense MLPs sized by the expert width field (Jamba)
+        for index, mlp in arch.dense_blocks(model).items():
+            slim_glu(mlp, keep_indices(scores.dense[index], new_width))
 
 
 def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: SensitivityScores) -> PreTrainedModel:
@@ -268,7 +274,9 @@ def prune_model(model: PreTrainedModel, target: PretrainedConfig, scores: Sensit
 
     Keeps, in every routed expert of every MoE layer, the target expert-width neurons with the highest
     `scores.experts[layer][expert]`; in a shared expert the target shared-width neurons with the highest
-    `scores.shared_experts[layer]`; and in every layer the `target.num_key_value_heads` GQA groups with the highest
+    `scores.shared_experts[layer]`; in a dense MLP sized by the expert width field (Jamba) the target width's
+    neurons with the highest `scores.dense[layer]`; and in every layer the `target.num_key_value_heads` GQA groups with
+    the highest
     `scores.kv_groups[layer]`. Updates `model.config` (the family's expert width field, heads, the shared expert's
     width; `head_dim` is kept and written explicitly) and the size attributes of the modules. Returns `model`.
 
