@@ -43,7 +43,10 @@ CONFIG_OVERRIDES: dict[str, dict] = {
     "zaya": {"num_experts_per_tok": 1},  # its router is top-1 only
     "dots1": {"n_shared_experts": 1},  # the default leaves it unset
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0},
-    "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_expand": 2},  # heads x d_head = 2 x hidden
+    # heads x d_head = 2 x hidden; the default layer pattern is all Mamba (Granite-4 mixes in attention layers)
+    "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_expand": 2,
+                         "layer_types": ["linear_attention", "attention", "linear_attention", "attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},  # the default leaves it unset
     # the default Gemma-4 text model is dense; its MoE variant (26B-A4B) has experts beside each layer's dense MLP
     "gemma4_text": {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2},
 }
