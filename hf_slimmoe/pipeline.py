@@ -192,6 +192,7 @@ def check_teacher_files(recipe: Recipe, teacher_config: PretrainedConfig) -> Non
 def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stopping: bool):
     """The `DistillationConfig` of a stage (or of an evaluation) from the recipe's `training` and `distillation`."""
     from .distillation import DistillationConfig
+    from .kd_settings import DistillationSettings
 
     d, has_eval = recipe.distillation, recipe.data.eval is not None
     training = {k: v for k, v in recipe.training.items() if k != "gradient_accumulation_steps"}
@@ -202,9 +203,7 @@ def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stoppin
             eval_strategy="steps" if has_eval else "no", save_strategy="steps",
             load_best_model_at_end=early_stopping, metric_for_best_model="kl" if early_stopping else None,
             greater_is_better=False if early_stopping else None, restore_callback_states_from_checkpoint=True,
-            kd_loss=d.kd_loss, kd_samples=d.kd_samples, top_k=d.top_k, temperature=d.temperature, renormalize=d.renormalize, aux_loss_coef=d.aux_loss_coef,
-            ce_weight=d.ce_weight, kd_chunk_size=d.kd_chunk_size,
-            **({} if d.kd_chunk_bytes is None else {"kd_chunk_bytes": d.kd_chunk_bytes}), **training,
+            **{f.name: getattr(d, f.name) for f in dataclasses.fields(DistillationSettings)}, **training,
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"training: {e}") from None

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import yaml
 
 from .architectures import config_from_dict
+from .kd_settings import DistillationSettings
 
 METHODS = ("multi-stage", "one-stage", "iterative")
 BUILD_TEACHER = "build"
@@ -146,21 +147,12 @@ class PruneSettings:
 
 
 @dataclass
-class DistillationSettings:
-    """The KD objective (see `DistillationConfig`): `kd_loss` "sampled" (the default: `kd_samples` teacher draws per
-    token, unbiased), "topk_tail", "topk" (the paper's Eq. 3) or "full" (online teacher only). With `cache_teacher`
-    the train cache is the kind the loss reads (samples or top-k); the eval cache is always the top-k."""
+class RecipeDistillation(DistillationSettings):
+    """The KD objective: the fields of [`DistillationSettings`] (declared once for recipes, `DistillationConfig` and
+    `SFTDistillationConfig`, same names and defaults), plus `cache_teacher`: the train cache is the kind the loss reads
+    (samples or top-k), cached once under OUTPUT_DIR/teacher_cache/; the eval cache is always the top-k."""
 
-    kd_loss: Literal["sampled", "topk_tail", "topk", "full"] = "sampled"
-    kd_samples: int = 8
-    top_k: int = 8
-    temperature: float = 1.0
-    renormalize: bool = False
-    aux_loss_coef: float = 0.0
-    ce_weight: float = 0.0
-    kd_chunk_size: int | None = None  # tokens per chunk of the KD loss; None: sized from kd_chunk_bytes
-    kd_chunk_bytes: int | None = None  # byte budget of a chunk's (chunk, vocab) blocks; None: DistillationConfig's
-    cache_teacher: bool = False  # cache what the loss reads from the teacher once under OUTPUT_DIR/teacher_cache/
+    cache_teacher: bool = False
 
 
 @dataclass
@@ -185,7 +177,7 @@ class Recipe:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     prune: PruneSettings = field(default_factory=PruneSettings)
-    distillation: DistillationSettings = field(default_factory=DistillationSettings)
+    distillation: RecipeDistillation = field(default_factory=RecipeDistillation)
     training: dict[str, Any] = field(default_factory=dict)
     iterative: IterativeSettings = field(default_factory=IterativeSettings)
     hub: dict[str, Any] = field(default_factory=dict)
@@ -396,19 +388,14 @@ def _check_training(training: dict[str, Any]) -> None:
         training["learning_rate"] = lr
 
 
-def _check_distillation(k: DistillationSettings) -> None:
-    _positive(k.kd_samples, "distillation.kd_samples")
+def _check_distillation(k: RecipeDistillation) -> None:
+    try:
+        k.check_kd_settings()
+    except ValueError as error:
+        raise ValueError(f"distillation.{error}") from None
     if k.kd_loss == "full" and k.cache_teacher:
         raise ValueError("distillation.kd_loss: full computes the full-vocabulary KL from the teacher's logits, so it "
                          "needs the teacher online: set distillation.cache_teacher: false, or use kd_loss: sampled.")
-    if k.renormalize and k.kd_loss != "topk":
-        raise ValueError(f"distillation.renormalize applies to kd_loss: topk only, not {k.kd_loss}.")
-    _positive(k.top_k, "distillation.top_k")
-    _positive(k.temperature, "distillation.temperature")
-    _positive(k.aux_loss_coef, "distillation.aux_loss_coef", allow_zero=True)
-    _positive(k.ce_weight, "distillation.ce_weight", allow_zero=True)
-    _positive(k.kd_chunk_size, "distillation.kd_chunk_size")
-    _positive(k.kd_chunk_bytes, "distillation.kd_chunk_bytes")
 
 
 def validate(recipe: Recipe) -> Recipe:

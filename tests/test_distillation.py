@@ -714,3 +714,31 @@ def test_distill_command_with_online_teacher_and_bad_yaml(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("top_kk: 8\n")
     assert slimmoe_main(["distill", "--config", str(tmp_path / "bad.yaml")] + common[1:]) == 2
     assert "top_kk" in capsys.readouterr().err
+
+
+def test_kd_defaults_are_the_same_in_a_recipe_slimmoe_distill_and_slimmoe_sft(tmp_path):
+    """The KD fields are declared once (`hf_slimmoe.kd_settings`): a recipe without a `distillation:` section, the
+    options `slimmoe distill` and `slimmoe sft` parse with no flags, and the stage arguments the pipeline builds all
+    have the same value for every one of them (the aux coefficient too: compress and distill trained with 0.0 and
+    0.01 before)."""
+    import dataclasses
+
+    from test_pipeline import tiny_recipe
+
+    from hf_slimmoe.cli.commands.distill import DistillCommand
+    from hf_slimmoe.cli.commands.sft import SFTCommand
+    from hf_slimmoe.kd_settings import DistillationSettings, KDSettings
+    from hf_slimmoe.pipeline import training_args
+    from hf_slimmoe.recipe import recipe_from_dict
+
+    values = tiny_recipe(tmp_path)
+    del values["distillation"]
+    recipe = recipe_from_dict(values)
+    (_, distill), _ = DistillCommand().parse(["--student", "s", "--dataset", "d", "--output_dir", str(tmp_path / "d")])
+    (_, _, sft), _ = SFTCommand().parse(["--output_dir", str(tmp_path / "s"), "--bf16", "false"])
+    stage = training_args(recipe, str(tmp_path / "stage"), max_steps=1, early_stopping=False)
+    for f in dataclasses.fields(DistillationSettings):
+        assert getattr(recipe.distillation, f.name) == getattr(distill, f.name) == getattr(stage, f.name) == f.default
+    for f in dataclasses.fields(KDSettings):
+        assert getattr(sft, f.name) == f.default, f.name
+    assert DistillationSettings().aux_loss_coef == 0.01

@@ -6,29 +6,10 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..modeling_utils import CHUNK_BYTES
-
-KD_LOSSES = ("sampled", "topk_tail", "topk", "full")
-
-
-def check_kd_fields(kd_loss: str, kd_samples: int, top_k: int, temperature: float, renormalize: bool,
-                    renormalize_field: str = "renormalize") -> None:
-    """Check the KD fields every distillation config has (`DistillationConfig`, `SFTDistillationConfig`); errors name
-    the field (`renormalize_field`: that config's name for the top-k renormalization flag)."""
-    if kd_loss not in KD_LOSSES:
-        raise ValueError(f"kd_loss={kd_loss!r} is not one of {list(KD_LOSSES)}.")
-    if kd_samples < 1:
-        raise ValueError(f"kd_samples={kd_samples} must be at least 1.")
-    if renormalize and kd_loss != "topk":
-        raise ValueError(f"{renormalize_field}=True applies to kd_loss='topk' only, not kd_loss={kd_loss!r}.")
-    if top_k < 1:
-        raise ValueError(f"top_k={top_k} must be at least 1.")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive.")
-
+from ..kd_settings import DistillationSettings
 
 @dataclass
-class DistillationConfig(TrainingArguments):
+class DistillationConfig(DistillationSettings, TrainingArguments):
     r"""
     Configuration class for [`DistillationTrainer`]: SlimMoE's knowledge distillation of a (pruned) MoE student
     from its original teacher.
@@ -46,48 +27,10 @@ class DistillationConfig(TrainingArguments):
 
         > Parameters that control the loss
 
-        kd_loss (`str`, *optional*, defaults to `"sampled"`):
-            The distillation objective, each computed chunked (never `(tokens, vocab)` logits):
-            `"sampled"`: cross-entropy on `kd_samples` tokens drawn from the teacher per position, an unbiased
-            estimate of the full-vocabulary KL gradient ([`sampled_kd_loss`]); online or from
-            [`cache_teacher_samples`]. `"topk_tail"`: KL over the teacher's top-k plus one "rest of the vocabulary"
-            outcome ([`topk_tail_kl_loss`]); online or from [`cache_teacher_topk`]. `"topk"`: the paper's Eq. 3
-            ([`topk_kl_loss`]), whose minimizer drops the teacher's tail; online or from a top-k cache. `"full"`: the
-            full-vocabulary KL ([`full_kl_loss`]); online teacher only. The default is the best unbiased objective
-            that also works from a cache in the measurements of `benchmarks/RESULTS.md` ("Choosing the distillation
-            loss").
-        kd_samples (`int`, *optional*, defaults to `8`):
-            Teacher samples per position of `kd_loss="sampled"` (S). A samples cache must hold exactly S. A cache
-            holds one set of draws: trained on for several epochs, the student fits those draws rather than the
-            teacher (see the README, "Choosing the distillation loss"); the online teacher draws afresh every epoch.
-        kd_samples_seed (`int`, *optional*, defaults to `0`):
-            Seed of the online teacher samples: epoch `e` draws with seed `kd_samples_seed + e`, per row, so a row
-            gets the same draws in any batch, on any rank and after a resume; epoch 0 draws what
-            [`cache_teacher_samples`] stores with `seed=kd_samples_seed`.
-        top_k (`int`, *optional*, defaults to `8`):
-            Number of teacher tokens per position kept by `kd_loss="topk"` / `"topk_tail"` and by the evaluation's
-            `eval_kl` (the paper's top-8). With a cached teacher it must not exceed the cache's k; the first `top_k`
-            cached entries are used.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature of teacher and student in the KD loss (no `T**2` factor). A cache records the
-            temperature it was made at and is refused at another one.
-        renormalize (`bool`, *optional*, defaults to `False`):
-            `kd_loss="topk"` only: renormalize the teacher's top-k probabilities to sum to 1. The default keeps them
-            relative to the full vocabulary (the other probabilities set to 0), as in the paper.
-        aux_loss_coef (`float`, *optional*, defaults to `0.01`):
-            Weight of the MoE load-balancing loss computed on the student's router logits (Phi-3.5-MoE's
-            `router_aux_loss_coef`). `0` disables it and skips returning router logits.
-        ce_weight (`float`, *optional*, defaults to `0.0`):
-            Weight of an optional next-token cross-entropy on the data's own tokens, added to the KD loss.
-        kd_chunk_size (`int`, *optional*):
-            Tokens projected to the vocabulary at a time by the chunked KD loss, the online teacher's targets and the
-            evaluation metrics. `None` (the default) sizes chunks from `kd_chunk_bytes` instead, so their memory stays
-            the same at any vocabulary; an `int` overrides it.
-        kd_chunk_bytes (`int`, *optional*, defaults to `134217728`, 128 MiB):
-            Byte budget of one chunk's float32 `(chunk, vocab)` working blocks when `kd_chunk_size` is `None`: a
-            chunk holds `kd_chunk_bytes / (blocks * 4 * vocab)` tokens, `blocks` being what that computation holds
-            at its peak (2 for `sampled` / `topk` / `topk_tail`, 4 for `full`). Raise it on an accelerator with
-            memory to spare: fewer, larger chunks read the `lm_head` weight fewer times.
+        The KD fields of [`KDSettings`] (`kd_loss`, `kd_samples`, `kd_samples_seed`, `top_k`, `temperature`,
+        `renormalize`, `kd_chunk_size`, `kd_chunk_bytes`) and of [`DistillationSettings`] (`aux_loss_coef`,
+        `ce_weight`), declared once for `slimmoe distill`, `slimmoe sft` and the recipes; and:
+
         eval_full_kl (`bool`, *optional*, defaults to `True`):
             When the trainer has a teacher model, evaluation also reports `eval_full_kl`, the full-vocabulary
             KL(teacher || student), computed chunked; it runs the teacher on the evaluation batches even when they
@@ -106,27 +49,6 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Teacher checkpoint directory or Hub id; unset when the dataset carries a teacher cache."},
     )
-    kd_loss: str = field(
-        default="sampled",
-        metadata={"help": "Distillation objective.", "choices": list(KD_LOSSES)},
-    )
-    kd_samples: int = field(default=8, metadata={"help": "Teacher samples per position of kd_loss='sampled'."})
-    kd_samples_seed: int = field(default=0, metadata={"help": "Seed of the online teacher samples (per row)."})
-    top_k: int = field(default=8, metadata={"help": "Teacher tokens kept per position by the top-k losses."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD loss."})
-    renormalize: bool = field(
-        default=False, metadata={"help": "Renormalize the teacher top-k probabilities to sum to 1."}
-    )
-    aux_loss_coef: float = field(
-        default=0.01, metadata={"help": "Weight of the student's MoE load-balancing loss (0 disables it)."}
-    )
-    ce_weight: float = field(default=0.0, metadata={"help": "Weight of an optional next-token cross-entropy loss."})
-    kd_chunk_size: int | None = field(
-        default=None, metadata={"help": "Tokens projected to the vocabulary at a time (default: from kd_chunk_bytes)."}
-    )
-    kd_chunk_bytes: int = field(
-        default=CHUNK_BYTES, metadata={"help": "Byte budget of a chunk's (chunk, vocab) float32 blocks."}
-    )
     eval_full_kl: bool = field(
         default=True, metadata={"help": "Report eval_full_kl (full-vocabulary KL) when the teacher is online."}
     )
@@ -137,12 +59,4 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        check_kd_fields(self.kd_loss, self.kd_samples, self.top_k, self.temperature, self.renormalize)
-        if self.aux_loss_coef < 0 or self.ce_weight < 0:
-            raise ValueError(
-                f"aux_loss_coef={self.aux_loss_coef} and ce_weight={self.ce_weight} must be non-negative."
-            )
-        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
-            raise ValueError(f"kd_chunk_size={self.kd_chunk_size} must be at least 1 (or None: from kd_chunk_bytes).")
-        if self.kd_chunk_bytes < 1:
-            raise ValueError(f"kd_chunk_bytes={self.kd_chunk_bytes} must be at least 1.")
+        self.check_kd_settings()

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, SFTConfig
 from trl.trainer.utils import get_peft_config
 
-from ..distillation.config import KD_LOSSES, check_kd_fields
-from ..modeling_utils import CHUNK_BYTES
+from ..kd_settings import KDSettings
 
 BUILTIN_DOCSTRINGS = "builtin:stdlib-docstrings"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -19,7 +18,7 @@ EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 @dataclass
-class SFTDistillationConfig(SFTConfig):
+class SFTDistillationConfig(KDSettings, SFTConfig):
     r"""
     Configuration for [`SFTDistillationTrainer`]: every field of `trl.SFTConfig` plus the distillation fields.
 
@@ -34,31 +33,13 @@ class SFTDistillationConfig(SFTConfig):
             otherwise the teacher makes it once before training (then it is released).
 
     Parameters that control the loss:
-        kd_loss (`str`, *optional*, defaults to `"sampled"`):
-            The KD objective, as in [`DistillationConfig`]: `"sampled"` (`kd_samples` teacher draws per token,
-            unbiased), `"topk_tail"`, `"topk"` (the paper's top-8 logits distillation, whose minimizer drops the
-            teacher's tail) or `"full"` (online teacher only). `teacher_cache_dir` holds the cache the loss reads.
-        kd_samples (`int`, *optional*, defaults to `8`):
-            Teacher draws per token of `kd_loss="sampled"`.
-        kd_samples_seed (`int`, *optional*, defaults to `0`):
-            Seed of the teacher draws (epoch `e` online uses `kd_samples_seed + e`; the cache uses it as is).
-        top_k (`int`, *optional*, defaults to `8`):
-            Teacher tokens kept per position by `kd_loss="topk"` / `"topk_tail"`.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature of teacher and student in the KD term (no `T**2` factor).
+        The KD fields of [`KDSettings`] (`kd_loss`, `kd_samples`, `kd_samples_seed`, `top_k`, `temperature`,
+        `renormalize`, `kd_chunk_size`, `kd_chunk_bytes`), declared once for `slimmoe sft`, `slimmoe distill` and
+        the recipes (`teacher_cache_dir` holds the cache `kd_loss` reads); and:
         ce_mix (`float`, *optional*, defaults to `0.0`):
             Mixing weight: `loss = ce_mix * CE + (1 - ce_mix) * KD + router_aux_loss_coef * aux`. CE and KD
             are both per-token means over the same tokens (the completion / assistant tokens TRL keeps in
             `labels`). `0.0` is the paper's pure top-k KD; `1.0` is plain `SFTTrainer`.
-        renormalize_topk (`bool`, *optional*, defaults to `False`):
-            Renormalize the teacher's top-k probabilities to sum to 1 instead of keeping them relative to the full
-            vocabulary.
-        kd_chunk_size (`int`, *optional*):
-            Tokens projected to the vocabulary at a time in the KD loss and the teacher top-k; `None` (the default)
-            sizes chunks from `kd_chunk_bytes`, the same memory at any vocabulary.
-        kd_chunk_bytes (`int`, *optional*, defaults to `134217728`, 128 MiB):
-            Byte budget of a chunk's float32 `(chunk, vocab)` blocks when `kd_chunk_size` is `None` (as in
-            `DistillationConfig`).
 
     Defaults that differ from `SFTConfig`: `learning_rate=2e-6` and `weight_decay=1e-4` (paper, Appendix A.5).
     """
@@ -71,28 +52,15 @@ class SFTDistillationConfig(SFTConfig):
     teacher_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of the cached teacher top-k pass over the formatted data."}
     )
-    kd_loss: str = field(default="sampled", metadata={"help": "KD objective.", "choices": list(KD_LOSSES)})
-    kd_samples: int = field(default=8, metadata={"help": "Teacher draws per token of kd_loss='sampled'."})
-    kd_samples_seed: int = field(default=0, metadata={"help": "Seed of the teacher draws."})
-    top_k: int = field(default=8, metadata={"help": "Teacher tokens kept per position."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD term."})
     ce_mix: float = field(
         default=0.0, metadata={"help": "loss = ce_mix * CE + (1 - ce_mix) * KD + aux; 1.0 is plain SFT."}
-    )
-    renormalize_topk: bool = field(default=False, metadata={"help": "Renormalize the teacher top-k to sum to 1."})
-    kd_chunk_size: int | None = field(
-        default=None, metadata={"help": "Tokens projected to the vocabulary at a time (default: from kd_chunk_bytes)."}
-    )
-    kd_chunk_bytes: int = field(
-        default=CHUNK_BYTES, metadata={"help": "Byte budget of a chunk's (chunk, vocab) float32 blocks."}
     )
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.ce_mix <= 1.0:
             raise ValueError(f"ce_mix={self.ce_mix} must be between 0 and 1.")
-        check_kd_fields(self.kd_loss, self.kd_samples, self.top_k, self.temperature, self.renormalize_topk,
-                        renormalize_field="renormalize_topk")
+        self.check_kd_settings()
         if self.kd_loss == "full" and self.teacher_cache_dir is not None:
             raise ValueError("kd_loss='full' needs the teacher online: drop teacher_cache_dir or use "
                              "kd_loss='sampled'.")

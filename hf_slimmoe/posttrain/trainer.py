@@ -280,7 +280,7 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
                 return sampled_kd_loss(hidden, weight, bias, targets, mask, **common)
             if args.kd_loss == "topk_tail":
                 return topk_tail_kl_loss(hidden, weight, bias, *targets, mask, **common)
-            return topk_kl_loss(hidden, weight, bias, *targets, mask, renormalize=args.renormalize_topk, **common)
+            return topk_kl_loss(hidden, weight, bias, *targets, mask, renormalize=args.renormalize, **common)
 
     @contextmanager
     def _kd_hook(self, model: torch.nn.Module, targets: Any):
