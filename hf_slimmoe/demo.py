@@ -60,7 +60,7 @@ def cache_root() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hf_slimmoe")
 
 
-def teacher_fingerprint(recipe: Recipe) -> str:
+def demo_teacher_key(recipe: Recipe) -> str:
     """A digest of everything the built teacher depends on: `teacher.build`, the training data (source, block size,
     number of blocks), the seed, and this Python's version (its standard library is the corpus)."""
     values = recipe_to_dict(recipe)
@@ -88,11 +88,11 @@ def ensure_teacher(output_dir: str, fast: bool = False) -> str:
     Build or reuse the demo's trained teacher and tokenizer; returns `OUTPUT_DIR/teacher`.
 
     The teacher is built once per setting by `teacher.build_teacher` into `cache_root()/demo-teacher-<fingerprint>/`
-    (see `teacher_fingerprint`) and copied to `OUTPUT_DIR/teacher/`, where `pipeline.compress` finds it. A second
+    (see `demo_teacher_key`) and copied to `OUTPUT_DIR/teacher/`, where `pipeline.compress` finds it. A second
     run, in this or any other output directory, starts from the cached teacher without training it again.
     """
     recipe = demo_recipe(output_dir, fast)
-    fingerprint = teacher_fingerprint(recipe)
+    fingerprint = demo_teacher_key(recipe)
     target = RunPaths(recipe.output_dir).teacher
     if os.path.isdir(target):
         if _is_complete_teacher(target) and _stamp(target) == fingerprint:
@@ -283,4 +283,4 @@ def _eval_description(recipe, e: dict, num_blocks: int) -> dict:
 
 
 __all__ = ["STEPS", "cache_root", "demo_recipe", "ensure_teacher", "format_summary", "run_demo",
-           "teacher_fingerprint"]
+           "demo_teacher_key"]

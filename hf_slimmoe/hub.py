@@ -46,7 +46,7 @@ _METHOD_TITLES = {
     "multi-stage": "multi-stage SlimMoE",
     "one-stage": "one-stage prune-then-distill",
     "iterative": "iterative pruning",
-    "sft": "supervised fine-tuning with top-k distillation",
+    "sft": "supervised fine-tuning with distillation",
     "dpo": "direct preference optimization",
     "lora": "LoRA fine-tuning",
     "prune": "one-shot pruning by sensitivity scores, not distilled",
@@ -224,7 +224,8 @@ def _architecture_rows(model: dict, teacher: dict) -> list[dict[str, str]]:
 def _training_rows(training: dict) -> list[tuple[str, str]]:
     rows = []
     labels = [("tokens", "training tokens"), ("steps", "optimizer steps"), ("max_steps", "planned steps"),
-              ("learning_rate", "learning rate"), ("top_k", "KD teacher top-k"), ("temperature", "KD temperature"),
+              ("learning_rate", "learning rate"), ("kd_loss", "KD loss"), ("kd_samples", "KD teacher samples per token"),
+              ("top_k", "KD teacher top-k"), ("temperature", "KD temperature"),
               ("ce_weight", "cross-entropy loss weight (added to KD)"),
               ("ce_mix", "CE share of the loss (ce_mix * CE + (1 - ce_mix) * KD)"),
               ("aux_loss_coef", "router aux loss coefficient")]
@@ -242,6 +243,7 @@ def _training_rows(training: dict) -> list[tuple[str, str]]:
 
 
 _EVAL_METRICS = (  # stage.json eval key, label, model-index metric type
+    ("full_kl", "full-vocabulary KL to the teacher", "kl_divergence"),
     ("kl", "KL to the teacher (its top-k tokens + the rest of the vocabulary)", "kl_divergence"),
     ("topk_kl", "top-k KD loss (Eq. 3; negative when sharper than the teacher on its top-k)", "kl_divergence"),
     ("perplexity", "perplexity", "perplexity"),
@@ -354,7 +356,8 @@ def write_model_card(
     tags = ["slimmoe", "moe", "mixture-of-experts", "pruning", "distillation", family, f"arxiv:{PAPER_ID}"]
     card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
                               base_model=teacher if _looks_like_hub_id(teacher) else None, license=license_,
-                              datasets=datasets or None, tags=tags if is_stage else [*tags, method],
+                              datasets=[d for d in datasets if _looks_like_hub_id(d)] or None,  # Hub ids only
+                              tags=tags if is_stage else [*tags, method],
                               model_name=model_name, eval_results=eval_results or None)
     template = Path(template_path) if template_path else resources.files("hf_slimmoe").joinpath(
         f"templates/{CARD_TEMPLATE}")
@@ -566,13 +569,6 @@ def _push(api, stage_dir: Path, settings: HubSettings, info: dict, user: str | N
     return True
 
 
-def stage_dirs(output_dir: str | os.PathLike) -> list[Path]:
-    """The `stage-N/` directories of a pipeline output directory, in stage order."""
-    output_dir = Path(output_dir)
-    found = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(r"stage-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 def read_hub_settings(output_dir: str | os.PathLike) -> HubSettings:
     """The `hub:` section of `OUTPUT_DIR/recipe.yaml` as `HubSettings`."""
     import yaml
@@ -585,5 +581,5 @@ def read_hub_settings(output_dir: str | os.PathLike) -> HubSettings:
     return HubSettings.from_dict(values.get("hub"))
 
 
-__all__ = ["HubSettings", "write_model_card", "plot_trajectory", "publish_stage", "is_complete_stage", "stage_dirs",
+__all__ = ["HubSettings", "write_model_card", "plot_trajectory", "publish_stage", "is_complete_stage",
            "read_hub_settings"]

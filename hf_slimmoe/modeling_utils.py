@@ -110,7 +110,7 @@ def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module) ->
     if student_vocab != teacher_vocab:
         raise ValueError(
             f"The teacher's vocabulary (vocab_size {teacher_vocab}) differs from the student's ({student_vocab}): "
-            "top-k distillation needs teacher and student to share one tokenizer; prune the student from this teacher."
+            "distillation needs teacher and student to share one tokenizer; prune the student from this teacher."
         )
 
 

@@ -50,7 +50,7 @@ def recipe_settings(recipe: Recipe) -> dict:
     return values
 
 
-def teacher_fingerprint(recipe: Recipe) -> dict:
+def teacher_identity(recipe: Recipe) -> dict:
     """The teacher's identity: the hash of its build settings (`teacher.model: build`), the hash of its config.json and
     a digest of its weights (a local checkpoint), or its id and revision (a Hub checkpoint, not downloaded here)."""
     if recipe.teacher.model == BUILD_TEACHER:
@@ -63,7 +63,7 @@ def teacher_fingerprint(recipe: Recipe) -> dict:
     return {"config": canonical_hash(config), "weights": weights_digest(local)}
 
 
-def tokenizer_fingerprint(recipe: Recipe) -> dict:
+def tokenizer_identity(recipe: Recipe) -> dict:
     """The tokenizer's identity: part of the build, a digest of its files (local), or its id and revision (Hub)."""
     if recipe.teacher.model == BUILD_TEACHER:
         return {"build": canonical_hash(build_settings(recipe))}
@@ -83,7 +83,7 @@ def run_record(recipe: Recipe, teacher_config: PretrainedConfig) -> dict:
         "recipe_hash": canonical_hash(settings), "recipe": settings,
         "stages": [{name: getattr(c, name) for name in get_architecture(c).pruned_fields()}  # the family's sizes
                    for c in recipe.stage_configs(teacher_config)],
-        "teacher": teacher_fingerprint(recipe), "tokenizer": tokenizer_fingerprint(recipe),
+        "teacher": teacher_identity(recipe), "tokenizer": tokenizer_identity(recipe),
     }
     return {"id": record_id(record), **record}
 
@@ -176,4 +176,4 @@ def open_output_dir(recipe: Recipe, record: dict, overwrite: bool = False, reuse
 
 
 __all__ = ["run_record", "check_output_dir", "open_output_dir", "remove_run_outputs", "recipe_settings",
-           "teacher_fingerprint", "tokenizer_fingerprint", "stage_dirs", "check_weight_files"]
+           "teacher_identity", "tokenizer_identity", "stage_dirs", "check_weight_files"]

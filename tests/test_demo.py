@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_slimmoe.cli import main
-from hf_slimmoe.demo import MODELS, demo_recipe, ensure_teacher, run_demo, teacher_fingerprint
+from hf_slimmoe.demo import MODELS, demo_recipe, ensure_teacher, run_demo, demo_teacher_key
 from hf_slimmoe.data import source_files
 
 
@@ -26,8 +26,8 @@ def test_demo_corpus_is_split_by_module_into_disjoint_train_and_held_out_sets():
         assert len({os.path.dirname(f) for f in train}) == 1  # top-level modules only
         assert {os.path.relpath(f, os.path.dirname(train[0])).split(os.sep)[0] for f in held_out} == \
             {"email", "http", "urllib", "xml"}
-    assert teacher_fingerprint(demo_recipe("a")) == teacher_fingerprint(demo_recipe("b"))  # not the output dir
-    assert teacher_fingerprint(demo_recipe("a")) != teacher_fingerprint(demo_recipe("a", fast=True))
+    assert demo_teacher_key(demo_recipe("a")) == demo_teacher_key(demo_recipe("b"))  # not the output dir
+    assert demo_teacher_key(demo_recipe("a")) != demo_teacher_key(demo_recipe("a", fast=True))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_demo_fast_writes_models_cards_and_summary(fast_demo):
 @pytest.mark.slow
 def test_demo_second_run_starts_from_the_cached_teacher(fast_demo, tmp_path, caplog):
     output_dir, cache = fast_demo
-    cached = cache / f"demo-teacher-{teacher_fingerprint(demo_recipe(str(output_dir), fast=True))}"
+    cached = cache / f"demo-teacher-{demo_teacher_key(demo_recipe(str(output_dir), fast=True))}"
     weights = cached / "model.safetensors"
     mtime = os.stat(weights).st_mtime_ns
     with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO, logger="hf_slimmoe"):

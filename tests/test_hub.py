@@ -61,11 +61,12 @@ def _build_output_dir(out: Path, hub: dict | None = None) -> Path:
         stage = {
             "stage": i, "num_stages": NUM_STAGES, "method": "multi-stage", "teacher": TEACHER,
             "parent": str(out / f"stage-{i - 1}") if i > 1 else TEACHER, "recipe": "tiny-test", "license": "mit",
-            "datasets": ["HuggingFaceFW/fineweb-edu"], "teacher_config": teacher_config,
-            "training": {"tokens": 1000, "steps": 10, "learning_rate": 1e-4, "top_k": 8, "temperature": 1.0,
+            "datasets": ["HuggingFaceFW/fineweb-edu", "/data/local/*.txt"], "teacher_config": teacher_config,
+            "training": {"tokens": 1000, "steps": 10, "learning_rate": 1e-4, "kd_loss": "sampled", "kd_samples": 8,
+                         "top_k": 8, "temperature": 1.0,
                          "aux_loss_coef": 0.01, "ce_weight": 0.0, "early_stopped": i < NUM_STAGES,
                          "stopped_at_step": 10 if i < NUM_STAGES else None, "max_steps": 20},
-            "eval": {"kl": 0.5 / i, "perplexity": 9.0 / i, "top1_agreement": 0.6},
+            "eval": {"full_kl": 0.25 / i, "kl": 0.5 / i, "perplexity": 9.0 / i, "top1_agreement": 0.6},
         }
         (stage_dir / "stage.json").write_text(json.dumps(stage, indent=2))
         trajectory = {"teacher": {"name": TEACHER, "num_parameters": teacher.num_parameters(),
@@ -114,14 +115,17 @@ def test_card_metadata_sections_and_plot(output_dir, hub):
     assert data.library_name == "transformers"
     assert data.base_model == TEACHER
     assert data.license == "mit"
-    assert data.datasets == ["HuggingFaceFW/fineweb-edu"]
+    assert data.datasets == ["HuggingFaceFW/fineweb-edu"]  # Hub dataset ids only; local data is named in the text
     assert {"moe", "pruning", "distillation", "slimmoe"} <= set(data.tags)
-    results = {r.metric_type: r.metric_value for r in data.eval_results}
-    assert results == {"kl_divergence": 0.25, "perplexity": 4.5, "accuracy": 0.6}
+    results = [(r.metric_name, r.metric_value) for r in data.eval_results]
+    assert [value for _, value in results] == [0.125, 0.25, 4.5, 0.6]
+    assert results[0][0] == "full-vocabulary KL to the teacher"
     card.validate()  # POST /api/validate-yaml, as the Hub checks every README.md pushed
 
     text = card.text
-    assert "stage 2 of 2" in text
+    assert "stage 2 of 2" in text and "`/data/local/*.txt`" in text
+    assert "with the sampled KD loss: cross-entropy on 8 tokens drawn from the teacher per position" in text
+    assert "top-8 KL" not in text and "| KD loss | sampled |" in text
     assert "| d_expert (expert width) | 16 | 32 | 50.0% |" in text
     assert "| attention heads q / kv | 2 / 1 | 4 / 2 | 50.0% |" in text
     assert "| layers | 2 | 2 | 100.0% |" in text

@@ -1,4 +1,4 @@
-"""Post-training of a compressed SlimMoE model: SFT with top-k distillation, DPO and LoRA, on TRL and PEFT.
+"""Post-training of a compressed SlimMoE model: SFT with distillation, DPO and LoRA, on TRL and PEFT.
 
 - [`SFTDistillationTrainer`] (`trainer.py`) is `trl.SFTTrainer` (chat templates, packing, completion-only /
   assistant-only loss, every dataset format) whose loss mixes the usual cross-entropy with the top-k KD loss against an

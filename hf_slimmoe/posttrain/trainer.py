@@ -42,7 +42,7 @@ TEACHER_CACHE_COLUMNS = {kind: tuple(c for columns in layouts for c in columns)
 
 # ------------------------------------------------------------------------------------------------- trainer
 @dataclass
-class _TeacherTopkCollator:
+class _TeacherCacheCollator:
     """Wraps TRL's collator: pads the per-position `teacher_*` columns like `input_ids` (right, or flattened), and
     unpacks packed teacher samples into `teacher_sample_ids` `(B, T, S)` with `sample_packing`."""
 
@@ -111,7 +111,7 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
         if self.args.deepspeed is None and not hasattr(self.model, "peft_config"):  # full fine-tuning: fp32 masters
             self.save_dtype = use_fp32_master_weights(self.model)  # (LoRA adapters are float32 already)
             read_stored_layout(self.model)  # resume and load_best_model_at_end read save_pretrained's layout
-        self.data_collator = _TeacherTopkCollator(self.data_collator, padding_free=bool(args.padding_free))
+        self.data_collator = _TeacherCacheCollator(self.data_collator, padding_free=bool(args.padding_free))
         if teacher_model is not None:
             check_same_vocabulary(self.accelerator.unwrap_model(self.model), teacher_model)
             teacher_model.eval().requires_grad_(False)

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .base import Command
 
@@ -34,7 +35,8 @@ class PushCommand(Command):
         parser.add_argument("--private", action="store_true", default=None, help="create the repositories private")
 
     def run(self, args, extra_args) -> int:
-        from ...hub import HubSettings, is_complete_stage, publish_stage, read_hub_settings, stage_dirs
+        from ...hub import HubSettings, is_complete_stage, publish_stage, read_hub_settings
+        from ...provenance import stage_dirs
 
         settings = read_hub_settings(args.output_dir)
         overrides = {k: v for k, v in (("repo_id", args.repo_id), ("layout", args.layout), ("private", args.private))
@@ -43,7 +45,7 @@ class PushCommand(Command):
         if not settings.repo_id:
             raise ValueError(f"No hub.repo_id in {os.path.join(args.output_dir, 'recipe.yaml')}: set it there or pass "
                              "--repo-id, e.g. '{user}/phi-tiny-moe-stage{stage}'.")
-        dirs = stage_dirs(args.output_dir)
+        dirs = [Path(d) for d in stage_dirs(args.output_dir)]
         if args.stage is not None:
             dirs = [d for d in dirs if d.name == f"stage-{args.stage}"]
             if not dirs:

@@ -1,4 +1,4 @@
-"""`slimmoe sft`: SFT with top-k distillation from an instruct teacher (TRL `SFTTrainer` + KD loss)."""
+"""`slimmoe sft`: SFT with distillation from an instruct teacher (TRL `SFTTrainer` + KD loss)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from .base import DataclassCommand, check_output_dir
 
 class SFTCommand(DataclassCommand):
     name = "sft"
-    help = "SFT with top-k distillation from an instruct teacher (TRL SFTTrainer + KD loss)"
+    help = "SFT with distillation from an instruct teacher (TRL SFTTrainer + the KD loss of --kd_loss)"
     trainer_config = "SFTDistillationConfig"
     sections = ("hub",)
 
