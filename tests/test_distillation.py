@@ -307,7 +307,9 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path, kd_loss):
         args = _args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
                      max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, aux_loss_coef=0.0,
                      ce_weight=0.5, lr_scheduler_type="constant", kd_loss=kd_loss)
-        DistillationTrainer(model=student, teacher_model=online, args=args, train_dataset=ds).train()
+        trainer = DistillationTrainer(model=student, teacher_model=online, args=args, train_dataset=ds)
+        assert trainer.loss_is_scaled_for_ga and {"slimmoe", "distillation"} <= set(student.model_tags)
+        trainer.train()
         params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     torch.testing.assert_close(params[1], params[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(params[2], params[0], atol=1e-5, rtol=1e-5)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from datasets import Dataset
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
 from trl.models.utils import _ForwardRedirection
 
@@ -162,6 +164,9 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         **kwargs: forwarded to [`~transformers.Trainer`] (`processing_class`, `callbacks`, ...).
     """
 
+    loss_is_scaled_for_ga = True  # compute_loss divides by num_items_in_batch: Trainer must not divide again
+    _tag_names = ["hf_slimmoe", "slimmoe", "distillation"]  # on the model's card and pushes
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -200,8 +205,10 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, **kwargs,
         )
-        # compute_loss normalizes by `num_items_in_batch` itself: Trainer must not divide again by the GA steps.
-        self.model_accepts_loss_kwargs = True
+        if Version(transformers.__version__) < Version("5.19.0"):  # before Trainer.loss_is_scaled_for_ga (as TRL)
+            self.model_accepts_loss_kwargs = True
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
         self._forward_redirection = _ForwardRedirection()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_sums: torch.Tensor | None = None
