@@ -153,6 +153,48 @@ def test_sampled_loss_matches_naive_values_and_gradients_with_repeated_draws(tem
     _assert_loss_and_grads(loss, ref, (h, w, b))
 
 
+def test_weighted_sampled_loss_matches_naive_values_and_gradients():
+    from hf_slimmoe.distillation import sampled_kd_loss
+
+    h, w, b, _, mask = _problem(dtype=torch.float32)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, w.size(0), (h.size(0), 5), generator=g)
+    weights = torch.rand(h.size(0), 5, generator=g)
+    loss = sampled_kd_loss(h, w, b, ids, mask, chunk_size=3, teacher_sample_weights=weights)
+    ref = -(weights.double() * _naive_log_q(h, w, b, 1.0).gather(-1, ids)).sum(-1)[mask].mean()
+    _assert_loss_and_grads(loss, ref, (h, w, b))
+    with pytest.raises(ValueError, match="one weight per draw"):
+        sampled_kd_loss(h, w, b, ids, mask, teacher_sample_weights=weights[:, :4])
+
+
+@pytest.mark.parametrize("peaked", [False, True])
+def test_threshold_samples_are_unbiased_and_closer_than_as_many_systematic_draws(peaked):
+    """K threshold slots (kept tokens weighted by their probability, the rest drawn systematically at p / tau and
+    weighted tau): over a fine grid of uniforms their weighted counts average to the teacher's distribution exactly,
+    no token is drawn twice at a position, and the mean squared error of the estimate is below that of K systematic
+    unweighted draws (the library's samples) on the same distributions."""
+    from hf_slimmoe.distillation import teacher_samples_from_hidden, threshold_samples_from_hidden
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(8, 40, bias=False).double()
+    torch.nn.init.normal_(head.weight, std=1.5 if peaked else 0.4, generator=g)
+    hidden = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    p = torch.softmax(head(hidden), -1).detach()  # (5, 40)
+    grid, slots = 2000, 6
+    mean, error, systematic_error = torch.zeros_like(p), 0.0, 0.0
+    for u in (torch.arange(grid, dtype=torch.float64) + 0.5) / grid:
+        ids, weights = threshold_samples_from_hidden(hidden, head, torch.full((5, 1), u.item()), slots)
+        assert all(len(set(row.tolist())) == slots for row in ids)  # each token at most once
+        estimate = torch.zeros_like(p).scatter_add_(-1, ids, weights.double())
+        mean += estimate / grid
+        error += ((estimate - p) ** 2).sum(-1).mean().item() / grid
+        draws = teacher_samples_from_hidden(hidden, head, (u + torch.arange(slots)).expand(5, -1) / slots)
+        counts = torch.zeros_like(p).scatter_add_(-1, draws, torch.full(draws.shape, 1 / slots, dtype=p.dtype))
+        systematic_error += ((counts - p) ** 2).sum(-1).mean().item() / grid
+    torch.testing.assert_close(mean, p, rtol=0, atol=1e-3)
+    assert error < systematic_error
+
+
 def test_teacher_samples_follow_the_teacher_distribution_and_many_samples_give_the_full_gradient():
     from hf_slimmoe.distillation import sampled_kd_loss, teacher_samples_from_hidden
 
@@ -313,6 +355,25 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path, kd_loss):
         params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     torch.testing.assert_close(params[1], params[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(params[2], params[0], atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_samples_in_the_cache_are_read_by_the_trainer(tmp_path):
+    """A samples cache may carry `teacher_sample_weights` (threshold samples): weights of 1/S train exactly as the
+    plain cache does, other weights train otherwise."""
+    teacher = _teacher()
+    plain = cache_teacher_samples(teacher, _token_dataset(8), num_samples=4)
+    params = []
+    for scale in (None, 1.0, 3.0):
+        ds = plain if scale is None else plain.add_column(
+            "teacher_sample_weights", [[[scale / 4] * 4 for _ in row] for row in plain["input_ids"]])
+        ds.info.description = plain.info.description
+        student = _pruned_student(teacher)
+        args = _args(tmp_path, per_device_train_batch_size=8, max_steps=1, optim="sgd", learning_rate=1.0,
+                     max_grad_norm=0.0, aux_loss_coef=0.0, lr_scheduler_type="constant", kd_loss="sampled",
+                     kd_samples=4)
+        DistillationTrainer(model=student, args=args, train_dataset=ds).train()
+        params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    assert torch.equal(params[1], params[0]) and not torch.allclose(params[2], params[0])
 
 
 def test_distilling_a_pruned_student_lowers_held_out_kl(tmp_path):

@@ -393,10 +393,12 @@ def sampled_kd_loss(
     chunk_size: int | None = None,
     reduction: str = "mean",
     chunk_bytes: int | None = None,
+    teacher_sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Sampled knowledge distillation (`kd_loss="sampled"`): the student's cross-entropy on `S` tokens drawn from the
-    teacher's distribution at every position, `-(1/S) sum_s log q(y_s)`.
+    teacher's distribution at every position, `-(1/S) sum_s log q(y_s)`; with `teacher_sample_weights` `w`,
+    `-sum_s w_s log q(y_s)` (threshold samples, see [`threshold_samples_from_hidden`]: also unbiased).
 
     Its expectation over the draws is the full cross-entropy `-sum_j p_j log q_j = KL(p || q) + H(p)`, so its gradient
     is an unbiased estimate of the full-vocabulary KL gradient (`q - p` with respect to the logits), from `S` token
@@ -412,15 +414,22 @@ def sampled_kd_loss(
             integer, `(N, S)` or `(B, T, S)` (see [`teacher_samples_from_hidden`] and `cache_teacher_samples`).
         mask, temperature, chunk_size, reduction, chunk_bytes: as in [`topk_kl_loss`]; `temperature` must be the one
             the samples were drawn at.
+        teacher_sample_weights (`torch.Tensor`, *optional*): the draws' weights, the shape of `teacher_sample_ids`;
+            `None`: `1/S` each.
 
     Returns:
         `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
     """
     _check_loss_args(student_hidden, lm_head_weight, temperature, reduction)
-    hidden, _, (ids,) = _flatten_valid(student_hidden, mask, teacher_sample_ids)
+    if teacher_sample_weights is not None and teacher_sample_weights.shape != teacher_sample_ids.shape:
+        raise ValueError(f"teacher_sample_weights has shape {tuple(teacher_sample_weights.shape)}, the ids "
+                         f"{tuple(teacher_sample_ids.shape)}: one weight per draw.")
+    extra = () if teacher_sample_weights is None else (teacher_sample_weights,)
+    hidden, _, (ids, *weights) = _flatten_valid(student_hidden, mask, teacher_sample_ids, *extra)
     ids = _check_ids(ids, lm_head_weight.size(0), "teacher_sample_ids")  # (n, S)
     num_samples = ids.size(-1)
-    coef = torch.full(ids.shape, 1.0 / num_samples, dtype=torch.float32, device=hidden.device)  # (n, S)
+    coef = (weights[0].to(device=hidden.device, dtype=torch.float32) if weights else  # (n, S)
+            torch.full(ids.shape, 1.0 / num_samples, dtype=torch.float32, device=hidden.device))
     const = torch.zeros(ids.size(0), dtype=torch.float32, device=hidden.device)  # (n,)
     token_weight = _token_weight(hidden.size(0), reduction, hidden.device)
     chunk_size = chunk_tokens(lm_head_weight.size(0), _CE_BLOCKS, chunk_size, chunk_bytes)
@@ -515,6 +524,61 @@ def teacher_samples_from_hidden(
         targets = u[start:start + chunk_size] * cdf[:, -1:]  # (C, S)
         ids[start:start + chunk_size] = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.size(-1) - 1)
     return ids.view(*hidden.shape[:-1], u.size(-1))
+
+
+@torch.no_grad()
+def threshold_samples_from_hidden(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, uniforms: torch.Tensor, num_slots: int, temperature: float = 1.0,
+    chunk_size: int | None = None, chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `num_slots` (K) weighted teacher tokens per position by threshold (priority) sampling, an unbiased estimate of the
+    teacher's distribution `p = softmax(lm_head(hidden) / temperature)` with the least variance K weighted slots give.
+
+    Per position, `tau` solves `sum_i min(1, p_i / tau) = K`: the `m` tokens with `p_i >= tau` are kept with their
+    probability as weight; the other `K - m` slots are drawn systematically (one uniform `u`, points `u + j` on the
+    cumulative `p_i / tau` of the remaining tokens, so each is drawn at most once and with probability `p_i / tau`),
+    each weighted `tau`. `sum_s w_s f(y_s)` is then an unbiased estimate of `sum_i p_i f(i)`. A teacher with fewer
+    than K tokens of nonzero probability keeps them all; the unused slots get weight 0.
+
+    Args:
+        hidden, lm_head, temperature, chunk_size, chunk_bytes: as in [`teacher_samples_from_hidden`].
+        uniforms (`torch.Tensor`): `(..., 1)` (or more: the first is used) uniforms in `[0, 1)`.
+        num_slots (`int`): K.
+
+    Returns:
+        `(ids, weights)`: `(..., K)` int64 token ids (the kept tokens first, by decreasing probability) and their
+        float32 weights.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    flat = hidden.reshape(-1, hidden.size(-1))  # (N, H)
+    u = uniforms.reshape(flat.size(0), -1)[:, :1].to(device=flat.device, dtype=torch.float64)  # (N, 1)
+    ids = torch.empty(flat.size(0), num_slots, dtype=torch.long, device=flat.device)
+    weights = torch.empty(flat.size(0), num_slots, dtype=torch.float32, device=flat.device)
+    slots = torch.arange(num_slots, device=flat.device)  # (K,)
+    chunk_size = chunk_tokens(lm_head.weight.size(0), _SAMPLE_BLOCKS, chunk_size, chunk_bytes)
+    for start in range(0, flat.size(0), chunk_size):
+        end = min(start + chunk_size, flat.size(0))
+        p = torch.softmax(lm_head(flat[start:end]).float().div_(temperature), dim=-1, dtype=torch.float64)  # (C, V)
+        top, top_ids = p.topk(min(num_slots, p.size(-1)), dim=-1)  # (C, K') decreasing
+        top = torch.nn.functional.pad(top, (0, num_slots - top.size(-1)))  # (C, K)
+        top_ids = torch.nn.functional.pad(top_ids, (0, num_slots - top_ids.size(-1)))
+        # kept count m: the first m whose tau_m = (1 - sum of the m largest) / (K - m) exceeds the (m+1)-th largest
+        head = torch.cumsum(top, -1) - top  # (C, K) mass of the m largest, m = 0 .. K-1
+        tau_m = (1 - head).clamp_(min=0) / (num_slots - slots)  # (C, K)
+        small = top < tau_m  # (C, K)
+        m = torch.where(small.any(-1), small.float().argmax(-1), num_slots)  # (C,) all kept when none is small
+        tau = torch.where(m < num_slots, tau_m.gather(-1, m.clamp(max=num_slots - 1)[:, None])[:, 0], 0.0)  # (C,)
+        rest = p.scatter(-1, top_ids, torch.where(slots < m[:, None], 0.0, top)) / tau.clamp(min=1e-300)[:, None]
+        cdf = rest.cumsum_(-1)  # (C, V) sums to K - m
+        points = u[start:end] + (slots - m[:, None]).clamp(min=0)  # (C, K) u + j for the drawn slots
+        drawn = torch.searchsorted(cdf, points, right=True).clamp_(max=p.size(-1) - 1)  # (C, K)
+        kept = slots < m[:, None]
+        ids[start:end] = torch.where(kept, top_ids, drawn)
+        weights[start:end] = torch.where(kept, top, tau[:, None] * (tau[:, None] > 0)).float()
+    shape = hidden.shape[:-1]
+    return ids.view(*shape, num_slots), weights.view(*shape, num_slots)
 
 
 def chunked_cross_entropy(

@@ -47,6 +47,7 @@ CACHE_COLUMNS = (TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN, FINGERPRINT_COLUMN)
 SAMPLE_IDS_COLUMN = "teacher_sample_ids"  # unpacked ids (B, T, S): what the collator gives the loss; old caches' too
 SAMPLE_PACKED_COLUMN = "teacher_sample_packed"  # packed ids, `SamplePacking.width` bytes per position
 SAMPLE_FINGERPRINT_COLUMN = "teacher_sample_fingerprint"
+SAMPLE_WEIGHTS_COLUMN = "teacher_sample_weights"  # optional (B, T, S) weights of the draws (threshold samples)
 SAMPLE_COLUMNS = (SAMPLE_PACKED_COLUMN, SAMPLE_FINGERPRINT_COLUMN)
 LEGACY_SAMPLE_COLUMNS = (SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN)  # a samples cache made before ids were packed
 METADATA_KEY = "hf_slimmoe.teacher_cache"  # key of the cache records in the dataset's `info.description` (JSON)

@@ -36,6 +36,7 @@ from .teacher_cache import (
     KIND_FOR_LOSS,
     SAMPLE_IDS_COLUMN,
     SAMPLE_PACKED_COLUMN,
+    SAMPLE_WEIGHTS_COLUMN,
     TOPK_IDS_COLUMN,
     TOPK_LOGPROBS_COLUMN,
     SamplePacking,
@@ -302,6 +303,7 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
             targets["topk"] = inputs[TOPK_IDS_COLUMN][..., :args.top_k], inputs[TOPK_LOGPROBS_COLUMN][..., :args.top_k]
         if "samples" in needed and SAMPLE_IDS_COLUMN in inputs:
             targets["samples"] = inputs[SAMPLE_IDS_COLUMN]
+            targets["sample_weights"] = inputs.get(SAMPLE_WEIGHTS_COLUMN)  # weighted (threshold) samples, or None
         if evaluation and args.eval_full_kl and self.teacher_model is not None:
             needed.add("full")
         missing = needed - set(targets)
@@ -347,7 +349,9 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size,
                   "chunk_bytes": args.kd_chunk_bytes, "reduction": "sum"}
         if args.kd_loss == "sampled":
-            return sampled_kd_loss(hidden, weight, bias, targets["samples"][:, :-1], mask, **common)
+            weights = targets.get("sample_weights")
+            return sampled_kd_loss(hidden, weight, bias, targets["samples"][:, :-1], mask, **common,
+                                   teacher_sample_weights=None if weights is None else weights[:, :-1])
         if args.kd_loss == "full":
             teacher_hidden, teacher_weight, teacher_bias = targets["full"]
             return full_kl_loss(hidden, weight, bias, teacher_hidden[:, :-1], teacher_weight, teacher_bias, mask,
