@@ -183,7 +183,7 @@ def test_threshold_samples_are_unbiased_and_closer_than_as_many_systematic_draws
     grid, slots = 2000, 6
     mean, error, systematic_error = torch.zeros_like(p), 0.0, 0.0
     for u in (torch.arange(grid, dtype=torch.float64) + 0.5) / grid:
-        ids, weights = threshold_samples_from_hidden(hidden, head, torch.full((5, 1), u.item()), slots)
+        ids, weights, _ = threshold_samples_from_hidden(hidden, head, torch.full((5, 1), u.item()), slots)
         assert all(len(set(row.tolist())) == slots for row in ids)  # each token at most once
         estimate = torch.zeros_like(p).scatter_add_(-1, ids, weights.double())
         mean += estimate / grid
@@ -252,6 +252,7 @@ def test_full_kl_loss_matches_naive_values_and_gradients(temperature):
 
 # ------------------------------------------------------------------------------------------ trainer and cache
 import copy  # noqa: E402
+import math  # noqa: E402
 
 from datasets import Dataset  # noqa: E402
 
@@ -374,6 +375,46 @@ def test_weighted_samples_in_the_cache_are_read_by_the_trainer(tmp_path):
         DistillationTrainer(model=student, args=args, train_dataset=ds).train()
         params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     assert torch.equal(params[1], params[0]) and not torch.allclose(params[2], params[0])
+
+
+def test_threshold_samples_cache_stores_what_the_sampler_draws_and_trains(tmp_path):
+    """`cache_teacher_samples(sampling="threshold")`: the collated batch holds the sampler's ids and weights (kept
+    tokens' probabilities to a 1/254 byte, stochastically rounded so the stored weight stays unbiased; draws at
+    exactly tau), in ceil(S bits / 8) + S + 4 bytes a position; the trainer distills from it."""
+    from hf_slimmoe.distillation import threshold_samples_from_hidden
+    from hf_slimmoe.distillation.teacher_cache import (SAMPLE_WEIGHTS_COLUMN, decode_threshold_weights,
+                                                       encode_threshold_weights, sample_packing, sample_uniforms)
+    from hf_slimmoe.distillation.trainer import DistillationCollator
+    from hf_slimmoe.modeling_utils import backbone
+
+    teacher, dataset = _teacher(), _token_dataset(6)
+    cache = cache_teacher_samples(teacher, dataset, num_samples=5, sampling="threshold", output_dir=tmp_path / "c")
+    assert {"teacher_sample_weight_codes", "teacher_sample_tau"} <= set(cache.column_names)
+    packing = sample_packing(cache)
+    assert packing.width + 5 + 4 == (5 * (VOCAB - 1).bit_length() + 7) // 8 + 9
+    batch = DistillationCollator(sample_packing=packing)([cache[i] for i in range(6)])
+    ids = torch.tensor(dataset["input_ids"][0])[None]
+    with torch.no_grad():
+        hidden = backbone(teacher)(input_ids=ids).last_hidden_state
+    want_ids, want, kept = threshold_samples_from_hidden(hidden, teacher.get_output_embeddings(),
+                                                         sample_uniforms(ids, None, 1, 0), 5)
+    n = ids.size(1)
+    got = batch[SAMPLE_WEIGHTS_COLUMN][0, :n]
+    assert torch.equal(batch["teacher_sample_ids"][0, :n], want_ids[0])
+    torch.testing.assert_close(got[~kept[0]], want[0][~kept[0]])  # draws: tau (the batch's forward may round
+    assert (got - want[0]).abs().max() <= 1 / 254 + 1e-6          # differently); kept: to the byte
+    # the byte codes are unbiased: their mean over the rounding uniforms is the weight itself
+    rounding = ((torch.arange(4000, dtype=torch.float64) + 0.5) / 4000)[:, None, None]  # (R, 1, 1)
+    codes, tau = encode_threshold_weights(want.expand(4000, -1, -1), kept.expand(4000, -1, -1), rounding)
+    torch.testing.assert_close(decode_threshold_weights(codes, tau).double().mean(0), want[0].double(), rtol=0,
+                               atol=1e-6)
+    student = _pruned_student(teacher)
+    args = _args(tmp_path, per_device_train_batch_size=6, max_steps=2, kd_loss="sampled", kd_samples=5,
+                 aux_loss_coef=0.0)
+    assert math.isfinite(DistillationTrainer(model=student, args=args, train_dataset=cache).train().training_loss)
+    with pytest.raises(ValueError, match="kd_samples"):
+        DistillationTrainer(model=_pruned_student(teacher), args=_args(tmp_path, kd_loss="sampled", kd_samples=8),
+                            train_dataset=cache)
 
 
 def test_distilling_a_pruned_student_lowers_held_out_kl(tmp_path):
@@ -683,6 +724,24 @@ def test_cache_teacher_and_distill_commands_under_torchrun(tmp_path):
     assert any("kd_loss" in log and "aux_loss" in log for log in state["log_history"])
     assert (tmp_path / "distilled" / "model.safetensors").exists()
     assert '"eval_kl"' in result.stdout and '"eval_top1_agreement"' in result.stdout
+
+
+def test_cache_teacher_command_makes_threshold_samples(tmp_path, capsys):
+    from datasets import load_from_disk
+
+    from hf_slimmoe.distillation import cache_metadata
+
+    _teacher().save_pretrained(tmp_path / "teacher")
+    _token_dataset(6).save_to_disk(str(tmp_path / "train"))
+    command = ["cache-teacher", str(tmp_path / "teacher"), str(tmp_path / "train"), str(tmp_path / "cache"),
+               "--kd-loss", "sampled", "--sampling", "threshold", "--num-samples", "3"]
+    assert slimmoe_main(command) == 0
+    assert "3 threshold teacher samples per token" in capsys.readouterr().out
+    cached = load_from_disk(str(tmp_path / "cache"))
+    assert {"teacher_sample_weight_codes", "teacher_sample_tau"} <= set(cached.column_names)
+    assert cache_metadata(cached)["samples"]["sampling"] == "threshold"
+    assert slimmoe_main(command[:4] + ["--sampling", "threshold"]) == 2  # a top-k cache has no sampling
+    assert "--sampling threshold: sampling applies to --kd-loss sampled" in capsys.readouterr().err
 
 
 def test_collator_pads_and_keeps_row_labels():

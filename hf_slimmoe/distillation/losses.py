@@ -547,8 +547,8 @@ def threshold_samples_from_hidden(
         num_slots (`int`): K.
 
     Returns:
-        `(ids, weights)`: `(..., K)` int64 token ids (the kept tokens first, by decreasing probability) and their
-        float32 weights.
+        `(ids, weights, kept)`: `(..., K)` int64 token ids (the kept tokens first, by decreasing probability), their
+        float32 weights, and which slots hold kept tokens (bool; the others are draws of weight `tau`).
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive.")
@@ -556,6 +556,7 @@ def threshold_samples_from_hidden(
     u = uniforms.reshape(flat.size(0), -1)[:, :1].to(device=flat.device, dtype=torch.float64)  # (N, 1)
     ids = torch.empty(flat.size(0), num_slots, dtype=torch.long, device=flat.device)
     weights = torch.empty(flat.size(0), num_slots, dtype=torch.float32, device=flat.device)
+    kept_slots = torch.empty(flat.size(0), num_slots, dtype=torch.bool, device=flat.device)
     slots = torch.arange(num_slots, device=flat.device)  # (K,)
     chunk_size = chunk_tokens(lm_head.weight.size(0), _SAMPLE_BLOCKS, chunk_size, chunk_bytes)
     for start in range(0, flat.size(0), chunk_size):
@@ -577,8 +578,9 @@ def threshold_samples_from_hidden(
         kept = slots < m[:, None]
         ids[start:end] = torch.where(kept, top_ids, drawn)
         weights[start:end] = torch.where(kept, top, tau[:, None] * (tau[:, None] > 0)).float()
-    shape = hidden.shape[:-1]
-    return ids.view(*shape, num_slots), weights.view(*shape, num_slots)
+        kept_slots[start:end] = kept
+    shape = (*hidden.shape[:-1], num_slots)
+    return ids.view(shape), weights.view(shape), kept_slots.view(shape)
 
 
 def chunked_cross_entropy(

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..data import collate_tokens, rows_of
 from ..distributed import barrier, rank_and_world
 from ..modeling_utils import backbone, teacher_topk_from_model, vocab_size
-from .losses import teacher_samples_from_hidden
+from .losses import teacher_samples_from_hidden, threshold_samples_from_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,15 @@ CACHE_COLUMNS = (TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN, FINGERPRINT_COLUMN)
 SAMPLE_IDS_COLUMN = "teacher_sample_ids"  # unpacked ids (B, T, S): what the collator gives the loss; old caches' too
 SAMPLE_PACKED_COLUMN = "teacher_sample_packed"  # packed ids, `SamplePacking.width` bytes per position
 SAMPLE_FINGERPRINT_COLUMN = "teacher_sample_fingerprint"
-SAMPLE_WEIGHTS_COLUMN = "teacher_sample_weights"  # optional (B, T, S) weights of the draws (threshold samples)
+SAMPLE_WEIGHTS_COLUMN = "teacher_sample_weights"  # (B, T, S) weights of threshold samples: what the loss reads
+SAMPLE_CODES_COLUMN = "teacher_sample_weight_codes"  # threshold samples: a byte per slot (0: a draw of weight tau)
+SAMPLE_TAU_COLUMN = "teacher_sample_tau"  # threshold samples: tau, one float32 per position
+THRESHOLD_COLUMNS = (SAMPLE_CODES_COLUMN, SAMPLE_TAU_COLUMN)
+SAMPLINGS = ("systematic", "threshold")
 SAMPLE_COLUMNS = (SAMPLE_PACKED_COLUMN, SAMPLE_FINGERPRINT_COLUMN)
 LEGACY_SAMPLE_COLUMNS = (SAMPLE_IDS_COLUMN, SAMPLE_FINGERPRINT_COLUMN)  # a samples cache made before ids were packed
 METADATA_KEY = "hf_slimmoe.teacher_cache"  # key of the cache records in the dataset's `info.description` (JSON)
 KIND_FOR_LOSS = {"topk": "topk", "topk_tail": "topk", "sampled": "samples"}  # which cache each kd_loss reads
-SAMPLING = "systematic"  # how teacher samples are drawn (see `sample_uniforms`); recorded in every samples cache
 
 _TOPK_FEATURES = Features(
     {
@@ -291,9 +294,29 @@ def sample_packing(dataset: Dataset) -> SamplePacking | None:
     return None
 
 
+def encode_threshold_weights(weights: torch.Tensor, kept: torch.Tensor, rounding: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold samples' weights `(..., K)` as stored: a byte per slot, `1 + round(254 p)` for a kept token
+    (stochastically rounded with `rounding` `(..., 1)` uniforms, so the decoded weight is unbiased) and 0 for a draw,
+    whose weight `tau` is stored once per position `(..., 1)` float32."""
+    scaled = weights.double() * 254
+    codes = torch.where(kept, 1 + (scaled + rounding.double()).floor().clamp(max=254), 0)
+    tau = torch.where(kept, 0.0, weights.double()).amax(-1, keepdim=True)  # (..., 1) the draws' weight
+    return codes.to(torch.uint8), tau.float()
+
+
+def decode_threshold_weights(codes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The weights `(..., K)` float32 of stored threshold samples (see [`encode_threshold_weights`])."""
+    return torch.where(codes > 0, (codes.float() - 1) / 254, tau.float())
+
+
 def unpack_samples(batch: dict, packing: SamplePacking | None) -> dict:
     """In a collated batch, replace the packed `teacher_sample_packed` `(B, T, width)` by the ids
-    `teacher_sample_ids` `(B, T, S)` int64, in place; a batch without packed samples is returned as it is."""
+    `teacher_sample_ids` `(B, T, S)` int64, and threshold samples' weight codes and tau by their weights
+    `teacher_sample_weights` `(B, T, S)` float32, in place; a batch without packed samples is returned as it is."""
+    if SAMPLE_CODES_COLUMN in batch:
+        batch[SAMPLE_WEIGHTS_COLUMN] = decode_threshold_weights(batch.pop(SAMPLE_CODES_COLUMN),
+                                                                batch.pop(SAMPLE_TAU_COLUMN))
     if SAMPLE_PACKED_COLUMN not in batch:
         return batch
     if packing is None:
@@ -312,6 +335,7 @@ class _Kind:
     fingerprint_column: str
     columns: tuple[str, ...]
     legacy_columns: tuple[str, ...] = ()  # the kind's columns as caches made before the current layout hold them
+    optional_columns: tuple[str, ...] = ()  # columns only some caches of the kind carry (threshold samples' weights)
 
     def columns_in(self, dataset: Dataset) -> tuple[str, ...] | None:
         """The kind's columns `dataset` carries (the current layout, else the legacy one); `None` when neither."""
@@ -323,7 +347,7 @@ class _Kind:
 
 _KINDS = {
     "topk": _Kind("topk", FINGERPRINT_COLUMN, CACHE_COLUMNS),
-    "samples": _Kind("samples", SAMPLE_FINGERPRINT_COLUMN, SAMPLE_COLUMNS, LEGACY_SAMPLE_COLUMNS),
+    "samples": _Kind("samples", SAMPLE_FINGERPRINT_COLUMN, SAMPLE_COLUMNS, LEGACY_SAMPLE_COLUMNS, THRESHOLD_COLUMNS),
 }
 _LOSSES_OF_KIND = {"topk": "'topk' / 'topk_tail'", "samples": "'sampled'"}
 _MAKER = {"topk": "`cache_teacher_topk` / `slimmoe cache-teacher --kd-loss topk`",
@@ -528,8 +552,8 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
     if "input_ids" not in dataset.column_names:
         raise ValueError(f"The dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it "
                          "first.")
-    dataset = dataset.remove_columns([c for c in dict.fromkeys(kind.columns + kind.legacy_columns)
-                                      if c in dataset.column_names])
+    dataset = dataset.remove_columns([c for c in dict.fromkeys(kind.columns + kind.legacy_columns
+                                                               + kind.optional_columns) if c in dataset.column_names])
     rank, world = rank_and_world()
     if world > 1 and output_dir is None:
         raise ValueError("Caching the teacher on several processes needs output_dir: every rank writes its shards "
@@ -696,6 +720,7 @@ def cache_teacher_samples(
     shard_size: int = 512,
     chunk_size: int | None = None,
     pad_token_id: int = 0,
+    sampling: str = "systematic",
 ) -> Dataset:
     """
     Run the teacher once over `dataset` and add `num_samples` token ids drawn from its distribution per token, the
@@ -718,8 +743,14 @@ def cache_teacher_samples(
         temperature (`float`, *optional*, defaults to `1.0`): draws follow `softmax(logits / temperature)`.
         seed (`int`, *optional*, defaults to `0`): seed of the per-row generators.
         batch_size, output_dir, shard_size, chunk_size, pad_token_id: as in [`cache_teacher_topk`] (resumable, an
-            existing `output_dir` made for the same rows, teacher, S, temperature and seed is reused, otherwise
-            refused).
+            existing `output_dir` made for the same rows, teacher, S, temperature, seed and sampling is reused,
+            otherwise refused).
+        sampling (`str`, *optional*, defaults to `"systematic"`): `"threshold"` stores S weighted slots instead
+            ([`threshold_samples_from_hidden`]: the tokens above a threshold `tau` with their probability, the rest
+            drawn at `p / tau` with weight `tau`), adding `teacher_sample_weight_codes` (a byte per slot: a kept
+            token's probability, stochastically rounded to 1/254, or 0 for a draw) and `teacher_sample_tau` (one
+            float32 per position): `ceil(S bits / 8) + S + 4` bytes a token. The collator decodes them into
+            `teacher_sample_weights`, which the sampled loss then uses.
 
     Returns:
         `datasets.Dataset`: `dataset` with the two sample-cache columns (replacing any previous ones).
@@ -728,17 +759,34 @@ def cache_teacher_samples(
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive.")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling={sampling!r} is not one of {list(SAMPLINGS)}.")
     device = teacher.get_output_embeddings().weight.device
     packing = SamplePacking.for_vocab(vocab_size(teacher), num_samples)
-    features = Features({SAMPLE_PACKED_COLUMN: List(List(Value("uint8"), length=packing.width)),
-                         SAMPLE_FINGERPRINT_COLUMN: Value("string")})
+    features = {SAMPLE_PACKED_COLUMN: List(List(Value("uint8"), length=packing.width))}
+    kind = _KINDS["samples"]
+    if sampling == "threshold":
+        features.update({SAMPLE_CODES_COLUMN: List(List(Value("uint8"), length=num_samples)),
+                         SAMPLE_TAU_COLUMN: List(List(Value("float32"), length=1))})
+        kind = replace(kind, columns=(SAMPLE_PACKED_COLUMN, *THRESHOLD_COLUMNS, SAMPLE_FINGERPRINT_COLUMN))
+    features = Features({**features, SAMPLE_FINGERPRINT_COLUMN: Value("string")})
     record = {"kind": "samples", "teacher": _teacher_record(teacher), "num_samples": num_samples,
-              "temperature": float(temperature), "seed": seed, "sampling": SAMPLING, "packing": packing.record()}
+              "temperature": float(temperature), "seed": seed, "sampling": sampling, "packing": packing.record()}
 
     def compute(input_ids, attention_mask):
-        ids = teacher_samples_from_model(teacher, input_ids.to(device), attention_mask.to(device), num_samples,
-                                         temperature, seed, chunk_size)  # (b, T, S)
-        return (packing.pack(ids).cpu().numpy(),)  # (b, T, width) uint8
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if sampling == "systematic":
+            ids = teacher_samples_from_model(teacher, input_ids, attention_mask, num_samples, temperature, seed,
+                                             chunk_size)  # (b, T, S)
+            return (packing.pack(ids).cpu().numpy(),)  # (b, T, width) uint8
+        with torch.no_grad():
+            hidden = backbone(teacher)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        uniforms = sample_uniforms(input_ids, attention_mask, 1, seed)  # (b, T, 1) the draws' offset
+        ids, weights, kept = threshold_samples_from_hidden(hidden, teacher.get_output_embeddings(), uniforms,
+                                                           num_samples, temperature, chunk_size)  # (b, T, K) each
+        rounding = sample_uniforms(input_ids, attention_mask, 1, -1 - seed)  # another stream, for the codes
+        codes, tau = encode_threshold_weights(weights.cpu(), kept.cpu(), rounding)
+        return packing.pack(ids).cpu().numpy(), codes.numpy(), tau.numpy()
 
-    return _build_cache(teacher, dataset, _KINDS["samples"], features, record, compute, batch_size, output_dir,
-                        shard_size, pad_token_id)
+    return _build_cache(teacher, dataset, kind, features, record, compute, batch_size, output_dir, shard_size,
+                        pad_token_id)

@@ -22,8 +22,8 @@ from ..data import TEACHER_PREFIX, is_teacher_value, pad
 from ..distillation.losses import (full_kl_loss, sampled_kd_loss, teacher_samples_from_hidden, topk_kl_loss,
                                    topk_tail_kl_loss)
 from ..distillation.teacher_cache import (FINGERPRINT_COLUMN, KIND_FOR_LOSS, SAMPLE_FINGERPRINT_COLUMN,
-                                          SAMPLE_IDS_COLUMN, SAMPLE_PACKED_COLUMN, TOPK_IDS_COLUMN,
-                                          TOPK_LOGPROBS_COLUMN, SamplePacking, cache_teacher_samples,
+                                          SAMPLE_IDS_COLUMN, SAMPLE_PACKED_COLUMN, SAMPLE_WEIGHTS_COLUMN,
+                                          TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN, SamplePacking, cache_teacher_samples,
                                           cache_teacher_topk, check_teacher_cache, sample_packing, sample_uniforms,
                                           unpack_samples)
 from ..distillation.trainer import MasterWeightsSaving, use_fp32_master_weights
@@ -226,8 +226,9 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
         with every other `teacher_*` column) or the online teacher's (see `_online_teacher_targets`)."""
         cached = {name: inputs.pop(name) for name in [n for n in inputs if n.startswith(TEACHER_PREFIX)]}
         kind = KIND_FOR_LOSS.get(self.args.kd_loss)
-        if kind == "samples" and SAMPLE_IDS_COLUMN in cached:
-            return cached[SAMPLE_IDS_COLUMN][:, :-1]
+        if kind == "samples" and SAMPLE_IDS_COLUMN in cached:  # with threshold samples' weights when present
+            weights = cached.get(SAMPLE_WEIGHTS_COLUMN)
+            return cached[SAMPLE_IDS_COLUMN][:, :-1], None if weights is None else weights[:, :-1]
         if kind == "topk" and TOPK_IDS_COLUMN in cached:
             k = self.args.top_k  # a cache may hold more tokens per position than asked; they are sorted
             return cached[TOPK_IDS_COLUMN][:, :-1, :k], cached[TOPK_LOGPROBS_COLUMN][:, :-1, :k]
@@ -255,7 +256,7 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
             uniforms = sample_uniforms(inputs["input_ids"], inputs.get("attention_mask"), args.kd_samples,
                                        args.kd_samples_seed + int(self.state.epoch or 0))
             return teacher_samples_from_hidden(hidden[:, :-1], lm_head, uniforms[:, :-1], args.temperature,
-                                               args.kd_chunk_size, args.kd_chunk_bytes)
+                                               args.kd_chunk_size, args.kd_chunk_bytes), None
         return teacher_topk_from_hidden(hidden[:, :-1], lm_head, args.top_k, args.temperature, args.kd_chunk_size,
                                         args.kd_chunk_bytes)
 
@@ -277,7 +278,8 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
                 return full_kl_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask,
                                     **common)
             if args.kd_loss == "sampled":
-                return sampled_kd_loss(hidden, weight, bias, targets, mask, **common)
+                ids, weights = targets
+                return sampled_kd_loss(hidden, weight, bias, ids, mask, **common, teacher_sample_weights=weights)
             if args.kd_loss == "topk_tail":
                 return topk_tail_kl_loss(hidden, weight, bias, *targets, mask, **common)
             return topk_kl_loss(hidden, weight, bias, *targets, mask, renormalize=args.renormalize, **common)

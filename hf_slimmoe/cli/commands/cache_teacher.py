@@ -37,6 +37,9 @@ class CacheTeacherCommand(Command):
                             help="--kd-loss sampled: draw at this temperature (default: 1.0)")
         parser.add_argument("--seed", type=int, default=0,
                             help="--kd-loss sampled: seed of the per-row draws (default: 0)")
+        parser.add_argument("--sampling", choices=("systematic", "threshold"), default="systematic",
+                            help="--kd-loss sampled: systematic draws (default), or threshold samples: "
+                            "--num-samples weighted slots, the likeliest tokens kept with their probability")
         parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per teacher forward (default: 8)")
         parser.add_argument("--shard-size", type=positive_int, default=512,
                             help="rows per resumable shard (default: 512)")
@@ -55,6 +58,8 @@ class CacheTeacherCommand(Command):
 
         from ...distributed import init_from_environment
 
+        if args.kd_loss != "sampled" and args.sampling != "systematic":
+            raise ValueError(f"--sampling {args.sampling}: sampling applies to --kd-loss sampled.")
         if args.kd_loss != "sampled" and args.temperature != 1.0:
             raise ValueError(f"--temperature {args.temperature}: a top-k cache stores log-probabilities at "
                              "temperature 1; drop --temperature or use --kd-loss sampled.")
@@ -69,8 +74,9 @@ class CacheTeacherCommand(Command):
                   "pad_token_id": getattr(tokenizer, "pad_token_id", None) or 0}
         if args.kd_loss == "sampled":
             cached = cache_teacher_samples(teacher, dataset, num_samples=args.num_samples,
-                                           temperature=args.temperature, seed=args.seed, **common)
-            what = f"{args.num_samples} teacher samples per token"
+                                           temperature=args.temperature, seed=args.seed, sampling=args.sampling,
+                                           **common)
+            what = f"{args.num_samples} {args.sampling} teacher samples per token"
         else:
             cached = cache_teacher_topk(teacher, dataset, top_k=args.top_k, **common)
             what = f"teacher top-{args.top_k}"
