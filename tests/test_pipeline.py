@@ -230,7 +230,7 @@ def test_tiny_cpu_recipe_dry_run(capsys):
     ({"hub": {"repo": "x"}}, r"hub.repo"),
     ({"distillation__kd_loss": "full", "distillation__cache_teacher": True}, r"distillation.kd_loss: full .* online"),
     ({"distillation__kd_loss": "top8"}, r"distillation.kd_loss"),
-    ({"distillation__kd_samples": 0}, r"distillation.kd_samples must be positive"),
+    ({"distillation__kd_samples": 0}, r"distillation.kd_samples=0 must be at least 1"),
 ])
 def test_bad_recipes_are_rejected_naming_the_key(tmp_path, change, message):
     values = tiny_recipe(tmp_path / "out", **change)
