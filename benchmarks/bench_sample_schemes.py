@@ -11,7 +11,10 @@ whether a better way of drawing the 8 ids (same bytes) closes that gap, and how 
   unweighted ids can have token by token: `sum_j f_j (1 - f_j) / S^2` with `f_j` the fractional part of `S p_j`
   (also reported, "floor");
 - held-out full KL after distillation with each scheme against online `full`, at two pruning depths (25% and 12.5%
-  of the expert width; the deeper cut leaves the student further from the teacher).
+  of the expert width; the deeper cut leaves the student further from the teacher);
+- threshold samples (issue 21): K weighted slots per position (`cache_teacher_samples(sampling="threshold")`: the
+  tokens above `tau` with their probability, the rest drawn at `p / tau` with weight `tau`), at about the bytes of
+  systematic S=8 (K=3) and S=16 (K=7), in both measurements, with systematic S=16 beside them.
 
 The systematic rows use `cache_teacher_samples` itself; the i.i.d. and stratified rows replace its ids with draws made
 here from the same teacher probabilities. Everything else is `bench_kd_loss.py`'s run (same steps, optimizer, data
@@ -72,6 +75,16 @@ def noise(data, num_samples: int, rows: int = 64) -> dict:
         drawn = draw(probs, scheme, num_samples, generator)  # (n, S)
         counts = torch.zeros_like(probs).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
         result[scheme] = ((counts / num_samples - probs) ** 2).sum(-1).mean().item()
+    from hf_slimmoe.distillation import threshold_samples_from_hidden
+    from hf_slimmoe.modeling_utils import backbone
+
+    teacher, slots = data["teacher"], THRESHOLD_SLOTS[num_samples]
+    with torch.no_grad():
+        hidden = backbone(teacher)(input_ids=ids).last_hidden_state.flatten(0, 1)  # (n, H)
+    uniforms = torch.rand(hidden.size(0), 1, generator=generator, dtype=torch.float64)
+    drawn, weights, _ = threshold_samples_from_hidden(hidden, teacher.get_output_embeddings(), uniforms, slots)
+    estimate = torch.zeros_like(probs).scatter_add_(1, drawn, weights.double())
+    result["threshold"] = ((estimate - probs) ** 2).sum(-1).mean().item()
     frac = (probs * num_samples).frac()
     result["floor"] = (frac * (1 - frac)).sum(-1).mean().item() / num_samples**2
     result["top8_mass"] = probs.topk(8, dim=-1).values.sum(-1).mean().item()
@@ -98,6 +111,29 @@ def scheme_cache(data, scheme: str, seed: int):
     return cache
 
 
+# Threshold slots at about the bytes of S systematic draws: K ids of ceil(log2 V) bits, a byte per slot (a kept
+# token's probability, or 0 for a draw), tau as a float32 per position (at V = 1,024: K=3 takes 11 bytes against S=8's 10, K=7 20
+# against S=16's 20).
+THRESHOLD_SLOTS = {8: 3, 16: 7}
+
+
+def threshold_bytes(slots: int, bits: int) -> int:
+    return (slots * bits + 7) // 8 + slots + 4
+
+
+def threshold_cache(data, slots: int):
+    """The library's threshold samples cache (`cache_teacher_samples(sampling="threshold")`, byte-coded weights) of
+    the train blocks, `slots` per position, built once."""
+    from hf_slimmoe.distillation import cache_teacher_samples
+
+    name = f"threshold-{slots}"
+    if name not in data["caches"]:
+        blocks = data["caches"]["samples-8"].select_columns(["input_ids"])
+        data["caches"][name] = cache_teacher_samples(data["teacher"], blocks, num_samples=slots, sampling="threshold",
+                                                     pad_token_id=data["tokenizer"].pad_token_id or 0)
+    return name
+
+
 def run(data, args, fraction: float, seed: int) -> list[dict]:
     """`full` and S=8 with every scheme, on the teacher pruned to `fraction` of its expert width."""
     config = data["teacher"].config
@@ -108,7 +144,13 @@ def run(data, args, fraction: float, seed: int) -> list[dict]:
         data["caches"]["scheme"] = scheme_cache(data, scheme, seed)
         rows.append(bench_kd_loss.run_loss(f"{scheme}-{fraction}", "sampled", {"kd_samples": 8}, "scheme", seed,
                                            data, args))
-    for row, name in zip(rows, ("pruned", "full", *SCHEMES)):
+    rows.append(bench_kd_loss.run_loss(f"systematic16-{fraction}", "sampled", {"kd_samples": 16}, "samples-16",
+                                       seed, data, args))
+    for slots in THRESHOLD_SLOTS.values():
+        rows.append(bench_kd_loss.run_loss(f"threshold{slots}-{fraction}", "sampled", {"kd_samples": slots},
+                                           threshold_cache(data, slots), seed, data, args))
+    names = ("pruned", "full", *SCHEMES, "systematic16", *(f"threshold{k}" for k in THRESHOLD_SLOTS.values()))
+    for row, name in zip(rows, names):
         row.update(name=name, fraction=fraction, seed=seed)
     return rows
 
@@ -130,18 +172,26 @@ def report(noises: dict, rows: list[dict], data, args, seconds: float) -> str:
         f"Gradient noise of 8 draws: mean `||p_hat - p||^2` per position (teacher top-8 mass "
         f"{noises[8]['top8_mass']:.2f}); 16 draws for comparison:",
         "",
-        "| draws | i.i.d. | stratified | systematic (the library's) | floor for S unweighted ids |",
-        "|---:|---:|---:|---:|---:|",
+        "| draws | i.i.d. | stratified | systematic (the library's) | floor for S unweighted ids "
+        "| threshold, K slots of about the same bytes |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
+    bits = max(1, (data["teacher"].config.vocab_size - 1).bit_length())
     for s, n in noises.items():
-        lines.append(f"| {s} | {n['iid']:.4f} | {n['stratified']:.4f} | {n['systematic']:.4f} | {n['floor']:.4f} |")
+        k = THRESHOLD_SLOTS[s]
+        lines.append(f"| {s} ({(s * bits + 7) // 8} B) | {n['iid']:.4f} | {n['stratified']:.4f} | "
+                     f"{n['systematic']:.4f} | {n['floor']:.4f} | {n['threshold']:.4f} (K={k}, "
+                     f"{threshold_bytes(k, bits)} B) |")
+    names = ("pruned", "full", *SCHEMES, "systematic16", *(f"threshold{k}" for k in THRESHOLD_SLOTS.values()))
+    k8, k16 = THRESHOLD_SLOTS[8], THRESHOLD_SLOTS[16]
     lines += ["", "Held-out full KL after distillation (mean over seeds; ratio against `full` in the same run):", "",
-              "| expert width | after pruning | `full` | S=8 i.i.d. | S=8 stratified | S=8 systematic (library) |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| expert width | after pruning | `full` | S=8 i.i.d. | S=8 stratified | S=8 systematic (library) | "
+              f"S=16 systematic | threshold K={k8} (~S=8 bytes) | threshold K={k16} (~S=16 bytes) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for fraction in args.fractions:
         kl = {name: statistics.mean(r["full_kl"] for r in rows if r["fraction"] == fraction and r["name"] == name)
-              for name in ("pruned", "full", *SCHEMES)}
-        cells = " | ".join(f"{kl[s]:.4f} ({kl[s] / kl['full']:.2f}x)" for s in SCHEMES)
+              for name in names}
+        cells = " | ".join(f"{kl[s]:.4f} ({kl[s] / kl['full']:.2f}x)" for s in names[2:])
         lines.append(f"| {fraction:.1%} | {kl['pruned']:.3f} | {kl['full']:.4f} | {cells} |")
     runs = [f"{r['name']} {r['fraction']:.3g} seed {r['seed']}: {r['full_kl']:.4f}"
             for r in rows if r["name"] != "pruned"]
