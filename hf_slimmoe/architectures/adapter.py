@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .skeleton import decoder_layers, skeleton
+from .skeleton import decoder_layers, skeleton, submodule
 
 # Configuration entries that are not part of the architecture: bookkeeping and runtime switches.
 _NOT_STRUCTURAL = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
@@ -205,9 +205,9 @@ class MoeArchitecture:
         if not self.dense_tied:
             return {}
         moe = self.moe_blocks(model)
-        return {i: layer.get_submodule(self.moe_block) for i, layer in enumerate(self.decoder_layers(model))
-                if i not in moe and isinstance(getattr(_get_or_none(layer, self.moe_block), "down_proj", None),
-                                               nn.Linear)}
+        mlps = {i: submodule(layer, self.moe_block) for i, layer in enumerate(self.decoder_layers(model))}
+        return {i: mlp for i, mlp in mlps.items() if i not in moe and isinstance(getattr(mlp, "down_proj", None),
+                                                                                 nn.Linear)}
 
     def dense_layer_indices(self, config) -> list[int]:
         """Indices of the decoder layers whose dense MLP narrows with the experts (`dense_tied`)."""
@@ -224,20 +224,8 @@ class MoeArchitecture:
 
     def attention_of(self, layer: nn.Module) -> nn.Module | None:
         """The layer's GQA attention module; `None` on a layer without one (linear attention, Mamba, MLA)."""
-        if self.attention is None:
-            return None
-        try:
-            module = layer.get_submodule(self.attention)
-        except AttributeError:
-            return None
+        module = submodule(layer, self.attention)
         return module if type(module).__name__ == self.attention_class else None
-
-
-def _get_or_none(module: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return module.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 __all__ = ["MoeArchitecture", "SharedExpert"]

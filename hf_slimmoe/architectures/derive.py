@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .adapter import MoeArchitecture, SharedExpert
-from .skeleton import UnsupportedArchitecture, build_skeleton, config_key, decoder_layers, skeleton
+from .skeleton import UnsupportedArchitecture, build_skeleton, config_key, decoder_layers, skeleton, submodule
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +101,6 @@ def field_of(config, value: int, probe, hint: str = "", only_hint: bool = False)
     return None
 
 
-def _get(module: nn.Module, path: str | None) -> nn.Module | None:
-    if not path:
-        return None
-    try:
-        return module.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _block_children(block: nn.Module, experts_name: str, num_experts: int, hidden: int,
                     extra_rows: set[int]) -> dict[str, str | None]:
     """Router, shared expert and shared-expert gate among the MoE block's direct children. A router has a row per
@@ -172,13 +163,13 @@ def widths(model: nn.Module, paths: dict[str, str | None]) -> dict[str, int | No
     """The routed, shared and dense MLP widths of a (meta) model, read at `paths` in the first layer having each."""
     out = {"experts": None, "shared": None, "dense": None}
     for layer in decoder_layers(model):
-        experts = _get(layer, paths["experts"])
+        experts = submodule(layer, paths["experts"])
         if experts is not None:
             out["experts"] = out["experts"] or experts_layout(experts, model.config.hidden_size)["width"]
-            shared = _get(layer, paths["shared"])
+            shared = submodule(layer, paths["shared"])
             out["shared"] = out["shared"] or (shared.down_proj.in_features if shared is not None else None)
         else:
-            down = getattr(_get(layer, paths["block"]) if paths["block"] else None, "down_proj", None)
+            down = getattr(submodule(layer, paths["block"]) if paths["block"] else None, "down_proj", None)
             out["dense"] = out["dense"] or (down.in_features if isinstance(down, nn.Linear) else None)
     return out
 
@@ -208,7 +199,7 @@ def _moe_block_facts(config, layers: nn.ModuleList) -> dict:
     model_type, hidden = config.model_type, config.hidden_size
     experts_path = _experts_path(model_type, layers)
     block_path, _, experts_name = experts_path.rpartition(".")
-    index = next(i for i, layer in enumerate(layers) if _get(layer, experts_path) is not None)
+    index = next(i for i, layer in enumerate(layers) if submodule(layer, experts_path) is not None)
     layout = _check_experts(model_type, layers[index].get_submodule(experts_path), hidden)
     block = layers[index].get_submodule(block_path) if block_path else layers[index]
     extra = {v for k, v in _int_fields(config).items() if re.search(r"(zero|null|identity).*expert", k) and v > 0}
@@ -238,7 +229,8 @@ def _top_k_field(config, block: nn.Module, router: str | None) -> str | None:
     holders = [getattr(block, router) if router else None, block]
     value = next((getattr(h, a) for h in holders if h is not None for a in ("top_k", "num_experts_per_tok")
                   if isinstance(getattr(h, a, None), int)), None)
-    named = [k for k in config.to_dict() if re.search(r"(^|_)(top_?k(_experts)?|moe_k)$|per_tok", k) and "group" not in k]
+    named = [k for k in config.to_dict()
+             if re.search(r"(^|_)(top_?k(_experts)?|moe_k)$|per_tok", k) and "group" not in k]
     candidates = [k for k, v in _int_fields(config).items() if v == value] if value is not None else []
     return min(candidates, key=lambda k: (k not in named, len(k)), default=named[0] if named else None)
 
@@ -315,10 +307,11 @@ def _follows_head_counts(config, path: str, attention_class: str, head_dim: int,
         return f"a model with fewer num_key_value_heads cannot be built ({type(error).__name__}: {error})"
     original = decoder_layers(skeleton(config))
     for index, layer in enumerate(decoder_layers(model)):
-        attention, pruned = _get(layer, path), "\0"
+        attention, pruned = submodule(layer, path), "\0"
         if type(attention).__name__ == attention_class:
             if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in _GQA_PROJECTIONS):
-                return f"a model built with fewer num_key_value_heads has {attention_class} layers without q/k/v/o_proj"
+                return (f"a model built with fewer num_key_value_heads has {attention_class} layers without "
+                        "q/k/v/o_proj")
             if (attention.q_proj.out_features != heads_new * head_dim * rows
                     or attention.k_proj.out_features != groups_new * head_dim
                     or attention.o_proj.in_features != heads_new * head_dim):

@@ -43,6 +43,16 @@ def skeleton(config) -> nn.Module:
     return _SKELETONS[key]
 
 
+def submodule(module: nn.Module, path: str | None) -> nn.Module | None:
+    """`module.get_submodule(path)`, or `None` when `path` is empty or names nothing there."""
+    if not path:
+        return None
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     bases = (getattr(model, model.base_model_prefix, None), getattr(model, "model", None), model)
     layers = next((base.layers for base in bases if isinstance(getattr(base, "layers", None), nn.ModuleList)), None)
@@ -52,4 +62,4 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-__all__ = ["UnsupportedArchitecture", "build_skeleton", "skeleton", "decoder_layers"]
+__all__ = ["UnsupportedArchitecture", "build_skeleton", "skeleton", "submodule", "decoder_layers"]
