@@ -189,13 +189,17 @@ def check_teacher_files(recipe: Recipe, teacher_config: PretrainedConfig) -> Non
         check_tokenizer_vocabulary(tokenizer, teacher_config.vocab_size, "teacher.tokenizer")
 
 
-def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stopping: bool):
-    """The `DistillationConfig` of a stage (or of an evaluation) from the recipe's `training` and `distillation`."""
+def training_args(recipe: Recipe, output_dir: str, max_steps: int, early_stopping: bool, stage: int | None = None):
+    """The `DistillationConfig` of a stage (or of an evaluation) from the recipe's `training` and `distillation`;
+    with `stages.lr_schedule: continue`, stage `stage` of a multi-stage run takes its part of one schedule."""
     from .distillation import DistillationConfig
     from .kd_settings import DistillationSettings
 
     d, has_eval = recipe.distillation, recipe.data.eval is not None
     training = {k: v for k, v in recipe.training.items() if k != "gradient_accumulation_steps"}
+    if stage is not None and recipe.method == "multi-stage" and recipe.stages.lr_schedule == "continue":
+        steps = recipe.stage_steps(world_size())
+        training.update(lr_schedule_steps=sum(steps), lr_schedule_start=sum(steps[:stage - 1]))
     try:
         return DistillationConfig(
             output_dir=output_dir, max_steps=max_steps, seed=recipe.seed,
@@ -542,7 +546,8 @@ class StageRunner:
         run, recipe = self.run, self.run.recipe
         pruned = point(self.index, run.tokens_done, run.steps_done, self.model.config, self.evaluate_pruned())
         base = [*run.trajectory["points"], pruned]
-        args = training_args(recipe, self.checkpoints, max_steps=self.max_steps, early_stopping=self.early)
+        args = training_args(recipe, self.checkpoints, max_steps=self.max_steps, early_stopping=self.early,
+                             stage=self.index)
         if recipe.method == "iterative":
             self.iterative = self.iterative_callback()
             self.callbacks.append(self.iterative)

@@ -119,6 +119,9 @@ class StageSettings:
     sizes: list[dict[str, int]] | None = None  # pinned per-stage sizes; the last is the target
     expert_multiple: int = 64
     budget: StageBudget = field(default_factory=StageBudget)
+    # multi-stage learning rate: `restart` runs `training.lr_scheduler_type` (with its warmup) anew in every stage;
+    # `continue` runs one schedule over the stages' summed steps, warmup once, each stage taking up where the last left
+    lr_schedule: Literal["restart", "continue"] = "restart"
 
 
 @dataclass

@@ -864,3 +864,27 @@ def test_kd_defaults_are_the_same_in_a_recipe_slimmoe_distill_and_slimmoe_sft(tm
     for f in dataclasses.fields(KDSettings):
         assert getattr(sft, f.name) == f.default, f.name
     assert DistillationSettings().aux_loss_coef == 0.01
+
+
+def test_a_run_can_continue_one_learning_rate_schedule_from_a_given_step(tmp_path):
+    """`lr_schedule_steps` / `lr_schedule_start` (a multi-stage run's `stages.lr_schedule: continue`): a run of 3
+    steps starting at step 5 of an 8-step cosine follows steps 5-7 of the whole 8-step run."""
+    teacher = _teacher()
+    ds = _token_dataset(32)
+
+    def rates(**overrides):
+        values = dict(max_steps=3, lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, kd_loss="full")
+        args = _args(tmp_path, **{**values, **overrides})
+        trainer = DistillationTrainer(model=_pruned_student(teacher), teacher_model=teacher, args=args,
+                                      train_dataset=ds)
+        trainer.train()
+        return [log["learning_rate"] for log in trainer.state.log_history if "learning_rate" in log]
+
+    whole = rates(max_steps=8)
+    assert rates(lr_schedule_steps=8, lr_schedule_start=5) == pytest.approx(whole[5:])
+    assert rates(lr_schedule_steps=8) == pytest.approx(whole[:3])
+    assert rates() != pytest.approx(whole[:3])  # its own 3-step schedule decays faster
+    with pytest.raises(ValueError, match="lr_schedule_start must be in"):
+        _args(tmp_path, lr_schedule_steps=8, lr_schedule_start=8)
+    with pytest.raises(ValueError, match="needs lr_schedule_steps"):
+        _args(tmp_path, lr_schedule_start=2)

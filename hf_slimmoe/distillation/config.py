@@ -36,6 +36,15 @@ class DistillationConfig(DistillationSettings, TrainingArguments):
             KL(teacher || student), computed chunked; it runs the teacher on the evaluation batches even when they
             carry a cache.
 
+        > Parameters that control the learning-rate schedule
+
+        lr_schedule_steps (`int`, *optional*):
+            Steps of the learning-rate schedule this run is a part of (default: this run's own `max_steps`). With
+            `lr_schedule_start`, consecutive runs follow one schedule (warmup once, then one `lr_scheduler_type` decay),
+            as a multi-stage compression does with `stages.lr_schedule: continue`.
+        lr_schedule_start (`int`, *optional*, defaults to `0`):
+            The step of that schedule at which this run starts.
+
         > Parameters that differ from `TrainingArguments`
 
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
@@ -52,6 +61,10 @@ class DistillationConfig(DistillationSettings, TrainingArguments):
     eval_full_kl: bool = field(
         default=True, metadata={"help": "Report eval_full_kl (full-vocabulary KL) when the teacher is online."}
     )
+    lr_schedule_steps: int | None = field(
+        default=None, metadata={"help": "Steps of the schedule this run is part of (default: this run's steps)."}
+    )
+    lr_schedule_start: int = field(default=0, metadata={"help": "The step of that schedule this run starts at."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: the trainer's collator selects what it needs."}
     )
@@ -60,3 +73,11 @@ class DistillationConfig(DistillationSettings, TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         self.check_kd_settings()
+        if self.lr_schedule_steps is not None:
+            if self.lr_scheduler_type == "reduce_lr_on_plateau":
+                raise ValueError("lr_schedule_steps needs a schedule of steps, not reduce_lr_on_plateau.")
+            if not 0 <= self.lr_schedule_start < self.lr_schedule_steps:
+                raise ValueError(f"lr_schedule_start must be in [0, lr_schedule_steps={self.lr_schedule_steps}), "
+                                 f"got {self.lr_schedule_start}.")
+        elif self.lr_schedule_start:
+            raise ValueError("lr_schedule_start needs lr_schedule_steps.")

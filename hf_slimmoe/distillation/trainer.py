@@ -6,12 +6,14 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import transformers
 from datasets import Dataset
 from packaging.version import Version
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
 from trl.models.utils import _ForwardRedirection
 
@@ -125,6 +127,10 @@ class MasterWeightsSaving:
             model.config.dtype = dtype
             model.config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
             model.config.dtype = trained
+
+
+def _shifted(schedule, start: int, step: int) -> float:
+    return schedule(start + step)
 
 
 class DistillationTrainer(MasterWeightsSaving, Trainer):
@@ -361,6 +367,16 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
             return topk_tail_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, **common)
         return topk_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, renormalize=args.renormalize,
                             **common)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """With `args.lr_schedule_steps`, this run's step `t` takes the learning rate of step `lr_schedule_start + t`
+        of one schedule over `lr_schedule_steps` steps; otherwise the parent's schedule over this run's steps."""
+        if self.args.lr_schedule_steps is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        whole = super().create_scheduler(self.args.lr_schedule_steps, optimizer)  # a LambdaLR (see the config)
+        start = self.args.lr_schedule_start
+        self.lr_scheduler = LambdaLR(whole.optimizer, [partial(_shifted, f, start) for f in whole.lr_lambdas])
+        return self.lr_scheduler
 
     def _eval_stats(self, hidden, weight, bias, targets: dict[str, Any], mask) -> dict[str, torch.Tensor]:
         """Sums over counted tokens of the evaluation metrics (see the class docstring)."""
