@@ -33,7 +33,6 @@ import sys
 import time
 
 import torch
-
 from bench_reproduction import base_recipe, full_eval, shared_data
 from results import write_section
 

@@ -315,20 +315,6 @@ def _args(tmp_path, **overrides):
     return DistillationConfig(**values)
 
 
-def test_cached_and_online_teacher_give_the_same_loss(tmp_path):
-    teacher = _teacher()
-    student = _pruned_student(teacher)
-    ds = _token_dataset(8)
-    cached = cache_teacher_topk(teacher, ds, top_k=8, batch_size=8)  # same padding as the online batch
-    assert cached.features["teacher_topk_ids"].feature.feature.dtype == "int32"
-    online = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path), train_dataset=ds)
-    offline = DistillationTrainer(model=student, teacher_model=None, args=_args(tmp_path), train_dataset=cached)
-    collator = DistillationCollator()
-    loss_online = online.compute_loss(student, collator([ds[i] for i in range(8)]))
-    loss_cached = offline.compute_loss(student, collator([cached[i] for i in range(8)]))
-    torch.testing.assert_close(loss_online, loss_cached, atol=1e-5, rtol=1e-5)
-
-
 def _cache(teacher, dataset, kd_loss, **kwargs):
     """The teacher cache `kd_loss` reads (`None` for "full": online only)."""
     if kd_loss == "full":
@@ -336,26 +322,6 @@ def _cache(teacher, dataset, kd_loss, **kwargs):
     if kd_loss == "sampled":
         return cache_teacher_samples(teacher, dataset, num_samples=8, **kwargs)
     return cache_teacher_topk(teacher, dataset, top_k=8, **kwargs)
-
-
-@pytest.mark.parametrize("kd_loss", ["sampled", "topk_tail", "topk", "full"])
-def test_gradient_accumulation_matches_the_big_batch(tmp_path, kd_loss):
-    teacher = _teacher()
-    ds = _cache(teacher, _token_dataset(8), kd_loss)
-    online = teacher if ds is None else None
-    ds = ds if ds is not None else _token_dataset(8)
-    params = []
-    for batch_size, accumulation in ((8, 1), (4, 2), (2, 4)):
-        student = _pruned_student(teacher)
-        args = _args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                     max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, aux_loss_coef=0.0,
-                     ce_weight=0.5, lr_scheduler_type="constant", kd_loss=kd_loss)
-        trainer = DistillationTrainer(model=student, teacher_model=online, args=args, train_dataset=ds)
-        assert trainer.loss_is_scaled_for_ga and {"slimmoe", "distillation"} <= set(student.model_tags)
-        trainer.train()
-        params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
-    torch.testing.assert_close(params[1], params[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(params[2], params[0], atol=1e-5, rtol=1e-5)
 
 
 def test_weighted_samples_in_the_cache_are_read_by_the_trainer(tmp_path):
@@ -481,20 +447,6 @@ def test_bad_inputs_fail_before_training(tmp_path):
         DistillationTrainer(model=student, args=_args(tmp_path, top_k=4), train_dataset=tampered)
     with pytest.raises(ValueError, match="top_k"):
         cache_teacher_topk(teacher, ds, top_k=VOCAB + 1)
-
-
-@pytest.mark.parametrize("kd_loss", ["sampled", "topk_tail", "topk"])
-def test_cached_and_online_teacher_give_the_same_loss_for_each_kd_loss(tmp_path, kd_loss):
-    teacher = _teacher()
-    student = _pruned_student(teacher)
-    ds = _token_dataset(8)
-    cached = _cache(teacher, ds, kd_loss, batch_size=8)
-    args = _args(tmp_path, kd_loss=kd_loss)
-    online = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds)
-    offline = DistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=cached)
-    loss_online = online.compute_loss(student, online.data_collator([ds[i] for i in range(8)]))
-    loss_cached = offline.compute_loss(student, offline.data_collator([cached[i] for i in range(8)]))  # unpacked
-    torch.testing.assert_close(loss_online, loss_cached, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kd_loss", ["sampled", "full"])
@@ -813,12 +765,12 @@ def test_online_samples_are_drawn_afresh_every_epoch(tmp_path):
     trainer = DistillationTrainer(model=_pruned_student(teacher), teacher_model=teacher,
                                   args=_args(tmp_path, kd_loss="sampled"), train_dataset=ds)
     batch = DistillationCollator()([ds[i] for i in range(4)])
-    first = trainer._teacher_targets(batch)["samples"]
+    first, _ = trainer._teacher_targets(batch)["samples"]  # (ids, weights: None for systematic draws)
     cached = cache_teacher_samples(teacher, ds, num_samples=8, batch_size=4)
     collator = DistillationCollator(sample_packing=sample_packing(cached))
     assert first.tolist() == collator([cached[i] for i in range(4)])["teacher_sample_ids"].tolist()
     trainer.state.epoch = 1.0
-    assert not torch.equal(trainer._teacher_targets(batch)["samples"], first)
+    assert not torch.equal(trainer._teacher_targets(batch)["samples"][0], first)
 
 
 def test_distill_command_with_online_teacher_and_bad_yaml(tmp_path, capsys):

@@ -21,31 +21,21 @@ from ..architectures import get_architecture
 from ..data import TokenCollator, pad
 from ..distributed import call_through_forward
 from ..modeling_utils import (
-    backbone, check_same_vocabulary, read_stored_layout, teacher_topk_from_hidden, vocab_size,
+    backbone,
+    check_same_vocabulary,
+    read_stored_layout,
+    vocab_size,
 )
 from .config import DistillationConfig
-from .losses import (
-    chunked_cross_entropy,
-    chunked_student_topk_stats,
-    full_kl_loss,
-    sampled_kd_loss,
-    teacher_samples_from_hidden,
-    topk_kl_loss,
-    topk_tail_kl,
-    topk_tail_kl_loss,
-)
+from .kd import cached_targets, head_tensors, kd_sum, online_targets, target_kind
+from .losses import chunked_cross_entropy, chunked_student_topk_stats, full_kl_loss, topk_kl_loss, topk_tail_kl
 from .teacher_cache import (
     KIND_FOR_LOSS,
-    SAMPLE_IDS_COLUMN,
     SAMPLE_PACKED_COLUMN,
-    SAMPLE_WEIGHTS_COLUMN,
-    TOPK_IDS_COLUMN,
-    TOPK_LOGPROBS_COLUMN,
     SamplePacking,
     cache_kinds,
     check_teacher_cache,
     sample_packing,
-    sample_uniforms,
     unpack_samples,
 )
 
@@ -303,15 +293,10 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         """
         args = self.args
         unpack_samples(inputs, self.sample_packing)  # done by DistillationCollator already, unless another collates
-        needed = {"topk"} if evaluation else {KIND_FOR_LOSS.get(args.kd_loss, "full")}
-        targets: dict[str, Any] = {}
-        if "topk" in needed and TOPK_IDS_COLUMN in inputs:
-            targets["topk"] = inputs[TOPK_IDS_COLUMN][..., :args.top_k], inputs[TOPK_LOGPROBS_COLUMN][..., :args.top_k]
-        if "samples" in needed and SAMPLE_IDS_COLUMN in inputs:
-            targets["samples"] = inputs[SAMPLE_IDS_COLUMN]
-            targets["sample_weights"] = inputs.get(SAMPLE_WEIGHTS_COLUMN)  # weighted (threshold) samples, or None
+        needed = {"topk"} if evaluation else {target_kind(args.kd_loss)}
         if evaluation and args.eval_full_kl and self.teacher_model is not None:
             needed.add("full")
+        targets = cached_targets(inputs, needed, args)
         missing = needed - set(targets)
         if not missing:
             return targets
@@ -326,47 +311,11 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
 
     @torch.no_grad()
     def _online_targets(self, teacher, inputs: dict[str, torch.Tensor], missing: set[str]) -> dict[str, Any]:
-        """The `missing` teacher targets (see `_teacher_targets`) from one forward of the teacher."""
-        args = self.args
+        """The `missing` teacher targets (see `kd.online_targets`) from one forward of the teacher's backbone."""
         hidden = backbone(teacher)(input_ids=inputs["input_ids"],
                                    attention_mask=inputs["attention_mask"]).last_hidden_state  # (B, T, H_t)
-        lm_head = teacher.get_output_embeddings()
-        targets: dict[str, Any] = {}
-        if "topk" in missing:
-            targets["topk"] = teacher_topk_from_hidden(hidden, lm_head, args.top_k, args.temperature,
-                                                       args.kd_chunk_size, args.kd_chunk_bytes)
-        if "samples" in missing:  # fresh draws every epoch, seeded per row (any batch, rank or resume draws alike)
-            seed = args.kd_samples_seed + int(self.state.epoch or 0)
-            uniforms = sample_uniforms(inputs["input_ids"], inputs["attention_mask"], args.kd_samples, seed)
-            targets["samples"] = teacher_samples_from_hidden(hidden, lm_head, uniforms, args.temperature,
-                                                             args.kd_chunk_size, args.kd_chunk_bytes)
-        if "full" in missing:  # the head is used after this forward: a copy when FSDP2 reshards it afterwards
-            from torch.distributed.fsdp import FSDPModule
-
-            weight, bias = lm_head.weight, lm_head.bias
-            if isinstance(teacher, FSDPModule):
-                weight, bias = weight.detach().clone(), None if bias is None else bias.detach().clone()
-            targets["full"] = (hidden, weight, bias)
-        return targets
-
-    def _kd_sum(self, hidden, weight, bias, targets: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
-        """The sum over counted tokens of the `args.kd_loss` objective; teacher targets are `(B, T, *)`."""
-        args = self.args
-        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size,
-                  "chunk_bytes": args.kd_chunk_bytes, "reduction": "sum"}
-        if args.kd_loss == "sampled":
-            weights = targets.get("sample_weights")
-            return sampled_kd_loss(hidden, weight, bias, targets["samples"][:, :-1], mask, **common,
-                                   teacher_sample_weights=None if weights is None else weights[:, :-1])
-        if args.kd_loss == "full":
-            teacher_hidden, teacher_weight, teacher_bias = targets["full"]
-            return full_kl_loss(hidden, weight, bias, teacher_hidden[:, :-1], teacher_weight, teacher_bias, mask,
-                                **common)
-        ids, logprobs = targets["topk"]
-        if args.kd_loss == "topk_tail":
-            return topk_tail_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, **common)
-        return topk_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, renormalize=args.renormalize,
-                            **common)
+        return online_targets(teacher, hidden, missing, self.args, inputs["input_ids"], inputs["attention_mask"],
+                              epoch=int(self.state.epoch or 0))
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """With `args.lr_schedule_steps`, this run's step `t` takes the learning rate of step `lr_schedule_start + t`
@@ -421,25 +370,24 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
         labels = inputs["labels"][:, 1:]  # (B, T-1)
         mask = labels != -100
-        lm_head = student.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        hidden = hidden.to(weight.device)
-        zero = torch.zeros((), device=weight.device)
-        result = {"num_tokens": mask.sum(), "aux": zero, "ce_sum": zero}
-        if want_aux:
-            result["aux"] = aux_loss(
-                outputs.router_logits, arch.num_experts_of(student.config), arch.top_k_of(student.config),
-                inputs["attention_mask"],
-            )
-        if args.ce_weight > 0 or evaluation:
-            result["ce_sum"] = chunked_cross_entropy(
-                hidden, weight, bias, labels, chunk_size=args.kd_chunk_size, reduction="sum",
-                chunk_bytes=args.kd_chunk_bytes,
-            )
-        if evaluation:
-            result.update(self._eval_stats(hidden, weight, bias, targets, mask))
-        else:
-            result["kd_sum"] = self._kd_sum(hidden, weight, bias, targets, mask)
+        with head_tensors(student) as (weight, bias):  # the one policy for sharded heads (see `kd.head_tensors`)
+            hidden = hidden.to(weight.device)
+            zero = torch.zeros((), device=weight.device)
+            result = {"num_tokens": mask.sum(), "aux": zero, "ce_sum": zero}
+            if want_aux:
+                result["aux"] = aux_loss(
+                    outputs.router_logits, arch.num_experts_of(student.config), arch.top_k_of(student.config),
+                    inputs["attention_mask"],
+                )
+            if args.ce_weight > 0 or evaluation:
+                result["ce_sum"] = chunked_cross_entropy(
+                    hidden, weight, bias, labels, chunk_size=args.kd_chunk_size, reduction="sum",
+                    chunk_bytes=args.kd_chunk_bytes,
+                )
+            if evaluation:
+                result.update(self._eval_stats(hidden, weight, bias, targets, mask))
+            else:
+                result["kd_sum"] = kd_sum(hidden, weight, bias, targets, mask, args)
         return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -12,23 +12,36 @@ from typing import Any, Callable
 
 import torch
 from datasets import Dataset, load_from_disk
-from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..data import TEACHER_PREFIX, is_teacher_value, pad
-from ..distillation.losses import (full_kl_loss, sampled_kd_loss, teacher_samples_from_hidden, topk_kl_loss,
-                                   topk_tail_kl_loss)
-from ..distillation.teacher_cache import (FINGERPRINT_COLUMN, KIND_FOR_LOSS, SAMPLE_FINGERPRINT_COLUMN,
-                                          SAMPLE_IDS_COLUMN, SAMPLE_PACKED_COLUMN, SAMPLE_WEIGHTS_COLUMN,
-                                          TOPK_IDS_COLUMN, TOPK_LOGPROBS_COLUMN, SamplePacking, cache_teacher_samples,
-                                          cache_teacher_topk, check_teacher_cache, sample_packing, sample_uniforms,
-                                          unpack_samples)
+from ..distillation.kd import cached_targets, head_tensors, kd_sum, online_targets, target_kind
+from ..distillation.teacher_cache import (
+    FINGERPRINT_COLUMN,
+    KIND_FOR_LOSS,
+    SAMPLE_FINGERPRINT_COLUMN,
+    SAMPLE_IDS_COLUMN,
+    SAMPLE_PACKED_COLUMN,
+    TOPK_IDS_COLUMN,
+    TOPK_LOGPROBS_COLUMN,
+    SamplePacking,
+    cache_teacher_samples,
+    cache_teacher_topk,
+    check_teacher_cache,
+    sample_packing,
+    unpack_samples,
+)
 from ..distillation.trainer import MasterWeightsSaving, use_fp32_master_weights
-from ..modeling_utils import (backbone, causal_lm, check_same_vocabulary, forward_hidden, read_stored_layout,
-                              teacher_topk_from_hidden, vocab_size)
+from ..modeling_utils import (
+    backbone,
+    causal_lm,
+    check_same_vocabulary,
+    forward_hidden,
+    read_stored_layout,
+    vocab_size,
+)
 from .config import SFTDistillationConfig
 
 logger = logging.getLogger(__name__)
@@ -221,68 +234,33 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
                                       and c not in keep])
 
     # --- loss -------------------------------------------------------------------------------------------------
-    def _teacher_targets(self, inputs: dict[str, Any]) -> Any:
-        """What `kd_loss` reads from the teacher for the batch, `(B, T-1, *)`: the cached columns (popped from `inputs`
-        with every other `teacher_*` column) or the online teacher's (see `_online_teacher_targets`)."""
+    def _teacher_targets(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """What `kd_loss` reads from the teacher for the batch, `(B, T, *)` (see `distillation.kd`): the cached columns
+        (popped from `inputs` with every other `teacher_*` column) or the online teacher's."""
         cached = {name: inputs.pop(name) for name in [n for n in inputs if n.startswith(TEACHER_PREFIX)]}
-        kind = KIND_FOR_LOSS.get(self.args.kd_loss)
-        if kind == "samples" and SAMPLE_IDS_COLUMN in cached:  # with threshold samples' weights when present
-            weights = cached.get(SAMPLE_WEIGHTS_COLUMN)
-            return cached[SAMPLE_IDS_COLUMN][:, :-1], None if weights is None else weights[:, :-1]
-        if kind == "topk" and TOPK_IDS_COLUMN in cached:
-            k = self.args.top_k  # a cache may hold more tokens per position than asked; they are sorted
-            return cached[TOPK_IDS_COLUMN][:, :-1, :k], cached[TOPK_LOGPROBS_COLUMN][:, :-1, :k]
+        kind = target_kind(self.args.kd_loss)
+        targets = cached_targets(cached, {kind}, self.args)
+        if targets:
+            return targets
         if self.teacher_model is None:
             raise ValueError(
                 f"This batch has no cached teacher columns for kd_loss={self.args.kd_loss!r} and the trainer has no "
                 "teacher: give the evaluation data the same cache, or pass a teacher model."
             )
-        return self._online_teacher_targets(inputs)
-
-    @torch.no_grad()
-    def _online_teacher_targets(self, inputs: dict[str, Any]) -> Any:
-        """The online teacher's targets: top-k ids and log-probabilities `(B, T-1, k)`, samples `(B, T-1, S)`, or
-        (`full`) its hidden states `(B, T-1, H_t)` with its lm_head weight and bias."""
-        args = self.args
         teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "output_router_logits")}
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
-        # `logits_to_keep=1`: the teacher's full logits are never built, its targets come from its hidden states
-        _, hidden = forward_hidden(self.teacher_model, backbone(unwrapped), **teacher_inputs, use_cache=False,
-                                   logits_to_keep=1)
-        lm_head = unwrapped.get_output_embeddings()
-        if args.kd_loss == "full":
-            return hidden[:, :-1], lm_head.weight, lm_head.bias
-        if args.kd_loss == "sampled":  # fresh draws every epoch, seeded per row
-            uniforms = sample_uniforms(inputs["input_ids"], inputs.get("attention_mask"), args.kd_samples,
-                                       args.kd_samples_seed + int(self.state.epoch or 0))
-            return teacher_samples_from_hidden(hidden[:, :-1], lm_head, uniforms[:, :-1], args.temperature,
-                                               args.kd_chunk_size, args.kd_chunk_bytes), None
-        return teacher_topk_from_hidden(hidden[:, :-1], lm_head, args.top_k, args.temperature, args.kd_chunk_size,
-                                        args.kd_chunk_bytes)
+        with torch.no_grad():  # `logits_to_keep=1`: the teacher's full logits are never built
+            _, hidden = forward_hidden(self.teacher_model, backbone(unwrapped), **teacher_inputs, use_cache=False,
+                                       logits_to_keep=1)
+        return online_targets(unwrapped, hidden, {kind}, self.args, inputs["input_ids"], inputs.get("attention_mask"),
+                              epoch=int(self.state.epoch or 0))
 
-    def _kd_sum(self, student: torch.nn.Module, hidden: torch.Tensor, targets: Any, mask: torch.Tensor) -> torch.Tensor:
+    def _kd_sum(self, student: torch.nn.Module, hidden: torch.Tensor, targets: dict[str, Any],
+                mask: torch.Tensor) -> torch.Tensor:
         """Sum of the `kd_loss` objective over the positions of `mask` (`(B, T-1)`: the next-token label is not
         -100), from the student's last hidden state `(B, T, H)`; position t predicts token t + 1."""
-        args = self.args
-        lm_head = causal_lm(student).get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards: gather the head once for the chunked projection
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-        common = {"temperature": args.temperature, "chunk_size": args.kd_chunk_size,
-                  "chunk_bytes": args.kd_chunk_bytes, "reduction": "sum"}
-        with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3
-            hidden = hidden[:, :-1].to(weight.device)
-            if args.kd_loss == "full":
-                teacher_hidden, teacher_weight, teacher_bias = targets
-                return full_kl_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask,
-                                    **common)
-            if args.kd_loss == "sampled":
-                ids, weights = targets
-                return sampled_kd_loss(hidden, weight, bias, ids, mask, **common, teacher_sample_weights=weights)
-            if args.kd_loss == "topk_tail":
-                return topk_tail_kl_loss(hidden, weight, bias, *targets, mask, **common)
-            return topk_kl_loss(hidden, weight, bias, *targets, mask, renormalize=args.renormalize, **common)
+        with head_tensors(causal_lm(student)) as (weight, bias):  # the one policy for sharded heads
+            return kd_sum(hidden[:, :-1].to(weight.device), weight, bias, targets, mask, self.args)
 
     @contextmanager
     def _kd_hook(self, model: torch.nn.Module, targets: Any):
