@@ -36,7 +36,7 @@ _LAZY_NAMES = {
     "DistillationTrainer": "distillation",
     "cache_teacher_topk": "distillation",
     "cache_teacher_samples": "distillation",
-    "teacher_topk": "distillation",
+    "teacher_topk": "modeling_utils",
     "topk_kl_loss": "distillation",
     "topk_tail_kl_loss": "distillation",
     "sampled_kd_loss": "distillation",
@@ -57,11 +57,11 @@ if TYPE_CHECKING:
         cache_teacher_topk,
         full_kl_loss,
         sampled_kd_loss,
-        teacher_topk,
         topk_kl_loss,
         topk_tail_kl_loss,
     )
     from .modeling_slimmoe import SlimMoeForCausalLM
+    from .modeling_utils import teacher_topk
     from .posttrain import SFTDistillationConfig, SFTDistillationTrainer
     from .pruning import SensitivityScores, compute_sensitivity, prune_to
     from .schedule import plan_stages

@@ -9,7 +9,7 @@ Every command and stage reads its data here:
   record; rows that already have `input_ids` are used as they are, so a teacher cache built on them stays valid);
 - [`read_source`], [`pack`] and [`load_blocks`]: a recipe's `data:` sources as documents, packed into blocks of
   `block_size` tokens joined by EOS;
-- [`collate_tokens`] / [`TokenCollator`] and [`batches`]: right-padding with `torch.nn.utils.rnn.pad_sequence`.
+- [`collate_tokens`] / [`TokenCollator`] and [`batches`]: right-padding with TRL's `pad`.
 
 The edge cases, decided once for every caller:
 
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from .recipe import DataSource, Recipe, demo_settings, expand_path
 
@@ -276,23 +275,24 @@ def read_source(source: DataSource, key: str, recipe_dir: str | None):
 
 
 def pack(dataset, tokenizer, block_size: int, text_field: str, num_proc: int | None = None):
-    """Tokenize documents, join them with EOS and cut the stream into `input_ids` blocks of `block_size` tokens
-    (the remainder of each map batch of 1000 documents is dropped)."""
+    """Tokenize documents, end each with EOS and cut the stream into `input_ids` blocks of `block_size` tokens:
+    TRL's `pack_dataset(strategy="wrapped")` over each map batch of 1000 documents, whose short last block is dropped."""
+    from trl.data_utils import pack_dataset
+
     if block_size < 1:
         raise ValueError(f"block_size={block_size} must be at least 1 token.")
-    eos = tokenizer.eos_token_id
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
-    def _pack(batch):
-        stream = []
-        for ids in tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            if eos is not None:
-                stream.append(eos)
-        usable = len(stream) // block_size * block_size
-        return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
+    def tokenize(batch):
+        return {"input_ids": [ids + eos for ids in tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]]}
 
-    return dataset.map(_pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, num_proc=num_proc,
-                       desc=f"Packing into {block_size}-token blocks")
+    documents = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                            desc="Tokenizing")
+    blocks = pack_dataset(documents, block_size, strategy="wrapped",
+                          map_kwargs={"batch_size": 1000, "num_proc": num_proc,
+                                      "desc": f"Packing into {block_size}-token blocks"})
+    return blocks.filter(lambda rows: [len(r) == block_size for r in rows], input_columns="input_ids", batched=True,
+                         num_proc=num_proc, desc="Dropping each batch's short last block")
 
 
 def load_blocks(recipe: Recipe, tokenizer) -> dict:
@@ -380,16 +380,12 @@ def load_eval_data(tokenizer, data: str | None = None, block_size: int = 128, ma
 # ------------------------------------------------------------------------------------------------- collation
 def pad(rows: Sequence, padding_value: float, length: int | None = None, dtype: torch.dtype | None = None
         ) -> torch.Tensor:
-    """Right-pad rows (`(T_i, ...)` each) into one `(B, T, ...)` tensor with `pad_sequence`; with `length`, rows are
-    cut to it and the batch is padded to exactly `length` positions."""
-    tensors = [torch.as_tensor(row, dtype=dtype) for row in rows]
-    if length is not None:
-        tensors = [t[:length] for t in tensors]
-    batch = pad_sequence(tensors, batch_first=True, padding_value=padding_value)
-    if length is not None and batch.size(1) < length:
-        extra = batch.new_full((batch.size(0), length - batch.size(1), *batch.shape[2:]), padding_value)
-        batch = torch.cat([batch, extra], dim=1)
-    return batch
+    """TRL's `pad` (right) of rows `(T_i, ...)` into one `(B, T, ...)` tensor; with `length`, rows are cut to it and
+    the batch spans exactly `length` positions."""
+    from trl.trainer.utils import pad as trl_pad
+
+    tensors = [torch.as_tensor(row, dtype=dtype)[:length] for row in rows]
+    return trl_pad(tensors, padding_value, pad_to_multiple_of=length)  # rows <= length: padded to exactly length
 
 
 def is_teacher_value(name: str, value: Any) -> bool:
@@ -488,8 +484,29 @@ def load_calibration_batches(
     return result
 
 
-__all__ = ["TEACHER_PREFIX", "TokenCollator", "batches", "check_source", "collate_tokens", "decode_text",
-           "is_disk_dataset", "load_blocks", "load_calibration_batches", "load_dataset_splits",
-           "load_disk_dataset", "load_eval_data", "load_token_dataset",
-           "load_tokenizer", "pack", "pad", "read_source", "read_text_file", "read_texts", "select_split",
-           "source_files", "teacher_columns", "tokenize_texts", "truncate_rows"]
+__all__ = [
+    "TEACHER_PREFIX",
+    "TokenCollator",
+    "batches",
+    "check_source",
+    "collate_tokens",
+    "decode_text",
+    "is_disk_dataset",
+    "load_blocks",
+    "load_calibration_batches",
+    "load_dataset_splits",
+    "load_disk_dataset",
+    "load_eval_data",
+    "load_token_dataset",
+    "load_tokenizer",
+    "pack",
+    "pad",
+    "read_source",
+    "read_text_file",
+    "read_texts",
+    "select_split",
+    "source_files",
+    "teacher_columns",
+    "tokenize_texts",
+    "truncate_rows",
+]

@@ -282,5 +282,4 @@ def _eval_description(recipe, e: dict, num_blocks: int) -> dict:
             "speed_new_tokens": e["speed_new_tokens"], "speed_repeats": e["speed_repeats"]}
 
 
-__all__ = ["STEPS", "cache_root", "demo_recipe", "ensure_teacher", "format_summary", "run_demo",
-           "demo_teacher_key"]
+__all__ = ["STEPS", "cache_root", "demo_recipe", "ensure_teacher", "format_summary", "run_demo", "demo_teacher_key"]

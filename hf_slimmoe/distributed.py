@@ -146,5 +146,16 @@ def rank_share(items: Sequence) -> list[tuple[Any, bool]]:
     return mine + [(items[0], False)] * (steps - len(mine))
 
 
-__all__ = ["rank_and_world", "init_from_environment", "destroy_process_group", "barrier", "is_sharded", "fsdp_requested", "shard_decoder_layers", "call_through_forward",
-           "full_tensor", "all_reduce_sum", "rank_share"]
+__all__ = [
+    "rank_and_world",
+    "init_from_environment",
+    "destroy_process_group",
+    "barrier",
+    "is_sharded",
+    "fsdp_requested",
+    "shard_decoder_layers",
+    "call_through_forward",
+    "full_tensor",
+    "all_reduce_sum",
+    "rank_share",
+]

@@ -581,5 +581,11 @@ def read_hub_settings(output_dir: str | os.PathLike) -> HubSettings:
     return HubSettings.from_dict(values.get("hub"))
 
 
-__all__ = ["HubSettings", "write_model_card", "plot_trajectory", "publish_stage", "is_complete_stage",
-           "read_hub_settings"]
+__all__ = [
+    "HubSettings",
+    "write_model_card",
+    "plot_trajectory",
+    "publish_stage",
+    "is_complete_stage",
+    "read_hub_settings",
+]

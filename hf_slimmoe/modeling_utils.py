@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .kd_settings import CHUNK_BYTES  # the default budget of a chunked projection's working blocks
+
 
 # ----------------------------------------------------------------------------------------------------- access
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,7 +124,6 @@ def check_tokenizer_vocabulary(tokenizer, model_vocab_size: int, name: str = "th
 
 
 # ---------------------------------------------------------------------------------------------------- chunks
-CHUNK_BYTES = 128 * 2**20  # default budget of a chunked projection's `(chunk, V)` float32 working blocks together
 
 
 def chunk_tokens(vocab_size: int, blocks: float, chunk_size: int | None = None, chunk_bytes: int | None = None) -> int:
@@ -228,7 +229,18 @@ def teacher_topk_from_model(
     return teacher_topk_from_hidden(hidden, teacher.get_output_embeddings(), top_k, temperature, chunk_size)
 
 
-__all__ = ["CHUNK_BYTES", "backbone", "causal_lm", "check_same_vocabulary", "check_tokenizer_vocabulary",
-           "module_layout", "read_stored_layout",
-           "chunk_tokens", "forward_hidden", "teacher_topk", "teacher_topk_from_hidden", "teacher_topk_from_model",
-           "vocab_size"]
+__all__ = [
+    "CHUNK_BYTES",
+    "backbone",
+    "causal_lm",
+    "check_same_vocabulary",
+    "check_tokenizer_vocabulary",
+    "module_layout",
+    "read_stored_layout",
+    "chunk_tokens",
+    "forward_hidden",
+    "teacher_topk",
+    "teacher_topk_from_hidden",
+    "teacher_topk_from_model",
+    "vocab_size",
+]

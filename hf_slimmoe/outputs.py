@@ -232,6 +232,19 @@ class RunLock:
         self.held = False
 
 
-__all__ = ["OutputDirError", "RunLock", "check_safetensors", "check_weights", "weights_digest", "file_digest",
-           "canonical_hash", "differences", "read_provenance", "write_provenance", "record_id", "mismatch_error",
-           "PROVENANCE", "LOCK"]
+__all__ = [
+    "OutputDirError",
+    "RunLock",
+    "check_safetensors",
+    "check_weights",
+    "weights_digest",
+    "file_digest",
+    "canonical_hash",
+    "differences",
+    "read_provenance",
+    "write_provenance",
+    "record_id",
+    "mismatch_error",
+    "PROVENANCE",
+    "LOCK",
+]

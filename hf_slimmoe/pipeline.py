@@ -781,5 +781,15 @@ def publish(stage_dir: str, recipe: Recipe) -> None:
         logger.warning("%s was not published; `slimmoe push %s` publishes it later.", stage_dir, recipe.output_dir)
 
 
-__all__ = ["compress", "check", "plan_text", "RunPaths", "Run", "StageRunner", "is_finished_stage", "build_teacher",
-           "read_teacher_config", "training_args"]
+__all__ = [
+    "compress",
+    "check",
+    "plan_text",
+    "RunPaths",
+    "Run",
+    "StageRunner",
+    "is_finished_stage",
+    "build_teacher",
+    "read_teacher_config",
+    "training_args",
+]

@@ -175,5 +175,14 @@ def open_output_dir(recipe: Recipe, record: dict, overwrite: bool = False, reuse
     write_provenance(recipe.output_dir, {**record, "accepted": [a for a in accepted if a != record["id"]]})
 
 
-__all__ = ["run_record", "check_output_dir", "open_output_dir", "remove_run_outputs", "recipe_settings",
-           "teacher_identity", "tokenizer_identity", "stage_dirs", "check_weight_files"]
+__all__ = [
+    "run_record",
+    "check_output_dir",
+    "open_output_dir",
+    "remove_run_outputs",
+    "recipe_settings",
+    "teacher_identity",
+    "tokenizer_identity",
+    "stage_dirs",
+    "check_weight_files",
+]

@@ -36,7 +36,6 @@ from typing import Any, Literal
 
 import yaml
 
-from .architectures import config_from_dict
 from .kd_settings import DistillationSettings
 
 METHODS = ("multi-stage", "one-stage", "iterative")
@@ -202,6 +201,8 @@ class Recipe:
             return None
         key = "teacher.architecture" if self.teacher.architecture is not None else "teacher.build.config"
         try:
+            from .architectures import config_from_dict
+
             return config_from_dict(values)  # model_type picks the family (default: SlimMoE / PhiMoE)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{key}: {e}") from None
@@ -606,5 +607,16 @@ def demo_settings(fast: bool = False) -> dict:
     return merge_settings(values, fast_overrides) if fast else values
 
 
-__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "recipe_to_dict", "expand_path", "METHODS",
-           "demo_settings", "merge_settings", "read_yaml_mapping", "parse_config_file"]
+__all__ = [
+    "Recipe",
+    "load_recipe",
+    "recipe_from_dict",
+    "save_recipe",
+    "recipe_to_dict",
+    "expand_path",
+    "METHODS",
+    "demo_settings",
+    "merge_settings",
+    "read_yaml_mapping",
+    "parse_config_file",
+]

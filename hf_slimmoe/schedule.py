@@ -257,5 +257,16 @@ def format_plan(source_config, stages: Sequence, budgets: Sequence[str] | None =
     return "\n".join(lines)
 
 
-__all__ = ["config_between", "plan_stages", "pinned_stages", "check_target", "plan_rows", "format_plan", "human_count", "stage_sizes",
-           "size_keys", "geometric_size", "SIZE_NAMES"]
+__all__ = [
+    "config_between",
+    "plan_stages",
+    "pinned_stages",
+    "check_target",
+    "plan_rows",
+    "format_plan",
+    "human_count",
+    "stage_sizes",
+    "size_keys",
+    "geometric_size",
+    "SIZE_NAMES",
+]

@@ -195,5 +195,13 @@ def read_teacher_config(recipe: Recipe, offline_ok: bool = False):
     return actual
 
 
-__all__ = ["build_teacher", "build_settings", "build_differences", "read_teacher_config", "teacher_paths", "pretrain",
-           "is_built_teacher", "BUILD_RECORD"]
+__all__ = [
+    "build_teacher",
+    "build_settings",
+    "build_differences",
+    "read_teacher_config",
+    "teacher_paths",
+    "pretrain",
+    "is_built_teacher",
+    "BUILD_RECORD",
+]

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hf_slimmoe.distillation import chunked_cross_entropy, teacher_topk, topk_kl_loss
+from hf_slimmoe.distillation import chunked_cross_entropy, topk_kl_loss
+from hf_slimmoe.modeling_utils import teacher_topk
 
 
 def _naive_topk_kl(hidden, weight, bias, ids, logprobs, mask, temperature=1.0, renormalize=False):

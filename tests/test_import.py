@@ -31,6 +31,16 @@ def test_import_and_cli_help_load_nothing_heavy():
     assert result.returncode == 0 and "compress" in result.stdout, result.stderr
 
 
+@pytest.mark.parametrize("module, absent", [
+    ("hf_slimmoe.pruning.sensitivity", ("trl", "datasets", "peft")),  # the lazy package loads only this submodule
+    ("hf_slimmoe.recipe", ("torch", "transformers", "trl")),  # the recipe schema is plain Python and YAML
+])
+def test_a_submodule_loads_only_what_it_needs(module, absent):
+    result = _run(f"import sys, {module}\nprint(sorted(m for m in {absent!r} if m in sys.modules))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_every_public_name_imports():
     import hf_slimmoe
 

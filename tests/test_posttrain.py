@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from hf_slimmoe import SlimMoeForCausalLM
 from hf_slimmoe.modeling_utils import teacher_topk
+from hf_slimmoe.tokenization import CHAT_TEMPLATE
 from hf_slimmoe.posttrain import (
-    CHAT_TEMPLATE,
     EXPERT_PARAMETERS,
     SFTDistillationConfig,
     SFTDistillationTrainer,

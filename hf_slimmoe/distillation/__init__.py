@@ -1,57 +1,23 @@
-"""Distillation for SlimMoE: the chunked KD losses, the distillation trainer, the teacher caches (top-k, samples)."""
+"""Distillation for SlimMoE: the chunked KD losses, the distillation trainer, the teacher caches (top-k, samples).
 
-from .config import DistillationConfig
-from ..modeling_utils import teacher_topk, teacher_topk_from_hidden, teacher_topk_from_model
-from .losses import (
-    chunked_cross_entropy,
-    full_kl_loss,
-    sampled_kd_loss,
-    teacher_samples_from_hidden,
-    threshold_samples_from_hidden,
-    topk_kl_loss,
-    topk_tail_kl,
-    topk_tail_kl_loss,
-)
-from .teacher_cache import (
-    SamplePacking,
-    cache_metadata,
-    cache_teacher_samples,
-    cache_teacher_topk,
-    check_teacher_cache,
-    input_ids_fingerprint,
-    sample_packing,
-    sample_uniforms,
-    teacher_fingerprint,
-    teacher_samples_from_model,
-)
-from .run import DistillScriptArguments, run_distill
-from .trainer import DistillationCollator, DistillationTrainer
+The package is lazy, as transformers' model packages are: its names (every submodule's `__all__`) load from their
+submodule on first use, and importing one submodule does not load the others.
+"""
 
-__all__ = [
-    "DistillationCollator",
-    "DistillationConfig",
-    "DistillationTrainer",
-    "DistillScriptArguments",
-    "SamplePacking",
-    "cache_metadata",
-    "cache_teacher_samples",
-    "cache_teacher_topk",
-    "check_teacher_cache",
-    "chunked_cross_entropy",
-    "full_kl_loss",
-    "input_ids_fingerprint",
-    "run_distill",
-    "sample_packing",
-    "sample_uniforms",
-    "sampled_kd_loss",
-    "teacher_fingerprint",
-    "teacher_samples_from_hidden",
-    "threshold_samples_from_hidden",
-    "teacher_samples_from_model",
-    "teacher_topk",
-    "teacher_topk_from_hidden",
-    "teacher_topk_from_model",
-    "topk_kl_loss",
-    "topk_tail_kl",
-    "topk_tail_kl_loss",
-]
+from typing import TYPE_CHECKING
+
+from transformers.utils import _LazyModule
+from transformers.utils.import_utils import define_import_structure
+
+if TYPE_CHECKING:
+    from .config import *
+    from .kd import *
+    from .losses import *
+    from .run import *
+    from .teacher_cache import *
+    from .trainer import *
+else:
+    import sys
+
+    _file = globals()["__file__"]
+    sys.modules[__name__] = _LazyModule(__name__, _file, define_import_structure(_file), module_spec=__spec__)

@@ -81,3 +81,6 @@ class DistillationConfig(DistillationSettings, TrainingArguments):
                                  f"got {self.lr_schedule_start}.")
         elif self.lr_schedule_start:
             raise ValueError("lr_schedule_start needs lr_schedule_steps.")
+
+
+__all__ = ["DistillationConfig"]

@@ -109,3 +109,6 @@ def kd_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return topk_tail_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, **common)
     return topk_kl_loss(hidden, weight, bias, ids[:, :-1], logprobs[:, :-1], mask, renormalize=s.renormalize,
                         **common)
+
+
+__all__ = ["cached_targets", "head_tensors", "kd_sum", "online_targets", "target_kind"]

@@ -673,3 +673,16 @@ def topk_tail_kl(teacher_topk_logprobs: torch.Tensor, student_topk_logprobs: tor
     tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=torch.finfo(torch.float32).tiny).log() - q_rest.log()),
                        torch.zeros_like(p_rest))
     return head + tail
+
+
+__all__ = [
+    "chunked_cross_entropy",
+    "chunked_student_topk_stats",
+    "full_kl_loss",
+    "sampled_kd_loss",
+    "teacher_samples_from_hidden",
+    "threshold_samples_from_hidden",
+    "topk_kl_loss",
+    "topk_tail_kl",
+    "topk_tail_kl_loss",
+]

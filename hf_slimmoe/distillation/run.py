@@ -72,3 +72,6 @@ def run_distill(script_args: DistillScriptArguments, config: DistillationConfig)
     if trainer.is_world_process_zero():
         logger.info("Saved the distilled student to %s", config.output_dir)
     return metrics
+
+
+__all__ = ["DistillScriptArguments", "run_distill"]

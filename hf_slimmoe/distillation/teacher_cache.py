@@ -790,3 +790,21 @@ def cache_teacher_samples(
 
     return _build_cache(teacher, dataset, kind, features, record, compute, batch_size, output_dir, shard_size,
                         pad_token_id)
+
+
+__all__ = [
+    "SamplePacking",
+    "cache_kinds",
+    "cache_metadata",
+    "cache_teacher_samples",
+    "cache_teacher_topk",
+    "check_teacher_cache",
+    "decode_threshold_weights",
+    "encode_threshold_weights",
+    "input_ids_fingerprint",
+    "sample_packing",
+    "sample_uniforms",
+    "teacher_fingerprint",
+    "teacher_samples_from_model",
+    "unpack_samples",
+]

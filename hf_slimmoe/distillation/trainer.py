@@ -466,3 +466,6 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
                     logs[key] = sum(values) / len(values)
             self._metrics["train"].clear()
         super().log(logs, start_time)
+
+
+__all__ = ["DistillationCollator", "DistillationTrainer", "MasterWeightsSaving", "use_fp32_master_weights"]

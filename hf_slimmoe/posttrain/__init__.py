@@ -13,18 +13,25 @@
   TRL format, or `builtin:stdlib-docstrings`; `tiny.py` builds tiny random chat models for CPU runs.
 
 Every output directory gets a `stage.json` (lineage: parent model, teacher, training numbers) and a generated card.
+
+The package is lazy, as transformers' model packages are: its names (every submodule's `__all__`) load from their
+submodule on first use, and importing one submodule does not load the others.
 """
 
-from .chat_data import docstring_datasets, load_train_eval
-from .config import (ATTENTION_PROJECTIONS, BUILTIN_DOCSTRINGS, EXPERT_PARAMETERS, PostTrainScriptArguments,
-                     SFTDistillationConfig, lora_config)
-from .recipes import MODEL_DEFAULTS, parse_recipe, run_recipe
-from .run import run_dpo, run_sft, save_lora
-from ..tokenization import CHAT_TEMPLATE
-from .tiny import build_tiny_chat_model, build_tiny_tokenizer
-from .trainer import SFTDistillationTrainer
+from typing import TYPE_CHECKING
 
-__all__ = ["ATTENTION_PROJECTIONS", "MODEL_DEFAULTS", "BUILTIN_DOCSTRINGS", "CHAT_TEMPLATE", "EXPERT_PARAMETERS",
-           "PostTrainScriptArguments", "SFTDistillationConfig", "SFTDistillationTrainer", "build_tiny_chat_model",
-           "build_tiny_tokenizer", "docstring_datasets", "load_train_eval", "lora_config", "parse_recipe",
-           "run_dpo", "run_recipe", "run_sft", "save_lora"]
+from transformers.utils import _LazyModule
+from transformers.utils.import_utils import define_import_structure
+
+if TYPE_CHECKING:
+    from .chat_data import *
+    from .config import *
+    from .recipes import *
+    from .run import *
+    from .tiny import *
+    from .trainer import *
+else:
+    import sys
+
+    _file = globals()["__file__"]
+    sys.modules[__name__] = _LazyModule(__name__, _file, define_import_structure(_file), module_spec=__spec__)

@@ -114,5 +114,11 @@ def lora_config(model_args: ModelConfig):
     return get_peft_config(model_args)
 
 
-__all__ = ["ATTENTION_PROJECTIONS", "BUILTIN_DOCSTRINGS", "EXPERT_PARAMETERS", "PostTrainScriptArguments",
-           "SFTDistillationConfig", "lora_config"]
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "BUILTIN_DOCSTRINGS",
+    "EXPERT_PARAMETERS",
+    "PostTrainScriptArguments",
+    "SFTDistillationConfig",
+    "lora_config",
+]

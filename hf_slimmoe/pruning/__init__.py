@@ -1,12 +1,25 @@
 """Structured pruning for SlimMoE on any supported MoE family: sensitivity scores (Eq. 2-4), the tensor surgery behind
 `prune_to` / `model.prune_to`, and the expert-dropping baselines (`drop_experts` by KD sensitivity, activation
-frequency or REAP)."""
+frequency or REAP).
 
-from .expert_dropping import (EXPERT_CRITERIA, drop_experts, expert_activation_frequency,
-                              expert_scores_from_sensitivity, reap_scores, score_experts)
-from .sensitivity import CRITERIA, SensitivityScores, compute_sensitivity
-from .surgery import prune_model, prune_to, validate_prune_target
+The package is lazy, as transformers' model packages are: its names (every submodule's `__all__`) load from their
+submodule on first use, and importing one submodule does not load the others.
+"""
 
-__all__ = ["CRITERIA", "EXPERT_CRITERIA", "SensitivityScores", "compute_sensitivity", "drop_experts",
-           "expert_activation_frequency", "expert_scores_from_sensitivity", "prune_model", "prune_to", "reap_scores",
-           "score_experts", "validate_prune_target"]
+from typing import TYPE_CHECKING
+
+from transformers.utils import _LazyModule
+from transformers.utils.import_utils import define_import_structure
+
+if TYPE_CHECKING:
+    from .expert_dropping import *
+    from .iterative import *
+    from .safetensors_stream import *
+    from .sensitivity import *
+    from .streaming import *
+    from .surgery import *
+else:
+    import sys
+
+    _file = globals()["__file__"]
+    sys.modules[__name__] = _LazyModule(__name__, _file, define_import_structure(_file), module_spec=__spec__)

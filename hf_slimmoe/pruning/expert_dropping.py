@@ -210,5 +210,11 @@ def drop_experts(model: nn.Module, num_experts: int, expert_scores: list[torch.T
     return model
 
 
-__all__ = ["EXPERT_CRITERIA", "drop_experts", "expert_activation_frequency", "expert_scores_from_sensitivity",
-           "reap_scores", "score_experts"]
+__all__ = [
+    "EXPERT_CRITERIA",
+    "drop_experts",
+    "expert_activation_frequency",
+    "expert_scores_from_sensitivity",
+    "reap_scores",
+    "score_experts",
+]

@@ -614,6 +614,21 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
-__all__ = ["prune_checkpoint", "SliceRule", "TensorCut", "ModuleKeys", "piece_rule", "fused_rules", "attention_rules",
-           "family_rules", "cut_sizes", "checkpoint_shards", "read_headers", "plan_cuts", "kept_indices", "piece_plan",
-           "tensor_pieces", "read_source_config"]
+__all__ = [
+    "prune_checkpoint",
+    "SliceRule",
+    "TensorCut",
+    "ModuleKeys",
+    "piece_rule",
+    "fused_rules",
+    "attention_rules",
+    "family_rules",
+    "cut_sizes",
+    "checkpoint_shards",
+    "read_headers",
+    "plan_cuts",
+    "kept_indices",
+    "piece_plan",
+    "tensor_pieces",
+    "read_source_config",
+]

@@ -332,5 +332,17 @@ def prune_to(model: PreTrainedModel, target: PretrainedConfig, scores: Sensitivi
     return model
 
 
-__all__ = ["validate_prune_target", "prune_model", "prune_to", "slim_experts", "slim_glu", "prune_attention_groups",
-           "gate_up_index", "keep_indices", "replace_parameter", "experts_kernel_fits", "expert_neurons", "gqa_rows"]
+__all__ = [
+    "validate_prune_target",
+    "prune_model",
+    "prune_to",
+    "slim_experts",
+    "slim_glu",
+    "prune_attention_groups",
+    "gate_up_index",
+    "keep_indices",
+    "replace_parameter",
+    "experts_kernel_fits",
+    "expert_neurons",
+    "gqa_rows",
+]
