@@ -11,8 +11,8 @@ publishing, every request of `huggingface_hub`'s shared HTTP client times out af
 (huggingface_hub's own setting, 10 by default: its default for requests that set no timeout of their own), and the
 client's bounded retries (`http_backoff`: at most 5, for uploads and commits) are the only retries.
 
-Pushing an unchanged directory again makes no commit: local files are compared with the remote ones (sha256 of LFS
-files, git blob ids of the others) before anything is uploaded. The token is resolved by `huggingface_hub` (argument,
+Pushing an unchanged directory again makes no commit: `HfApi.create_commit` compares each file with the remote one
+(sha256 of LFS files, git blob ids of the others), uploads only the changed ones and skips a commit left empty. The token is resolved by `huggingface_hub` (argument,
 `HF_TOKEN`, then the login cache) and never written to a file, a card, a log record or an error message.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -390,34 +389,6 @@ def _publishable_files(stage_dir: Path) -> list[Path]:
     return files
 
 
-def _git_blob_id(path: Path) -> str:
-    sha = hashlib.sha1()
-    sha.update(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
-def _unchanged(path: Path, sibling) -> bool:
-    """Whether a local file equals a remote `RepoSibling` (LFS: sha256 of the content; otherwise: git blob id)."""
-    if sibling is None:
-        return False
-    if sibling.size is not None and sibling.size != path.stat().st_size:
-        return False
-    if sibling.lfs is not None:
-        return sibling.lfs.sha256 == _sha256(path)
-    return sibling.blob_id is not None and sibling.blob_id == _git_blob_id(path)
-
-
 def is_complete_stage(stage_dir: str | os.PathLike) -> bool:
     """A saved model directory holds `stage.json`, a `config.json` (or a LoRA `adapter_config.json`) and at least one
     `*.safetensors` weights file."""
@@ -447,7 +418,7 @@ def _commit_message(info: dict, config_summary: dict, files: list[str]) -> tuple
     if kl is not None:
         sizes.append(f"eval KL {kl:.4g}")
     title = f"SlimMoE {what}" + (f" ({', '.join(sizes)})" if sizes else "")
-    description = "Files pushed:\n" + "\n".join(f"- {f}" for f in files)
+    description = "Files of the model (unchanged ones are not uploaded again):\n" + "\n".join(f"- {f}" for f in files)
     return title, description
 
 
@@ -549,23 +520,22 @@ def _push(api, stage_dir: Path, settings: HubSettings, info: dict, user: str | N
     api.create_repo(repo_id, private=settings.private, exist_ok=True)
     if branch is not None:
         api.create_branch(repo_id, branch=branch, exist_ok=True)
-    remote = api.model_info(repo_id, revision=branch, files_metadata=True)
-    siblings = {s.rfilename: s for s in remote.siblings or []}
-    changed = [p for p in _publishable_files(stage_dir)
-               if not _unchanged(p, siblings.get(p.relative_to(stage_dir).as_posix()))]
-    if not changed:
-        logger.info("%s is up to date with %s: nothing to push.", stage_dir, where)
-        return True
-    names = [p.relative_to(stage_dir).as_posix() for p in changed]
+    head = api.model_info(repo_id, revision=branch).sha
+    files = _publishable_files(stage_dir)
+    names = [p.relative_to(stage_dir).as_posix() for p in files]
     title, description = _commit_message(info, _config_summary(_read_json(stage_dir / "config.json")), names)
+    # create_commit drops the files whose content the Hub has already and makes no commit when none is left
     commit = api.create_commit(
         repo_id,
-        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in zip(names, changed)],
+        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in zip(names, files)],
         commit_message=title,
         commit_description=description,
         revision=branch,
     )
-    logger.info("Pushed %d file(s) of %s to %s (commit %s).", len(names), stage_dir, where, commit.oid)
+    if commit.oid == head:
+        logger.info("%s is up to date with %s: nothing to push.", stage_dir, where)
+    else:
+        logger.info("Pushed %s to %s (commit %s).", stage_dir, where, commit.oid)
     return True
 
 

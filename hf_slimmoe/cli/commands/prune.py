@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 
-from .base import Command, check_model_path, check_output_dir, positive_int
+from .base import Command, check_model_path, check_output_dir, positive_int, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -75,21 +73,12 @@ class PruneCommand(Command):
         target = slim_config(model.config, expert_width=args.intermediate_size,
                              num_key_value_heads=args.num_key_value_heads, shared_expert_width=args.shared_expert_width)
         prune_to(model, target, scores)
-        parent = os.path.dirname(os.path.abspath(args.output_dir))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".prune-", dir=parent)  # complete, then renamed: never half-written
-        try:
+        with staged_directory(args.output_dir) as staging:  # complete, then renamed: never half-written
             model.save_pretrained(staging)
             try:
                 AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
             except (OSError, ValueError):
                 logger.warning("No tokenizer found in %s; saved the model only.", args.model)
-            if os.path.isdir(args.output_dir):
-                os.rmdir(args.output_dir)
-            os.replace(staging, args.output_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         print(pruned_summary(args, source, model.config))
         return 0
 
