@@ -106,3 +106,22 @@ def test_gradient_accumulation_gives_the_big_batch_update(tiny, tmp_path, kind, 
                                                  SlimMoeForCausalLM.from_pretrained(tiny["student"]).parameters()]))
     torch.testing.assert_close(params[1], params[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(params[2], params[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_models_given_as_paths_load_with_their_init_kwargs(tiny, tmp_path, kind):
+    """TRL's convention: `model_init_kwargs` / `teacher_model_init_kwargs` (a dict, or JSON on the command line)."""
+    common = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, kd_loss="full",
+                  teacher_model_init_kwargs='{"dtype": "bfloat16"}', model_init_kwargs={"dtype": "bfloat16"})
+    if kind == "distill":
+        trainer = DistillationTrainer(model=tiny["student"], teacher_model=tiny["teacher"],
+                                      args=DistillationConfig(**common), train_dataset=tiny["tokens"])
+    else:  # (the student as a path goes through TRL's create_model_from_path, which needs a transformers class)
+        student = SlimMoeForCausalLM.from_pretrained(tiny["student"], dtype=torch.bfloat16)
+        trainer = SFTDistillationTrainer(model=student, teacher_model=tiny["teacher"],
+                                         args=SFTDistillationConfig(**common, max_length=96, bf16=False,
+                                                                    activation_checkpointing=False),
+                                         train_dataset=tiny["sft"], processing_class=tiny["tokenizer"])
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    assert teacher.dtype == torch.bfloat16  # the student trains float32 master weights of its bfloat16 load
+    assert trainer.save_dtype == torch.bfloat16

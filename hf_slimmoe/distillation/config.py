@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -24,6 +26,16 @@ class DistillationConfig(DistillationSettings, TrainingArguments):
             Teacher checkpoint directory or Hub id, loaded when the trainer gets no `teacher_model` object. Leave
             unset when the dataset carries the teacher cache `kd_loss` reads (see [`cache_teacher_samples`] and
             [`cache_teacher_topk`]).
+
+        teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments of `AutoModelForCausalLM.from_pretrained` for a teacher given as a path or Hub id (a JSON
+            string on the command line), as TRL's `GKDConfig` has them. Default: `{"dtype": <the student's dtype>}`.
+
+        > Parameters that control the student
+
+        model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments of `AutoModelForCausalLM.from_pretrained` for a student given as a path or Hub id, as
+            TRL's configs have them (e.g. `{"dtype": "bfloat16"}`).
 
         > Parameters that control the loss
 
@@ -58,6 +70,12 @@ class DistillationConfig(DistillationSettings, TrainingArguments):
         default=None,
         metadata={"help": "Teacher checkpoint directory or Hub id; unset when the dataset carries a teacher cache."},
     )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "from_pretrained keyword arguments of a teacher given as a path (JSON)."}
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "from_pretrained keyword arguments of a student given as a path (JSON)."}
+    )
     eval_full_kl: bool = field(
         default=True, metadata={"help": "Report eval_full_kl (full-vocabulary KL) when the teacher is online."}
     )
@@ -73,6 +91,9 @@ class DistillationConfig(DistillationSettings, TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         self.check_kd_settings()
+        for name in ("teacher_model_init_kwargs", "model_init_kwargs"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, json.loads(getattr(self, name)))
         if self.lr_schedule_steps is not None:
             if self.lr_scheduler_type == "reduce_lr_on_plateau":
                 raise ValueError("lr_schedule_steps needs a schedule of steps, not reduce_lr_on_plateau.")

@@ -179,11 +179,12 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}.")
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
         if teacher_model is None and args.teacher_model_name_or_path is not None:
             teacher_model = args.teacher_model_name_or_path
         if isinstance(teacher_model, str):
-            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=model.dtype)
+            init_kwargs = {"dtype": model.dtype, **(args.teacher_model_init_kwargs or {})}
+            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **init_kwargs)
         self._validate(model, teacher_model, args, train_dataset, eval_dataset)
         self.sample_packing = self._sample_packing(train_dataset, eval_dataset)
         # float32 master weights for a student that trains (DeepSpeed keeps its own; an evaluation-only trainer, e.g.

@@ -5,7 +5,9 @@ these commands)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import ModelConfig, ScriptArguments, SFTConfig
 from trl.trainer.utils import get_peft_config
@@ -26,6 +28,9 @@ class SFTDistillationConfig(KDSettings, SFTConfig):
         teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             Instruct teacher (Hub id or directory) loaded when the trainer gets no `teacher_model`. It must share the
             student's vocabulary. `None` with no teacher top-k columns in the data means plain SFT (`ce_mix=1`).
+        teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments of `AutoModelForCausalLM.from_pretrained` for a teacher given as a path or Hub id (a JSON
+            string on the command line), as TRL's `GKDConfig` has them. Default: `model_init_kwargs`.
         teacher_cache_dir (`str` or `None`, *optional*, defaults to `None`):
             Directory of a cached teacher pass (the cache `kd_loss` reads: samples or top-k) over the *formatted*
             (tokenized, masked, packed) training data. If it holds a cache made for the same data, teacher, k / S and
@@ -49,6 +54,9 @@ class SFTDistillationConfig(KDSettings, SFTConfig):
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Instruct teacher (Hub id or directory) sharing the student's vocabulary."}
     )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "from_pretrained keyword arguments of a teacher given as a path (JSON)."}
+    )
     teacher_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of the cached teacher top-k pass over the formatted data."}
     )
@@ -61,6 +69,8 @@ class SFTDistillationConfig(KDSettings, SFTConfig):
         if not 0.0 <= self.ce_mix <= 1.0:
             raise ValueError(f"ce_mix={self.ce_mix} must be between 0 and 1.")
         self.check_kd_settings()
+        if isinstance(self.teacher_model_init_kwargs, str):
+            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
         if self.kd_loss == "full" and self.teacher_cache_dir is not None:
             raise ValueError("kd_loss='full' needs the teacher online: drop teacher_cache_dir or use "
                              "kd_loss='sampled'.")

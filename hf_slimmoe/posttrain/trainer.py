@@ -117,7 +117,9 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
         if isinstance(teacher_model, str):
-            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **(args.model_init_kwargs or {}))
+            init_kwargs = args.teacher_model_init_kwargs if args.teacher_model_init_kwargs is not None else \
+                args.model_init_kwargs
+            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **(init_kwargs or {}))
         if teacher_model is not None and isinstance(model, PreTrainedModel):
             check_same_vocabulary(model, teacher_model)  # before any data preparation
         super().__init__(model, args=args, **kwargs)
