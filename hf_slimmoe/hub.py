@@ -12,15 +12,15 @@ publishing, every request of `huggingface_hub`'s shared HTTP client times out af
 client's bounded retries (`http_backoff`: at most 5, for uploads and commits) are the only retries.
 
 Pushing an unchanged directory again makes no commit: `HfApi.create_commit` compares each file with the remote one
-(sha256 of LFS files, git blob ids of the others), uploads only the changed ones and skips a commit left empty. The token is resolved by `huggingface_hub` (argument,
-`HF_TOKEN`, then the login cache) and never written to a file, a card, a log record or an error message.
+(sha256 of LFS files, git blob ids of the others), uploads only the changed ones and skips a commit left empty. The
+token is resolved by `huggingface_hub` (argument, `HF_TOKEN`, then the login cache) and never written to a file, a
+card, a log record or an error message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from .outputs import read_json
 from .trajectory import plot_trajectory
 
 logger = logging.getLogger(__name__)
@@ -141,13 +142,6 @@ def _template_fields(template: str, key: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------------------------------- reading
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _config_summary(config: dict | None) -> dict[str, Any]:
     """Sizes and exact parameter counts of a config.json of any supported family (`intermediate_size` and
     `num_local_experts` hold the routed experts' width and count, whatever the family calls them)."""
@@ -255,11 +249,12 @@ def _card_inputs(model_dir: Path) -> tuple[dict, dict | None, dict | None]:
     """`stage.json` (required), `config.json` and `trajectory.json` of a saved model directory."""
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir} is not a directory: pass a saved model directory (a stage-N/ folder).")
-    info = _read_json(model_dir / "stage.json")
+    info = read_json(model_dir / "stage.json", missing_ok=True)
     if info is None:
         raise FileNotFoundError(f"No stage.json in {model_dir}: the card is generated from the stage.json that the "
                                 "pipeline (or post-training) writes next to the weights.")
-    return info, _read_json(model_dir / "config.json"), _read_json(model_dir / "trajectory.json")
+    config = read_json(model_dir / "config.json", missing_ok=True)
+    return info, config, read_json(model_dir / "trajectory.json", missing_ok=True)
 
 
 def _teacher_summary(info: dict, trajectory: dict | None) -> dict:
@@ -473,7 +468,7 @@ def publish_stage(stage_dir: str | os.PathLike, settings: HubSettings, token: st
     if not settings.repo_id:
         raise ValueError("hub.repo_id is not set: set it in the recipe's hub section, e.g. "
                          "'{user}/phi-tiny-moe-stage{stage}'.")
-    info = _read_json(stage_dir / "stage.json") or {}
+    info = read_json(stage_dir / "stage.json", missing_ok=True) or {}
     stage = info.get("stage", info.get("method", "final"))
     secret = token or get_token()
     api = HfApi(token=token)
@@ -523,7 +518,7 @@ def _push(api, stage_dir: Path, settings: HubSettings, info: dict, user: str | N
     head = api.model_info(repo_id, revision=branch).sha
     files = _publishable_files(stage_dir)
     names = [p.relative_to(stage_dir).as_posix() for p in files]
-    title, description = _commit_message(info, _config_summary(_read_json(stage_dir / "config.json")), names)
+    title, description = _commit_message(info, _config_summary(read_json(stage_dir / "config.json", missing_ok=True)), names)
     # create_commit drops the files whose content the Hub has already and makes no commit when none is left
     commit = api.create_commit(
         repo_id,

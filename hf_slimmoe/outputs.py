@@ -116,25 +116,36 @@ def differences(recorded, current, prefix: str = "") -> list[str]:
     return []
 
 
+# ----------------------------------------------------------------------------------------------------- JSON files
+def read_json(path: str | os.PathLike, missing_ok: bool = False):
+    """The JSON value in `path` (`missing_ok`: None when there is no such file)."""
+    if missing_ok and not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+    """Write `value` as JSON atomically (a temporary file renamed into place)."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------------------------------- provenance
 def read_provenance(output_dir: str) -> dict | None:
     """The provenance record of an output directory, or None when it has none."""
     path = os.path.join(output_dir, PROVENANCE)
-    if not os.path.isfile(path):
-        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(path, missing_ok=True)
     except ValueError:
         raise OutputDirError(f"{path} is not valid JSON; re-run with --overwrite to start fresh.") from None
 
 
 def write_provenance(output_dir: str, record: dict) -> None:
     """Write `record` (with its `id`) as the directory's provenance, atomically."""
-    path = os.path.join(output_dir, PROVENANCE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(output_dir, PROVENANCE), record)
 
 
 def record_id(record: dict) -> str:
@@ -234,6 +245,8 @@ class RunLock:
 
 __all__ = [
     "OutputDirError",
+    "read_json",
+    "write_json",
     "RunLock",
     "check_safetensors",
     "check_weights",

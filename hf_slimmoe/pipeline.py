@@ -49,7 +49,7 @@ from .architectures import count_parameters, get_architecture, load_model
 from .data import batches, check_source, load_blocks, source_files
 from .distributed import fsdp_requested, is_sharded, shard_decoder_layers
 from .modeling_utils import check_tokenizer_vocabulary
-from .outputs import RunLock, check_weights
+from .outputs import RunLock, check_weights, read_json, write_json
 from .provenance import check_output_dir, open_output_dir, run_record
 from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, save_recipe
 from .schedule import format_plan, human_count
@@ -108,19 +108,6 @@ def is_finished_stage(directory: str) -> bool:
             and os.path.isfile(os.path.join(directory, "config.json"))
             and (os.path.isfile(os.path.join(directory, "model.safetensors"))
                  or os.path.isfile(os.path.join(directory, "model.safetensors.index.json"))))
-
-
-def write_json(path: str, value) -> None:
-    """Write `value` as JSON atomically (a temporary file renamed into place)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------- checks

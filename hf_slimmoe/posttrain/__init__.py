@@ -1,9 +1,9 @@
 """Post-training of a compressed SlimMoE model: SFT with distillation, DPO and LoRA, on TRL and PEFT.
 
 - [`SFTDistillationTrainer`] (`trainer.py`) is `trl.SFTTrainer` (chat templates, packing, completion-only /
-  assistant-only loss, every dataset format) whose loss mixes the usual cross-entropy with the top-k KD loss against an
-  instruct teacher, online or from a cached top-k pass over the formatted SFT data; [`SFTDistillationConfig`]
-  (`config.py`) is `trl.SFTConfig` plus the KD fields.
+  assistant-only loss, every dataset format) whose loss mixes the usual cross-entropy with a KD loss (`kd_loss`:
+  teacher samples by default, or the paper's top-k) against an instruct teacher, online or from a cached teacher pass
+  over the formatted SFT data; [`SFTDistillationConfig`] (`config.py`) is `trl.SFTConfig` plus the KD fields.
 - DPO is `trl.DPOTrainer` unchanged (reference model handling as TRL does it); [`run_dpo`] wires it to a recipe.
 - LoRA is PEFT's `LoraConfig` from TRL's `ModelConfig` (`use_peft`, `lora_*`; the fused expert parameters through
   `lora_target_parameters`), trained with the SFT trainer and merged back into a checkpoint that `from_pretrained`

@@ -27,7 +27,7 @@ class SFTDistillationConfig(KDSettings, SFTConfig):
     Parameters that control the teacher:
         teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             Instruct teacher (Hub id or directory) loaded when the trainer gets no `teacher_model`. It must share the
-            student's vocabulary. `None` with no teacher top-k columns in the data means plain SFT (`ce_mix=1`).
+            student's vocabulary. `None` with no teacher cache columns in the data means plain SFT (`ce_mix=1`).
         teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments of `AutoModelForCausalLM.from_pretrained` for a teacher given as a path or Hub id (a JSON
             string on the command line), as TRL's `GKDConfig` has them. Default: `model_init_kwargs`.
@@ -44,7 +44,7 @@ class SFTDistillationConfig(KDSettings, SFTConfig):
         ce_mix (`float`, *optional*, defaults to `0.0`):
             Mixing weight: `loss = ce_mix * CE + (1 - ce_mix) * KD + router_aux_loss_coef * aux`. CE and KD
             are both per-token means over the same tokens (the completion / assistant tokens TRL keeps in
-            `labels`). `0.0` is the paper's pure top-k KD; `1.0` is plain `SFTTrainer`.
+            `labels`). `0.0` is pure KD (the paper's, with `kd_loss="topk"`); `1.0` is plain `SFTTrainer`.
 
     Defaults that differ from `SFTConfig`: `learning_rate=2e-6` and `weight_decay=1e-4` (paper, Appendix A.5).
     """
@@ -58,7 +58,7 @@ class SFTDistillationConfig(KDSettings, SFTConfig):
         default=None, metadata={"help": "from_pretrained keyword arguments of a teacher given as a path (JSON)."}
     )
     teacher_cache_dir: str | None = field(
-        default=None, metadata={"help": "Directory of the cached teacher top-k pass over the formatted data."}
+        default=None, metadata={"help": "Directory of the cached teacher pass (samples or top-k) over the formatted data."}
     )
     ce_mix: float = field(
         default=0.0, metadata={"help": "loss = ce_mix * CE + (1 - ce_mix) * KD + aux; 1.0 is plain SFT."}

@@ -149,9 +149,8 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
         if self.kd_enabled and teacher_model is None and not self._has_cache(self.train_dataset, args.kd_loss):
             raise ValueError(
                 "SFT distillation (ce_mix < 1) needs a teacher: pass `teacher_model`, set "
-                "`teacher_model_name_or_path`, or give a dataset with cached `teacher_topk_ids` / "
-                "`teacher_topk_logprobs` "
-                "columns; set `ce_mix=1.0` for plain SFT."
+                "`teacher_model_name_or_path`, or give a dataset with the teacher cache columns kd_loss="
+                f"{args.kd_loss!r} reads (`teacher_sample_*` or `teacher_topk_*`); set `ce_mix=1.0` for plain SFT."
             )
         if self.kd_enabled and teacher_model is not None:
             if self.is_deepspeed_enabled:
@@ -180,11 +179,11 @@ class SFTDistillationTrainer(MasterWeightsSaving, SFTTrainer):
         )
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        # A dataset that already carries the teacher top-k is formatted already (the cache is taken after TRL's
+        # A dataset that already carries a teacher cache is formatted already (the cache is taken after TRL's
         # preparation): re-tokenizing, truncating or packing it would break its alignment with the cache.
         if self._has_cache(dataset):
             if "labels" not in dataset.column_names:
-                raise ValueError(f"The {dataset_name} dataset has teacher top-k columns but no `labels` column.")
+                raise ValueError(f"The {dataset_name} dataset has teacher cache columns but no `labels` column.")
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
