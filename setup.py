@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["hf_slimmoe", "hf_slimmoe.*"]),
-    package_data={"hf_slimmoe": ["templates/*.md", "templates/*.jinja", "recipes/*.yaml"]},
+    package_data={"hf_slimmoe": ["templates/*.md", "templates/*.jinja", "recipes/*.yaml", "recipes/*.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -110,8 +111,8 @@ def report(rows: list[dict], base, command: str, seconds: float, teacher_ppl: fl
     lines = [
         "## Budget sweep: when does multi-stage beat one-stage? (issue 22)",
         "",
-        f"Command: `{command}` ({seconds / 60:.0f} min, {args.threads} torch thread(s); load average when it ended "
-        f"{os.getloadavg()[0]:.2f}, {args.load_note}). Teacher: the demo's (`hf_slimmoe/recipes/demo.yaml`), "
+        f"Command: `{command}` ({seconds / 60:.0f} min, {args.threads} torch thread(s); {args.load_note}). "
+        "Teacher: the demo's (`hf_slimmoe/recipes/demo.yaml`), "
         f"held-out perplexity {teacher_ppl:.2f}; target: d_expert 64 (25%), KV heads 2 of 4; "
         f"**kd_loss `{base.distillation.kd_loss}`** from the cached teacher, AdamW, peak learning rate "
         f"{args.learning_rate}, cosine with {base.training.get('warmup_steps', 0)} warmup steps, {per_step} tokens "
@@ -139,6 +140,23 @@ def report(rows: list[dict], base, command: str, seconds: float, teacher_ppl: fl
         lines.append(f"- {b:,} steps: " + ", ".join(ratios))
     lines += ["", f"![held-out full KL over training tokens]({os.path.relpath(args.plot, ROOT)})"]
     return "\n".join(lines)
+
+
+def write_sweep_data(rows: list[dict], base, teacher, command: str) -> None:
+    """The measured figures `slimmoe plan` cites (`hf_slimmoe.pipeline.budget_note`), in the package's recipes/."""
+    from hf_slimmoe.architectures import count_parameters
+    from hf_slimmoe.pipeline import BUDGET_SWEEP
+    from hf_slimmoe.schedule import human_count
+
+    total, per_step = count_parameters(teacher.config)[0], base.tokens_per_step()
+    data = {"command": command, "teacher": f"the demo teacher ({human_count(total)} parameters)",
+            "teacher_parameters": total, "tokens_per_step": per_step,
+            "budgets": [{"steps": b, "tokens": b * per_step, "tokens_per_parameter": b * per_step / total,
+                         "full_kl": {r["schedule"]: round(r["full_kl"], 4) for r in rows if r["budget"] == b}}
+                        for b in sorted({r["budget"] for r in rows})]}
+    with open(os.path.join(ROOT, "hf_slimmoe", "recipes", BUDGET_SWEEP), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
 
 
 def plot(rows: list[dict], args) -> None:
@@ -183,7 +201,7 @@ def main() -> None:
                              "two processes with --schedules / --budgets) together")
     args = parser.parse_args()
     args.recipe = None
-    command = " ".join(["python benchmarks/bench_budget_sweep.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/bench_budget_sweep.py", *sys.argv[1:]])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("hf_slimmoe", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -196,12 +214,14 @@ def main() -> None:
     data = shared_data(base, args)
     teacher_ppl = full_eval(data["teacher"], data["teacher"], data["eval_blocks"], args.eval_batch)["ppl"]
     if args.from_results:
-        rows, seconds, commands = [], 0.0, []
+        rows, seconds, commands, notes = [], 0.0, [], []
         for path in args.from_results:
             with open(path) as f:
                 saved = json.load(f)
-            rows, seconds, commands = rows + saved["rows"], max(seconds, saved["seconds"]), commands + [saved["command"]]
-        command = "` and `".join(commands)
+            rows, seconds = rows + saved["rows"], max(seconds, saved["seconds"])
+            commands.append(saved["command"])
+            notes.append(saved.get("load_note", ""))
+        command, args.load_note = "` and `".join(commands), "; ".join(dict.fromkeys(notes))
     else:
         rows = []
         for budget in sorted(args.budgets):
@@ -213,13 +233,16 @@ def main() -> None:
                 logger.info("%s @ %d: full KL %.4f, ppl %.2f, %d steps, %.0f s", name, budget, row["full_kl"],
                             row["ppl"], row["steps"], row["seconds"])
                 seconds = time.perf_counter() - start
+                note = f"load average {os.getloadavg()[0]:.2f} when it ended, {args.load_note}"
                 with open(results_path, "w") as f:
-                    json.dump({"rows": rows, "seconds": seconds, "command": command}, f, indent=1)
+                    json.dump({"rows": rows, "seconds": seconds, "command": command, "load_note": note}, f, indent=1)
+        args.load_note = note
     markdown = report(rows, base, command, seconds, teacher_ppl, args)
     print(markdown)
     if not args.quick:
         plot(rows, args)
         write_section("bench_budget_sweep", markdown)
+        write_sweep_data(rows, base, data["teacher"], command)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -120,7 +121,45 @@ def plan_text(recipe: Recipe, teacher_config: PretrainedConfig | None = None) ->
     title = f"{recipe.name}: {recipe.method}, {len(stages)} stage(s), {human_count(per_step)} tokens per step"
     if recipe.method == "iterative":
         title += " (masks grow inside one distillation run)"
-    return format_plan(teacher_config, stages, budgets=budgets, title=title)
+    note = budget_note(recipe, teacher_config)
+    return format_plan(teacher_config, stages, budgets=budgets, title=title) + (f"\n{note}" if note else "")
+
+
+BUDGET_SWEEP = "budget_sweep.json"  # in hf_slimmoe/recipes/: written by benchmarks/bench_budget_sweep.py
+
+
+def budget_note(recipe: Recipe, teacher_config: PretrainedConfig, sweep: dict | None = None) -> str | None:
+    """One line of guidance when a multi-stage recipe's budget is one at which one-stage measured better: budgets are
+    compared in training tokens per teacher parameter with the nearest budget of the measured sweep (`sweep`, default
+    the packaged `BUDGET_SWEEP`), or said to be beyond it."""
+    from importlib import resources
+
+    if recipe.method != "multi-stage":
+        return None
+    if sweep is None:
+        sweep = json.loads(resources.files("hf_slimmoe.recipes").joinpath(BUDGET_SWEEP).read_text(encoding="utf-8"))
+    tokens = sum(recipe.stage_steps(world_size())) * recipe.tokens_per_step(world_size())
+    ratio = tokens / count_parameters(teacher_config)[0]
+    measured = [b for b in sweep["budgets"] if "one-stage" in b["full_kl"] and len(b["full_kl"]) > 1]
+
+    def one_stage_better(budget):
+        return budget["full_kl"]["one-stage"] < min(v for k, v in budget["full_kl"].items() if k != "one-stage")
+
+    largest = max(measured, key=lambda b: b["tokens_per_parameter"])
+    beyond = ratio > 2 * largest["tokens_per_parameter"]
+    at = largest if beyond else min(measured, key=lambda b: abs(math.log(b["tokens_per_parameter"] / ratio)))
+    if not one_stage_better(at):
+        return None
+    multi = min(v for k, v in at["full_kl"].items() if k != "one-stage")
+    figure = (f"one-stage ended at full KL {at['full_kl']['one-stage']:.3f}, the best multi-stage schedule at "
+              f"{multi:.3f} ({at['steps']:,} steps, {at['tokens_per_parameter']:.2g} tokens per parameter of "
+              f"{sweep['teacher']}; benchmarks/RESULTS.md, 'Budget sweep')")
+    if beyond:
+        every = f"one-stage measured better at all {len(measured)} of its budgets; " if all(
+            one_stage_better(b) for b in measured) else ""
+        return f"Note: {ratio:.2g} tokens per teacher parameter is beyond the measured sweep ({every}at its largest, " \
+               f"{figure})."
+    return f"Note: at about this budget ({ratio:.2g} tokens per teacher parameter) {figure}: consider method: one-stage."
 
 
 def check(recipe: Recipe) -> PretrainedConfig:

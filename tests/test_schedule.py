@@ -1,5 +1,6 @@
 """plan_stages (geometric and pinned schedules), the plan table, and the paper's Phi-mini / Phi-tiny recipe plans."""
 
+import dataclasses
 import os
 
 import pytest
@@ -101,3 +102,30 @@ def test_plan_from_a_checkpoint_config(tmp_path, capsys):
                  "--num-stages", "2", "--expert-multiple", "32"]) == 0
     out = capsys.readouterr().out
     assert "128" in out and "6/3" in out and "4/2" in out  # 256 -> 128 -> 64 and 8/4 -> 6/3 -> 4/2
+
+
+def _sweep(one_stage: float, multi_stage: float, tokens_per_parameter: float = 0.25) -> dict:
+    return {"teacher": "a teacher", "budgets": [
+        {"steps": 100, "tokens_per_parameter": tokens_per_parameter / 4, "full_kl": {"one-stage": 0.5, "two-stage": 0.6}},
+        {"steps": 400, "tokens_per_parameter": tokens_per_parameter,
+         "full_kl": {"one-stage": one_stage, "two-stage": multi_stage, "three-stage": multi_stage + 0.01}}]}
+
+
+def test_plan_cites_the_budget_sweep_where_one_stage_measured_better(capsys):
+    """`slimmoe plan` prints one line of guidance for a multi-stage recipe at a budget where one-stage measured
+    better (nearest measured budget in tokens per teacher parameter), says when the budget is beyond the sweep, and
+    stays silent where multi-stage measured better or the recipe is not multi-stage."""
+    from hf_slimmoe.pipeline import budget_note
+
+    recipe = load_recipe(os.path.join(RECIPES, "tiny-cpu.yaml"))  # multi-stage, 0.25 tokens per teacher parameter
+    teacher = recipe.teacher_config()
+    note = budget_note(recipe, teacher, _sweep(0.1, 0.2))
+    assert note.startswith("Note: at about this budget (0.25 tokens per teacher parameter) one-stage ended at full KL "
+                           "0.100, the best multi-stage schedule at 0.200 (400 steps")
+    assert budget_note(recipe, teacher, _sweep(0.2, 0.1)) is None
+    beyond = budget_note(recipe, teacher, _sweep(0.1, 0.2, tokens_per_parameter=0.01))
+    assert "beyond the measured sweep (one-stage measured better at all 2 of its budgets; at its largest" in beyond
+    assert budget_note(dataclasses.replace(recipe, method="one-stage"), teacher, _sweep(0.1, 0.2)) is None
+    packaged = budget_note(recipe, teacher)  # the figures benchmarks/bench_budget_sweep.py wrote into the package
+    assert main(["plan", os.path.join(RECIPES, "tiny-cpu.yaml")]) == 0
+    assert packaged is None or capsys.readouterr().out.rstrip().endswith(packaged)
