@@ -29,7 +29,7 @@ setup(
         "jinja2>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4"],  # lm-eval: tests/test_eval.py runs the harness
         "eval": ["lm-eval>=0.4"],
     },
     entry_points={"console_scripts": ["slimmoe=hf_slimmoe.cli:main"]},
