@@ -46,9 +46,9 @@ from transformers import EarlyStoppingCallback, PretrainedConfig
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .architectures import count_parameters, get_architecture, load_model
+from .architectures import count_parameters, get_architecture, load_model, load_sharded
 from .data import batches, check_source, load_blocks, source_files
-from .distributed import fsdp_requested, is_sharded, shard_decoder_layers
+from .distributed import fsdp_requested, is_sharded
 from .modeling_utils import check_tokenizer_vocabulary
 from .outputs import RunLock, check_weights, read_json, write_json
 from .provenance import check_output_dir, open_output_dir, run_record
@@ -480,6 +480,10 @@ class StageRunner:
         recipe = run.recipe
         self.early = (recipe.method == "multi-stage" and index < num_stages and recipe.early_stopping.enabled
                       and run.eval_set is not None)
+        # FSDP2 over several processes: the parent is loaded into shards and scored sharded (the iterative baseline,
+        # which trains the parent itself, is refused under FSDP before any work)
+        self.sharded_scoring = (fsdp_requested(run.args) and run.args.world_size > 1
+                                and recipe.method != "iterative")
         self.model = self.scores = self.trainer = self.iterative = None
         self.callbacks: list = []
         self.metrics: dict = {}
@@ -504,7 +508,10 @@ class StageRunner:
                     c.num_key_value_heads, human_count(count_parameters(c)[0]), self.max_steps,
                     ", early stopping on eval KL" if self.early else "")
         set_seed(run.recipe.seed + self.index)
-        self.model = load_model(run.parent, dtype=run.dtype).to(run.device)  # the teacher's family
+        if self.sharded_scoring:  # FSDP2: rank 0 loads, the others receive only their shards
+            self.model = load_sharded(run.parent, dtype=run.dtype)
+        else:
+            self.model = load_model(run.parent, dtype=run.dtype).to(run.device)  # the teacher's family
 
     def score(self) -> None:
         """Sensitivity scores of the model against the original teacher (Eq. 2-4), once per stage: saved in the work
@@ -517,13 +524,13 @@ class StageRunner:
         path = os.path.join(self.work_dir, "scores.safetensors")
         teacher = None if run.parent == run.teacher_path else run.teacher  # stage 1: the model is the teacher
         kwargs = dict(teacher=teacher, criterion=recipe.scoring.criterion, top_k=recipe.scoring.top_k)
-        if fsdp_requested(run.args) and run.args.world_size > 1:
-            # FSDP: every rank scores its share of the batches on a model sharded one decoder layer per unit
+        if self.sharded_scoring:
+            # FSDP: every rank scores its share of the batches on the model loaded sharded one decoder layer per unit
             torch.distributed.barrier()  # every rank looks for the file before the main one may write it
             if os.path.isfile(path):
                 self.scores = SensitivityScores.load(path)
                 return
-            self.scores = compute_sensitivity(shard_decoder_layers(self.model), run.calibration, **kwargs)
+            self.scores = compute_sensitivity(self.model, run.calibration, **kwargs)
         else:
             with run.args.main_process_first(desc="sensitivity scores"):
                 if os.path.isfile(path):

@@ -3,6 +3,8 @@ MODE OUT_DIR`; rank r writes `OUT_DIR/rank-r.json` (and rank 0 the distilled wei
 
 - `score`: a tiny model sharded with `fully_shard` (one unit per decoder layer, plus the root) is scored, with itself
   and with a sharded online teacher, and compared with an unsharded copy scored in this process on all batches.
+- `load`: `architectures.load_sharded` of a saved checkpoint (rank 0 loads, the others build on the meta device and
+  receive their shards); each rank reports its peak RSS and a digest of the gathered weights.
 - `distill`: the sharded student is distilled for a few SGD steps through `DistillationTrainer.compute_loss` (online
   sharded teacher, KD + aux), each rank on its half of every global batch; every rank then gathers the full state
   dict. The test runs the same steps in one process with gradient accumulation over the same two halves
@@ -117,11 +119,29 @@ def distill(out_dir: str) -> dict:
     return {"sharded": is_sharded(student), "losses": losses, "digest": digest.hexdigest()}
 
 
+def load(out_dir: str) -> dict:
+    """`load_sharded` of the checkpoint the test saved in OUT_DIR/model: this rank's peak RSS (measured before
+    anything is gathered) and a digest of the whole state dict, gathered afterwards."""
+    import resource
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from hf_slimmoe.architectures import load_sharded
+
+    sharded = load_sharded(os.path.join(out_dir, "model"))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state)))
+    buffers = hashlib.sha256(b"".join(b.contiguous().numpy().tobytes() for b in sharded.buffers()))
+    return {"sharded": is_sharded(sharded), "peak_mib": peak_mib, "digest": digest.hexdigest(),
+            "buffers": buffers.hexdigest()}
+
+
 def main(mode: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    result = score() if mode == "score" else distill(out_dir)
+    result = {"score": score, "distill": distill, "load": load}[mode](*([] if mode == "score" else [out_dir]))
     with open(os.path.join(out_dir, f"rank-{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f)
     destroy_process_group()  # frees the group the sharded models' meshes hold: its threads end before exit

@@ -78,6 +78,31 @@ def test_sensitivity_scores_under_fsdp2_equal_one_process(tmp_path):
             assert result["tokens"][0] == result["tokens"][1] and result["batches"] == ["5", "5"], result
 
 
+def test_load_sharded_gives_rank_1_only_its_shard_and_the_same_model(tmp_path):
+    """`load_sharded` on 2 ranks of a 440 MiB checkpoint (117M float32 parameters): rank 0 loads it, rank 1 builds
+    the model on the meta device and receives its shards, so rank 1's peak host RSS is at most 60% of rank 0's (which
+    held the whole model), and the gathered weights and buffers equal a plain one-process load of the checkpoint."""
+    import hashlib
+
+    import fsdp_worker
+
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
+    from hf_slimmoe.architectures import load_model
+
+    config = SlimMoeConfig(**{**fsdp_worker.TINY, "hidden_size": 1024, "intermediate_size": 1024,
+                              "num_hidden_layers": 4, "num_local_experts": 8})
+    torch.manual_seed(0)
+    SlimMoeForCausalLM(config).save_pretrained(tmp_path / "model")
+    ranks = torchrun_worker("load", tmp_path)
+    reference = load_model(tmp_path / "model", dtype=torch.float32)
+    state = reference.state_dict()
+    digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state)))
+    buffers = hashlib.sha256(b"".join(b.contiguous().numpy().tobytes() for b in reference.buffers()))
+    for rank in ranks:
+        assert rank["sharded"] and rank["digest"] == digest.hexdigest() and rank["buffers"] == buffers.hexdigest()
+    assert ranks[1]["peak_mib"] <= 0.6 * ranks[0]["peak_mib"], ranks
+
+
 def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(tmp_path):
     """`hf_slimmoe.distributed.destroy_process_group` frees the group the FSDP2 models' device meshes (kept alive by
     DTensor's caches) still hold, so no gloo thread is left to abort the rank at interpreter exit (torch's own

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 from ..configuration_slimmoe import SLIMMOE_TYPES, SlimMoeConfig, config_fields
@@ -48,4 +49,39 @@ def load_model(path: str | os.PathLike, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-__all__ = ["SLIMMOE_TYPES", "config_from_dict", "load_model", "new_model"]
+def load_sharded(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs):
+    """
+    [`load_model`] of `path` sharded with FSDP2 over the default process group (one `fully_shard` unit per decoder
+    layer and the root, `distributed.shard_decoder_layers`) without every process holding the whole model: rank 0
+    loads the checkpoint, the other ranks build the model on the meta device, and rank 0's weights are broadcast into
+    every rank's shards (`torch.distributed.checkpoint`'s `set_model_state_dict` with `broadcast_from_rank0`); the
+    buffers (rotary frequencies, ...) are broadcast too. Host memory: the whole model on rank 0, a shard elsewhere.
+    In a single process it is [`load_model`], unsharded.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from ..distributed import rank_and_world, shard_decoder_layers
+
+    rank, world = rank_and_world()
+    if world == 1:
+        return load_model(path, dtype=dtype, **kwargs)
+    if rank == 0:
+        model = load_model(path, dtype=dtype, **kwargs)
+        full = model.state_dict()  # the whole model's tensors, kept by rank 0 until they are broadcast
+    else:
+        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        config = config_from_dict(PretrainedConfig.get_config_dict(path, **hub)[0])
+        with torch.device("meta"):
+            model = new_model(config).to(dtype)
+        full = {}
+    shard_decoder_layers(model)
+    if rank != 0:
+        model.to_empty(device="cpu")  # storage for this rank's shards, filled below
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+    return model
+
+
+__all__ = ["SLIMMOE_TYPES", "config_from_dict", "load_model", "load_sharded", "new_model"]
