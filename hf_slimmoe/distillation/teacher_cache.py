@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from ..data import collate_tokens, rows_of
 from ..distributed import barrier, rank_and_world
-from ..modeling_utils import backbone, teacher_topk_from_model, vocab_size
+# teacher_topk* (computed in modeling_utils, shared with scoring) are part of this package's API, re-exported here
+from ..modeling_utils import backbone, teacher_topk, teacher_topk_from_hidden, teacher_topk_from_model, vocab_size
 from .losses import teacher_samples_from_hidden, threshold_samples_from_hidden
 
 logger = logging.getLogger(__name__)
@@ -806,5 +807,8 @@ __all__ = [
     "sample_uniforms",
     "teacher_fingerprint",
     "teacher_samples_from_model",
+    "teacher_topk",
+    "teacher_topk_from_hidden",
+    "teacher_topk_from_model",
     "unpack_samples",
 ]
