@@ -835,6 +835,15 @@ def test_a_run_can_continue_one_learning_rate_schedule_from_a_given_step(tmp_pat
 
     whole = rates(max_steps=8)
     assert rates(lr_schedule_steps=8, lr_schedule_start=5) == pytest.approx(whole[5:])
+    # resumed from a checkpoint after 1 of its 3 steps, the run follows the same part of the schedule
+    resumed = rates(lr_schedule_steps=8, lr_schedule_start=5, save_strategy="steps", save_steps=1,
+                    output_dir=str(tmp_path / "resume"))
+    args = _args(tmp_path, max_steps=3, lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, kd_loss="full",
+                 lr_schedule_steps=8, lr_schedule_start=5, output_dir=str(tmp_path / "resume"))
+    trainer = DistillationTrainer(model=_pruned_student(teacher), teacher_model=teacher, args=args, train_dataset=ds)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "resume" / "checkpoint-1"))
+    after = [log["learning_rate"] for log in trainer.state.log_history if "learning_rate" in log]
+    assert after[-2:] == pytest.approx(resumed[1:]) and resumed == pytest.approx(whole[5:])
     assert rates(lr_schedule_steps=8) == pytest.approx(whole[:3])
     assert rates() != pytest.approx(whole[:3])  # its own 3-step schedule decays faster
     with pytest.raises(ValueError, match="lr_schedule_start must be in"):
