@@ -1,10 +1,11 @@
 """FSDP2 on CPU ranks (gloo), run by tests/test_distributed.py as `torchrun --nproc_per_node 2 tests/fsdp_worker.py
 MODE OUT_DIR`; rank r writes `OUT_DIR/rank-r.json` (and rank 0 the distilled weights).
 
-- `score`: a tiny model sharded with `fully_shard` (one unit per decoder layer, plus the root) is scored, with itself
-  and with a sharded online teacher, and compared with an unsharded copy scored in this process on all batches.
-- `load`: `architectures.load_sharded` of a saved checkpoint (rank 0 loads, the others build on the meta device and
-  receive their shards); each rank reports its peak RSS and a digest of the gathered weights.
+- `score`: first, when OUT_DIR/model holds a checkpoint, `architectures.load_sharded` of it (rank 0 loads, the
+  others build on the meta device and receive their shards): each rank reports its peak RSS, measured right after,
+  and digests of the gathered weights and buffers. Then a tiny model sharded with `fully_shard` (one unit per decoder
+  layer, plus the root) is scored, with itself and with a sharded online teacher, and compared with an unsharded copy
+  scored in this process on all batches.
 - `distill`: the sharded student is distilled for a few SGD steps through `DistillationTrainer.compute_loss` (online
   sharded teacher, KD + aux), each rank on its half of every global batch; every rank then gathers the full state
   dict. The test runs the same steps in one process with gradient accumulation over the same two halves
@@ -141,7 +142,11 @@ def main(mode: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    result = {"score": score, "distill": distill, "load": load}[mode](*([] if mode == "score" else [out_dir]))
+    if mode == "score":  # a saved checkpoint is loaded sharded first, so the peak RSS measured is the load's
+        result = {"load": load(out_dir)} if os.path.isdir(os.path.join(out_dir, "model")) else {}
+        result.update(score())
+    else:
+        result = distill(out_dir)
     with open(os.path.join(out_dir, f"rank-{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f)
     destroy_process_group()  # frees the group the sharded models' meshes hold: its threads end before exit

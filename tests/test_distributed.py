@@ -67,10 +67,28 @@ def torchrun_worker(mode: str, out_dir) -> list[dict]:
     return [json.load(open(os.path.join(out_dir, f"rank-{r}.json"))) for r in range(2)]
 
 
-def test_sensitivity_scores_under_fsdp2_equal_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def score_run(tmp_path_factory):
+    """One `torchrun` of the worker's `score` mode for the three tests below (each launch costs ~15 s): first it loads
+    a 433 MiB checkpoint (113.5M float32 parameters) with `load_sharded`, then it scores. Returns the output directory
+    and each rank's results."""
+    sys.path.insert(0, HERE)
+    import fsdp_worker
+
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
+
+    out = tmp_path_factory.mktemp("score")
+    config = SlimMoeConfig(**{**fsdp_worker.TINY, "hidden_size": 1024, "intermediate_size": 1024,
+                              "num_hidden_layers": 4, "num_local_experts": 8})
+    torch.manual_seed(0)
+    SlimMoeForCausalLM(config).save_pretrained(out / "model")
+    return out, torchrun_worker("score", out)
+
+
+def test_sensitivity_scores_under_fsdp2_equal_one_process(score_run):
     """Self-teacher and a sharded online teacher, 5 batches over 2 ranks (one padding step): the scores of the
     sharded model match an unsharded copy's to float rounding and keep the same neurons and groups."""
-    for rank in torchrun_worker("score", tmp_path):
+    for rank in score_run[1]:
         for name in ("self_teacher", "online_teacher"):
             result = rank[name]
             assert result["sharded"] and result["allclose"], result
@@ -78,38 +96,31 @@ def test_sensitivity_scores_under_fsdp2_equal_one_process(tmp_path):
             assert result["tokens"][0] == result["tokens"][1] and result["batches"] == ["5", "5"], result
 
 
-def test_load_sharded_gives_rank_1_only_its_shard_and_the_same_model(tmp_path):
-    """`load_sharded` on 2 ranks of a 440 MiB checkpoint (117M float32 parameters): rank 0 loads it, rank 1 builds
-    the model on the meta device and receives its shards, so rank 1's peak host RSS is at most 60% of rank 0's (which
-    held the whole model), and the gathered weights and buffers equal a plain one-process load of the checkpoint."""
+def test_load_sharded_gives_rank_1_only_its_shard_and_the_same_model(score_run):
+    """`load_sharded` on 2 ranks: rank 0 loads the checkpoint, rank 1 builds the model on the meta device and
+    receives its shards, so rank 1's peak host RSS is at most 60% of rank 0's (which held the whole model, as every
+    rank did before), and the gathered weights and buffers equal a plain one-process load of the checkpoint."""
     import hashlib
 
-    import fsdp_worker
-
-    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
     from hf_slimmoe.architectures import load_model
 
-    config = SlimMoeConfig(**{**fsdp_worker.TINY, "hidden_size": 1024, "intermediate_size": 1024,
-                              "num_hidden_layers": 4, "num_local_experts": 8})
-    torch.manual_seed(0)
-    SlimMoeForCausalLM(config).save_pretrained(tmp_path / "model")
-    ranks = torchrun_worker("load", tmp_path)
-    reference = load_model(tmp_path / "model", dtype=torch.float32)
+    out, ranks = score_run
+    reference = load_model(out / "model", dtype=torch.float32)
     state = reference.state_dict()
     digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state)))
     buffers = hashlib.sha256(b"".join(b.contiguous().numpy().tobytes() for b in reference.buffers()))
-    for rank in ranks:
-        assert rank["sharded"] and rank["digest"] == digest.hexdigest() and rank["buffers"] == buffers.hexdigest()
-    assert ranks[1]["peak_mib"] <= 0.6 * ranks[0]["peak_mib"], ranks
+    loads = [rank["load"] for rank in ranks]
+    for load in loads:
+        assert load["sharded"] and load["digest"] == digest.hexdigest() and load["buffers"] == buffers.hexdigest()
+    assert loads[1]["peak_mib"] <= 0.6 * loads[0]["peak_mib"], loads
 
 
-def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(tmp_path):
+def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(score_run):
     """`hf_slimmoe.distributed.destroy_process_group` frees the group the FSDP2 models' device meshes (kept alive by
     DTensor's caches) still hold, so no gloo thread is left to abort the rank at interpreter exit (torch's own
     `destroy_process_group` left `pt_gloo_runloop` and `gloo_tcp_loop` running here)."""
-    torchrun_worker("score", tmp_path)
     for rank in range(2):
-        names = json.load(open(tmp_path / f"threads-{rank}.json"))
+        names = json.load(open(score_run[0] / f"threads-{rank}.json"))
         if names is None:
             pytest.skip("no /proc/self/task on this system")
         assert not [name for name in names if "gloo" in name], names
