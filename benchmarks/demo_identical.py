@@ -1,4 +1,5 @@
-"""Does a restructuring keep behaviour? `slimmoe demo --fast` at two commits, every saved tensor compared.
+"""Does a restructuring keep behaviour? `slimmoe demo --fast` (or `--full`: the whole demo) at two commits, every saved
+tensor compared.
 
 Each commit is checked out into a temporary git worktree and runs the demo in its own output directory with one torch
 thread (the demo teacher comes from the shared cache, `~/.cache/hf_slimmoe`, when its settings are unchanged). Then
@@ -7,6 +8,7 @@ the demo's summary tables are compared as text, all but their two speed columns.
 
     python benchmarks/demo_identical.py BASE_COMMIT              # BASE_COMMIT against HEAD
     python benchmarks/demo_identical.py BASE_COMMIT OTHER_COMMIT
+    python benchmarks/demo_identical.py BASE_COMMIT --full   # the full demo: its summary table and every model
 
 Exit status 0 when every tensor is identical (bit for bit) and the tables are the same.
 """
@@ -22,14 +24,15 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_demo(commit: str, work: str) -> tuple[str, str]:
+def run_demo(commit: str, work: str, full: bool = False) -> tuple[str, str]:
     """The demo's output directory and its summary table without the speed columns, at `commit`."""
     tree, out = os.path.join(work, f"tree-{commit}"), os.path.join(work, f"demo-{commit}")
     subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-f", tree, commit], check=True,
                    capture_output=True)
     env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     try:
-        result = subprocess.run([sys.executable, "-m", "hf_slimmoe.cli", "demo", out, "--fast", "--threads", "1"],
+        result = subprocess.run([sys.executable, "-m", "hf_slimmoe.cli", "demo", out, *([] if full else ["--fast"]),
+                                 "--threads", "1"],
                                 cwd=tree, env=env, capture_output=True, text=True)
     finally:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], capture_output=True)
@@ -64,11 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", help="the commit before the restructuring")
     parser.add_argument("other", nargs="?", default="HEAD", help="the commit after it (default: HEAD)")
+    parser.add_argument("--full", action="store_true", help="the full demo instead of --fast (minutes per commit)")
     args = parser.parse_args()
     commits = [subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", c], check=True, capture_output=True,
                               text=True).stdout.strip() for c in (args.base, args.other)]
     with tempfile.TemporaryDirectory(prefix="demo-identical-") as work:
-        (a, table_a), (b, table_b) = (run_demo(c, work) for c in commits)
+        (a, table_a), (b, table_b) = (run_demo(c, work, args.full) for c in commits)
         count = sum(1 for d, _, names in os.walk(a) for n in names if n.endswith(".safetensors")
                     and "checkpoint-" not in d)
         problems = compare(a, b)
