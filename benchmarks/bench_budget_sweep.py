@@ -12,10 +12,10 @@ At each total budget (default 250, 1,000 and 4,000 optimizer steps: 16x), the sa
     three-stage               17% + 17% + 66%, restarted schedules (at budgets up to --three-stage-max)
 
 Every run is a plain `compress()` of the demo recipe with only those fields changed, reading one teacher cache
-(the recipe's `kd_loss`), evaluated 20 times over its budget (the trajectory: full-vocabulary KL with the teacher online,
-and perplexity, over tokens) and once more at the end (full KL and perplexity of the saved last stage). Runs are done smallest
-budget first and written to OUTPUT_DIR/results.json as they finish, so an interrupted sweep keeps what it measured
-(`--from-results` reports it).
+(the recipe's `kd_loss`), evaluated 20 times over its budget (the trajectory: full-vocabulary KL with the teacher
+online, and perplexity, over tokens) and once more at the end (full KL and perplexity of the saved last stage). Runs are
+done smallest budget first and written to OUTPUT_DIR/results.json as they finish, so an interrupted sweep keeps what
+it measured (`--from-results` reports it).
 
     python benchmarks/bench_budget_sweep.py                          # ~2 h on 1 thread
     python benchmarks/bench_budget_sweep.py --budgets 20 40 --quick  # smoke run (a few minutes)

@@ -276,7 +276,8 @@ def read_source(source: DataSource, key: str, recipe_dir: str | None):
 
 def pack(dataset, tokenizer, block_size: int, text_field: str, num_proc: int | None = None):
     """Tokenize documents, end each with EOS and cut the stream into `input_ids` blocks of `block_size` tokens:
-    TRL's `pack_dataset(strategy="wrapped")` over each map batch of 1000 documents, whose short last block is dropped."""
+    TRL's `pack_dataset(strategy="wrapped")` over each map batch of 1000 documents, whose short last block is
+    dropped."""
     from trl.data_utils import pack_dataset
 
     if block_size < 1:
@@ -284,7 +285,8 @@ def pack(dataset, tokenizer, block_size: int, text_field: str, num_proc: int | N
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def tokenize(batch):
-        return {"input_ids": [ids + eos for ids in tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]]}
+        encoded = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [ids + eos for ids in encoded]}
 
     documents = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
                             desc="Tokenizing")

@@ -518,7 +518,8 @@ def _push(api, stage_dir: Path, settings: HubSettings, info: dict, user: str | N
     head = api.model_info(repo_id, revision=branch).sha
     files = _publishable_files(stage_dir)
     names = [p.relative_to(stage_dir).as_posix() for p in files]
-    title, description = _commit_message(info, _config_summary(read_json(stage_dir / "config.json", missing_ok=True)), names)
+    config = _config_summary(read_json(stage_dir / "config.json", missing_ok=True))
+    title, description = _commit_message(info, config, names)
     # create_commit drops the files whose content the Hub has already and makes no commit when none is left
     commit = api.create_commit(
         repo_id,

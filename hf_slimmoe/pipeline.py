@@ -157,9 +157,10 @@ def budget_note(recipe: Recipe, teacher_config: PretrainedConfig, sweep: dict | 
     if beyond:
         every = f"one-stage measured better at all {len(measured)} of its budgets; " if all(
             one_stage_better(b) for b in measured) else ""
-        return f"Note: {ratio:.2g} tokens per teacher parameter is beyond the measured sweep ({every}at its largest, " \
-               f"{figure})."
-    return f"Note: at about this budget ({ratio:.2g} tokens per teacher parameter) {figure}: consider method: one-stage."
+        return (f"Note: {ratio:.2g} tokens per teacher parameter is beyond the measured sweep ({every}at its "
+                f"largest, {figure}).")
+    return (f"Note: at about this budget ({ratio:.2g} tokens per teacher parameter) {figure}: consider method: "
+            "one-stage.")
 
 
 def check(recipe: Recipe) -> PretrainedConfig:

@@ -50,7 +50,8 @@ def make_trainer(kind, tiny, tmp_path, kd_loss, cached=False, **overrides):
         if cached:
             make = cache_teacher_samples if kd_loss == "sampled" else cache_teacher_topk
             size = {"num_samples": 8} if kd_loss == "sampled" else {"top_k": 8}
-            data, teacher = make(teacher, data, batch_size=8, pad_token_id=tiny["tokenizer"].pad_token_id, **size), None
+            data = make(teacher, data, batch_size=8, pad_token_id=tiny["tokenizer"].pad_token_id, **size)
+            teacher = None
         args = DistillationConfig(aux_loss_coef=0.0, **values)
         return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                                    processing_class=tiny["tokenizer"])

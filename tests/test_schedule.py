@@ -106,7 +106,8 @@ def test_plan_from_a_checkpoint_config(tmp_path, capsys):
 
 def _sweep(one_stage: float, multi_stage: float, tokens_per_parameter: float = 0.25) -> dict:
     return {"teacher": "a teacher", "budgets": [
-        {"steps": 100, "tokens_per_parameter": tokens_per_parameter / 4, "full_kl": {"one-stage": 0.5, "two-stage": 0.6}},
+        {"steps": 100, "tokens_per_parameter": tokens_per_parameter / 4,
+         "full_kl": {"one-stage": 0.5, "two-stage": 0.6}},
         {"steps": 400, "tokens_per_parameter": tokens_per_parameter,
          "full_kl": {"one-stage": one_stage, "two-stage": multi_stage, "three-stage": multi_stage + 0.01}}]}
 

@@ -52,8 +52,8 @@ class DistillationConfig(DistillationSettings, TrainingArguments):
 
         lr_schedule_steps (`int`, *optional*):
             Steps of the learning-rate schedule this run is a part of (default: this run's own `max_steps`). With
-            `lr_schedule_start`, consecutive runs follow one schedule (warmup once, then one `lr_scheduler_type` decay),
-            as a multi-stage compression does with `stages.lr_schedule: continue`.
+            `lr_schedule_start`, consecutive runs follow one schedule (warmup once, then one `lr_scheduler_type`
+            decay), as a multi-stage compression does with `stages.lr_schedule: continue`.
         lr_schedule_start (`int`, *optional*, defaults to `0`):
             The step of that schedule at which this run starts.
 

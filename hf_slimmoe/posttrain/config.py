@@ -58,7 +58,8 @@ class SFTDistillationConfig(KDSettings, SFTConfig):
         default=None, metadata={"help": "from_pretrained keyword arguments of a teacher given as a path (JSON)."}
     )
     teacher_cache_dir: str | None = field(
-        default=None, metadata={"help": "Directory of the cached teacher pass (samples or top-k) over the formatted data."}
+        default=None,
+        metadata={"help": "Directory of the cached teacher pass (samples or top-k) over the formatted data."},
     )
     ce_mix: float = field(
         default=0.0, metadata={"help": "loss = ce_mix * CE + (1 - ce_mix) * KD + aux; 1.0 is plain SFT."}
