@@ -56,7 +56,7 @@ def split(budget: int, fractions: tuple[float, ...]) -> list[int]:
 
 
 def sweep_recipe(base, to_dict, name: str, budget: int, output_dir: str, args):
-    from hf_slimmoe.recipe import recipe_from_dict
+    from hf_slimmoe.compression.recipe import recipe_from_dict
 
     method, _, fractions, overrides = SCHEDULES[name]
     values = to_dict(base)
@@ -73,7 +73,7 @@ def sweep_recipe(base, to_dict, name: str, budget: int, output_dir: str, args):
 
 def run_one(base, to_dict, data, name: str, budget: int, args) -> dict:
     from hf_slimmoe import SlimMoeForCausalLM
-    from hf_slimmoe.pipeline import compress
+    from hf_slimmoe.compression.loop import compress
 
     out = os.path.join(args.output_dir, "runs", f"{budget}-{name.replace(' ', '').replace(',', '-')}")
     shutil.rmtree(out, ignore_errors=True)
@@ -102,7 +102,7 @@ def run_one(base, to_dict, data, name: str, budget: int, args) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 def report(rows: list[dict], base, command: str, seconds: float, teacher_ppl: float, args) -> str:
-    from hf_slimmoe.schedule import human_count
+    from hf_slimmoe.utils.outputs import human_count
 
     per_step = base.tokens_per_step()
     budgets = sorted({r["budget"] for r in rows})
@@ -143,10 +143,10 @@ def report(rows: list[dict], base, command: str, seconds: float, teacher_ppl: fl
 
 
 def write_sweep_data(rows: list[dict], base, teacher, command: str) -> None:
-    """The measured figures `slimmoe plan` cites (`hf_slimmoe.pipeline.budget_note`), in the package's recipes/."""
+    """The measured figures `slimmoe plan` cites (`hf_slimmoe.compression.plan.budget_note`), in the package's recipes/."""
     from hf_slimmoe.architectures import count_parameters
-    from hf_slimmoe.pipeline import BUDGET_SWEEP
-    from hf_slimmoe.schedule import human_count
+    from hf_slimmoe.compression.plan import BUDGET_SWEEP
+    from hf_slimmoe.utils.outputs import human_count
 
     total, per_step = count_parameters(teacher.config)[0], base.tokens_per_step()
     data = {"command": command, "teacher": f"the demo teacher ({human_count(total)} parameters)",

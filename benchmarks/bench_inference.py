@@ -49,7 +49,7 @@ def measure(config: SlimMoeConfig, args) -> dict:
 
 def architectures() -> dict[str, list[tuple[str, SlimMoeConfig]]]:
     """The teacher and stage sizes measured: the demo's (from its packaged recipe) and a 4x wider model."""
-    from hf_slimmoe.demo import demo_recipe
+    from hf_slimmoe.compression.demo import demo_recipe
 
     recipe = demo_recipe("unused")
     demo = SlimMoeConfig(vocab_size=recipe.teacher.build.vocab_size, **recipe.teacher.build.config)

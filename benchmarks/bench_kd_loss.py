@@ -1,6 +1,6 @@
 """Choosing the distillation loss: every `kd_loss` on the same pruned student, at equal steps, in one run.
 
-The demo's teacher (`hf_slimmoe.demo`) is pruned to 25% of its expert width with KD sensitivity scores (attention
+The demo's teacher (`hf_slimmoe.compression.demo`) is pruned to 25% of its expert width with KD sensitivity scores (attention
 untouched), then distilled for the same number of steps (same data order, optimizer and schedule) with each loss:
 
 - `topk`: the paper's Eq. 3 on the teacher's top-8 (cached), and `topk renormalized` (its ablation);
@@ -62,8 +62,9 @@ def setup(args):
     from transformers import AutoTokenizer
 
     from hf_slimmoe import SlimMoeForCausalLM, cache_teacher_samples, cache_teacher_topk, compute_sensitivity
-    from hf_slimmoe.demo import demo_recipe, ensure_teacher
-    from hf_slimmoe.data import batches, load_blocks
+    from hf_slimmoe.compression.demo import demo_recipe, ensure_teacher
+    from hf_slimmoe.utils.data import batches
+    from hf_slimmoe.compression.sources import load_blocks
 
     shared = os.path.join(args.output_dir, "shared")
     teacher_dir = ensure_teacher(shared)
@@ -112,7 +113,7 @@ def pruned_student(data):
 
 
 def evaluate(model, data, args) -> dict:
-    from hf_slimmoe.evaluation import evaluate_model
+    from hf_slimmoe.compression.evaluation import evaluate_model
 
     m = evaluate_model(model, data["eval"], teacher=data["teacher"], top_k=8, batch_size=args.eval_batch)
     return {"full_kl": m["full_kl"], "tail_kl": m["kl"], "ppl": m["perplexity"]}

@@ -159,7 +159,7 @@ def run(args) -> tuple[list[dict], dict]:
 
 
 def report(rows: list[dict], info: dict, args, command: str, seconds: float) -> str:
-    from hf_slimmoe.schedule import human_count
+    from hf_slimmoe.utils.outputs import human_count
 
     teacher = info["teacher"]
     c = teacher.config

@@ -11,7 +11,7 @@
 Every distillation run uses `--kd-loss` (default: the recipe's, i.e. the library default `sampled`; `topk` is the
 paper's Eq. 3), read from a teacher cache made once (samples or top-k; the eval cache is always the top-k).
 
-    python benchmarks/bench_reproduction.py              # the demo's teacher (hf_slimmoe.demo), ~25 min, 1 thread
+    python benchmarks/bench_reproduction.py              # the demo's teacher (hf_slimmoe.compression.demo), ~25 min, 1 thread
     python benchmarks/bench_reproduction.py --kd-loss topk   # the same with the paper's top-8 KD loss
     python benchmarks/bench_reproduction.py --quick      # smoke run: one seed, few steps (a few minutes)
     python benchmarks/bench_reproduction.py --recipe recipes/tiny-cpu.yaml --seeds 1
@@ -54,8 +54,8 @@ logger = logging.getLogger("bench_reproduction")
 # ------------------------------------------------------------------------------------------------ setup
 def base_recipe(args):
     """The recipe every run derives from, with a local teacher path (built / trained once, then reused)."""
-    from hf_slimmoe.teacher import build_teacher
-    from hf_slimmoe.recipe import BUILD_TEACHER, load_recipe, recipe_from_dict, recipe_to_dict
+    from hf_slimmoe.compression.teacher import build_teacher
+    from hf_slimmoe.compression.recipe import BUILD_TEACHER, load_recipe, recipe_from_dict, recipe_to_dict
 
     shared = os.path.join(args.output_dir, "shared")
     if args.recipe:
@@ -64,7 +64,7 @@ def base_recipe(args):
         if recipe.teacher.model == BUILD_TEACHER:
             teacher_path = build_teacher(recipe, os.path.join(shared, "teacher"))
     else:
-        from hf_slimmoe.demo import demo_recipe, ensure_teacher
+        from hf_slimmoe.compression.demo import demo_recipe, ensure_teacher
 
         teacher_path = ensure_teacher(shared, fast=args.quick)
         recipe = demo_recipe(shared, fast=args.quick)
@@ -79,7 +79,7 @@ def base_recipe(args):
 
 
 def derive(base, to_dict, *, name: str, output_dir: str, seed: int, method: str, steps: list[int], args):
-    from hf_slimmoe.recipe import recipe_from_dict
+    from hf_slimmoe.compression.recipe import recipe_from_dict
 
     values = copy.deepcopy(to_dict(base))
     values.update(name=name, output_dir=output_dir, seed=seed, method=method)
@@ -98,8 +98,8 @@ def shared_data(recipe, args):
     from transformers import AutoTokenizer
 
     from hf_slimmoe import SlimMoeForCausalLM, cache_teacher_topk
-    from hf_slimmoe.data import load_blocks
-    from hf_slimmoe.pipeline import cache_train_set
+    from hf_slimmoe.compression.sources import load_blocks
+    from hf_slimmoe.compression.run import cache_train_set
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.model)
     teacher = SlimMoeForCausalLM.from_pretrained(recipe.teacher.model, dtype=torch.float32).eval()
@@ -118,7 +118,7 @@ def shared_data(recipe, args):
 def full_eval(model, teacher, eval_blocks, batch_size: int) -> dict:
     """Full-vocabulary KL(teacher || student) and the student's perplexity on the held-out blocks: the library's
     `evaluate_model` with the teacher online and top-k = the whole vocabulary."""
-    from hf_slimmoe.evaluation import evaluate_model
+    from hf_slimmoe.compression.evaluation import evaluate_model
 
     metrics = evaluate_model(model, eval_blocks, teacher=teacher, top_k=teacher.config.vocab_size,
                              batch_size=batch_size)
@@ -128,7 +128,7 @@ def full_eval(model, teacher, eval_blocks, batch_size: int) -> dict:
 # ------------------------------------------------------------------------------------------------ (1) schedules
 def run_schedules(base, to_dict, data, args) -> dict:
     from hf_slimmoe import SlimMoeForCausalLM
-    from hf_slimmoe.pipeline import compress
+    from hf_slimmoe.compression.loop import compress
 
     results = {m: [] for m in SCHEDULES}
     for seed in range(args.seeds):
@@ -161,7 +161,7 @@ def run_schedules(base, to_dict, data, args) -> dict:
 def surgery(variant: str, fraction: float, data, recipe, args):
     """The teacher with `fraction` of its expert parameters kept by `variant`, or None when impossible."""
     from hf_slimmoe import SlimMoeForCausalLM, compute_sensitivity
-    from hf_slimmoe.data import batches
+    from hf_slimmoe.utils.data import batches
     from hf_slimmoe.pruning import drop_experts, expert_activation_frequency, expert_scores_from_sensitivity
 
     model = SlimMoeForCausalLM.from_pretrained(recipe.teacher.model, dtype=torch.float32)
@@ -188,7 +188,7 @@ def distill(model, recipe, data, out: str, steps: int) -> dict:
     from transformers import set_seed
 
     from hf_slimmoe import DistillationTrainer
-    from hf_slimmoe.pipeline import training_args
+    from hf_slimmoe.compression.plan import training_args
 
     set_seed(recipe.seed)
     args = training_args(recipe, out, max_steps=steps, early_stopping=False)
@@ -295,7 +295,7 @@ def plot(schedules: dict, ablations: dict, teacher_ppl: float, args) -> None:
 
 def report(schedules: dict, ablations: dict, teacher, teacher_ppl: float, base, command: str, seconds: float,
            args, data_eval) -> str:
-    from hf_slimmoe.schedule import human_count
+    from hf_slimmoe.utils.outputs import human_count
 
     c = teacher.config
     teacher_label = f"`{args.recipe}`" if args.recipe else "the demo's (`hf_slimmoe/recipes/demo.yaml`" + (
@@ -379,7 +379,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=None,
                         help="a compress recipe to take the teacher and data from (default: the demo's, "
-                             "hf_slimmoe.demo.demo_recipe / ensure_teacher)")
+                             "hf_slimmoe.compression.demo.demo_recipe / ensure_teacher)")
     parser.add_argument("--kd-loss", choices=["sampled", "topk_tail", "topk"], default=None,
                         help="distillation loss of every run (default: the recipe's, `sampled`); each loss writes its "
                              "own RESULTS.md section and plot")

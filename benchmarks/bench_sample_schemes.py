@@ -76,7 +76,7 @@ def noise(data, num_samples: int, rows: int = 64) -> dict:
         counts = torch.zeros_like(probs).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
         result[scheme] = ((counts / num_samples - probs) ** 2).sum(-1).mean().item()
     from hf_slimmoe.distillation import threshold_samples_from_hidden
-    from hf_slimmoe.modeling_utils import backbone
+    from hf_slimmoe.utils.modeling import backbone
 
     teacher, slots = data["teacher"], THRESHOLD_SLOTS[num_samples]
     with torch.no_grad():

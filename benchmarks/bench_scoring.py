@@ -41,7 +41,7 @@ from results import write_section  # noqa: E402
 
 import hf_slimmoe  # noqa: F401,E402
 from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM, compute_sensitivity  # noqa: E402
-from hf_slimmoe.modeling_utils import teacher_topk  # noqa: E402
+from hf_slimmoe.utils.modeling import teacher_topk  # noqa: E402
 
 MODES = ("train_step", "score_self", "score_cached", "score_online")
 

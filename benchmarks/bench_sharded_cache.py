@@ -47,7 +47,7 @@ def child(workdir: str, output: str) -> None:
     from datasets import load_from_disk
 
     from hf_slimmoe import SlimMoeForCausalLM, cache_teacher_topk
-    from hf_slimmoe.distributed import barrier, init_from_environment
+    from hf_slimmoe.utils.distributed import barrier, init_from_environment
 
     rank, world = init_from_environment()
     teacher = SlimMoeForCausalLM.from_pretrained(os.path.join(workdir, "teacher")).eval()

@@ -74,7 +74,7 @@ from hf_slimmoe import (  # noqa: E402
     compute_sensitivity,
 )
 from hf_slimmoe.architectures import get_architecture  # noqa: E402
-from hf_slimmoe.data import TokenCollator, batches  # noqa: E402
+from hf_slimmoe.utils.data import TokenCollator, batches  # noqa: E402
 from hf_slimmoe.distillation.trainer import use_fp32_master_weights  # noqa: E402
 
 GIB = 2**30

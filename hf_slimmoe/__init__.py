@@ -2,7 +2,7 @@
 
 Importing the package registers `model_type: "slimmoe"` with `AutoConfig` and `AutoModelForCausalLM`, and the
 per-expert checkpoint layout of Phi-3.5-MoE for it, so `save_pretrained` writes keys stock PhiMoE reads (see
-`hf_slimmoe.registration`: the registration runs once transformers' Auto classes are loaded).
+`hf_slimmoe.model.registration`: the registration runs once transformers' Auto classes are loaded).
 
 The import itself is light: the public names below are loaded from their submodules on first use (as transformers'
 `_LazyModule` does), so `import hf_slimmoe` and `slimmoe --help` import neither torch nor TRL, PEFT or datasets.
@@ -17,26 +17,26 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from . import registration
+from .model import registration
 
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _LAZY_NAMES = {
-    "SlimMoeConfig": "configuration_slimmoe",
-    "SlimMoeForCausalLM": "modeling_slimmoe",
+    "SlimMoeConfig": "model.configuration_slimmoe",
+    "SlimMoeForCausalLM": "model.modeling_slimmoe",
     "SensitivityScores": "pruning",
     "compute_sensitivity": "pruning",
     "prune_to": "pruning",
     "SUPPORTED_MODEL_TYPES": "architectures",
     "count_parameters": "architectures",
     "slim_config": "architectures",
-    "plan_stages": "schedule",
+    "plan_stages": "pruning.schedule",
     "DistillationConfig": "distillation",
     "DistillationTrainer": "distillation",
     "cache_teacher_topk": "distillation",
     "cache_teacher_samples": "distillation",
-    "teacher_topk": "modeling_utils",
+    "teacher_topk": "utils.modeling",
     "topk_kl_loss": "distillation",
     "topk_tail_kl_loss": "distillation",
     "sampled_kd_loss": "distillation",
@@ -49,7 +49,7 @@ __all__ = ["__version__", *_LAZY_NAMES]
 
 if TYPE_CHECKING:
     from .architectures import SUPPORTED_MODEL_TYPES, count_parameters, slim_config
-    from .configuration_slimmoe import SlimMoeConfig
+    from .model.configuration_slimmoe import SlimMoeConfig
     from .distillation import (
         DistillationConfig,
         DistillationTrainer,
@@ -60,11 +60,11 @@ if TYPE_CHECKING:
         topk_kl_loss,
         topk_tail_kl_loss,
     )
-    from .modeling_slimmoe import SlimMoeForCausalLM
-    from .modeling_utils import teacher_topk
+    from .model.modeling_slimmoe import SlimMoeForCausalLM
+    from .utils.modeling import teacher_topk
     from .posttrain import SFTDistillationConfig, SFTDistillationTrainer
     from .pruning import SensitivityScores, compute_sensitivity, prune_to
-    from .schedule import plan_stages
+    from .pruning.schedule import plan_stages
 
 
 def __getattr__(name: str):

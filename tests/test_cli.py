@@ -299,7 +299,7 @@ def test_parse_config_file_serves_user_scripts(tmp_path):
     import dataclasses
 
     from hf_slimmoe import DistillationConfig
-    from hf_slimmoe.recipe import parse_config_file
+    from hf_slimmoe.utils.config_io import parse_config_file
 
     @dataclasses.dataclass
     class ScriptArgs:

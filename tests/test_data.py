@@ -1,4 +1,4 @@
-"""The data layer (`hf_slimmoe.data`): text / jsonl / save_to_disk into token rows, teacher columns, padding."""
+"""The data layer (`hf_slimmoe.utils.data`): text / jsonl / save_to_disk into token rows, teacher columns, padding."""
 
 import json
 import logging
@@ -8,20 +8,10 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from hf_slimmoe.cli import main as slimmoe_main
-from hf_slimmoe.data import (
-    TokenCollator,
-    batches,
-    collate_tokens,
-    load_calibration_batches,
-    load_dataset_splits,
-    load_eval_data,
-    load_token_dataset,
-    pack,
-    read_source,
-    read_texts,
-)
+from hf_slimmoe.utils.data import (TokenCollator, batches, collate_tokens, load_calibration_batches, load_dataset_splits, load_token_dataset, pack, read_texts)
+from hf_slimmoe.compression.sources import load_eval_data, read_source
 from hf_slimmoe.posttrain import build_tiny_tokenizer
-from hf_slimmoe.recipe import DataSource
+from hf_slimmoe.compression.recipe import DataSource
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,7 @@ def test_not_text_and_empty_files_are_refused_naming_the_file(tmp_path, tokenize
 def test_a_few_undecodable_bytes_are_replaced_with_a_warning(tmp_path, caplog):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9 ".encode("latin-1") + b"plain ascii text " * 10)
-    with caplog.at_level(logging.WARNING, logger="hf_slimmoe.data"):
+    with caplog.at_level(logging.WARNING, logger="hf_slimmoe.utils.data"):
         assert read_texts(str(path)) == ["caf\ufffd " + "plain ascii text " * 10]
     assert "latin1.txt: 1 bytes are not UTF-8" in caplog.text
 

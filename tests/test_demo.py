@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_slimmoe.cli import main
-from hf_slimmoe.demo import MODELS, demo_recipe, ensure_teacher, run_demo, demo_teacher_key
-from hf_slimmoe.data import source_files
+from hf_slimmoe.compression.demo import MODELS, demo_recipe, ensure_teacher, run_demo, demo_teacher_key
+from hf_slimmoe.compression.sources import source_files
 
 
 def test_demo_corpus_is_split_by_module_into_disjoint_train_and_held_out_sets():

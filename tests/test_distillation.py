@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_slimmoe.distillation import chunked_cross_entropy, topk_kl_loss
-from hf_slimmoe.modeling_utils import teacher_topk
+from hf_slimmoe.utils.modeling import teacher_topk
 
 
 def _naive_topk_kl(hidden, weight, bias, ids, logprobs, mask, temperature=1.0, renormalize=False):
@@ -352,7 +352,7 @@ def test_threshold_samples_cache_stores_what_the_sampler_draws_and_trains(tmp_pa
     from hf_slimmoe.distillation.teacher_cache import (SAMPLE_WEIGHTS_COLUMN, decode_threshold_weights,
                                                        encode_threshold_weights, sample_packing, sample_uniforms)
     from hf_slimmoe.distillation.trainer import DistillationCollator
-    from hf_slimmoe.modeling_utils import backbone
+    from hf_slimmoe.utils.modeling import backbone
 
     teacher, dataset = _teacher(), _token_dataset(6)
     cache = cache_teacher_samples(teacher, dataset, num_samples=5, sampling="threshold", output_dir=tmp_path / "c")
@@ -719,7 +719,7 @@ import os, sys, torch
 sys.path.insert(0, {tests_dir!r})
 from test_distillation import _args, _pruned_student, _teacher, _token_dataset
 from hf_slimmoe.distillation import DistillationTrainer, cache_teacher_samples, cache_teacher_topk
-from hf_slimmoe.distributed import destroy_process_group
+from hf_slimmoe.utils.distributed import destroy_process_group
 import pathlib
 teacher = _teacher()
 train = cache_teacher_topk(teacher, _token_dataset(32), top_k=8)
@@ -792,7 +792,7 @@ def test_distill_command_with_online_teacher_and_bad_yaml(tmp_path, capsys):
 
 
 def test_kd_defaults_are_the_same_in_a_recipe_slimmoe_distill_and_slimmoe_sft(tmp_path):
-    """The KD fields are declared once (`hf_slimmoe.kd_settings`): a recipe without a `distillation:` section, the
+    """The KD fields are declared once (`hf_slimmoe.distillation.settings`): a recipe without a `distillation:` section, the
     options `slimmoe distill` and `slimmoe sft` parse with no flags, and the stage arguments the pipeline builds all
     have the same value for every one of them (the aux coefficient too: compress and distill trained with 0.0 and
     0.01 before)."""
@@ -802,9 +802,9 @@ def test_kd_defaults_are_the_same_in_a_recipe_slimmoe_distill_and_slimmoe_sft(tm
 
     from hf_slimmoe.cli.commands.distill import DistillCommand
     from hf_slimmoe.cli.commands.sft import SFTCommand
-    from hf_slimmoe.kd_settings import DistillationSettings, KDSettings
-    from hf_slimmoe.pipeline import training_args
-    from hf_slimmoe.recipe import recipe_from_dict
+    from hf_slimmoe.distillation.settings import DistillationSettings, KDSettings
+    from hf_slimmoe.compression.plan import training_args
+    from hf_slimmoe.compression.recipe import recipe_from_dict
 
     values = tiny_recipe(tmp_path)
     del values["distillation"]

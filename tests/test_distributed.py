@@ -116,7 +116,7 @@ def test_load_sharded_gives_rank_1_only_its_shard_and_the_same_model(score_run):
 
 
 def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(score_run):
-    """`hf_slimmoe.distributed.destroy_process_group` frees the group the FSDP2 models' device meshes (kept alive by
+    """`hf_slimmoe.utils.distributed.destroy_process_group` frees the group the FSDP2 models' device meshes (kept alive by
     DTensor's caches) still hold, so no gloo thread is left to abort the rank at interpreter exit (torch's own
     `destroy_process_group` left `pt_gloo_runloop` and `gloo_tcp_loop` running here)."""
     for rank in range(2):
@@ -181,10 +181,11 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family
 
     from hf_slimmoe import compute_sensitivity
     from hf_slimmoe.architectures import get_architecture, load_model
-    from hf_slimmoe.data import batches, load_blocks
-    from hf_slimmoe.pipeline import is_finished_stage
+    from hf_slimmoe.utils.data import batches
+    from hf_slimmoe.compression.sources import load_blocks
+    from hf_slimmoe.compression.resume import is_finished_stage
     from hf_slimmoe.pruning import SensitivityScores
-    from hf_slimmoe.recipe import recipe_from_dict
+    from hf_slimmoe.compression.recipe import recipe_from_dict
 
     accelerate = shutil.which("accelerate") or pytest.skip("accelerate is not installed")
     out = tmp_path / "fsdp"
@@ -228,8 +229,8 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family
 def test_iterative_baseline_is_refused_under_fsdp(tmp_path, monkeypatch):
     from test_pipeline import tiny_recipe
 
-    from hf_slimmoe.pipeline import check
-    from hf_slimmoe.recipe import recipe_from_dict
+    from hf_slimmoe.compression.plan import check
+    from hf_slimmoe.compression.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(tiny_recipe(tmp_path, method="iterative"))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config exports

@@ -377,7 +377,7 @@ def test_push_command_times_out_in_a_fresh_process(output_dir, tmp_path):
 def test_compress_continues_past_a_push_to_a_hub_that_never_answers(tmp_path, silent_hub, caplog):
     from test_pipeline import tiny_recipe, write_recipe
 
-    from hf_slimmoe.pipeline import is_finished_stage
+    from hf_slimmoe.compression.resume import is_finished_stage
 
     out = tmp_path / "run"
     values = tiny_recipe(out, stages__budget__steps=[2, 2], teacher__build__pretrain_steps=4,

@@ -24,7 +24,8 @@ from hf_slimmoe.distillation import (
     topk_tail_kl_loss,
 )
 from hf_slimmoe.distillation.teacher_cache import METADATA_KEY
-from hf_slimmoe.modeling_utils import CHUNK_BYTES, chunk_tokens
+from hf_slimmoe.utils import CHUNK_BYTES
+from hf_slimmoe.utils.modeling import chunk_tokens
 
 QWEN35_VOCAB = 248_320
 

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from hf_slimmoe.cli import main
-from hf_slimmoe.pipeline import compress, is_finished_stage
-from hf_slimmoe.recipe import load_recipe, recipe_from_dict
+from hf_slimmoe.compression.loop import compress
+from hf_slimmoe.compression.resume import is_finished_stage
+from hf_slimmoe.compression.recipe import load_recipe, recipe_from_dict
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
@@ -251,7 +252,7 @@ def test_bad_recipe_file_through_the_cli(tmp_path, capsys):
 
 def test_vocabulary_mismatch_is_caught_before_compute(tmp_path):
     """A teacher checkpoint whose tokenizer is larger than its vocabulary is refused by the dry run."""
-    from hf_slimmoe.tokenization import train_bpe_tokenizer
+    from hf_slimmoe.utils.tokenization import train_bpe_tokenizer
     from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
     import sysconfig
 
@@ -271,8 +272,8 @@ def test_data_sources_text_files_disk_and_pretokenized(tmp_path):
     already has input_ids is used as is; calibration defaults to the training blocks."""
     import datasets
 
-    from hf_slimmoe.data import load_blocks
-    from hf_slimmoe.tokenization import train_bpe_tokenizer
+    from hf_slimmoe.compression.sources import load_blocks
+    from hf_slimmoe.utils.tokenization import train_bpe_tokenizer
 
     (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
     tokenizer = train_bpe_tokenizer([str(tmp_path / "a.txt")], 300)
@@ -328,7 +329,7 @@ def test_iterative_masks_compute_what_the_pruned_model_computes(family):
     import torch
 
     from hf_slimmoe.pruning.iterative import IterativeMaskCallback
-    from hf_slimmoe.schedule import stage_sizes
+    from hf_slimmoe.pruning.schedule import stage_sizes
 
     model, target = iterative_model(family)
     vocab = model.config.vocab_size
@@ -390,8 +391,9 @@ def test_pipeline_modules_read_as_short_functions():
     import hf_slimmoe
 
     root = os.path.dirname(hf_slimmoe.__file__)
-    modules = ["pipeline.py", "teacher.py", "trajectory.py", "outputs.py", "provenance.py",
-               os.path.join("pruning", "iterative.py")]
+    modules = [os.path.join("compression", f"{name}.py") for name in (
+        "loop", "plan", "run", "stage", "resume", "teacher", "trajectory", "provenance", "recipe", "sources")]
+    modules += [os.path.join("utils", "outputs.py"), os.path.join("pruning", "iterative.py")]
     long = []
     for module in modules:
         with open(os.path.join(root, module), encoding="utf-8") as f:

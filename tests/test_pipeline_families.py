@@ -13,7 +13,7 @@ import yaml
 from test_pipeline import RECIPES, TINY
 
 from hf_slimmoe.cli import main
-from hf_slimmoe.pipeline import is_finished_stage
+from hf_slimmoe.compression.resume import is_finished_stage
 
 BUILDS = {
     "qwen3_moe": ({"model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 64,
@@ -95,7 +95,7 @@ PUBLISHED = {
 
 def test_real_recipes_plan_without_downloading_and_match_published_sizes(capsys):
     from hf_slimmoe import count_parameters
-    from hf_slimmoe.recipe import load_recipe
+    from hf_slimmoe.compression.recipe import load_recipe
 
     for name, (model_type, total, active, embedding) in PUBLISHED.items():
         recipe = load_recipe(os.path.join(RECIPES, name))
@@ -129,7 +129,7 @@ def test_flagship_recipes_plan_without_downloading_in_multiples_of_128(capsys):
     are the published ones up to what transformers does not build and the embedding tables."""
     from hf_slimmoe import count_parameters
     from hf_slimmoe.architectures import get_architecture
-    from hf_slimmoe.recipe import load_recipe
+    from hf_slimmoe.compression.recipe import load_recipe
 
     for name, (model_type, (total, active, final), (published_total, published_active)) in FLAGSHIPS.items():
         recipe = load_recipe(os.path.join(RECIPES, name))
@@ -153,7 +153,7 @@ def test_mixtral_recipe_is_the_rebuttal_setting():
     """20% of the MoE parameters and 50% of the attention parameters of Mixtral-8x7B are kept."""
     from hf_slimmoe.architectures import get_architecture
     from hf_slimmoe.architectures.accounting import parameter_groups
-    from hf_slimmoe.recipe import load_recipe
+    from hf_slimmoe.compression.recipe import load_recipe
 
     recipe = load_recipe(os.path.join(RECIPES, "mixtral-8x7b.yaml"))
     teacher = recipe.teacher_config()
@@ -167,8 +167,8 @@ def test_mixtral_recipe_is_the_rebuttal_setting():
 def test_iterative_baseline_on_a_qwen3_moe_teacher(tmp_path):
     """`method: iterative` on another family than PhiMoE: the masks grow on the full-size Qwen3-MoE while it distills,
     and the one stage is pruned physically to the target, a stock checkpoint of the family."""
-    from hf_slimmoe.pipeline import compress
-    from hf_slimmoe.recipe import recipe_from_dict
+    from hf_slimmoe.compression.loop import compress
+    from hf_slimmoe.compression.recipe import recipe_from_dict
 
     values = recipe_for("qwen3_moe", tmp_path / "out")
     values.update(method="iterative", iterative={"mask_every_steps": 2, "target_fraction": None})

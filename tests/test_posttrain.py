@@ -8,8 +8,8 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_slimmoe import SlimMoeForCausalLM
-from hf_slimmoe.modeling_utils import teacher_topk
-from hf_slimmoe.tokenization import CHAT_TEMPLATE
+from hf_slimmoe.utils.modeling import teacher_topk
+from hf_slimmoe.utils.tokenization import CHAT_TEMPLATE
 from hf_slimmoe.posttrain import (
     EXPERT_PARAMETERS,
     SFTDistillationConfig,

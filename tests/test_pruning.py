@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_slimmoe  # noqa: F401
 from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
-from hf_slimmoe.modeling_utils import teacher_topk
+from hf_slimmoe.utils.modeling import teacher_topk
 from hf_slimmoe.pruning import SensitivityScores, compute_sensitivity
 
 VOCAB = 96

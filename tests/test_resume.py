@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from hf_slimmoe.cli import main
-from hf_slimmoe.outputs import OutputDirError, RunLock, check_safetensors
-from hf_slimmoe.pipeline import StageRunner, compress, is_finished_stage, last_checkpoint
-from hf_slimmoe.recipe import recipe_from_dict
+from hf_slimmoe.utils.outputs import OutputDirError, RunLock, check_safetensors
+from hf_slimmoe.compression.stage import StageRunner
+from hf_slimmoe.compression.loop import compress
+from hf_slimmoe.compression.resume import is_finished_stage, last_checkpoint
+from hf_slimmoe.compression.recipe import recipe_from_dict
 from test_pipeline import tiny_recipe, write_recipe
 
 FAST = {"stages__budget__steps": [2, 2], "teacher__build__pretrain_steps": 5}
@@ -100,7 +102,7 @@ def test_stages_without_provenance_are_not_reused(finished_run, tmp_path):
 
 def local_teacher(directory, seed):
     from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
-    from hf_slimmoe.tokenization import train_bpe_tokenizer
+    from hf_slimmoe.utils.tokenization import train_bpe_tokenizer
     import sysconfig
 
     config = SlimMoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -113,8 +115,8 @@ def local_teacher(directory, seed):
 
 def test_a_retrained_local_teacher_is_a_different_run(tmp_path):
     """The record holds the teacher's config hash and weights digest: same path and config, other weights -> refused."""
-    from hf_slimmoe.provenance import check_output_dir, open_output_dir, run_record
-    from hf_slimmoe.teacher import read_teacher_config
+    from hf_slimmoe.compression.provenance import check_output_dir, open_output_dir, run_record
+    from hf_slimmoe.compression.teacher import read_teacher_config
 
     local_teacher(tmp_path / "teacher", seed=0)
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "out", teacher={"model": str(tmp_path / "teacher")},
@@ -278,7 +280,8 @@ def test_trajectory_plot_has_one_label_per_stage_outside_the_curves():
     """Close stages (a short early-stopped stage 1) must not overprint: stages are named once each, in a legend that
     does not overlap either plot."""
     from hf_slimmoe import SlimMoeConfig
-    from hf_slimmoe.trajectory import point, trajectory_figure
+    from hf_slimmoe.compression.trajectory import point
+    from hf_slimmoe.hub.plot import trajectory_figure
 
     config = SlimMoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)

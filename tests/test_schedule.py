@@ -7,8 +7,8 @@ import pytest
 
 from hf_slimmoe import SlimMoeConfig, plan_stages
 from hf_slimmoe.cli import main
-from hf_slimmoe.recipe import load_recipe
-from hf_slimmoe.schedule import format_plan, pinned_stages, plan_rows
+from hf_slimmoe.compression.recipe import load_recipe
+from hf_slimmoe.pruning.schedule import format_plan, pinned_stages, plan_rows
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
@@ -116,7 +116,7 @@ def test_plan_cites_the_budget_sweep_where_one_stage_measured_better(capsys):
     """`slimmoe plan` prints one line of guidance for a multi-stage recipe at a budget where one-stage measured
     better (nearest measured budget in tokens per teacher parameter), says when the budget is beyond the sweep, and
     stays silent where multi-stage measured better or the recipe is not multi-stage."""
-    from hf_slimmoe.pipeline import budget_note
+    from hf_slimmoe.compression.plan import budget_note
 
     recipe = load_recipe(os.path.join(RECIPES, "tiny-cpu.yaml"))  # multi-stage, 0.25 tokens per teacher parameter
     teacher = recipe.teacher_config()

@@ -176,8 +176,8 @@ def test_compress_with_streaming_prune_saves_the_stages_prune_to_gives(tmp_path,
     save bit-identical stages."""
     from test_pipeline import tiny_recipe
 
-    from hf_slimmoe.pipeline import compress
-    from hf_slimmoe.recipe import recipe_from_dict
+    from hf_slimmoe.compression.loop import compress
+    from hf_slimmoe.compression.recipe import recipe_from_dict
 
     changes = dict(stages__budget__steps=[3, 3], early_stopping__enabled=False, data__eval_blocks=4)
     streamed = recipe_from_dict(tiny_recipe(tmp_path / "streamed", prune={"streaming": True}, **changes))

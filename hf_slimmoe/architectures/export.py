@@ -7,7 +7,7 @@ import os
 
 from transformers import CONFIG_MAPPING
 
-from ..configuration_slimmoe import config_fields
+from ..model.configuration_slimmoe import config_fields
 from .registry import get_architecture
 
 logger = logging.getLogger(__name__)

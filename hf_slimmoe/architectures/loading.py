@@ -11,8 +11,8 @@ import os
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
-from ..configuration_slimmoe import SLIMMOE_TYPES, SlimMoeConfig, config_fields
-from ..modeling_slimmoe import SlimMoeForCausalLM
+from ..model.configuration_slimmoe import SLIMMOE_TYPES, SlimMoeConfig, config_fields
+from ..model.modeling_slimmoe import SlimMoeForCausalLM
 from .registry import check_model_type, get_architecture
 
 def config_from_dict(values: dict, default_model_type: str = "slimmoe"):
@@ -60,7 +60,7 @@ def load_sharded(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from ..distributed import rank_and_world, shard_decoder_layers
+    from ..utils.distributed import rank_and_world, shard_decoder_layers
 
     rank, world = rank_and_world()
     if world == 1:

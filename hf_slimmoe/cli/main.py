@@ -54,7 +54,7 @@ def release_resources() -> None:
     """
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        from ..distributed import destroy_process_group
+        from ..utils.distributed import destroy_process_group
 
         try:
             destroy_process_group()

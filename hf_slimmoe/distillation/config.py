@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from ..kd_settings import DistillationSettings
+from .settings import DistillationSettings
 
 @dataclass
 class DistillationConfig(DistillationSettings, TrainingArguments):

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ..distributed import full_tensor
-from ..kd_settings import KDSettings
-from ..modeling_utils import teacher_topk_from_hidden
+from ..utils.distributed import full_tensor
+from .settings import KDSettings
+from ..utils.modeling import teacher_topk_from_hidden
 from .losses import full_kl_loss, sampled_kd_loss, teacher_samples_from_hidden, topk_kl_loss, topk_tail_kl_loss
 from .teacher_cache import (
     KIND_FOR_LOSS,

@@ -10,11 +10,11 @@ Four objectives, each a public function with exact gradients (custom autograd, o
 - [`full_kl_loss`] (`"full"`): the full-vocabulary KL from both models' hidden states (online teacher).
 
 The teacher is summarised per token by its top-k ids and log-probabilities *relative to its full vocabulary*
-(`hf_slimmoe.modeling_utils.teacher_topk`), or by `S` ids drawn from its distribution
+(`hf_slimmoe.utils.modeling.teacher_topk`), or by `S` ids drawn from its distribution
 ([`teacher_samples_from_hidden`]); this is what the teacher caches store.
 
 Chunks are sized in bytes, not tokens: with `chunk_size=None` (the default) each function takes as many tokens at a
-time as fit its `(chunk, V)` float32 working blocks in `chunk_bytes` (default `hf_slimmoe.modeling_utils.CHUNK_BYTES`,
+time as fit its `(chunk, V)` float32 working blocks in `chunk_bytes` (default `hf_slimmoe.utils.modeling.CHUNK_BYTES`,
 128 MiB; see `chunk_tokens`), so the extra memory of a loss is the same at a vocabulary of 32,064 and of 248,320.
 """
 
@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..modeling_utils import chunk_tokens
+from ..utils.modeling import chunk_tokens
 
 # float32 `(chunk, V)` blocks each computation holds at its peak (what `chunk_tokens` divides the byte budget by),
 # counted from the code below and checked with `benchmarks/bench_large_vocab.py`
@@ -309,7 +309,7 @@ def topk_kl_loss(
             loss and gradients as one big batch.
         chunk_bytes (`int`, *optional*):
             Byte budget of a chunk's float32 `(chunk, V)` working blocks when `chunk_size` is `None` (default
-            `hf_slimmoe.modeling_utils.CHUNK_BYTES`, 128 MiB).
+            `hf_slimmoe.utils.modeling.CHUNK_BYTES`, 128 MiB).
 
     Returns:
         `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.

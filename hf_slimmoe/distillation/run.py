@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM
 
-from ..data import load_token_dataset, load_tokenizer
+from ..utils.data import load_token_dataset, load_tokenizer
 from .config import DistillationConfig
 from .trainer import DistillationTrainer
 

@@ -33,10 +33,10 @@ import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
-from ..data import collate_tokens, rows_of
-from ..distributed import barrier, rank_and_world
-# teacher_topk* (computed in modeling_utils, shared with scoring) are part of this package's API, re-exported here
-from ..modeling_utils import backbone, teacher_topk, teacher_topk_from_hidden, teacher_topk_from_model, vocab_size
+from ..utils.data import collate_tokens, rows_of
+from ..utils.distributed import barrier, rank_and_world
+# teacher_topk* (computed in utils.modeling, shared with scoring) are part of this package's API, re-exported here
+from ..utils.modeling import backbone, teacher_topk, teacher_topk_from_hidden, teacher_topk_from_model, vocab_size
 from .losses import teacher_samples_from_hidden, threshold_samples_from_hidden
 
 logger = logging.getLogger(__name__)
@@ -689,7 +689,7 @@ def cache_teacher_topk(
             and every rank returns it: the rows one process computes, bit for bit. Several processes need it.
         shard_size (`int`, *optional*, defaults to `512`): rows per resumable shard.
         chunk_size (`int`, *optional*): tokens projected to the vocabulary at a time; `None` sizes chunks from a byte
-            budget (`hf_slimmoe.modeling_utils.chunk_tokens`), the same memory at any vocabulary.
+            budget (`hf_slimmoe.utils.modeling.chunk_tokens`), the same memory at any vocabulary.
         pad_token_id (`int`, *optional*, defaults to `0`): id used to right-pad a batch (masked out).
 
     Returns:

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
 from trl.models.utils import _ForwardRedirection
 
 from ..architectures import get_architecture
-from ..data import TokenCollator, pad
-from ..distributed import call_through_forward
-from ..modeling_utils import (
+from ..utils.data import TokenCollator, pad
+from ..utils.distributed import call_through_forward
+from ..utils.modeling import (
     backbone,
     check_same_vocabulary,
     read_stored_layout,

@@ -9,7 +9,7 @@ import random
 
 from datasets import Dataset
 
-from ..data import load_dataset_splits
+from ..utils.data import load_dataset_splits
 from .config import BUILTIN_DOCSTRINGS, PostTrainScriptArguments
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 from trl import ModelConfig, ScriptArguments, SFTConfig
 from trl.trainer.utils import get_peft_config
 
-from ..kd_settings import KDSettings
+from ..distillation.settings import KDSettings
 
 BUILTIN_DOCSTRINGS = "builtin:stdlib-docstrings"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -27,7 +27,7 @@ def parse_recipe(
     (`--learning_rate 1e-5`) override the YAML; an unknown key raises. `MODEL_DEFAULTS` lists the `ModelConfig`
     defaults that differ (`dtype: auto`, `lora_dropout: 0.0`).
     """
-    from ..recipe import parse_config_file
+    from ..utils.config_io import parse_config_file
 
     if kind not in ("sft", "lora", "dpo"):
         raise ValueError(f"Unknown post-training kind {kind!r}; use 'sft', 'lora' or 'dpo'.")

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..tokenization import CHAT_TEMPLATE, ENDOFTEXT, train_bpe_tokenizer
+from ..utils.tokenization import CHAT_TEMPLATE, ENDOFTEXT, train_bpe_tokenizer
 from .chat_data import DOCSTRING_MODULES
 from .config import PostTrainScriptArguments
 
@@ -27,8 +27,8 @@ def build_tiny_tokenizer(vocab_size: int = 512):
 
 def build_tiny_chat_model(directory: str, tokenizer=None, seed: int = 0, **config_overrides) -> str:
     """Save a tiny random SlimMoE model and a tiny tokenizer to `directory` (CPU demos and tests); returns it."""
-    from ..configuration_slimmoe import SlimMoeConfig
-    from ..modeling_slimmoe import SlimMoeForCausalLM
+    from ..model.configuration_slimmoe import SlimMoeConfig
+    from ..model.modeling_slimmoe import SlimMoeForCausalLM
 
     tokenizer = tokenizer or build_tiny_tokenizer()
     values = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

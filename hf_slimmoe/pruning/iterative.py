@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..architectures import get_architecture
-from ..schedule import config_between, stage_sizes
+from .schedule import config_between, stage_sizes
 from .sensitivity import SensitivityScores, compute_sensitivity
 from .surgery import expert_neurons, gqa_rows, head_rows, prune_to
 

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from ..architectures import get_architecture
 from ..distillation.losses import chunked_cross_entropy, topk_kl_loss
-from ..distributed import all_reduce_sum, call_through_forward, full_tensor, is_sharded, rank_and_world, rank_share
-from ..modeling_utils import backbone, check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
+from ..utils.distributed import all_reduce_sum, call_through_forward, full_tensor, is_sharded, rank_and_world, rank_share
+from ..utils.modeling import backbone, check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def compute_sensitivity(
     tokens (the loss is chunked over the vocabulary) and the model's `requires_grad` flags, `.grad` and train/eval
     mode are restored afterwards.
 
-    Under FSDP2 (`model` sharded with `fully_shard`, e.g. by [`~hf_slimmoe.distributed.shard_decoder_layers`]) every
+    Under FSDP2 (`model` sharded with `fully_shard`, e.g. by [`~hf_slimmoe.utils.distributed.shard_decoder_layers`]) every
     rank passes the same batches and scores its share of them (`batches[rank::world_size]`, padded so every rank
     steps in lockstep); each loss runs inside the root's forward, the gradient shards are summed over ranks and
     gathered one weight at a time, and every rank returns the same scores as one process would on all batches (to

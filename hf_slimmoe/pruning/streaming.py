@@ -471,7 +471,7 @@ def _pruned_config(config, target, cuts: list[TensorCut]):
     writes it: the model class in `architectures`, the stored dtype in `dtype`."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from ..configuration_slimmoe import SlimMoeConfig
+    from ..model.configuration_slimmoe import SlimMoeConfig
 
     arch = get_architecture(config)
     pruned = type(config)(**{k: v for k, v in config.to_dict().items()

@@ -99,7 +99,7 @@ class DataclassCommand(Command):
         """Parse `argv` (what follows the command name) into `(dataclass instances, {section: value})`."""
         from trl import TrlParser
 
-        from ...recipe import parse_config_file
+        from ...utils.config_io import parse_config_file
 
         class CommandParser(TrlParser):
             error = one_line_error
@@ -146,7 +146,7 @@ def check_model_path(path: str, name: str) -> str:
 
 def check_safetensors_header(path: str) -> None:
     """Raise `ValueError` naming `path` when it is empty, truncated or not a safetensors file, and what to do."""
-    from ...outputs import check_safetensors
+    from ...utils.outputs import check_safetensors
 
     try:
         check_safetensors(path)

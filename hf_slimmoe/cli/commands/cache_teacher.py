@@ -53,10 +53,10 @@ class CacheTeacherCommand(Command):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from ...data import load_token_dataset, load_tokenizer
+        from ...utils.data import load_token_dataset, load_tokenizer
         from ...distillation import cache_teacher_samples, cache_teacher_topk
 
-        from ...distributed import init_from_environment
+        from ...utils.distributed import init_from_environment
 
         if args.kd_loss != "sampled" and args.sampling != "systematic":
             raise ValueError(f"--sampling {args.sampling}: sampling applies to --kd-loss sampled.")

@@ -28,8 +28,9 @@ class CompressCommand(Command):
                             "teacher (the differences are logged and remembered)")
 
     def run(self, args, extra_args) -> int:
-        from ...pipeline import compress, plan_text
-        from ...recipe import load_recipe
+        from ...compression.loop import compress
+        from ...compression.plan import plan_text
+        from ...compression.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)
         if args.output_dir:

@@ -29,7 +29,7 @@ class DemoCommand(Command):
                             "a machine shared with other jobs, --threads 1 avoids threads waiting on a busy core")
 
     def run(self, args, extra_args) -> int:
-        from ...demo import run_demo
+        from ...compression.demo import run_demo
 
         output_dir = args.output_dir or ("outputs/demo-fast" if args.fast else "outputs/demo")
         check_output_dir(output_dir, "OUTPUT_DIR", resumable=True)

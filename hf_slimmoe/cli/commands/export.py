@@ -30,7 +30,7 @@ class ExportCommand(Command):
         check_output_dir(args.output_dir, "OUTPUT_DIR", overwrite=args.overwrite)
         from transformers import AutoTokenizer
 
-        from ...modeling_slimmoe import SlimMoeForCausalLM
+        from ...model.modeling_slimmoe import SlimMoeForCausalLM
 
         model = SlimMoeForCausalLM.from_pretrained(args.model)
         with staged_directory(args.output_dir) as staging:  # the old files go only once the new ones are complete

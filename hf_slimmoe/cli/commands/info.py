@@ -111,7 +111,7 @@ class InfoCommand(Command):
         parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
 
     def run(self, args, extra_args) -> int:
-        from ...schedule import human_count
+        from ...utils.outputs import human_count
 
         if args.path is None:
             directory = tempfile.mkdtemp(prefix="slimmoe-tiny-")

@@ -40,7 +40,7 @@ class PlanCommand(Command):
         from transformers import PretrainedConfig
 
         from ...architectures import config_from_dict, slim_config
-        from ...schedule import format_plan, plan_rows, plan_stages
+        from ...pruning.schedule import format_plan, plan_rows, plan_stages
 
         describe(args.teacher)  # names a missing file or an unsupported family
         config_file = os.path.join(args.teacher, "config.json") if os.path.isdir(args.teacher) else args.teacher
@@ -53,9 +53,10 @@ class PlanCommand(Command):
 
     @staticmethod
     def run_recipe(args) -> int:
-        from ...pipeline import plan_text, read_teacher_config
-        from ...recipe import load_recipe
-        from ...schedule import plan_rows
+        from ...compression.plan import plan_text
+        from ...compression.teacher import read_teacher_config
+        from ...compression.recipe import load_recipe
+        from ...pruning.schedule import plan_rows
 
         recipe = load_recipe(args.recipe)
         if args.json:

@@ -86,7 +86,7 @@ class PruneCommand(Command):
 def pruned_summary(args, source, target) -> str:
     """The line `slimmoe prune` prints: the new expert width and heads, and the total parameters before and after."""
     from ...architectures import count_parameters, get_architecture
-    from ...schedule import human_count
+    from ...utils.outputs import human_count
 
     return (f"pruned {args.model} -> {args.output_dir}: intermediate_size "
             f"{get_architecture(target).expert_width_of(target)}, heads {target.num_attention_heads}/"

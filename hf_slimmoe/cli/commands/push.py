@@ -36,7 +36,7 @@ class PushCommand(Command):
 
     def run(self, args, extra_args) -> int:
         from ...hub import HubSettings, is_complete_stage, publish_stage, read_hub_settings
-        from ...provenance import stage_dirs
+        from ...compression.provenance import stage_dirs
 
         settings = read_hub_settings(args.output_dir)
         overrides = {k: v for k, v in (("repo_id", args.repo_id), ("layout", args.layout), ("private", args.private))

@@ -45,7 +45,7 @@ class ScoreCommand(Command):
 
         from ...architectures import load_model
         from ...pruning import compute_sensitivity
-        from ...data import load_calibration_batches
+        from ...utils.data import load_calibration_batches
 
         check_model_path(args.model, "MODEL")
         if args.teacher is not None:

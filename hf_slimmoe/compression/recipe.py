@@ -1,6 +1,6 @@
 """Compression recipes: the YAML file `slimmoe compress` runs, as dataclasses.
 
-A recipe holds every number of a run (torchtune style: the procedure lives in `pipeline.py`, the numbers here).
+A recipe holds every number of a run (torchtune style: the procedure lives in `loop.py`, the numbers here).
 Loading is strict: an unknown key, a wrong type or an impossible value raises `ValueError` naming the dotted key
 (`stages.budget.tokens`, `training.learning_rate`, ...) and what to do. Paths may use `{stdlib}` (the Python standard
 library's source directory, used by the tiny CPU recipe to have text without downloading anything) and `{recipe_dir}`.
@@ -23,11 +23,9 @@ Sections (see `recipes/tiny-cpu.yaml` for a complete, commented example):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
-import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +34,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .kd_settings import DistillationSettings
+from ..distillation.settings import DistillationSettings
+from ..utils.config_io import merge_settings, read_yaml_mapping
 
 METHODS = ("multi-stage", "one-stage", "iterative")
 BUILD_TEACHER = "build"
@@ -201,7 +200,7 @@ class Recipe:
             return None
         key = "teacher.architecture" if self.teacher.architecture is not None else "teacher.build.config"
         try:
-            from .architectures import config_from_dict
+            from ..architectures import config_from_dict
 
             return config_from_dict(values)  # model_type picks the family (default: SlimMoE / PhiMoE)
         except (TypeError, ValueError) as e:
@@ -209,7 +208,7 @@ class Recipe:
 
     def stage_configs(self, teacher_config) -> list:
         """The configurations the method prunes into, in order (one-stage: only the target; iterative: the target)."""
-        from .schedule import pinned_stages, plan_stages
+        from ..pruning.schedule import pinned_stages, plan_stages
 
         s = self.stages
         if s.sizes is not None:
@@ -253,7 +252,7 @@ class Recipe:
 
 
 def _target_config(teacher_config, target: dict[str, int]):
-    from .schedule import pinned_stages, size_keys
+    from ..pruning.schedule import pinned_stages, size_keys
 
     allowed = size_keys(teacher_config)
     unknown = sorted(set(target) - set(allowed))
@@ -268,12 +267,6 @@ def _target_config(teacher_config, target: dict[str, int]):
 
 
 # ------------------------------------------------------------------------------------------------------ loading
-def expand_path(path: str, recipe_dir: str | None = None) -> str:
-    """Substitute `{stdlib}` (Python's standard library source directory) and `{recipe_dir}`, expand `~`."""
-    path = path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
-    if recipe_dir is not None:
-        path = path.replace("{recipe_dir}", recipe_dir)
-    return os.path.expanduser(path)
 
 
 def _type_name(tp) -> str:
@@ -478,7 +471,7 @@ def validate(recipe: Recipe) -> Recipe:
 def _check_hub(hub: dict[str, Any]):
     """Parse the `hub:` section with `hf_slimmoe.hub.HubSettings`, naming the key on error."""
     try:
-        from .hub import HubSettings
+        from ..hub import HubSettings
     except ImportError:  # the hub module is optional for planning; publishing checks again
         return None
     names = {f.name for f in dataclasses.fields(HubSettings)}
@@ -527,76 +520,8 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
         yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)
 
 
-# ------------------------------------------------------------------------------------------------ config files
-def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
-    """A YAML file holding a mapping (an empty file is an empty mapping); errors name the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            values = yaml.safe_load(f)
-        except (yaml.YAMLError, UnicodeDecodeError) as e:  # a binary file fails to decode as UTF-8
-            raise ValueError(f"{path} is not a valid YAML text file: {e}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a YAML mapping of names to values, got {type(values).__name__}.")
-    return values
-
-
-def parse_config_file(
-    dataclass_types: tuple[type, ...],
-    config_path: str | os.PathLike | None,
-    args: list[str] | None = None,
-    defaults: dict[str, Any] | None = None,
-    sections: tuple[str, ...] = (),
-    help_command: str = "--help",
-    parser_class: type | None = None,
-    **parser_kwargs,
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """
-    Parse a YAML file of config-dataclass fields and command-line flags, as TRL's scripts do (`trl.TrlParser`).
-
-    The file's keys are field names and flags (`--learning_rate 1e-5`) override them; as in TRL, an `env:` mapping
-    sets environment variables. Top-level keys named in `sections` (e.g. `hub`) are not fields: they are taken out and
-    returned beside the instances. `defaults` are field defaults that differ from the dataclasses' own. An unknown key
-    raises `ValueError` naming the file and `help_command` (which lists the fields). `parser_class` (a `TrlParser`
-    subclass) and `parser_kwargs` (`prog`, `description`) shape the parser.
-
-    Returns:
-        `(instances, {section: value})`, one instance per dataclass type, in order.
-    """
-    from trl import TrlParser
-
-    parser = (parser_class or TrlParser)(dataclass_types, **parser_kwargs)
-    parser.set_defaults(**(defaults or {}))
-    values = read_yaml_mapping(config_path) if config_path is not None else {}
-    found = {key: values.pop(key) for key in sections if key in values}
-    env = values.pop("env", None) or {}
-    if not isinstance(env, dict):
-        raise ValueError(f"`env` in {config_path} must be a mapping of environment variables to values.")
-    os.environ.update({str(key): str(value) for key, value in env.items()})
-    unknown = parser.set_defaults_with_config(**values)
-    if unknown:
-        keys = ", ".join(key.lstrip("-") for key in unknown[::2])
-        raise ValueError(f"Unknown key(s) in {config_path}: {keys}; `{help_command}` lists the fields.")
-    return tuple(parser.parse_args_into_dataclasses(args=list(args or []))), found
-
-
 # ------------------------------------------------------------------------------------------------------ the demo
 DEMO_RECIPE = "demo.yaml"  # packaged in hf_slimmoe/recipes/
-
-
-def merge_settings(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` merged in recursively (mappings merge, everything else replaces)."""
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_settings(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def demo_settings(fast: bool = False) -> dict:
@@ -613,10 +538,6 @@ __all__ = [
     "recipe_from_dict",
     "save_recipe",
     "recipe_to_dict",
-    "expand_path",
     "METHODS",
     "demo_settings",
-    "merge_settings",
-    "read_yaml_mapping",
-    "parse_config_file",
 ]

@@ -89,7 +89,7 @@ def shard_decoder_layers(model: nn.Module) -> nn.Module:
     default process group."""
     from torch.distributed.fsdp import fully_shard
 
-    from .modeling_utils import backbone
+    from .modeling import backbone
 
     layers = getattr(backbone(model), "layers", None)
     if layers is None:

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from .data import TokenCollator, collate_tokens
-from .distillation.losses import chunked_cross_entropy
-from .distillation.teacher_cache import CACHE_COLUMNS
-from .modeling_utils import backbone
+from ..distillation.losses import chunked_cross_entropy
+from ..distillation.teacher_cache import CACHE_COLUMNS
+from ..utils.data import TokenCollator, collate_tokens
+from ..utils.modeling import backbone
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def evaluate_model(model, dataset, teacher=None, top_k: int = 8, batch_size: int
 
     from transformers import PrinterCallback
 
-    from .distillation import DistillationConfig, DistillationTrainer
+    from ..distillation import DistillationConfig, DistillationTrainer
 
     with tempfile.TemporaryDirectory(prefix="slimmoe-eval-") as tmp:
         args = DistillationConfig(output_dir=tmp, per_device_eval_batch_size=batch_size, top_k=top_k,

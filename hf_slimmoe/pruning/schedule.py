@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .architectures import count_parameters, get_architecture, slim_config
+from ..architectures import count_parameters, get_architecture, slim_config
+from ..utils.outputs import human_count
 
 #: The sizes SlimMoE prunes, by their family-independent names (`slim_config` arguments).
 SIZE_NAMES = ("expert_width", "num_key_value_heads", "shared_expert_width")
@@ -190,16 +191,6 @@ def pinned_stages(source_config, sizes: Sequence[Mapping[str, int]]) -> list:
     return stages
 
 
-def human_count(n: int | float | None, digits: int = 1) -> str:
-    """A count with `digits` decimals and a unit: 41.9B, 15.7B, 3.2M, 850K; below 1,000 as it is; `None`: "-"."""
-    if n is None:
-        return "-"
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.{digits}f}{unit}"
-    return f"{n:,}" if isinstance(n, int) else f"{n:g}"
-
-
 def plan_rows(source_config, stages: Sequence) -> list[dict]:
     """One dict per model of the plan (stage 0 = the source), with sizes and total/active parameters."""
     total0, active0 = count_parameters(source_config)
@@ -264,7 +255,6 @@ __all__ = [
     "check_target",
     "plan_rows",
     "format_plan",
-    "human_count",
     "stage_sizes",
     "size_keys",
     "geometric_size",

@@ -2,16 +2,17 @@
 (`slimmoe distill`), `SFTDistillationConfig` (`slimmoe sft`) and the recipe's `distillation:` section
 (`slimmoe compress`), so every KD field has one name, one default and one validator everywhere.
 
-It sits at the package's top, with the other pure-Python settings, below `modeling_utils` (whose chunked projections
-read [`CHUNK_BYTES`]) and the trainers: it imports nothing, so the recipe schema loads neither torch nor TRL."""
+It is plain Python (its one import, [`CHUNK_BYTES`], comes from `hf_slimmoe.utils`, whose `__init__` imports nothing),
+so the recipe schema that mixes it in loads neither torch nor TRL."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..utils import CHUNK_BYTES
+
 
 KD_LOSSES = ("sampled", "topk_tail", "topk", "full")
-CHUNK_BYTES = 128 * 2**20  # default budget of a chunked projection's `(chunk, V)` float32 working blocks together
 
 
 @dataclass

@@ -243,7 +243,18 @@ class RunLock:
         self.held = False
 
 
+def human_count(n: int | float | None, digits: int = 1) -> str:
+    """A count with `digits` decimals and a unit: 41.9B, 15.7B, 3.2M, 850K; below 1,000 as it is; `None`: "-"."""
+    if n is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.{digits}f}{unit}"
+    return f"{n:,}" if isinstance(n, int) else f"{n:g}"
+
+
 __all__ = [
+    "human_count",
     "OutputDirError",
     "read_json",
     "write_json",

@@ -17,11 +17,10 @@ from __future__ import annotations
 import os
 
 import torch
-
 from transformers import PhimoeForCausalLM, PretrainedConfig
 
+from ..utils.modeling import read_stored_layout
 from .configuration_slimmoe import SLIMMOE_TYPES, SlimMoeConfig
-from .modeling_utils import read_stored_layout
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
@@ -104,7 +103,7 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         `config.json` differs: `model_type: phimoe`, `architectures: [PhiMoEForCausalLM]` (vLLM's name; transformers
         itself loads by `model_type`) and an explicit `head_dim`.
         """
-        from .architectures.export import save_stock
+        from ..architectures.export import save_stock
 
         save_stock(self, save_directory, **save_kwargs)
 
@@ -120,7 +119,7 @@ class SlimMoeForCausalLM(PhimoeForCausalLM):
         head_dim) or the query heads per group, or scores of the wrong shape raise a `ValueError` naming the field
         before any weight changes; expert rows that are not 16-byte aligned switch the experts to the eager kernel.
         """
-        from .pruning.surgery import prune_to
+        from ..pruning.surgery import prune_to
 
         return prune_to(self, target_config, scores)
 

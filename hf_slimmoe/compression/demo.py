@@ -9,7 +9,7 @@ the top-level modules; held-out: the packages email/, http/, urllib/, xml/). The
                                            (see `ensure_teacher`)
     [2/6] teacher cache                    what the KD loss reads on the train blocks (8 teacher samples per token,
                                            `cache_teacher_samples`) and the teacher's top-8 on the held-out blocks
-    [3/6] stage 1, [4/6] stage 2           `pipeline.compress` on the demo recipe: score, prune, distill, save, card
+    [3/6] stage 1, [4/6] stage 2           `compression.loop.compress` on the demo recipe: score, prune, distill, save, card
     [5/6] SFT-KD and DPO                   `posttrain` runners on the final stage, with docstring data from the stdlib
     [6/6] evaluation and summary           held-out perplexity, KL to the teacher (top-8 + rest, and the full
                                            vocabulary), top-1 agreement, parameters and prefill/decode speed of
@@ -31,8 +31,8 @@ import sys
 
 import yaml
 
-from .pipeline import RunPaths, is_finished_stage
 from .recipe import Recipe, demo_settings, recipe_from_dict, recipe_to_dict
+from .resume import RunPaths, is_finished_stage
 from .teacher import BUILD_RECORD, build_teacher
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def ensure_teacher(output_dir: str, fast: bool = False) -> str:
     Build or reuse the demo's trained teacher and tokenizer; returns `OUTPUT_DIR/teacher`.
 
     The teacher is built once per setting by `teacher.build_teacher` into `cache_root()/demo-teacher-<fingerprint>/`
-    (see `demo_teacher_key`) and copied to `OUTPUT_DIR/teacher/`, where `pipeline.compress` finds it. A second
+    (see `demo_teacher_key`) and copied to `OUTPUT_DIR/teacher/`, where `compress` finds it. A second
     run, in this or any other output directory, starts from the cached teacher without training it again.
     """
     recipe = demo_recipe(output_dir, fast)
@@ -126,8 +126,8 @@ def _write_yaml(path: str, values: dict) -> str:
 
 def _posttrain(kind: str, settings: dict, output_dir: str, parent: str, teacher: str | None = None) -> str:
     """Run the `sft` / `dpo` section of the demo recipe through `posttrain.run_recipe` (skipped when finished)."""
-    from .posttrain import run_recipe
-    from .tokenization import chat_template_path
+    from ..posttrain import run_recipe
+    from ..utils.tokenization import chat_template_path
 
     paths = RunPaths(output_dir)
     target = os.path.join(paths.output_dir, kind)
@@ -172,7 +172,7 @@ def _evaluate_all(output_dir: str, recipe: Recipe, eval_settings: dict, eval_set
 
 def format_summary(summary: dict) -> str:
     """The summary table as Markdown."""
-    from .schedule import human_count
+    from ..utils.outputs import human_count
 
     header = ("| model | total params | active params | held-out perplexity | KL to teacher (top-8 + rest) "
               "| full KL to teacher | top-1 agreement | prefill tok/s | decode tok/s |")
@@ -207,10 +207,11 @@ def run_demo(output_dir: str, fast: bool = False, on_step=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import load_blocks
-    from .distillation import cache_teacher_topk
-    from .pipeline import cache_train_set, compress
-    from .trajectory import plot_trajectory
+    from ..distillation import cache_teacher_topk
+    from ..hub.plot import plot_trajectory
+    from .loop import compress
+    from .run import cache_train_set
+    from .sources import load_blocks
 
     settings = demo_settings(fast)
     recipe = demo_recipe(output_dir, fast)

@@ -17,10 +17,22 @@ import shutil
 
 from transformers import PretrainedConfig
 
-from .architectures import get_architecture
-from .outputs import (PROVENANCE, OutputDirError, canonical_hash, check_weights, differences, file_digest,
-                      mismatch_error, read_provenance, record_id, weights_digest, write_provenance)
-from .recipe import BUILD_TEACHER, Recipe, expand_path, recipe_to_dict
+from ..architectures import get_architecture
+from ..utils.config_io import expand_path
+from ..utils.outputs import (
+    PROVENANCE,
+    OutputDirError,
+    canonical_hash,
+    check_weights,
+    differences,
+    file_digest,
+    mismatch_error,
+    read_provenance,
+    record_id,
+    weights_digest,
+    write_provenance,
+)
+from .recipe import BUILD_TEACHER, Recipe, recipe_to_dict
 from .teacher import build_differences, build_settings, is_built_teacher, is_local
 
 logger = logging.getLogger(__name__)

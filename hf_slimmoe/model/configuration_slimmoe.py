@@ -110,7 +110,7 @@ class SlimMoeConfig(PhimoeConfig):
         gives 16/4 heads. Raises `ValueError` naming the field for a size that is not a positive integer no larger
         than the current one.
         """
-        from .architectures.slimming import slim_config
+        from ..architectures.slimming import slim_config
 
         return slim_config(self, expert_width=intermediate_size, num_key_value_heads=num_key_value_heads)
 
@@ -118,13 +118,13 @@ class SlimMoeConfig(PhimoeConfig):
     def num_parameters(self) -> int:
         """Total parameters of a model with this configuration (embeddings, lm_head with bias, attention, norms,
         routers, all experts), counted as for every family ([`count_parameters`], a meta-device model)."""
-        from .architectures.registry import count_parameters
+        from ..architectures.registry import count_parameters
 
         return count_parameters(self)[0]
 
     def num_active_parameters(self) -> int:
         """Parameters used per token: as `num_parameters()`, counting only `num_experts_per_tok` experts per layer."""
-        from .architectures.registry import count_parameters
+        from ..architectures.registry import count_parameters
 
         return count_parameters(self)[1]
 

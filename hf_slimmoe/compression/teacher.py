@@ -17,12 +17,13 @@ import shutil
 
 import torch
 
-from .architectures import config_from_dict, count_parameters, get_architecture, new_model
-from .data import TokenCollator, load_blocks, source_files
-from .outputs import differences
-from .recipe import BUILD_TEACHER, DataSource, Recipe, expand_path, recipe_to_dict
-from .schedule import human_count
-from .tokenization import train_bpe_tokenizer
+from ..architectures import config_from_dict, count_parameters, get_architecture, new_model
+from ..utils.config_io import expand_path
+from ..utils.data import TokenCollator
+from ..utils.outputs import differences, human_count
+from ..utils.tokenization import train_bpe_tokenizer
+from .recipe import BUILD_TEACHER, DataSource, Recipe, recipe_to_dict
+from .sources import load_blocks, source_files
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def teacher_paths(recipe: Recipe, built_dir: str) -> tuple[str, str]:
 def read_teacher_config(recipe: Recipe, offline_ok: bool = False):
     """The teacher's configuration (any supported family): from `teacher.architecture` / `teacher.build`, checked
     against the checkpoint's config.json when it can be read (a local path, or the Hub unless offline)."""
-    from .architectures import SUPPORTED_MODEL_TYPES
+    from ..architectures import SUPPORTED_MODEL_TYPES
 
     declared = recipe.teacher_config()
     if recipe.teacher.model == BUILD_TEACHER:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .kd_settings import CHUNK_BYTES  # the default budget of a chunked projection's working blocks
+from . import CHUNK_BYTES  # the default budget of a chunked projection's working blocks
 
 
 # ----------------------------------------------------------------------------------------------------- access
@@ -230,7 +230,6 @@ def teacher_topk_from_model(
 
 
 __all__ = [
-    "CHUNK_BYTES",
     "backbone",
     "causal_lm",
     "check_same_vocabulary",
