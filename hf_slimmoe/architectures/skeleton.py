@@ -16,9 +16,14 @@ def build_skeleton(config) -> nn.Module:
     """A model of `config` on the meta device: every module and shape, no memory. Built from a copy (`from_config`
     sets the kernels on the configuration it is given) with the eager experts kernel, which takes any width."""
     from transformers import AutoModelForCausalLM  # hf_slimmoe registers its own SlimMoE classes with it
+    from transformers.initialization import no_init_weights
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config), experts_implementation="eager")
+    # meta tensors hold no values: initializing them only costs time (torch's init functions run on them all the
+    # same); `no_init_weights` also skips the tying `init_weights` does on the meta device, so the model ties here
+    with torch.device("meta"), no_init_weights():
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), experts_implementation="eager")
+    model.tie_weights()
+    return model
 
 
 _SKELETONS: dict[tuple, nn.Module] = {}
