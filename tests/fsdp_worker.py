@@ -122,7 +122,7 @@ def distill(out_dir: str) -> dict:
 
 def load(out_dir: str) -> dict:
     """`load_sharded` of the checkpoint the test saved in OUT_DIR/model: this rank's peak RSS (measured before
-    anything is gathered) and a digest of the whole state dict, gathered afterwards."""
+    anything is gathered), a digest of the whole state dict, gathered afterwards, and its teacher fingerprint."""
     import resource
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -134,8 +134,10 @@ def load(out_dir: str) -> dict:
     state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
     digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state)))
     buffers = hashlib.sha256(b"".join(b.contiguous().numpy().tobytes() for b in sharded.buffers()))
+    from hf_slimmoe.distillation import teacher_fingerprint
+
     return {"sharded": is_sharded(sharded), "peak_mib": peak_mib, "digest": digest.hexdigest(),
-            "buffers": buffers.hexdigest()}
+            "buffers": buffers.hexdigest(), "fingerprint": teacher_fingerprint(sharded)}
 
 
 def main(mode: str, out_dir: str) -> None:

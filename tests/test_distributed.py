@@ -99,10 +99,12 @@ def test_sensitivity_scores_under_fsdp2_equal_one_process(score_run):
 def test_load_sharded_gives_rank_1_only_its_shard_and_the_same_model(score_run):
     """`load_sharded` on 2 ranks: rank 0 loads the checkpoint, rank 1 builds the model on the meta device and
     receives its shards, so rank 1's peak host RSS is at most 60% of rank 0's (which held the whole model, as every
-    rank did before), and the gathered weights and buffers equal a plain one-process load of the checkpoint."""
+    rank did before), and the gathered weights and buffers equal a plain one-process load of the checkpoint, as does
+    the teacher fingerprint a teacher cache records (of a sharded teacher: one gathered tensor at a time)."""
     import hashlib
 
     from hf_slimmoe.architectures import load_model
+    from hf_slimmoe.distillation import teacher_fingerprint
 
     out, ranks = score_run
     reference = load_model(out / "model", dtype=torch.float32)
@@ -112,6 +114,7 @@ def test_load_sharded_gives_rank_1_only_its_shard_and_the_same_model(score_run):
     loads = [rank["load"] for rank in ranks]
     for load in loads:
         assert load["sharded"] and load["digest"] == digest.hexdigest() and load["buffers"] == buffers.hexdigest()
+        assert load["fingerprint"] == teacher_fingerprint(reference)
     assert loads[1]["peak_mib"] <= 0.6 * loads[0]["peak_mib"], loads
 
 
@@ -174,9 +177,10 @@ FSDP_TEACHERS = {
 @pytest.mark.parametrize("family", list(FSDP_TEACHERS))
 def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family):
     """`accelerate launch --config_file recipes/accelerate/fsdp2.yaml` on 2 CPU processes runs a tiny recipe end to
-    end for teachers of several families: each stage is scored on the model sharded with FSDP2 (3 calibration batches
-    over 2 ranks), pruned by streaming surgery and distilled; the stage-1 scores equal those one process computes on
-    the teacher, and the last stage has the target sizes."""
+    end for teachers of several families: the teacher is loaded into FSDP2 shards (and caches, evaluates and scores
+    sharded, in lockstep), each stage is scored on its parent loaded into shards (3 calibration batches over 2 ranks),
+    pruned by streaming surgery and distilled; the stage-1 scores equal those one process computes on the teacher, and
+    the last stage has the target sizes."""
     from test_pipeline import STAGE_FILES, tiny_recipe
 
     from hf_slimmoe import compute_sensitivity
@@ -191,7 +195,8 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family
     out = tmp_path / "fsdp"
     config, target = FSDP_TEACHERS[family]
     values = tiny_recipe(out, stages__budget__steps=[3, 3], early_stopping__enabled=False, data__eval_blocks=4,
-                         data__calibration_blocks=6, scoring__batch_size=2, stages__target=target)
+                         data__calibration_blocks=6, scoring__batch_size=2, stages__target=target,
+                         distillation__cache_teacher=family != "deepseek_v3")  # one runs its sharded teacher online
     values["teacher"]["build"].update(config=config, pretrain_steps=10)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(values))
     result = subprocess.run(
@@ -201,6 +206,7 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family
         env=ENV, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("Streaming surgery of") == 2  # the main process cut each parent on disk
+    assert result.stderr.count("The teacher is loaded into FSDP2 shards on rank") == 2  # both ranks: a shard each
     for stage in (1, 2):
         assert is_finished_stage(out / f"stage-{stage}") and STAGE_FILES <= set(os.listdir(out / f"stage-{stage}"))
     info = json.load(open(out / "stage-2" / "stage.json"))

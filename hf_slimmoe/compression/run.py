@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from ..architectures import count_parameters, get_architecture, load_model
+from ..architectures import count_parameters, get_architecture, load_model, load_sharded
 from ..utils.data import batches
+from ..utils.distributed import fsdp_requested
 from ..utils.modeling import check_tokenizer_vocabulary
 from ..utils.outputs import read_json, write_json
 from .plan import training_args, world_size
@@ -113,18 +114,30 @@ def prepare_output_dir(recipe: Recipe, paths: RunPaths, reuse_stale: bool = Fals
         build_teacher(recipe, paths.teacher, reuse_stale=reuse_stale)
 
 
-def load_teacher(recipe: Recipe, paths: RunPaths) -> tuple[Any, Any, str]:
-    """The original teacher (frozen, in eval mode, on this process's device unless ZeRO-3 shards it), its tokenizer
-    and its path."""
+def loads_into_shards(recipe: Recipe, args) -> bool:
+    """Whether the teacher and each stage's parent are loaded into FSDP2 shards (`load_sharded`: rank 0 reads the
+    checkpoint, every other rank holds only its shards): FSDP2 over several processes. The iterative baseline, which
+    trains the parent itself, is refused under FSDP before any work."""
+    return fsdp_requested(args) and args.world_size > 1 and recipe.method != "iterative"
+
+
+def load_teacher(recipe: Recipe, paths: RunPaths, sharded: bool = False) -> tuple[Any, Any, str]:
+    """The original teacher (frozen, in eval mode, on this process's device unless ZeRO-3 or, with `sharded`, FSDP2
+    shards it), its tokenizer and its path. Every use of a sharded teacher (caching, evaluation, scoring, online
+    targets) runs its forwards in lockstep on every rank."""
     from transformers import AutoTokenizer
 
     teacher_path, tokenizer_path = teacher_paths(recipe, paths.teacher)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    teacher = load_model(teacher_path, dtype=getattr(torch, recipe.teacher.dtype),  # its own family's class
-                         revision=recipe.teacher.revision)
+    dtype = getattr(torch, recipe.teacher.dtype)
+    if sharded:
+        teacher = load_sharded(teacher_path, dtype=dtype, revision=recipe.teacher.revision)
+        logger.info("The teacher is loaded into FSDP2 shards on rank %d", torch.distributed.get_rank())
+    else:
+        teacher = load_model(teacher_path, dtype=dtype, revision=recipe.teacher.revision)  # its own family's class
     teacher.requires_grad_(False).eval()
     check_tokenizer_vocabulary(tokenizer, teacher.config.vocab_size)
-    if not is_deepspeed_zero3_enabled():  # ZeRO-3 keeps the teacher sharded; the trainer places it
+    if not (sharded or is_deepspeed_zero3_enabled()):  # ZeRO-3 keeps the teacher sharded; the trainer places it
         teacher.to(run_device(recipe))
     return teacher, tokenizer, teacher_path
 
@@ -193,7 +206,7 @@ def start_run(recipe: Recipe, paths: RunPaths, args, record: dict, reuse_stale: 
     training arguments; work every process would repeat (teacher build, cache, scores) runs on the main one first."""
     with args.main_process_first(desc="preparing the run"):
         prepare_output_dir(recipe, paths, reuse_stale=reuse_stale)
-    teacher, tokenizer, teacher_path = load_teacher(recipe, paths)
+    teacher, tokenizer, teacher_path = load_teacher(recipe, paths, sharded=loads_into_shards(recipe, args))
     blocks = load_blocks(recipe, tokenizer)
     run = Run(recipe, paths, args, teacher, teacher_path, tokenizer, run_device(recipe), train=blocks["train"],
               eval_set=blocks["eval"], online_teacher=teacher, record=record, parent=teacher_path)
@@ -209,6 +222,7 @@ __all__ = [
     "evaluate_only",
     "run_device",
     "prepare_output_dir",
+    "loads_into_shards",
     "load_teacher",
     "cache_train_set",
     "cache_teacher",

@@ -12,12 +12,12 @@ import torch
 from transformers import EarlyStoppingCallback, PretrainedConfig
 
 from ..architectures import count_parameters, get_architecture, load_model, load_sharded
-from ..utils.distributed import fsdp_requested, is_sharded
+from ..utils.distributed import is_sharded
 from ..utils.outputs import human_count, read_json, write_json
 from .plan import dataset_ids, multi_stage_init_fraction, training_args
 from .recipe import Recipe
 from .resume import last_checkpoint, stopped_early
-from .run import Run, evaluate_only
+from .run import Run, evaluate_only, loads_into_shards
 from .trajectory import TrajectoryLogger, point, stage_points
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,7 @@ class StageRunner:
         recipe = run.recipe
         self.early = (recipe.method == "multi-stage" and index < num_stages and recipe.early_stopping.enabled
                       and run.eval_set is not None)
-        # FSDP2 over several processes: the parent is loaded into shards and scored sharded (the iterative baseline,
-        # which trains the parent itself, is refused under FSDP before any work)
-        self.sharded_scoring = (fsdp_requested(run.args) and run.args.world_size > 1
-                                and recipe.method != "iterative")
+        self.sharded_scoring = loads_into_shards(recipe, run.args)  # the parent is loaded into shards, scored sharded
         self.model = self.scores = self.trainer = self.iterative = None
         self.callbacks: list = []
         self.metrics: dict = {}

@@ -34,7 +34,8 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from tqdm.auto import tqdm
 
 from ..utils.data import collate_tokens, rows_of
-from ..utils.distributed import barrier, rank_and_world
+from ..utils.distributed import all_reduce_max, barrier, call_through_forward, full_tensor, is_sharded, rank_and_world
+
 # teacher_topk* (computed in utils.modeling, shared with scoring) are part of this package's API, re-exported here
 from ..utils.modeling import backbone, teacher_topk, teacher_topk_from_hidden, teacher_topk_from_model, vocab_size
 from .losses import teacher_samples_from_hidden, threshold_samples_from_hidden
@@ -87,13 +88,15 @@ def teacher_fingerprint(model: torch.nn.Module) -> str:
     such as `use_cache`) plus a digest of
     every weight tensor (name, shape, the float64 sum and absolute sum of its bfloat16-rounded values, and a strided
     sample of 257 of them). The same checkpoint loaded in float32 or bfloat16 gives the same fingerprint; a retrained,
-    pruned or other model gives another. Costs one pass of sums over the weights, no copy of the model.
+    pruned or other model gives another. Costs one pass of sums over the weights, no copy of the model (an FSDP2-sharded
+    teacher gathers one tensor at a time: every rank must call it).
     """
     config = getattr(model, "config", None)
     values = config.to_dict() if config is not None else {}
     values = {k: v for k, v in sorted(values.items()) if not k.startswith("_") and k not in _CONFIG_KEYS_IGNORED}
     digest = hashlib.blake2b(json.dumps(values, sort_keys=True, default=str).encode(), digest_size=8)
     for name, tensor in model.state_dict().items():
+        tensor = full_tensor(tensor)
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
@@ -572,40 +575,29 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
     teacher.eval()
     num_shards = (len(dataset) + shard_size - 1) // shard_size
     mine = range(rank, num_shards, world)  # several processes: shard i is built by rank i % world_size
-    shards, reused = [], 0
     progress = tqdm(total=sum(min(shard_size, len(dataset) - i * shard_size) for i in mine),
                     desc=f"Caching teacher {kind.name}", unit="row")
+    built, todo = {}, []
+    for shard_index in mine:
+        rows = dataset.select(range(shard_index * shard_size, min((shard_index + 1) * shard_size, len(dataset))))
+        path = _shard_path(work_dir, shard_index) if work_dir is not None else None
+        built[shard_index] = _finished_shard(path, rows, kind, features)
+        if built[shard_index] is None:
+            todo.append((shard_index, rows, path))
+        else:
+            progress.update(len(rows))
+    # a sharded teacher's forward is a collective: every rank runs as many as the busiest one, known before any runs
+    forwards = sum((len(rows) + batch_size - 1) // batch_size for _, rows, _ in todo)
+    padding = int(all_reduce_max(forwards)) - forwards if is_sharded(teacher) else 0
     try:
-        for shard_index in mine:
-            rows = dataset.select(range(shard_index * shard_size, min((shard_index + 1) * shard_size, len(dataset))))
-            path = _shard_path(work_dir, shard_index) if work_dir is not None else None
-            if path is not None and os.path.exists(path):
-                shard = Dataset.from_parquet(path, features=features)
-                if shard[kind.fingerprint_column] == _fingerprints(rows):
-                    shards.append(shard)
-                    reused += 1
-                    progress.update(len(rows))
-                    continue
-                logger.warning("Shard %s does not match the dataset; recomputing it.", path)
-            columns = {name: [] for name in kind.columns}
-            inputs = rows.select_columns([c for c in ("input_ids", "attention_mask") if c in rows.column_names])
-            for examples in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
-                batch = collate_tokens(examples, pad_token_id, labels=False)  # (b, T) each
-                arrays = compute(batch["input_ids"], batch["attention_mask"])  # each (b, T, width) numpy
-                for row, example in enumerate(examples):
-                    length = len(example["input_ids"])
-                    for name, array in zip(kind.columns[:-1], arrays):
-                        columns[name].append(array[row, :length])
-                    columns[kind.fingerprint_column].append(input_ids_fingerprint(example["input_ids"]))
-                progress.update(len(examples))
-            shard = Dataset.from_dict(columns, features=features)
-            if path is not None:
-                shard.to_parquet(path + ".tmp")
-                os.replace(path + ".tmp", path)
-            shards.append(shard)
+        for shard_index, rows, path in todo:
+            built[shard_index] = _compute_shard(teacher, rows, kind, features, compute, batch_size, pad_token_id,
+                                                path, progress)
+        _forward_in_lockstep(teacher, dataset, compute, padding, batch_size, pad_token_id)
     finally:
         progress.close()
         teacher.train(was_training)
+    shards, reused = [built[i] for i in mine], len(mine) - len(todo)
     logger.info("Teacher %s cache: rank %d of %d built %d shard(s) and reused %d finished one(s)", kind.name, rank,
                 world, len(mine) - reused, reused)
     if world == 1:
@@ -616,6 +608,50 @@ def _build_cache(teacher, dataset: Dataset, kind: _Kind, features: Features, rec
         result = _finish_cache(dataset, shards, kind, features, record, output_dir, work_dir)
     barrier()
     return result if rank == 0 else load_from_disk(output_dir)
+
+
+def _finished_shard(path: str | None, rows: Dataset, kind: _Kind, features: Features) -> Dataset | None:
+    """The shard saved at `path` by an earlier, interrupted run when it holds exactly `rows`, else None."""
+    if path is None or not os.path.exists(path):
+        return None
+    shard = Dataset.from_parquet(path, features=features)
+    if shard[kind.fingerprint_column] == _fingerprints(rows):
+        return shard
+    logger.warning("Shard %s does not match the dataset; recomputing it.", path)
+    return None
+
+
+def _compute_shard(teacher, rows: Dataset, kind: _Kind, features: Features, compute: Callable, batch_size: int,
+                   pad_token_id: int, path: str | None, progress) -> Dataset:
+    """The cache columns of `rows`, one teacher forward per batch, saved at `path` (when given) for a resume."""
+    columns = {name: [] for name in kind.columns}
+    inputs = rows.select_columns([c for c in ("input_ids", "attention_mask") if c in rows.column_names])
+    for examples in (rows_of(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)):
+        batch = collate_tokens(examples, pad_token_id, labels=False)  # (b, T) each
+        # a sharded teacher gathers its root (embeddings, LM head) inside its own forward
+        arrays = call_through_forward(teacher, compute, batch["input_ids"], batch["attention_mask"])  # (b, T, width)
+        for row, example in enumerate(examples):
+            length = len(example["input_ids"])
+            for name, array in zip(kind.columns[:-1], arrays):
+                columns[name].append(array[row, :length])
+            columns[kind.fingerprint_column].append(input_ids_fingerprint(example["input_ids"]))
+        progress.update(len(examples))
+    shard = Dataset.from_dict(columns, features=features)
+    if path is not None:
+        shard.to_parquet(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return shard
+
+
+def _forward_in_lockstep(teacher, dataset: Dataset, compute: Callable, count: int, batch_size: int,
+                         pad_token_id: int) -> None:
+    """Run `compute` `count` times on the dataset's first batch, discarding the result: the forwards a rank with
+    fewer batches adds so that the other ranks' collectives (a sharded teacher's all-gathers) find it."""
+    if count:
+        inputs = dataset.select_columns([c for c in ("input_ids", "attention_mask") if c in dataset.column_names])
+        batch = collate_tokens(rows_of(inputs[:batch_size]), pad_token_id, labels=False)
+        for _ in range(count):
+            call_through_forward(teacher, compute, batch["input_ids"], batch["attention_mask"])
 
 
 def _start_work_dir(work_dir: str, record: dict) -> None:

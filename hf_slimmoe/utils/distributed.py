@@ -129,10 +129,19 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_sum(value: float) -> float:
     """Sum of `value` over all ranks (itself in a single process)."""
+    return _all_reduce(value, "SUM")
+
+
+def all_reduce_max(value: float) -> float:
+    """Largest `value` of all ranks (itself in a single process)."""
+    return _all_reduce(value, "MAX")
+
+
+def _all_reduce(value: float, op: str) -> float:
     if rank_and_world()[1] == 1:
         return value
     total = torch.tensor([float(value)], dtype=torch.float64)
-    torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(total, op=getattr(torch.distributed.ReduceOp, op))
     return total.item()
 
 
@@ -157,5 +166,6 @@ __all__ = [
     "call_through_forward",
     "full_tensor",
     "all_reduce_sum",
+    "all_reduce_max",
     "rank_share",
 ]
