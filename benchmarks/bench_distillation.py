@@ -56,7 +56,6 @@ from memory import extra_peak_rss  # noqa: E402
 from results import write_section  # noqa: E402
 
 from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM  # noqa: E402
-from hf_slimmoe.utils.data import TokenCollator  # noqa: E402
 from hf_slimmoe.distillation import (  # noqa: E402
     DistillationConfig,
     DistillationTrainer,
@@ -64,6 +63,7 @@ from hf_slimmoe.distillation import (  # noqa: E402
     teacher_topk,
     topk_kl_loss,
 )
+from hf_slimmoe.utils.data import TokenCollator  # noqa: E402
 from hf_slimmoe.utils.modeling import chunk_tokens  # noqa: E402
 
 LOSS_MODES = ("naive", "chunked_topk", "trl_chunked")

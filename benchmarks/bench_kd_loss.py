@@ -63,8 +63,8 @@ def setup(args):
 
     from hf_slimmoe import SlimMoeForCausalLM, cache_teacher_samples, cache_teacher_topk, compute_sensitivity
     from hf_slimmoe.compression.demo import demo_recipe, ensure_teacher
-    from hf_slimmoe.utils.data import batches
     from hf_slimmoe.compression.sources import load_blocks
+    from hf_slimmoe.utils.data import batches
 
     shared = os.path.join(args.output_dir, "shared")
     teacher_dir = ensure_teacher(shared)

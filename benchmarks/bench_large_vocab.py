@@ -259,8 +259,12 @@ def _step_seconds(trainer, batch: dict, rounds: int) -> float:
 def measure_cache(args, vocab: int) -> dict:
     from datasets import Dataset
 
-    from hf_slimmoe.distillation import (DistillationCollator, DistillationConfig, DistillationTrainer,
-                                         cache_teacher_samples)
+    from hf_slimmoe.distillation import (
+        DistillationCollator,
+        DistillationConfig,
+        DistillationTrainer,
+        cache_teacher_samples,
+    )
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (args.rows, args.row_tokens), generator=g)  # (rows, T)

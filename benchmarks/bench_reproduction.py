@@ -54,8 +54,8 @@ logger = logging.getLogger("bench_reproduction")
 # ------------------------------------------------------------------------------------------------ setup
 def base_recipe(args):
     """The recipe every run derives from, with a local teacher path (built / trained once, then reused)."""
-    from hf_slimmoe.compression.teacher import build_teacher
     from hf_slimmoe.compression.recipe import BUILD_TEACHER, load_recipe, recipe_from_dict, recipe_to_dict
+    from hf_slimmoe.compression.teacher import build_teacher
 
     shared = os.path.join(args.output_dir, "shared")
     if args.recipe:
@@ -98,8 +98,8 @@ def shared_data(recipe, args):
     from transformers import AutoTokenizer
 
     from hf_slimmoe import SlimMoeForCausalLM, cache_teacher_topk
-    from hf_slimmoe.compression.sources import load_blocks
     from hf_slimmoe.compression.run import cache_train_set
+    from hf_slimmoe.compression.sources import load_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.model)
     teacher = SlimMoeForCausalLM.from_pretrained(recipe.teacher.model, dtype=torch.float32).eval()
@@ -161,8 +161,8 @@ def run_schedules(base, to_dict, data, args) -> dict:
 def surgery(variant: str, fraction: float, data, recipe, args):
     """The teacher with `fraction` of its expert parameters kept by `variant`, or None when impossible."""
     from hf_slimmoe import SlimMoeForCausalLM, compute_sensitivity
-    from hf_slimmoe.utils.data import batches
     from hf_slimmoe.pruning import drop_experts, expert_activation_frequency, expert_scores_from_sensitivity
+    from hf_slimmoe.utils.data import batches
 
     model = SlimMoeForCausalLM.from_pretrained(recipe.teacher.model, dtype=torch.float32)
     config = model.config

@@ -74,8 +74,8 @@ from hf_slimmoe import (  # noqa: E402
     compute_sensitivity,
 )
 from hf_slimmoe.architectures import get_architecture  # noqa: E402
-from hf_slimmoe.utils.data import TokenCollator, batches  # noqa: E402
 from hf_slimmoe.distillation.trainer import use_fp32_master_weights  # noqa: E402
+from hf_slimmoe.utils.data import TokenCollator, batches  # noqa: E402
 
 GIB = 2**30
 PHASES = ("scoring", "prune", "cache", "kd_step", "plain_step")

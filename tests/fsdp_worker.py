@@ -21,9 +21,9 @@ import sys
 import torch
 
 from hf_slimmoe import DistillationConfig, DistillationTrainer, SlimMoeConfig, SlimMoeForCausalLM, compute_sensitivity
+from hf_slimmoe.pruning.surgery import keep_indices
 from hf_slimmoe.utils.data import TokenCollator
 from hf_slimmoe.utils.distributed import destroy_process_group, is_sharded, rank_and_world, shard_decoder_layers
-from hf_slimmoe.pruning.surgery import keep_indices
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,

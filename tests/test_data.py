@@ -8,10 +8,19 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from hf_slimmoe.cli import main as slimmoe_main
-from hf_slimmoe.utils.data import (TokenCollator, batches, collate_tokens, load_calibration_batches, load_dataset_splits, load_token_dataset, pack, read_texts)
+from hf_slimmoe.compression.recipe import DataSource
 from hf_slimmoe.compression.sources import load_eval_data, read_source
 from hf_slimmoe.posttrain import build_tiny_tokenizer
-from hf_slimmoe.compression.recipe import DataSource
+from hf_slimmoe.utils.data import (
+    TokenCollator,
+    batches,
+    collate_tokens,
+    load_calibration_batches,
+    load_dataset_splits,
+    load_token_dataset,
+    pack,
+    read_texts,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_slimmoe.cli import main
-from hf_slimmoe.compression.demo import MODELS, demo_recipe, ensure_teacher, run_demo, demo_teacher_key
+from hf_slimmoe.compression.demo import MODELS, demo_recipe, demo_teacher_key, ensure_teacher, run_demo
 from hf_slimmoe.compression.sources import source_files
 
 

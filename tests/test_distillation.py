@@ -349,8 +349,13 @@ def test_threshold_samples_cache_stores_what_the_sampler_draws_and_trains(tmp_pa
     tokens' probabilities to a 1/254 byte, stochastically rounded so the stored weight stays unbiased; draws at
     exactly tau), in ceil(S bits / 8) + S + 4 bytes a position; the trainer distills from it."""
     from hf_slimmoe.distillation import threshold_samples_from_hidden
-    from hf_slimmoe.distillation.teacher_cache import (SAMPLE_WEIGHTS_COLUMN, decode_threshold_weights,
-                                                       encode_threshold_weights, sample_packing, sample_uniforms)
+    from hf_slimmoe.distillation.teacher_cache import (
+        SAMPLE_WEIGHTS_COLUMN,
+        decode_threshold_weights,
+        encode_threshold_weights,
+        sample_packing,
+        sample_uniforms,
+    )
     from hf_slimmoe.distillation.trainer import DistillationCollator
     from hf_slimmoe.utils.modeling import backbone
 
@@ -802,9 +807,9 @@ def test_kd_defaults_are_the_same_in_a_recipe_slimmoe_distill_and_slimmoe_sft(tm
 
     from hf_slimmoe.cli.commands.distill import DistillCommand
     from hf_slimmoe.cli.commands.sft import SFTCommand
-    from hf_slimmoe.distillation.settings import DistillationSettings, KDSettings
     from hf_slimmoe.compression.plan import training_args
     from hf_slimmoe.compression.recipe import recipe_from_dict
+    from hf_slimmoe.distillation.settings import DistillationSettings, KDSettings
 
     values = tiny_recipe(tmp_path)
     del values["distillation"]

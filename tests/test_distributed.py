@@ -185,11 +185,11 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family
 
     from hf_slimmoe import compute_sensitivity
     from hf_slimmoe.architectures import get_architecture, load_model
-    from hf_slimmoe.utils.data import batches
-    from hf_slimmoe.compression.sources import load_blocks
-    from hf_slimmoe.compression.resume import is_finished_stage
-    from hf_slimmoe.pruning import SensitivityScores
     from hf_slimmoe.compression.recipe import recipe_from_dict
+    from hf_slimmoe.compression.resume import is_finished_stage
+    from hf_slimmoe.compression.sources import load_blocks
+    from hf_slimmoe.pruning import SensitivityScores
+    from hf_slimmoe.utils.data import batches
 
     accelerate = shutil.which("accelerate") or pytest.skip("accelerate is not installed")
     out = tmp_path / "fsdp"

@@ -12,9 +12,9 @@ from datasets import Dataset
 
 from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
 from hf_slimmoe.cli import main
-from hf_slimmoe.distillation import cache_teacher_topk
-from hf_slimmoe.compression.sources import load_eval_data
 from hf_slimmoe.compression.evaluation import evaluate_model, perplexity
+from hf_slimmoe.compression.sources import load_eval_data
+from hf_slimmoe.distillation import cache_teacher_topk
 from hf_slimmoe.posttrain import build_tiny_chat_model, build_tiny_tokenizer
 
 TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "lm_eval_tasks")

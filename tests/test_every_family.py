@@ -12,13 +12,13 @@ import sys
 
 import pytest
 import torch
+from family_models import VOCAB, tiny_model
 from safetensors.torch import load_file
 
-from family_models import VOCAB, tiny_model
 from hf_slimmoe import SUPPORTED_MODEL_TYPES, compute_sensitivity, count_parameters, prune_to, slim_config
 from hf_slimmoe.architectures import UnsupportedArchitecture, get_architecture, save_stock
-from hf_slimmoe.utils.modeling import read_stored_layout
 from hf_slimmoe.pruning.streaming import prune_checkpoint
+from hf_slimmoe.utils.modeling import read_stored_layout
 
 FAMILIES = [t for t in SUPPORTED_MODEL_TYPES if t != "slimmoe"]  # slimmoe is phimoe's class, tested everywhere else
 EXPORTED: dict[str, str] = {}  # model_type -> pruned stock checkpoint, for the reload test at the end

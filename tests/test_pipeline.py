@@ -14,8 +14,8 @@ import yaml
 
 from hf_slimmoe.cli import main
 from hf_slimmoe.compression.loop import compress
-from hf_slimmoe.compression.resume import is_finished_stage
 from hf_slimmoe.compression.recipe import load_recipe, recipe_from_dict
+from hf_slimmoe.compression.resume import is_finished_stage
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
@@ -252,9 +252,10 @@ def test_bad_recipe_file_through_the_cli(tmp_path, capsys):
 
 def test_vocabulary_mismatch_is_caught_before_compute(tmp_path):
     """A teacher checkpoint whose tokenizer is larger than its vocabulary is refused by the dry run."""
-    from hf_slimmoe.utils.tokenization import train_bpe_tokenizer
-    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
     import sysconfig
+
+    from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
+    from hf_slimmoe.utils.tokenization import train_bpe_tokenizer
 
     teacher = tmp_path / "teacher"
     config = SlimMoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

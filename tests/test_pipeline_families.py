@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import yaml
-
 from test_pipeline import RECIPES, TINY
 
 from hf_slimmoe.cli import main

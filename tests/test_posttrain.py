@@ -8,8 +8,6 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_slimmoe import SlimMoeForCausalLM
-from hf_slimmoe.utils.modeling import teacher_topk
-from hf_slimmoe.utils.tokenization import CHAT_TEMPLATE
 from hf_slimmoe.posttrain import (
     EXPERT_PARAMETERS,
     SFTDistillationConfig,
@@ -21,6 +19,8 @@ from hf_slimmoe.posttrain import (
     parse_recipe,
     save_lora,
 )
+from hf_slimmoe.utils.modeling import teacher_topk
+from hf_slimmoe.utils.tokenization import CHAT_TEMPLATE
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
@@ -199,7 +199,6 @@ def test_plain_sft_when_ce_mix_is_one(tiny, tmp_path):
 
 def test_lora_trains_only_adapters_and_merges_into_a_checkpoint(tiny, tmp_path):
     from peft import PeftModel
-
     from trl import ModelConfig
 
     args = ModelConfig(model_name_or_path=tiny["student"], use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_slimmoe  # noqa: F401
 from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
-from hf_slimmoe.utils.modeling import teacher_topk
 from hf_slimmoe.pruning import SensitivityScores, compute_sensitivity
+from hf_slimmoe.utils.modeling import teacher_topk
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=8,

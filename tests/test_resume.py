@@ -13,14 +13,14 @@ import time
 
 import pytest
 import torch
+from test_pipeline import tiny_recipe, write_recipe
 
 from hf_slimmoe.cli import main
-from hf_slimmoe.utils.outputs import OutputDirError, RunLock, check_safetensors
-from hf_slimmoe.compression.stage import StageRunner
 from hf_slimmoe.compression.loop import compress
-from hf_slimmoe.compression.resume import is_finished_stage, last_checkpoint
 from hf_slimmoe.compression.recipe import recipe_from_dict
-from test_pipeline import tiny_recipe, write_recipe
+from hf_slimmoe.compression.resume import is_finished_stage, last_checkpoint
+from hf_slimmoe.compression.stage import StageRunner
+from hf_slimmoe.utils.outputs import OutputDirError, RunLock, check_safetensors
 
 FAST = {"stages__budget__steps": [2, 2], "teacher__build__pretrain_steps": 5}
 
@@ -101,9 +101,10 @@ def test_stages_without_provenance_are_not_reused(finished_run, tmp_path):
 
 
 def local_teacher(directory, seed):
+    import sysconfig
+
     from hf_slimmoe import SlimMoeConfig, SlimMoeForCausalLM
     from hf_slimmoe.utils.tokenization import train_bpe_tokenizer
-    import sysconfig
 
     config = SlimMoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)

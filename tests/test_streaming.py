@@ -71,9 +71,8 @@ def test_stream_writer_writes_the_bytes_save_file_writes(tmp_path):
 
 
 def test_streaming_prune_of_a_sharded_checkpoint_equals_load_prune_save(tmp_path, capsys):
-    from transformers import AutoTokenizer
-
     from test_pruning import _word_tokenizer
+    from transformers import AutoTokenizer
 
     model = tiny_model(torch.bfloat16)
     model.save_pretrained(tmp_path / "model", max_shard_size="8KB")

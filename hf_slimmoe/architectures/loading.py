@@ -15,6 +15,7 @@ from ..model.configuration_slimmoe import SLIMMOE_TYPES, SlimMoeConfig, config_f
 from ..model.modeling_slimmoe import SlimMoeForCausalLM
 from .registry import check_model_type, get_architecture
 
+
 def config_from_dict(values: dict, default_model_type: str = "slimmoe"):
     """A configuration from config.json-style `values`: `model_type` `phimoe`/`slimmoe` (the default when absent)
     gives a [`SlimMoeConfig`] with an explicit `head_dim`; any other supported `model_type` its stock class.

@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from .settings import DistillationSettings
 
+
 @dataclass
 class DistillationConfig(DistillationSettings, TrainingArguments):
     r"""

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ..utils.distributed import full_tensor
-from .settings import KDSettings
 from ..utils.modeling import teacher_topk_from_hidden
 from .losses import full_kl_loss, sampled_kd_loss, teacher_samples_from_hidden, topk_kl_loss, topk_tail_kl_loss
+from .settings import KDSettings
 from .teacher_cache import (
     KIND_FOR_LOSS,
     SAMPLE_IDS_COLUMN,

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from ..utils import CHUNK_BYTES
 
-
 KD_LOSSES = ("sampled", "topk_tail", "topk", "full")
 
 

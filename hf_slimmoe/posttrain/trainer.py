@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 
-from ..utils.data import TEACHER_PREFIX, is_teacher_value, pad
 from ..distillation.kd import cached_targets, head_tensors, kd_sum, online_targets, target_kind
 from ..distillation.teacher_cache import (
     FINGERPRINT_COLUMN,
@@ -34,6 +33,7 @@ from ..distillation.teacher_cache import (
     unpack_samples,
 )
 from ..distillation.trainer import MasterWeightsSaving, use_fp32_master_weights
+from ..utils.data import TEACHER_PREFIX, is_teacher_value, pad
 from ..utils.modeling import (
     backbone,
     causal_lm,

@@ -36,7 +36,14 @@ from tqdm.auto import tqdm
 
 from ..architectures import get_architecture
 from ..distillation.losses import chunked_cross_entropy, topk_kl_loss
-from ..utils.distributed import all_reduce_sum, call_through_forward, full_tensor, is_sharded, rank_and_world, rank_share
+from ..utils.distributed import (
+    all_reduce_sum,
+    call_through_forward,
+    full_tensor,
+    is_sharded,
+    rank_and_world,
+    rank_share,
+)
 from ..utils.modeling import backbone, check_same_vocabulary, teacher_topk_from_hidden, teacher_topk_from_model
 
 logger = logging.getLogger(__name__)

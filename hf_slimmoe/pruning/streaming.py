@@ -43,8 +43,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,6 +52,7 @@ from transformers import PretrainedConfig
 
 from ..architectures import config_from_dict, get_architecture
 from ..architectures.skeleton import skeleton
+from ..utils.outputs import staged_directory
 from .safetensors_stream import SafetensorsStreamWriter, tensor_nbytes
 from .surgery import gqa_rows, head_rows, keep_indices, validate_prune_target
 
@@ -565,10 +564,7 @@ def prune_checkpoint(
                 "%d/%d", model_dir, len(cuts), len(shards), layout, get_architecture(config).expert_width_of(config),
                 get_architecture(config).expert_width_of(target), config.num_attention_heads, config.num_key_value_heads,
                 target.num_attention_heads, target.num_key_value_heads)
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".prune-", dir=parent)  # complete, then renamed: never half-written
-    try:
+    with staged_directory(output_dir) as staging:  # complete, then renamed: never half-written
         total_size = 0
         with tqdm(total=len(cuts), desc="Streaming surgery", unit="tensor", disable=not show_progress) as progress:
             for shard in shards:
@@ -583,12 +579,6 @@ def prune_checkpoint(
         pruned = _pruned_config(config, target, cuts)
         card_info = _card_info(model_dir, config, scores) if card else None
         _write_companions(model_dir, staging, output_dir, pruned, card_info)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Wrote the pruned checkpoint to %s (%.2f GB of weights)", output_dir, total_size / 1e9)
     return output_dir
 

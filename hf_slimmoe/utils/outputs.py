@@ -13,12 +13,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import struct
+import tempfile
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +247,26 @@ class RunLock:
         self.held = False
 
 
+@contextlib.contextmanager
+def staged_directory(output_dir: str) -> Iterator[str]:
+    """
+    Yield an empty temporary directory beside `output_dir` to write into. When the block succeeds it replaces
+    `output_dir` (whatever was there is removed); when it fails it is deleted. A reader never sees a half-written
+    directory, nor a mix of old and new files.
+    """
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}-", dir=parent)
+    try:
+        yield staging
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def human_count(n: int | float | None, digits: int = 1) -> str:
     """A count with `digits` decimals and a unit: 41.9B, 15.7B, 3.2M, 850K; below 1,000 as it is; `None`: "-"."""
     if n is None:
@@ -254,6 +278,7 @@ def human_count(n: int | float | None, digits: int = 1) -> str:
 
 
 __all__ = [
+    "staged_directory",
     "human_count",
     "OutputDirError",
     "read_json",

@@ -8,12 +8,8 @@ builds every command's parser, and only the command that runs imports what it ne
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -183,26 +179,6 @@ def check_output_file(path: str, name: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise ValueError(f"{name} {path}: {parent} is a file, not a directory.")
-
-
-@contextlib.contextmanager
-def staged_directory(output_dir: str) -> Iterator[str]:
-    """
-    Yield an empty temporary directory beside `output_dir` to write into. When the block succeeds it replaces
-    `output_dir` (whatever was there is removed); when it fails it is deleted. A reader never sees a half-written
-    directory, nor a mix of old and new files.
-    """
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}-", dir=parent)
-    try:
-        yield staging
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def split_config_path(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -53,9 +53,8 @@ class CacheTeacherCommand(Command):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from ...utils.data import load_token_dataset, load_tokenizer
         from ...distillation import cache_teacher_samples, cache_teacher_topk
-
+        from ...utils.data import load_token_dataset, load_tokenizer
         from ...utils.distributed import init_from_environment
 
         if args.kd_loss != "sampled" and args.sampling != "systematic":

@@ -44,8 +44,8 @@ class EvalCommand(Command):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ...compression.sources import load_eval_data
         from ...compression.evaluation import evaluate_model, run_lm_eval
+        from ...compression.sources import load_eval_data
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)

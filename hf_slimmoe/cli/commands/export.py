@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from .base import Command, check_model_path, check_output_dir, staged_directory
+from ...utils.outputs import staged_directory
+from .base import Command, check_model_path, check_output_dir
 
 logger = logging.getLogger("hf_slimmoe")
 

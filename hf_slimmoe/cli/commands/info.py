@@ -51,8 +51,13 @@ def describe(path: str) -> dict:
     dict (`intermediate_size` / `num_local_experts`: the routed experts' width and count, whatever the family calls
     them), with what SlimMoE slims and keeps (`slimming`, see `slimming_summary`) or why it refuses the model
     (`refused`, and no expert or parameter counts)."""
-    from ...architectures import (SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, config_from_dict, count_parameters,
-                                  get_architecture)
+    from ...architectures import (
+        SUPPORTED_MODEL_TYPES,
+        UnsupportedArchitecture,
+        config_from_dict,
+        count_parameters,
+        get_architecture,
+    )
     from ...architectures.table import slimming_summary
 
     config_file = os.path.join(path, "config.json") if os.path.isdir(path) else path

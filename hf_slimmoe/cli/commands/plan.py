@@ -54,8 +54,8 @@ class PlanCommand(Command):
     @staticmethod
     def run_recipe(args) -> int:
         from ...compression.plan import plan_text
-        from ...compression.teacher import read_teacher_config
         from ...compression.recipe import load_recipe
+        from ...compression.teacher import read_teacher_config
         from ...pruning.schedule import plan_rows
 
         recipe = load_recipe(args.recipe)

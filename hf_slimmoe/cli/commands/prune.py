@@ -6,7 +6,8 @@ import copy
 import logging
 import os
 
-from .base import Command, check_model_path, check_output_dir, positive_int, staged_directory
+from ...utils.outputs import staged_directory
+from .base import Command, check_model_path, check_output_dir, positive_int
 
 logger = logging.getLogger(__name__)
 

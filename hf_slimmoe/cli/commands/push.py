@@ -35,8 +35,8 @@ class PushCommand(Command):
         parser.add_argument("--private", action="store_true", default=None, help="create the repositories private")
 
     def run(self, args, extra_args) -> int:
-        from ...hub import HubSettings, is_complete_stage, publish_stage, read_hub_settings
         from ...compression.provenance import stage_dirs
+        from ...hub import HubSettings, is_complete_stage, publish_stage, read_hub_settings
 
         settings = read_hub_settings(args.output_dir)
         overrides = {k: v for k, v in (("repo_id", args.repo_id), ("layout", args.layout), ("private", args.private))
