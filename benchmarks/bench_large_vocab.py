@@ -186,7 +186,7 @@ def loss_table(rows: list[dict], args) -> str:
                 f"at {' and '.join(f'{t:,}' for t in fitted_rows[0])} tokens and extrapolated linearly.")
     return "\n".join(lines) + f"""
 
-Chunk budget {CHUNK_BYTES / MIB:.0f} MiB (`hf_slimmoe.utils.modeling.CHUNK_BYTES`).{note} Goal: chunked peak extra
+Chunk budget {CHUNK_BYTES / MIB:.0f} MiB (`hf_slimmoe.utils.CHUNK_BYTES`).{note} Goal: chunked peak extra
 memory <= 1/8 of naive at every vocabulary and loss: **{"met" if worst_memory <= 1 / 8 else "not met"}** (worst
 {worst_memory:.3f}); time no worse than naive: **{"met" if worst_time <= 1.0 else "not met"}** (worst
 {worst_time:.2f}x)."""

@@ -14,7 +14,7 @@ The teacher is summarised per token by its top-k ids and log-probabilities *rela
 ([`teacher_samples_from_hidden`]); this is what the teacher caches store.
 
 Chunks are sized in bytes, not tokens: with `chunk_size=None` (the default) each function takes as many tokens at a
-time as fit its `(chunk, V)` float32 working blocks in `chunk_bytes` (default `hf_slimmoe.utils.modeling.CHUNK_BYTES`,
+time as fit its `(chunk, V)` float32 working blocks in `chunk_bytes` (default `hf_slimmoe.utils.CHUNK_BYTES`,
 128 MiB; see `chunk_tokens`), so the extra memory of a loss is the same at a vocabulary of 32,064 and of 248,320.
 """
 
@@ -309,7 +309,7 @@ def topk_kl_loss(
             loss and gradients as one big batch.
         chunk_bytes (`int`, *optional*):
             Byte budget of a chunk's float32 `(chunk, V)` working blocks when `chunk_size` is `None` (default
-            `hf_slimmoe.utils.modeling.CHUNK_BYTES`, 128 MiB).
+            `hf_slimmoe.utils.CHUNK_BYTES`, 128 MiB).
 
     Returns:
         `torch.Tensor`: scalar float32 loss; gradients flow to `student_hidden`, `lm_head_weight` and `lm_head_bias`.
