@@ -50,14 +50,15 @@ def load_model(path: str | os.PathLike, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def load_sharded(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs):
+def load_sharded(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 **kwargs):
     """
     [`load_model`] of `path` sharded with FSDP2 over the default process group (one `fully_shard` unit per decoder
     layer and the root, `distributed.shard_decoder_layers`) without every process holding the whole model: rank 0
     loads the checkpoint, the other ranks build the model on the meta device, and rank 0's weights are broadcast into
     every rank's shards (`torch.distributed.checkpoint`'s `set_model_state_dict` with `broadcast_from_rank0`); the
     buffers (rotary frequencies, ...) are broadcast too. Host memory: the whole model on rank 0, a shard elsewhere.
-    In a single process it is [`load_model`], unsharded.
+    The shards are placed on `device` (this process's device). In a single process it is [`load_model`], unsharded.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -65,7 +66,7 @@ def load_sharded(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **
 
     rank, world = rank_and_world()
     if world == 1:
-        return load_model(path, dtype=dtype, **kwargs)
+        return load_model(path, dtype=dtype, **kwargs).to(device)
     if rank == 0:
         model = load_model(path, dtype=dtype, **kwargs)
         full = model.state_dict()  # the whole model's tensors, kept by rank 0 until they are broadcast
@@ -76,8 +77,10 @@ def load_sharded(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **
             model = new_model(config).to(dtype)
         full = {}
     shard_decoder_layers(model)
-    if rank != 0:
-        model.to_empty(device="cpu")  # storage for this rank's shards, filled below
+    if rank == 0:
+        model.to(device)  # its shards; `full` keeps the whole tensors on the host until they are broadcast
+    else:
+        model.to_empty(device=device)  # storage for this rank's shards, filled below
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     for buffer in model.buffers():

@@ -131,7 +131,7 @@ def load_teacher(recipe: Recipe, paths: RunPaths, sharded: bool = False) -> tupl
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     dtype = getattr(torch, recipe.teacher.dtype)
     if sharded:
-        teacher = load_sharded(teacher_path, dtype=dtype, revision=recipe.teacher.revision)
+        teacher = load_sharded(teacher_path, dtype=dtype, device=run_device(recipe), revision=recipe.teacher.revision)
         logger.info("The teacher is loaded into FSDP2 shards on rank %d", torch.distributed.get_rank())
     else:
         teacher = load_model(teacher_path, dtype=dtype, revision=recipe.teacher.revision)  # its own family's class

@@ -64,7 +64,7 @@ class StageRunner:
                     ", early stopping on eval KL" if self.early else "")
         set_seed(run.recipe.seed + self.index)
         if self.sharded_scoring:  # FSDP2: rank 0 loads, the others receive only their shards
-            self.model = load_sharded(run.parent, dtype=run.dtype)
+            self.model = load_sharded(run.parent, dtype=run.dtype, device=run.device)
         else:
             self.model = load_model(run.parent, dtype=run.dtype).to(run.device)  # the teacher's family
 
