@@ -143,7 +143,8 @@ def report(rows: list[dict], base, command: str, seconds: float, teacher_ppl: fl
 
 
 def write_sweep_data(rows: list[dict], base, teacher, command: str) -> None:
-    """The measured figures `slimmoe plan` cites (`hf_slimmoe.compression.plan.budget_note`), in the package's recipes/."""
+    """The measured figures `slimmoe plan` cites (`hf_slimmoe.compression.plan.budget_note`), in the package's
+    recipes/."""
     from hf_slimmoe.architectures import count_parameters
     from hf_slimmoe.compression.plan import BUDGET_SWEEP
     from hf_slimmoe.utils.outputs import human_count

@@ -1,7 +1,8 @@
 """Choosing the distillation loss: every `kd_loss` on the same pruned student, at equal steps, in one run.
 
-The demo's teacher (`hf_slimmoe.compression.demo`) is pruned to 25% of its expert width with KD sensitivity scores (attention
-untouched), then distilled for the same number of steps (same data order, optimizer and schedule) with each loss:
+The demo's teacher (`hf_slimmoe.compression.demo`) is pruned to 25% of its expert width with KD sensitivity scores
+(attention untouched), then distilled for the same number of steps (same data order, optimizer and schedule) with
+each loss:
 
 - `topk`: the paper's Eq. 3 on the teacher's top-8 (cached), and `topk renormalized` (its ablation);
 - `topk_tail`: top-8 + one "rest of the vocabulary" outcome (cached top-8);

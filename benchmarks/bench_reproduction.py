@@ -11,7 +11,7 @@
 Every distillation run uses `--kd-loss` (default: the recipe's, i.e. the library default `sampled`; `topk` is the
 paper's Eq. 3), read from a teacher cache made once (samples or top-k; the eval cache is always the top-k).
 
-    python benchmarks/bench_reproduction.py              # the demo's teacher (hf_slimmoe.compression.demo), ~25 min, 1 thread
+    python benchmarks/bench_reproduction.py              # the demo's teacher (compression.demo), ~25 min, 1 thread
     python benchmarks/bench_reproduction.py --kd-loss topk   # the same with the paper's top-8 KD loss
     python benchmarks/bench_reproduction.py --quick      # smoke run: one seed, few steps (a few minutes)
     python benchmarks/bench_reproduction.py --recipe recipes/tiny-cpu.yaml --seeds 1

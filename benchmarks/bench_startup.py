@@ -106,8 +106,8 @@ def main() -> None:
         "",
         f"Goal (`slimmoe --help` <= 1.5 s): **{'met' if help_time <= 1.5 else 'not met'}** ({help_time:.2f} s). "
         "The package's public names load from their submodules on first use, and the Auto-class registration of "
-        "\"slimmoe\" waits for transformers' Auto modules (`hf_slimmoe/model/registration.py`), so neither command imports "
-        "torch or transformers; a command that runs imports what it needs.",
+        "\"slimmoe\" waits for transformers' Auto modules (`hf_slimmoe/model/registration.py`), so neither command "
+        "imports torch or transformers; a command that runs imports what it needs.",
     ])
     print(markdown)
     if not args.no_write:

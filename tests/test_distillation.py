@@ -797,8 +797,8 @@ def test_distill_command_with_online_teacher_and_bad_yaml(tmp_path, capsys):
 
 
 def test_kd_defaults_are_the_same_in_a_recipe_slimmoe_distill_and_slimmoe_sft(tmp_path):
-    """The KD fields are declared once (`hf_slimmoe.distillation.settings`): a recipe without a `distillation:` section, the
-    options `slimmoe distill` and `slimmoe sft` parse with no flags, and the stage arguments the pipeline builds all
+    """The KD fields are declared once (`hf_slimmoe.distillation.settings`): a recipe without a `distillation:`
+    section, the options `slimmoe distill` and `slimmoe sft` parse with no flags, and the stage arguments the pipeline builds all
     have the same value for every one of them (the aux coefficient too: compress and distill trained with 0.0 and
     0.01 before)."""
     import dataclasses

@@ -119,8 +119,8 @@ def test_load_sharded_gives_rank_1_only_its_shard_and_the_same_model(score_run):
 
 
 def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(score_run):
-    """`hf_slimmoe.utils.distributed.destroy_process_group` frees the group the FSDP2 models' device meshes (kept alive by
-    DTensor's caches) still hold, so no gloo thread is left to abort the rank at interpreter exit (torch's own
+    """`hf_slimmoe.utils.distributed.destroy_process_group` frees the group the FSDP2 models' device meshes (kept alive
+    by DTensor's caches) still hold, so no gloo thread is left to abort the rank at interpreter exit (torch's own
     `destroy_process_group` left `pt_gloo_runloop` and `gloo_tcp_loop` running here)."""
     for rank in range(2):
         names = json.load(open(score_run[0] / f"threads-{rank}.json"))

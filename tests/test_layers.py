@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf_slimmoe")
 # the folders of hf_slimmoe, lowest first; one entry may hold several folders (they may import each other): the model's

@@ -9,7 +9,8 @@ the top-level modules; held-out: the packages email/, http/, urllib/, xml/). The
                                            (see `ensure_teacher`)
     [2/6] teacher cache                    what the KD loss reads on the train blocks (8 teacher samples per token,
                                            `cache_teacher_samples`) and the teacher's top-8 on the held-out blocks
-    [3/6] stage 1, [4/6] stage 2           `compression.loop.compress` on the demo recipe: score, prune, distill, save, card
+    [3/6] stage 1, [4/6] stage 2           `compress` (`compression.loop`) on the demo recipe: score, prune, distill,
+                                           save, card
     [5/6] SFT-KD and DPO                   `posttrain` runners on the final stage, with docstring data from the stdlib
     [6/6] evaluation and summary           held-out perplexity, KL to the teacher (top-8 + rest, and the full
                                            vocabulary), top-1 agreement, parameters and prefill/decode speed of
@@ -186,9 +187,10 @@ def format_summary(summary: dict) -> str:
     e = summary["eval"]
     lines.append("")
     lines.append(f"Held-out: {e['blocks']} blocks of {e['block_size']} tokens from {', '.join(e['data'])} (modules "
-                 f"never trained on); KL is KL(teacher || model) per token over the teacher's top-{e['top_k']} tokens plus "
-                 "one 'any other token' outcome, full KL over the whole vocabulary. Speed: one "
-                 f"process, {summary['threads']} CPU thread{'s' if summary['threads'] != 1 else ''}, prefill = one forward over {e['prefill_shape']} "
+                 f"never trained on); KL is KL(teacher || model) per token over the teacher's top-{e['top_k']} tokens "
+                 "plus one 'any other token' outcome, full KL over the whole vocabulary. Speed: one "
+                 f"process, {summary['threads']} CPU thread{'s' if summary['threads'] != 1 else ''}, prefill = one "
+                 f"forward over {e['prefill_shape']} "
                  f"tokens, decode = greedy generation of {e['speed_new_tokens']} tokens with the KV cache (batch 1), "
                  "best of " f"{e['speed_repeats']}.")
     return "\n".join(lines) + "\n"

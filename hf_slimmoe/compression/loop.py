@@ -13,7 +13,8 @@
         save OUTPUT_DIR/stage-i/ (a Hub-ready repo + scores + stage.json + trajectory.json + card); publish
 
 `Run` (`run.py`) holds what the stages share (teacher, tokenizer, data, progress), `StageRunner` (`stage.py`) does
-one stage, one method per step, `plan.py` checks a recipe before any work and `resume.py` names the files below. Everything a run writes is on disk, and the disk is the truth when the same command runs again:
+one stage, one method per step, `plan.py` checks a recipe before any work and `resume.py` names the files below.
+Everything a run writes is on disk, and the disk is the truth when the same command runs again:
 
     OUTPUT_DIR/recipe.yaml          the resolved recipe
     OUTPUT_DIR/trajectory.json      every evaluation so far (tokens, parameter counts, eval KL / perplexity / top-1)

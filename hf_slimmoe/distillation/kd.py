@@ -72,8 +72,8 @@ def head_tensors(model: torch.nn.Module, keep: bool = False):
 def online_targets(teacher: torch.nn.Module, hidden: torch.Tensor, kinds: set[str], settings: KDSettings,
                    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, epoch: int = 0) -> dict[str, Any]:
     """The targets of `kinds` from the teacher's last hidden states `(B, T, H_t)` and its LM head. Samples are drawn
-    afresh every epoch, seeded per row (`kd_samples_seed + epoch`), so any batch, rank or resume draws alike and epoch 0 draws what
-    [`cache_teacher_samples`] stores."""
+    afresh every epoch, seeded per row (`kd_samples_seed + epoch`), so any batch, rank or resume draws alike and epoch
+    0 draws what [`cache_teacher_samples`] stores."""
     s, lm_head = settings, teacher.get_output_embeddings()
     targets: dict[str, Any] = {}
     if "topk" in kinds:

@@ -88,8 +88,8 @@ def teacher_fingerprint(model: torch.nn.Module) -> str:
     such as `use_cache`) plus a digest of
     every weight tensor (name, shape, the float64 sum and absolute sum of its bfloat16-rounded values, and a strided
     sample of 257 of them). The same checkpoint loaded in float32 or bfloat16 gives the same fingerprint; a retrained,
-    pruned or other model gives another. Costs one pass of sums over the weights, no copy of the model (an FSDP2-sharded
-    teacher gathers one tensor at a time: every rank must call it).
+    pruned or other model gives another. Costs one pass of sums over the weights, no copy of the model (an
+    FSDP2-sharded teacher gathers one tensor at a time: every rank must call it).
     """
     config = getattr(model, "config", None)
     values = config.to_dict() if config is not None else {}

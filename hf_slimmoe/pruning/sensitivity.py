@@ -213,8 +213,8 @@ def compute_sensitivity(
     tokens (the loss is chunked over the vocabulary) and the model's `requires_grad` flags, `.grad` and train/eval
     mode are restored afterwards.
 
-    Under FSDP2 (`model` sharded with `fully_shard`, e.g. by [`~hf_slimmoe.utils.distributed.shard_decoder_layers`]) every
-    rank passes the same batches and scores its share of them (`batches[rank::world_size]`, padded so every rank
+    Under FSDP2 (`model` sharded with `fully_shard`, e.g. by [`~hf_slimmoe.utils.distributed.shard_decoder_layers`])
+    every rank passes the same batches and scores its share of them (`batches[rank::world_size]`, padded so every rank
     steps in lockstep); each loss runs inside the root's forward, the gradient shards are summed over ranks and
     gathered one weight at a time, and every rank returns the same scores as one process would on all batches (to
     float rounding). An FSDP2-sharded `teacher` is run through its own forward.
