@@ -1,34 +1,36 @@
 """FSDP2 on CPU ranks (gloo), run by tests/test_distributed.py as `torchrun --nproc_per_node 2 tests/fsdp_worker.py
-MODE OUT_DIR`; rank r writes `OUT_DIR/rank-r.json` (and rank 0 the distilled weights).
+MODE OUT_DIR`; rank r writes `OUT_DIR/MODE-r.json`.
 
 - `score`: first, when OUT_DIR/model holds a checkpoint, `architectures.load_sharded` of it (rank 0 loads, the
   others build on the meta device and receive their shards): each rank reports its peak RSS, measured right after,
   and digests of the gathered weights and buffers. Then a tiny model sharded with `fully_shard` (one unit per decoder
   layer, plus the root) is scored, with itself and with a sharded online teacher, and compared with an unsharded copy
   scored in this process on all batches.
-- `distill`: the sharded student is distilled for a few SGD steps through `DistillationTrainer.compute_loss` (online
-  sharded teacher, KD + aux), each rank on its half of every global batch; every rank then gathers the full state
-  dict. The test runs the same steps in one process with gradient accumulation over the same two halves
-  ([`train`] is shared) and compares.
+- `trainer-killed` / `trainer-resumed`: `DistillationTrainer.train()` with `args.fsdp` (FSDP2 inside the Trainer) on
+  a tiny Qwen3-Next student and online teacher, evaluated before training ([`trainer_run`]). `trainer-killed` first
+  trains OUT_DIR/whole uninterrupted and saves it, then starts OUT_DIR/killed, which SIGKILLs itself after step 3
+  (its step-2 checkpoint is on disk); `trainer-resumed` resumes OUT_DIR/killed from that checkpoint to the end and
+  saves it. The test runs the same steps in one process with gradient accumulation ([`trainer_run`] is shared) and
+  compares.
 """
 
 import copy
 import hashlib
 import json
 import os
+import signal
 import sys
 
 import torch
+from transformers import TrainerCallback
 
 from hf_slimmoe import DistillationConfig, DistillationTrainer, SlimMoeConfig, SlimMoeForCausalLM, compute_sensitivity
 from hf_slimmoe.pruning.surgery import keep_indices
-from hf_slimmoe.utils.data import TokenCollator
-from hf_slimmoe.utils.distributed import destroy_process_group, is_sharded, rank_and_world, shard_decoder_layers
+from hf_slimmoe.utils.distributed import destroy_process_group, is_sharded, shard_decoder_layers
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
             attention_bias=True, lm_head_bias=True)
-STEPS, GLOBAL_BATCH = 3, 8
 
 
 def model(seed):
@@ -73,51 +75,59 @@ def score() -> dict:
     return results
 
 
-def rows() -> list[list[dict]]:
-    """Per step, the global batch as two halves (rows of varying length: padding is masked)."""
-    generator = torch.Generator().manual_seed(11)
-    steps = []
-    for _ in range(STEPS):
-        batch = [{"input_ids": torch.randint(0, 96, (int(n),), generator=generator).tolist()}
-                 for n in torch.randint(6, 13, (GLOBAL_BATCH,), generator=generator)]
-        steps.append([batch[:GLOBAL_BATCH // 2], batch[GLOBAL_BATCH // 2:]])
-    return steps
+# Qwen3-Next: its `shared_expert_gate` `(1, H)` has an empty shard on rank 1
+QWEN3_NEXT = dict(model_type="qwen3_next", vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                  shared_expert_intermediate_size=24, num_hidden_layers=2, layer_types=["linear_attention",
+                  "full_attention"], num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                  num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                  linear_value_head_dim=8, max_position_embeddings=64)
+TRAINER_STEPS = 4
 
 
-def train(student, teacher, out_dir: str, halves: list[int]) -> list[float]:
-    """SGD steps of `DistillationTrainer.compute_loss` on the given halves of every global batch (one half per rank,
-    or both as gradient accumulation in one process); returns the losses."""
-    args = DistillationConfig(output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // 2, aux_loss_coef=0.01,
-                              report_to=[], use_cpu=True)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
-    collate, optimizer, losses = TokenCollator(), torch.optim.SGD(student.parameters(), lr=0.5), []
-    student.train()
-    for index, step in enumerate(rows()):
-        labels = [collate(half)["labels"] for half in step]
-        tokens = torch.tensor(sum(int((lab[:, 1:] != -100).sum()) for lab in labels))  # counted in the global batch
-        trainer.current_gradient_accumulation_steps = len(halves)
-        for half in halves:
-            torch.manual_seed(100 * index + half)  # PhiMoE's sparsemixer samples its routing in training mode
-            loss = trainer.compute_loss(student, collate(step[half]), num_items_in_batch=tokens)
-            loss.backward()
-            losses.append(loss.item())
-        optimizer.step()
-        optimizer.zero_grad()
-    return losses
+class KillAfterStep3(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:  # checkpoint-2 is on disk on every rank: step 3 needed both ranks' collectives
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def distill(out_dir: str) -> dict:
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def qwen3_next(seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    rank, _ = rank_and_world()
-    student, teacher = shard_decoder_layers(model(0)), shard_decoder_layers(model(1))
-    losses = train(student, teacher, os.path.join(out_dir, "trainer"), [rank])
-    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True))  # on every rank
-    digest = hashlib.sha256(b"".join(state[k].detach().contiguous().numpy().tobytes() for k in sorted(state)))
-    if rank == 0:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(out_dir, "distilled.safetensors"))
-    return {"sharded": is_sharded(student), "losses": losses, "digest": digest.hexdigest()}
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**QWEN3_NEXT))
+
+
+def trainer_run(out_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) -> DistillationTrainer:
+    """A DistillationTrainer run of `TRAINER_STEPS` steps of 8 rows, evaluated first: on 2 ranks x 4 rows with FSDP2
+    (`args.fsdp`), or in one process with 2 accumulated micro-batches of 4; SGD with momentum (state to resume,
+    updates linear in the gradients), a checkpoint every 2 steps, the final model saved to `out_dir/final`."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(5)
+    data = Dataset.from_dict({"input_ids": [torch.randint(0, 96, (int(n),), generator=generator).tolist()
+                                            for n in torch.randint(6, 13, (8 * TRAINER_STEPS + 4,),
+                                                                   generator=generator)]})
+    student, teacher = qwen3_next(0), qwen3_next(1)
+    fsdp_args = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}) if fsdp else {}
+    args = DistillationConfig(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1 if fsdp
+                              else 2, max_steps=TRAINER_STEPS, save_steps=2, optim="sgd", optim_args="momentum=0.9",
+                              learning_rate=0.5, kd_loss="topk_tail", aux_loss_coef=0.01, logging_steps=1,
+                              report_to=[], use_cpu=True, disable_tqdm=True, **fsdp_args)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=data.select(range(8 * TRAINER_STEPS)),
+                                  eval_dataset=data.select(range(8 * TRAINER_STEPS, len(data))),
+                                  callbacks=[KillAfterStep3()] if kill else None)
+    trainer.evaluate()  # as a compression stage does: under FSDP2 the student is sharded before training starts
+    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(os.path.join(out_dir, "final"))
+    return trainer
+
+
+def trainer_whole(out_dir: str) -> dict:
+    whole = trainer_run(os.path.join(out_dir, "whole"), fsdp=True)
+    return {"wrapper": type(whole.model_wrapped).__name__, "sharded": is_sharded(whole.model),
+            "teacher_sharded": is_sharded(whole.teacher_model)}
 
 
 def load(out_dir: str) -> dict:
@@ -147,10 +157,15 @@ def main(mode: str, out_dir: str) -> None:
     if mode == "score":  # a saved checkpoint is loaded sharded first, so the peak RSS measured is the load's
         result = {"load": load(out_dir)} if os.path.isdir(os.path.join(out_dir, "model")) else {}
         result.update(score())
-    else:
-        result = distill(out_dir)
-    with open(os.path.join(out_dir, f"rank-{dist.get_rank()}.json"), "w") as f:
+    elif mode == "trainer-killed":  # the uninterrupted run, reported; then the killed one, which does not return
+        result = trainer_whole(out_dir)
+    elif mode == "trainer-resumed":
+        resumed = trainer_run(os.path.join(out_dir, "killed"), fsdp=True, resume=True)
+        result = {"sharded": is_sharded(resumed.model), "global_step": resumed.state.global_step}
+    with open(os.path.join(out_dir, f"{mode}-{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f)
+    if mode == "trainer-killed":
+        trainer_run(os.path.join(out_dir, "killed"), fsdp=True, kill=True)
     destroy_process_group()  # frees the group the sharded models' meshes hold: its threads end before exit
     tasks = "/proc/self/task"  # the names of this process's native threads (Linux)
     names = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else None

@@ -1,5 +1,6 @@
-"""FSDP2 on 2 CPU ranks (gloo): sensitivity scores under `fully_shard` equal one process's, distillation under FSDP2
-keeps the ranks in sync and computes what one process computes, `slimmoe compress` runs under `accelerate launch`
+"""FSDP2 on 2 CPU ranks (gloo): sensitivity scores under `fully_shard` equal one process's, `DistillationTrainer` shards
+with FSDP2 inside the Trainer and computes what one process computes (and resumes from its FSDP checkpoints), `slimmoe
+compress` runs under `accelerate launch`
 with the shipped `recipes/accelerate/fsdp2.yaml`, and the iterative baseline is refused under FSDP.
 
 Every multi-process test passed 30 runs in a row (10 idle, 10 with a busy loop on one core, 10 idle; the README's
@@ -59,12 +60,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def torchrun_worker(mode: str, out_dir) -> list[dict]:
+def torchrun_worker(mode: str, out_dir, killed: bool = False) -> list[dict]:
+    """The `MODE-r.json` of both ranks of `torchrun ... fsdp_worker.py MODE OUT_DIR` (which must exit 0, or with
+    `killed`, not)."""
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "fsdp_worker.py"),
                              mode, str(out_dir)], env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.load(open(os.path.join(out_dir, f"rank-{r}.json"))) for r in range(2)]
+    assert (result.returncode != 0) == killed, result.stderr[-3000:]
+    return [json.load(open(os.path.join(out_dir, f"{mode}-{r}.json"))) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -129,24 +132,35 @@ def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(score_run
         assert not [name for name in names if "gloo" in name], names
 
 
-def test_distillation_under_fsdp2_keeps_ranks_in_sync_and_equals_one_process(tmp_path):
-    """3 SGD steps of `DistillationTrainer.compute_loss` (online sharded teacher, KD + aux), each rank on half of
-    every global batch: both ranks gather the same weights, and they are bit-identical to one process accumulating
-    the gradients of the same two halves."""
+def test_the_trainer_distills_with_fsdp2_on_cpu_ranks_saves_full_checkpoints_and_resumes_after_a_kill(tmp_path):
+    """`DistillationTrainer.train()` with `args.fsdp` (FSDP2, one unit per decoder layer) on 2 CPU ranks: the student
+    and the online teacher are sharded inside the Trainer (not DDP), the student by a first `evaluate()` already
+    (Qwen3-Next: a `(1, H)` gate has an empty shard on rank 1, see `DistillationTrainer.create_optimizer`); after 4 steps the weights equal one process's
+    accumulating the same two halves of every batch, `save_model` writes a full checkpoint that stock
+    `from_pretrained` loads, and a run SIGKILLed after step 3 resumes from its step-2 FSDP checkpoint and ends
+    bit-identical to the uninterrupted run."""
     sys.path.insert(0, HERE)
     import fsdp_worker
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    ranks = torchrun_worker("distill", tmp_path)
-    assert all(r["sharded"] for r in ranks) and ranks[0]["digest"] == ranks[1]["digest"]
-    student, teacher = fsdp_worker.model(0), fsdp_worker.model(1)
-    losses = fsdp_worker.train(student, teacher, str(tmp_path / "reference"), [0, 1])
-    # each rank's loss is its half's KD sum over the global token count, times 2 (the ranks' gradients are averaged)
-    assert [loss / 2 for step in zip(ranks[0]["losses"], ranks[1]["losses"]) for loss in step] == losses
-    distilled, expected = load_file(tmp_path / "distilled.safetensors"), student.state_dict()
-    assert distilled.keys() == expected.keys()
-    assert all(torch.equal(distilled[k], expected[k]) for k in expected)
-    assert any(not torch.equal(expected[k], v) for k, v in fsdp_worker.model(0).state_dict().items())  # it trained
+    ranks = torchrun_worker("trainer-killed", tmp_path, killed=True)
+    assert all(r["sharded"] and r["teacher_sharded"] for r in ranks), ranks
+    assert all(r["wrapper"].startswith("FSDP") for r in ranks), ranks  # fully_shard's class, not DDP
+    killed = tmp_path / "killed"
+    assert sorted(os.listdir(killed)) == ["checkpoint-2"] and (killed / "checkpoint-2" / "pytorch_model_fsdp.bin").exists()
+    assert [r["global_step"] for r in torchrun_worker("trainer-resumed", tmp_path)] == [4, 4]
+
+    whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    resumed = load_file(killed / "final" / "model.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    one_process = fsdp_worker.trainer_run(str(tmp_path / "one_process"), fsdp=False).model.state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final")
+    assert type(loaded).__name__ == "Qwen3NextForCausalLM"
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, one_process[name], rtol=1e-5, atol=1e-7, msg=name)
+    initial = fsdp_worker.qwen3_next(0).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in whole.items())  # it trained
 
 
 # Teachers of three families, built tiny (`teacher.build.config`), and the stage-2 target: a Qwen3-MoE, a DeepSeek-V3
@@ -207,6 +221,7 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("Streaming surgery of") == 2  # the main process cut each parent on disk
     assert result.stderr.count("The teacher is loaded into FSDP2 shards on rank") == 2  # both ranks: a shard each
+    assert "The Trainer shards with FSDP2 on CPU rank 1" in result.stderr  # distillation too, not DDP
     for stage in (1, 2):
         assert is_finished_stage(out / f"stage-{stage}") and STAGE_FILES <= set(os.listdir(out / f"stage-{stage}"))
     info = json.load(open(out / "stage-2" / "stage.json"))

@@ -19,7 +19,7 @@ from trl.models.utils import _ForwardRedirection
 
 from ..architectures import get_architecture
 from ..utils.data import TokenCollator, pad
-from ..utils.distributed import call_through_forward
+from ..utils.distributed import call_through_forward, is_sharded, shard_decoder_layers, use_fsdp_on_cpu_ranks
 from ..utils.modeling import (
     backbone,
     check_same_vocabulary,
@@ -210,15 +210,26 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         self._forward_redirection = _ForwardRedirection()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_sums: torch.Tensor | None = None
+        self._sharded_param_groups: list[list[torch.nn.Parameter]] | None = None  # see `create_optimizer`
 
         self.teacher_model = teacher_model
         if teacher_model is not None:
             teacher_model.requires_grad_(False)
             teacher_model.eval()
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            if self.is_fsdp_enabled:  # one unit per decoder layer, as the student (accelerate's evaluation-mode
+                # prepare would leave a whole teacher on every rank); one loaded into shards already stays as it is
+                self.teacher_model = teacher_model if is_sharded(teacher_model) else shard_decoder_layers(teacher_model)
+            elif self.is_deepspeed_enabled:
                 self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
             else:
                 self.teacher_model = teacher_model.to(self.args.device)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The parent's, then FSDP2 on CPU ranks too when `args.fsdp` or an `accelerate launch` FSDP config asks for
+        it (accelerate alone trains with DDP there, see [`use_fsdp_on_cpu_ranks`])."""
+        super().create_accelerator_and_postprocess()
+        if use_fsdp_on_cpu_ranks(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
 
     @staticmethod
     def _validate(model, teacher_model, args, train_dataset, eval_dataset) -> None:
@@ -318,9 +329,29 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
         return online_targets(teacher, hidden, missing, self.args, inputs["input_ids"], inputs["attention_mask"],
                               epoch=int(self.state.epoch or 0))
 
+    def create_optimizer(self, model=None):
+        """
+        The parent's optimizer. For a student that is FSDP2-sharded already (evaluated before training, or loaded into
+        shards), its parameter lists are kept to be put back by `create_scheduler`, which the Trainer calls right
+        after `accelerator.prepare(model, optimizer)`: that prepare re-points the optimizer at "the sharded parameters"
+        by their local data pointers, and every empty shard (a parameter with fewer rows than there are ranks, e.g.
+        Qwen3-Next's `shared_expert_gate` `(1, H)`) has pointer 0, so they collide and the optimizer ends up holding
+        one of them several times and not the others (its full state dict then gathers mismatched tensors). The
+        parameters of a sharded student are the right ones already.
+        """
+        optimizer = super().create_optimizer(model)
+        sharded = is_sharded(self.model)
+        self._sharded_param_groups = [list(g["params"]) for g in optimizer.param_groups] if sharded else None
+        return optimizer
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """With `args.lr_schedule_steps`, this run's step `t` takes the learning rate of step `lr_schedule_start + t`
-        of one schedule over `lr_schedule_steps` steps; otherwise the parent's schedule over this run's steps."""
+        of one schedule over `lr_schedule_steps` steps; otherwise the parent's schedule over this run's steps. (First,
+        a sharded student's parameters go back into the optimizer, see `create_optimizer`.)"""
+        if self._sharded_param_groups is not None:
+            for group, params in zip(self.optimizer.param_groups, self._sharded_param_groups):
+                group["params"] = params
+            self._sharded_param_groups = None
         if self.args.lr_schedule_steps is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
         whole = super().create_scheduler(self.args.lr_schedule_steps, optimizer)  # a LambdaLR (see the config)
@@ -470,3 +501,4 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
 
 
 __all__ = ["DistillationCollator", "DistillationTrainer", "MasterWeightsSaving", "use_fp32_master_weights"]
+

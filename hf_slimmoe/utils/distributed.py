@@ -10,6 +10,7 @@ gather explicitly ([`full_tensor`]). Work split over ranks must give every rank 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -81,6 +84,39 @@ def fsdp_requested(training_args=None) -> bool:
     if training_args is not None and getattr(training_args, "fsdp", None):
         return True
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def use_fsdp_on_cpu_ranks(accelerator, plugin_args: dict | None = None) -> bool:
+    """
+    Make `accelerator` run FSDP2 on CPU ranks (gloo) when FSDP was asked for; returns whether it does now.
+
+    accelerate 1.16 makes a run FSDP only from a GPU-like distributed type (`AcceleratorState.__init__`, the
+    `MULTI_GPU` / `MULTI_NPU` / ... branch): on CPU ranks it stays `MULTI_CPU`, drops the FSDP plugin, and the Trainer
+    wraps the model in DDP. FSDP2 itself (`fully_shard`, its collectives, `torch.distributed.checkpoint`) runs on gloo,
+    and accelerate's FSDP2 code paths (`fsdp2_prepare_model`, full state dicts, FSDP checkpoints) only use
+    `accelerator.device`, so this sets what the GPU branch would have set: the distributed type (in accelerate's shared
+    state, which every `AcceleratorState` / `PartialState` reads) and the plugin, built from `plugin_args` (the
+    Trainer's `args.fsdp_plugin_args`) or from the `FSDP_*` variables `accelerate launch` exports. Call it right after
+    the accelerator is created, before anything is prepared. Nothing changes on GPU ranks, without FSDP, or with
+    `fsdp_version: 1` (FSDP1 places modules on CUDA devices: that run keeps DDP, with a warning).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not (plugin_args is not None or fsdp_requested()):
+        return False
+    plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+    if plugin.fsdp_version != 2:
+        logger.warning("FSDP version %s does not run on CPU ranks; training with DDP. Set fsdp_version: 2 to shard.",
+                       plugin.fsdp_version)
+        return False
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    logger.info("The Trainer shards with FSDP2 on CPU rank %d (accelerate alone would use DDP here).", state.process_index)
+    return True
 
 
 def shard_decoder_layers(model: nn.Module) -> nn.Module:
@@ -162,6 +198,7 @@ __all__ = [
     "barrier",
     "is_sharded",
     "fsdp_requested",
+    "use_fsdp_on_cpu_ranks",
     "shard_decoder_layers",
     "call_through_forward",
     "full_tensor",
