@@ -97,10 +97,12 @@ def qwen3_next(seed: int):
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(**QWEN3_NEXT))
 
 
-def trainer_run(out_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) -> DistillationTrainer:
+def trainer_run(out_dir: str, fsdp: bool, resume: bool = False, kill: bool = False,
+                **overrides) -> DistillationTrainer:
     """A DistillationTrainer run of `TRAINER_STEPS` steps of 8 rows, evaluated first: on 2 ranks x 4 rows with FSDP2
     (`args.fsdp`), or in one process with 2 accumulated micro-batches of 4; SGD with momentum (state to resume,
-    updates linear in the gradients), a checkpoint every 2 steps, the final model saved to `out_dir/final`."""
+    updates linear in the gradients), a checkpoint every 2 steps, the final model saved to `out_dir/final`.
+    `overrides` replace arguments of the `DistillationConfig` (benchmarks/fsdp_trainer_checks.py uses them)."""
     from datasets import Dataset
 
     generator = torch.Generator().manual_seed(5)
@@ -110,10 +112,11 @@ def trainer_run(out_dir: str, fsdp: bool, resume: bool = False, kill: bool = Fal
     student, teacher = qwen3_next(0), qwen3_next(1)
     fsdp_args = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
                                              "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}) if fsdp else {}
-    args = DistillationConfig(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1 if fsdp
-                              else 2, max_steps=TRAINER_STEPS, save_steps=2, optim="sgd", optim_args="momentum=0.9",
-                              learning_rate=0.5, kd_loss="topk_tail", aux_loss_coef=0.01, logging_steps=1,
-                              report_to=[], use_cpu=True, disable_tqdm=True, **fsdp_args)
+    values = dict(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1 if fsdp else 2,
+                  max_steps=TRAINER_STEPS, save_steps=2, optim="sgd", optim_args="momentum=0.9", learning_rate=0.5,
+                  kd_loss="topk_tail", aux_loss_coef=0.01, logging_steps=1, report_to=[], use_cpu=True,
+                  disable_tqdm=True, **fsdp_args)
+    args = DistillationConfig(**{**values, **overrides})
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=data.select(range(8 * TRAINER_STEPS)),
                                   eval_dataset=data.select(range(8 * TRAINER_STEPS, len(data))),
