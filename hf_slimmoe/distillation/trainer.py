@@ -136,7 +136,9 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
     matches its dataset, the loss, k / S, temperature and (when given) the teacher.
 
     The student's backbone and loss run inside the DDP/FSDP wrapper's forward (through `_ForwardRedirection`), so
-    `torchrun` / `accelerate launch` work unchanged. A student loaded in bfloat16 / float16 trains float32 master
+    `torchrun` / `accelerate launch` work unchanged. Under FSDP (`args.fsdp` with `fsdp_version: 2`, or an `accelerate
+    launch` FSDP config) the student is sharded by accelerate and the online teacher one unit per decoder layer, on
+    CPU ranks too (where accelerate alone would use DDP). A student loaded in bfloat16 / float16 trains float32 master
     weights (with the `bf16` / `fp16` autocast of the arguments) and is saved back in its dtype by `save_model`;
     resumable checkpoints keep float32. With gradient accumulation, the KD (and CE) loss of each
     micro-batch is a sum over its counted tokens divided by the count over the whole global batch
