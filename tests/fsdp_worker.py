@@ -3,7 +3,8 @@ MODE OUT_DIR`; rank r writes `OUT_DIR/MODE-r.json`.
 
 - `score`: first, when OUT_DIR/model holds a checkpoint, `architectures.load_sharded` of it (rank 0 loads, the
   others build on the meta device and receive their shards): each rank reports its peak RSS, measured right after,
-  and digests of the gathered weights and buffers. Then a tiny model sharded with `fully_shard` (one unit per decoder
+  and digests of the gathered weights and buffers; and, when OUT_DIR/qwen3_next holds one, the same in bfloat16
+  ([`load_in_bf16`]). Then a tiny model sharded with `fully_shard` (one unit per decoder
   layer, plus the root) is scored, with itself and with a sharded online teacher, and compared with an unsharded copy
   scored in this process on all batches.
 - `trainer-killed` / `trainer-resumed`: `DistillationTrainer.train()` with `args.fsdp` (FSDP2 inside the Trainer) on
@@ -153,12 +154,34 @@ def load(out_dir: str) -> dict:
             "buffers": buffers.hexdigest(), "fingerprint": teacher_fingerprint(sharded)}
 
 
+def tensors_digest(model) -> dict:
+    """Name -> dtype of every parameter and buffer, and a digest of their values (a collective for a sharded model:
+    the full state dict is gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if is_sharded(model) else \
+        model.state_dict()
+    tensors = {**state, **dict(model.named_buffers())}
+    values = b"".join(tensors[k].detach().float().contiguous().numpy().tobytes() for k in sorted(tensors))
+    return {"dtypes": {k: str(t.dtype) for k, t in tensors.items()}, "digest": hashlib.sha256(values).hexdigest()}
+
+
+def load_in_bf16(out_dir: str) -> dict:
+    """`load_sharded` of the float32 Qwen3-Next checkpoint in OUT_DIR/qwen3_next in bfloat16 (`from_pretrained` keeps
+    some tensors float32 on rank 0; the other ranks must build the same dtypes)."""
+    from hf_slimmoe.architectures import load_sharded
+
+    return tensors_digest(load_sharded(os.path.join(out_dir, "qwen3_next"), dtype=torch.bfloat16))
+
+
 def main(mode: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     if mode == "score":  # a saved checkpoint is loaded sharded first, so the peak RSS measured is the load's
         result = {"load": load(out_dir)} if os.path.isdir(os.path.join(out_dir, "model")) else {}
+        if os.path.isdir(os.path.join(out_dir, "qwen3_next")):
+            result["load_in_bf16"] = load_in_bf16(out_dir)
         result.update(score())
     elif mode == "trainer-killed":  # the uninterrupted run, reported; then the killed one, which does not return
         result = trainer_whole(out_dir)

@@ -72,8 +72,9 @@ def torchrun_worker(mode: str, out_dir, killed: bool = False) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def score_run(tmp_path_factory):
-    """One `torchrun` of the worker's `score` mode for the three tests below (each launch costs ~15 s): first it loads
-    a 433 MiB checkpoint (113.5M float32 parameters) with `load_sharded`, then it scores. Returns the output directory
+    """One `torchrun` of the worker's `score` mode for the tests below (each launch costs ~15 s): first it loads a 433
+    MiB checkpoint (113.5M float32 parameters) with `load_sharded`, and a tiny Qwen3-Next one in bfloat16, then it
+    scores. Returns the output directory
     and each rank's results."""
     sys.path.insert(0, HERE)
     import fsdp_worker
@@ -85,6 +86,7 @@ def score_run(tmp_path_factory):
                               "num_hidden_layers": 4, "num_local_experts": 8})
     torch.manual_seed(0)
     SlimMoeForCausalLM(config).save_pretrained(out / "model")
+    fsdp_worker.qwen3_next(0).save_pretrained(out / "qwen3_next")
     return out, torchrun_worker("score", out)
 
 
@@ -119,6 +121,20 @@ def test_load_sharded_gives_rank_1_only_its_shard_and_the_same_model(score_run):
         assert load["sharded"] and load["digest"] == digest.hexdigest() and load["buffers"] == buffers.hexdigest()
         assert load["fingerprint"] == teacher_fingerprint(reference)
     assert loads[1]["peak_mib"] <= 0.6 * loads[0]["peak_mib"], loads
+
+
+def test_load_sharded_in_bf16_gives_every_rank_the_dtypes_from_pretrained_gives(score_run):
+    """A float32 Qwen3-Next checkpoint loaded into shards in bfloat16: rank 1 (built on the meta device) holds each
+    parameter and buffer in the dtype `from_pretrained` gives rank 0 (it keeps some float32), so the broadcasts match,
+    and the gathered model equals a one-process bfloat16 load."""
+    import fsdp_worker
+
+    from hf_slimmoe.architectures import load_model
+
+    out, ranks = score_run
+    reference = fsdp_worker.tensors_digest(load_model(out / "qwen3_next", dtype=torch.bfloat16))
+    assert {"torch.bfloat16", "torch.float32"} <= set(reference["dtypes"].values())  # both kinds are there
+    assert [rank["load_in_bf16"] for rank in ranks] == [reference, reference]
 
 
 def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(score_run):
@@ -222,6 +238,7 @@ def test_compress_under_accelerate_launch_with_the_fsdp2_config(tmp_path, family
     assert result.stderr.count("Streaming surgery of") == 2  # the main process cut each parent on disk
     assert result.stderr.count("The teacher is loaded into FSDP2 shards on rank") == 2  # both ranks: a shard each
     assert "The Trainer shards with FSDP2 on CPU rank 1" in result.stderr  # distillation too, not DDP
+    assert result.stderr.count("Loading the pruned student of stage") == 4  # 2 stages x 2 ranks: into shards
     for stage in (1, 2):
         assert is_finished_stage(out / f"stage-{stage}") and STAGE_FILES <= set(os.listdir(out / f"stage-{stage}"))
     info = json.load(open(out / "stage-2" / "stage.json"))

@@ -76,6 +76,7 @@ def load_sharded(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
         with torch.device("meta"):
             model = new_model(config).to(dtype)
         full = {}
+    _take_dtypes_of_rank_0(model)
     shard_decoder_layers(model)
     if rank == 0:
         model.to(device)  # its shards; `full` keeps the whole tensors on the host until they are broadcast
@@ -86,6 +87,18 @@ def load_sharded(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     for buffer in model.buffers():
         torch.distributed.broadcast(buffer, src=0)
     return model
+
+
+def _take_dtypes_of_rank_0(model) -> None:
+    """Give every parameter and buffer of `model` the dtype it has on rank 0 (a collective). `from_pretrained` keeps
+    some tensors in float32 whatever `dtype` asks (rotary frequencies, a family's `_keep_in_fp32_modules`); a model
+    built and cast on the meta device must hold the same dtypes for the shards and buffers broadcast into it."""
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    dtypes = [{name: tensor.dtype for name, tensor in tensors.items()}]
+    torch.distributed.broadcast_object_list(dtypes, src=0)
+    for name, tensor in tensors.items():
+        if tensor.dtype != dtypes[0][name]:
+            tensor.data = tensor.data.to(dtypes[0][name])
 
 
 __all__ = ["SLIMMOE_TYPES", "config_from_dict", "load_model", "load_sharded", "new_model"]

@@ -106,12 +106,13 @@ class StageRunner:
             return
         if self.run.recipe.prune.streaming or is_sharded(self.model):
             self.model = None
-            self.model = self.streamed_prune().to(self.run.device)
+            self.model = self.streamed_prune()
         else:
             prune_to(self.model, self.config, self.scores)  # any supported family
 
     def streamed_prune(self):
-        """Streaming surgery of the parent checkpoint (the main process, once; a resumed stage reuses it), loaded."""
+        """Streaming surgery of the parent checkpoint (the main process, once; a resumed stage reuses it), loaded on
+        this process's device, or into FSDP2 shards when the parent was (rank 0 reads it, the others get shards)."""
         from ..pruning.streaming import prune_checkpoint
 
         run, pruned_dir = self.run, os.path.join(self.work_dir, "pruned")
@@ -124,7 +125,10 @@ class StageRunner:
                     source = snapshot_download(source, revision=run.recipe.teacher.revision)
                 shutil.rmtree(pruned_dir, ignore_errors=True)
                 prune_checkpoint(source, pruned_dir, self.config, self.scores, card=False)
-        return load_model(pruned_dir, dtype=run.dtype)  # SlimMoE for PhiMoE, else the family's own class
+        if self.sharded_scoring:  # FSDP2: the student goes into shards as its parent did (the Trainer keeps them)
+            logger.info("Loading the pruned student of stage %d into FSDP2 shards", self.index)
+            return load_sharded(pruned_dir, dtype=run.dtype, device=run.device)
+        return load_model(pruned_dir, dtype=run.dtype).to(run.device)  # SlimMoE for PhiMoE, else the family's own
 
     def distill(self) -> None:
         """Distill from the original teacher, continuing from the latest complete checkpoint, with early stopping on
