@@ -179,15 +179,12 @@ def test_the_trainer_distills_with_fsdp2_on_cpu_ranks_saves_full_checkpoints_and
     assert any(not torch.equal(initial[k], v) for k, v in whole.items())  # it trained
 
 
-# Teachers of three families, built tiny (`teacher.build.config`), and the stage-2 target: a Qwen3-MoE, a DeepSeek-V3
-# (shared experts, a dense first layer, MLA attention kept) and a Qwen3-Next hybrid (linear-attention and full-attention
-# layers; the GQA groups of the full-attention layer pruned, its shared expert kept). PhiMoE goes through the same code
-# (and through FSDP2 scoring and distillation in the tests above); each run takes about a minute and a half.
+# Teachers of two families, built tiny (`teacher.build.config`), and the stage-2 target: a DeepSeek-V3 (shared experts,
+# a dense first layer, MLA attention kept) and a Qwen3-Next hybrid (linear-attention and full-attention layers; the GQA
+# groups of the full-attention layer pruned, its shared expert kept). A Qwen3-MoE run was dropped to keep the suite
+# short: its code paths (routed experts, GQA pruning, a top-k cache) are a subset of Qwen3-Next's. PhiMoE goes through
+# the same code (and through FSDP2 scoring in the tests above); each run takes 20-30 s.
 FSDP_TEACHERS = {
-    "qwen3_moe": ({"model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 32,
-                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-                   "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128},
-                  {"expert_width": 16, "num_key_value_heads": 1}),
     "deepseek_v3": ({"model_type": "deepseek_v3", "hidden_size": 32, "intermediate_size": 48,
                      "moe_intermediate_size": 32, "num_hidden_layers": 2, "first_k_dense_replace": 1,
                      "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 4, "n_shared_experts": 1,
