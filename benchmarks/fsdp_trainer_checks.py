@@ -44,10 +44,11 @@ def bf16_check(out_dir: str) -> tuple[bool, str]:
     state = gathered(mixed)
     reference = gathered(fsdp_worker.trainer_run(os.path.join(out_dir, "fp32"), fsdp=True, **common))
     difference = max(float((state[k] - reference[k]).abs().max()) for k in state)
-    ok = dtypes == {torch.float32} and policy.param_dtype == torch.bfloat16 and same_on_every_rank(state)
+    in_sync = same_on_every_rank(state)
+    ok = dtypes == {torch.float32} and policy.param_dtype == torch.bfloat16 and in_sync
     return ok, (f"bf16: parameters {sorted(map(str, dtypes))}, policy param/reduce {policy.param_dtype}/"
-                f"{policy.reduce_dtype}, ranks in sync {same_on_every_rank(state)}, max |bf16 - fp32| after 4 AdamW "
-                f"steps {difference:.2e}")
+                f"{policy.reduce_dtype}, ranks in sync {in_sync}, max |bf16 - fp32| after 4 AdamW steps "
+                f"{difference:.2e}")
 
 
 def best_model_check(out_dir: str) -> tuple[bool, str]:

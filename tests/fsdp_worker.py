@@ -77,11 +77,11 @@ def score() -> dict:
 
 
 # Qwen3-Next: its `shared_expert_gate` `(1, H)` has an empty shard on rank 1
-QWEN3_NEXT = dict(model_type="qwen3_next", vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                  shared_expert_intermediate_size=24, num_hidden_layers=2, layer_types=["linear_attention",
-                  "full_attention"], num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
-                  num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-                  linear_value_head_dim=8, max_position_embeddings=64)
+QWEN3_NEXT = dict(model_type="qwen3_next", vocab_size=96, hidden_size=32, intermediate_size=48,
+                  moe_intermediate_size=16, shared_expert_intermediate_size=24, num_hidden_layers=2,
+                  layer_types=["linear_attention", "full_attention"], num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, num_experts=4, num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4,
+                  linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=64)
 TRAINER_STEPS = 4
 
 

@@ -1,10 +1,11 @@
-"""FSDP2 on 2 CPU ranks (gloo): sensitivity scores under `fully_shard` equal one process's, `DistillationTrainer` shards
-with FSDP2 inside the Trainer and computes what one process computes (and resumes from its FSDP checkpoints), `slimmoe
-compress` runs under `accelerate launch`
-with the shipped `recipes/accelerate/fsdp2.yaml`, and the iterative baseline is refused under FSDP.
+"""FSDP2 on 2 CPU ranks (gloo): sensitivity scores under `fully_shard` equal one process's, `DistillationTrainer`
+shards with FSDP2 inside the Trainer and computes what one process computes (and resumes from its FSDP checkpoints),
+`slimmoe compress` runs under `accelerate launch` with the shipped `recipes/accelerate/fsdp2.yaml`, and the iterative
+baseline is refused under FSDP.
 
-The whole file passed 10 runs in a row on its final code (the README's scale section has the figures). `torchrun --standalone` and a free `--main_process_port` keep them off the default
-port 29500, which other jobs on the machine may hold."""
+The whole file passed 10 runs in a row on its final code (the README's scale section has the figures). `torchrun
+--standalone` and a free `--main_process_port` keep them off the default port 29500, which other jobs on the machine
+may hold."""
 
 import json
 import os
@@ -150,10 +151,10 @@ def test_destroy_process_group_ends_the_gloo_threads_of_sharded_models(score_run
 def test_the_trainer_distills_with_fsdp2_on_cpu_ranks_saves_full_checkpoints_and_resumes_after_a_kill(tmp_path):
     """`DistillationTrainer.train()` with `args.fsdp` (FSDP2, one unit per decoder layer) on 2 CPU ranks: the student
     and the online teacher are sharded inside the Trainer (not DDP), the student by a first `evaluate()` already
-    (Qwen3-Next: a `(1, H)` gate has an empty shard on rank 1, see `DistillationTrainer.create_optimizer`); after 4 steps the weights equal one process's
-    accumulating the same two halves of every batch, `save_model` writes a full checkpoint that stock
-    `from_pretrained` loads, and a run SIGKILLed after step 3 resumes from its step-2 FSDP checkpoint and ends
-    bit-identical to the uninterrupted run."""
+    (Qwen3-Next: a `(1, H)` gate has an empty shard on rank 1, see `DistillationTrainer.create_optimizer`); after 4
+    steps the weights equal one process's accumulating the same two halves of every batch, `save_model` writes a full
+    checkpoint that stock `from_pretrained` loads, and a run SIGKILLed after step 3 resumes from its step-2 FSDP
+    checkpoint and ends bit-identical to the uninterrupted run."""
     sys.path.insert(0, HERE)
     import fsdp_worker
     from safetensors.torch import load_file
@@ -163,7 +164,8 @@ def test_the_trainer_distills_with_fsdp2_on_cpu_ranks_saves_full_checkpoints_and
     assert all(r["sharded"] and r["teacher_sharded"] for r in ranks), ranks
     assert all(r["wrapper"].startswith("FSDP") for r in ranks), ranks  # fully_shard's class, not DDP
     killed = tmp_path / "killed"
-    assert sorted(os.listdir(killed)) == ["checkpoint-2"] and (killed / "checkpoint-2" / "pytorch_model_fsdp.bin").exists()
+    assert sorted(os.listdir(killed)) == ["checkpoint-2"]
+    assert (killed / "checkpoint-2" / "pytorch_model_fsdp.bin").exists()
     assert [r["global_step"] for r in torchrun_worker("trainer-resumed", tmp_path)] == [4, 4]
 
     whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")

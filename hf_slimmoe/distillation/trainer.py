@@ -220,7 +220,8 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
             teacher_model.eval()
             if self.is_fsdp_enabled:  # one unit per decoder layer, as the student (accelerate's evaluation-mode
                 # prepare would leave a whole teacher on every rank); one loaded into shards already stays as it is
-                self.teacher_model = teacher_model if is_sharded(teacher_model) else shard_decoder_layers(teacher_model)
+                sharded = is_sharded(teacher_model)
+                self.teacher_model = teacher_model if sharded else shard_decoder_layers(teacher_model)
             elif self.is_deepspeed_enabled:
                 self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
             else:
@@ -503,4 +504,3 @@ class DistillationTrainer(MasterWeightsSaving, Trainer):
 
 
 __all__ = ["DistillationCollator", "DistillationTrainer", "MasterWeightsSaving", "use_fp32_master_weights"]
-

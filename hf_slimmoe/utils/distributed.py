@@ -115,7 +115,8 @@ def use_fsdp_on_cpu_ranks(accelerator, plugin_args: dict | None = None) -> bool:
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
-    logger.info("The Trainer shards with FSDP2 on CPU rank %d (accelerate alone would use DDP here).", state.process_index)
+    logger.info("The Trainer shards with FSDP2 on CPU rank %d (accelerate alone would use DDP here).",
+                state.process_index)
     return True
 
 
